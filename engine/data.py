@@ -1,0 +1,344 @@
+"""Data: source specs -> documents -> forget set (content-hashed) -> token chunks.
+
+A *source spec* is a string: a file, a folder, a glob, or `hf:NAME[:CONFIG]/SPLIT[#column]`.
+Every problem a user can fix (missing file, bad JSON line, unknown column, empty set)
+raises DataError with a one-line message that names the file, line or column at fault.
+"""
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import json
+import math
+import os
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.errors import DataError
+
+# Files read whole, one document each. Code is included because "licensed code" is a
+# forget-set use case (the paper's GitHub split).
+SOURCE_SUFFIXES = frozenset(
+    ".txt .text .md .markdown .rst .tex .org .py .pyi .c .h .cc .cpp .cxx .hpp .hh .cs .java .kt "
+    ".scala .go .rs .js .jsx .mjs .ts .tsx .rb .php .swift .m .r .jl .lua .pl .hs .ml .sh .bash "
+    ".zsh .sql .html .css .xml .yaml .yml .toml".split())
+TABLE_SUFFIXES = frozenset({".jsonl", ".json", ".csv", ".parquet"})
+SUPPORTED_SUFFIXES = SOURCE_SUFFIXES | TABLE_SUFFIXES
+JSON_LIST_KEYS = ("data", "rows", "train")  # where common JSON dumps keep their rows
+ROLES = ("forget", "retain", "unseen", "general")
+MIN_CHUNK_TOKENS = 16
+_TOKENIZE_BATCH = 256  # documents per tokenizer call: fast batching without holding every id list twice
+
+
+# ---------------------------------------------------------------- sources -> documents
+
+def load_texts(source: str, text_field: str = "text", column: str | None = None) -> list[str]:
+    """One source spec -> list of document texts (non-empty after strip; empty docs dropped)."""
+    source = os.fspath(source)
+    if source.startswith("hf:"):
+        texts = _load_hf(source, column or text_field)
+    elif os.path.exists(os.path.expanduser(source)):
+        texts = _load_path(Path(os.path.expanduser(source)), text_field, column, explicit=True)
+    elif globlib.has_magic(source):
+        matches = sorted(globlib.glob(os.path.expanduser(source), recursive=True))
+        if not matches:
+            raise DataError(f"no file matches {source}")
+        texts = []
+        for m in matches:  # a glob is a selection, so it skips what it cannot read, like a folder
+            texts += _load_path(Path(m), text_field, column, explicit=False)
+    else:
+        raise DataError(f"no such file or folder: {source}")
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise DataError(f"{source} yields no documents")
+    return texts
+
+
+def _load_path(path: Path, text_field: str, column: str | None, explicit: bool) -> list[str]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file()
+                       and p.suffix.lower() in SUPPORTED_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        return [t for f in files for t in _load_file(f, text_field, column)]
+    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        if explicit:  # the user named this file: say why it is not read rather than skip it
+            raise DataError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
+                            f"use text/code files, .jsonl, .json, .csv or .parquet")
+        return []
+    return _load_file(path, text_field, column)
+
+
+def _load_file(path: Path, text_field: str, column: str | None) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix in SOURCE_SUFFIXES:
+        return [path.read_text(encoding="utf-8-sig", errors="replace")]
+    if suffix == ".jsonl":
+        return _load_jsonl(path, text_field)
+    if suffix == ".json":
+        return _load_json(path, text_field)
+    return _load_table(path, column or text_field)
+
+
+def _as_text(value, where: str, field: str) -> str:
+    """A cell -> text. Missing values become '' (dropped later); non-text is a user error."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {field!r} is {type(value).__name__}, not text")
+    return value
+
+
+def _load_jsonl(path: Path, field: str) -> list[str]:
+    texts = []
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            if field not in row:
+                raise DataError(f"{where}: no field {field!r}")
+            texts.append(_as_text(row[field], where, field))
+    return texts
+
+
+def _load_json(path: Path, field: str) -> list[str]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig", errors="replace"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
+    if isinstance(data, dict):
+        key = next((k for k in JSON_LIST_KEYS if isinstance(data.get(k), list)), None)
+        if key is None:
+            raise DataError(f"{path}: expected a list of rows, or an object with a list "
+                            f"under one of {', '.join(JSON_LIST_KEYS)}")
+        data = data[key]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of rows, got {type(data).__name__}")
+    texts = []
+    for i, row in enumerate(data):
+        where = f"{path}: row {i}"
+        if isinstance(row, str):
+            texts.append(row)
+        elif isinstance(row, dict):
+            if field not in row:
+                raise DataError(f"{where}: no field {field!r}")
+            texts.append(_as_text(row[field], where, field))
+        else:
+            raise DataError(f"{where}: expected an object or a string, got {type(row).__name__}")
+    return texts
+
+
+def _load_table(path: Path, col: str) -> list[str]:
+    import pandas as pd  # lazy: keeps `import engine.data` light for the CLI
+
+    try:
+        if path.suffix.lower() == ".csv":
+            # dtype=str and no NA parsing: text cells such as "NA" or "1984" stay text
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                             encoding_errors="replace")
+        else:
+            import pyarrow.parquet as pq
+            names = pq.read_schema(path).names
+            if col not in names:  # check first so we never read a wide table for nothing
+                raise DataError(f"{path}: no column {col!r}; columns: {', '.join(names)}")
+            df = pd.read_parquet(path, columns=[col])
+    except DataError:
+        raise
+    except Exception as e:  # parser errors come in many types; the user needs one line
+        raise DataError(f"{path}: cannot read: {_one_line(e)}") from None
+    if col not in df.columns:
+        raise DataError(f"{path}: no column {col!r}; columns: {', '.join(map(str, df.columns))}")
+    return [_as_text(v, f"{path}: row {i}", col) for i, v in enumerate(df[col].tolist())]
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}".rstrip(": ")
+
+
+def _load_hf(source: str, default_column: str) -> list[str]:
+    """`hf:NAME[:CONFIG]/SPLIT[#column]`; NAME may hold '/', so SPLIT follows the last '/'."""
+    spec, _, col = source[3:].partition("#")
+    col = col or default_column
+    name, slash, split = spec.rpartition("/")
+    if not slash or not name or not split:
+        raise DataError(f"{source}: expected hf:NAME[:CONFIG]/SPLIT[#column]")
+    config = None
+    if os.path.exists(os.path.expanduser(name)):  # a local folder; it keeps any ':' it has
+        name = os.path.expanduser(name)
+    elif ":" in name:
+        name, _, config = name.rpartition(":")
+    import datasets  # lazy: the import costs seconds
+
+    try:
+        if _is_saved_dataset(name):
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{source}: no split {split!r}; splits: {', '.join(ds)}")
+                ds = ds[split]
+            # a single saved Dataset has no splits: SPLIT is accepted and ignored
+        else:
+            ds = datasets.load_dataset(name, config, split=split)
+    except DataError:
+        raise
+    except Exception as e:  # hub, network, auth, builder and split errors: one line for the user
+        raise DataError(f"{source}: cannot load: {_one_line(e)}") from None
+    if col not in ds.column_names:
+        raise DataError(f"{source}: no column {col!r}; columns: {', '.join(ds.column_names)}")
+    return [_as_text(v, f"{source}: row {i}", col) for i, v in enumerate(ds[col])]
+
+
+def _is_saved_dataset(name: str) -> bool:
+    """True for a folder written by Dataset.save_to_disk or DatasetDict.save_to_disk."""
+    p = Path(name)
+    return (p / "dataset_dict.json").is_file() or (
+        (p / "state.json").is_file() and (p / "dataset_info.json").is_file())
+
+
+# ---------------------------------------------------------------- the forget set
+
+def normalize_text(text: str) -> str:
+    """The form a text is hashed in: same content, same hash, whatever the OS or editor."""
+    text = unicodedata.normalize("NFC", text)
+    return text.replace("\r\n", "\n").replace("\r", "\n").rstrip()
+
+
+@dataclass(frozen=True)
+class ForgetSetTexts:
+    forget: list[str]
+    retain: list[str]
+    unseen: list[str]
+    general: list[str]  # may be []
+    sources: dict[str, list[str]]  # role -> the source specs it came from
+
+    @property
+    def hash(self) -> str:
+        """sha256 over the normalized texts of every role, in ROLES order.
+
+        Length prefixes make boundaries part of the content: ["ab", "c"] != ["a", "bc"],
+        and a document moved from forget to retain changes the hash. Order matters too,
+        since chunk order (and so batches) follows document order.
+        """
+        h = hashlib.sha256()
+
+        def put(b: bytes) -> None:
+            h.update(len(b).to_bytes(8, "big"))
+            h.update(b)
+
+        for role in ROLES:
+            texts = getattr(self, role)
+            put(role.encode())
+            put(str(len(texts)).encode())
+            for t in texts:
+                put(normalize_text(t).encode("utf-8"))
+        return h.hexdigest()
+
+    def counts(self) -> dict[str, int]:
+        return {role: len(getattr(self, role)) for role in ROLES}
+
+
+def load_forget_set(forget: list[str], retain: list[str], unseen: list[str],
+                    general: list[str] | None = None,
+                    text_field: str = "text", column: str | None = None) -> ForgetSetTexts:
+    """Load the four roles. Texts are stored normalized, so what is chunked is what is hashed."""
+    specs = {"forget": list(forget or []), "retain": list(retain or []),
+             "unseen": list(unseen or []), "general": list(general or [])}
+    texts: dict[str, list[str]] = {}
+    for role in ROLES:
+        if not specs[role] and role != "general":
+            raise DataError(f"the {role} set is empty: give it at least one source")
+        texts[role] = []
+        for spec in specs[role]:
+            try:
+                texts[role] += [normalize_text(t) for t in load_texts(spec, text_field, column)]
+            except DataError as e:  # say which role the bad source was meant for
+                raise DataError(f"{role}: {e}") from None
+    return ForgetSetTexts(**texts, sources=specs)
+
+
+# ---------------------------------------------------------------- documents -> chunks
+
+@dataclass
+class Chunks:
+    input_ids: torch.LongTensor  # [n, L], right-padded with the pad id
+    attention_mask: torch.LongTensor  # [n, L], 1 on real tokens; pad positions never count
+    texts: list[str]  # decoded chunk text, for the zlib MIA
+    doc_index: list[int]  # document each chunk came from
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def subset(self, idx) -> "Chunks":
+        """Rows by index list/tensor (a bool mask works too); L is kept."""
+        idx = torch.as_tensor(idx)
+        if idx.dtype == torch.bool:
+            idx = idx.nonzero().flatten()
+        idx = idx.long().reshape(-1)
+        rows = idx.tolist()
+        return Chunks(self.input_ids[idx], self.attention_mask[idx],
+                      [self.texts[i] for i in rows], [self.doc_index[i] for i in rows])
+
+
+def chunk_texts(texts: list[str], tokenizer, seq_len: int, role: str = "set") -> Chunks:
+    """Each document on its own (BOS where the tokenizer adds one), cut into non-overlapping
+    windows of seq_len tokens; windows under MIN_CHUNK_TOKENS are dropped as too short to
+    score, the rest right-padded to the longest kept window."""
+    if seq_len < MIN_CHUNK_TOKENS:
+        raise DataError(f"seq_len={seq_len} is below the minimum chunk of {MIN_CHUNK_TOKENS} tokens")
+    windows: list[list[int]] = []
+    doc_index: list[int] = []
+    for start in range(0, len(texts), _TOKENIZE_BATCH):
+        batch = list(texts[start:start + _TOKENIZE_BATCH])
+        # verbose=False: documents longer than model_max_length are expected, we cut them here
+        ids_per_doc = tokenizer(batch, add_special_tokens=True, verbose=False)["input_ids"]
+        for d, ids in enumerate(ids_per_doc, start):
+            for w in range(0, len(ids), seq_len):
+                window = ids[w:w + seq_len]
+                if len(window) >= MIN_CHUNK_TOKENS:
+                    windows.append(window)
+                    doc_index.append(d)
+    if not windows:
+        raise DataError(f"the {role} set is empty after chunking (every window is under "
+                        f"{MIN_CHUNK_TOKENS} tokens at seq_len={seq_len})")
+    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    length = max(map(len, windows))
+    input_ids = torch.full((len(windows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(windows), length), dtype=torch.long)
+    for r, window in enumerate(windows):
+        input_ids[r, :len(window)] = torch.tensor(window, dtype=torch.long)
+        attention_mask[r, :len(window)] = 1
+    decoded = tokenizer.batch_decode(windows, skip_special_tokens=True)
+    return Chunks(input_ids, attention_mask, decoded, doc_index)
+
+
+@dataclass
+class ForgetSetChunks:
+    forget: Chunks
+    retain: Chunks
+    unseen: Chunks
+    general: Chunks | None
+
+    def items(self) -> list[tuple[str, Chunks]]:
+        return [(r, c) for r in ROLES if (c := getattr(self, r)) is not None]
+
+
+def chunk_forget_set(fs: ForgetSetTexts, tokenizer, seq_len: int) -> ForgetSetChunks:
+    def chunk(role: str) -> Chunks:
+        return chunk_texts(getattr(fs, role), tokenizer, seq_len, role=role)
+
+    return ForgetSetChunks(chunk("forget"), chunk("retain"), chunk("unseen"),
+                           chunk("general") if fs.general else None)

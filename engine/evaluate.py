@@ -1,0 +1,117 @@
+"""One forward pass per set -> every metric of design §3.
+
+From one pass we keep, per predicted token, log p(token) and the mean/std of log p under the
+model's own next-token distribution; per-chunk MIA scores and set perplexities all derive from
+those, so adding an attack never adds a forward pass.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from engine.data import Chunks, ForgetSetChunks
+
+ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")
+
+
+@dataclass
+class SetScores:
+    """Per-chunk statistics of one set under one model."""
+
+    nll_sum: np.ndarray  # [n] Σ NLL of predicted tokens
+    n_tokens: np.ndarray  # [n] predicted tokens
+    mia: dict[str, np.ndarray]  # attack -> [n] membership score (higher = more member-like)
+
+    @property
+    def ppl(self) -> float:
+        mean_nll = float(self.nll_sum.sum() / max(1, self.n_tokens.sum()))
+        return math.exp(mean_nll) if mean_nll < 700 else math.inf  # a blown-up model: inf (-> None), not OverflowError
+
+
+def min_k_mean(values: np.ndarray, k: float) -> float:
+    """Mean of the lowest k-fraction of values (at least one)."""
+    n = max(1, int(len(values) * k))
+    return float(np.sort(values)[:n].mean())
+
+
+@torch.no_grad()
+def score_chunks(model, chunks: Chunks, batch_size: int = 8, device=None, autocast=None, min_k: float = 0.2) -> SetScores:
+    device = device or next(model.parameters()).device
+    autocast = autocast or contextlib.nullcontext
+    was_training = model.training
+    model.eval()
+    nll_sum, n_tok = [], []
+    mia = {a: [] for a in ATTACKS}
+    for start in range(0, len(chunks), batch_size):
+        mask = chunks.attention_mask[start : start + batch_size]
+        width = int(mask.sum(1).max())  # trim all-pad columns: less work, same numbers
+        ids = chunks.input_ids[start : start + batch_size, :width].to(device)
+        mask = mask[:, :width].to(device)
+        with autocast():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        for row in range(ids.size(0)):
+            valid = mask[row, 1:].bool()
+            logp_all = torch.log_softmax(logits[row, :-1][valid].float(), dim=-1)  # [T, V]
+            target = ids[row, 1:][valid]
+            tok_logp = logp_all.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            p = logp_all.exp()
+            mu = (p * logp_all).sum(-1)
+            sigma = ((p * logp_all.square()).sum(-1) - mu.square()).clamp(min=1e-12).sqrt()
+            tok_logp_np = tok_logp.double().cpu().numpy()
+            z = ((tok_logp - mu) / sigma).double().cpu().numpy()
+            nll = -tok_logp_np.sum()
+            n = len(tok_logp_np)
+            text = chunks.texts[start + row]
+            nll_sum.append(nll)
+            n_tok.append(n)
+            mia["loss"].append(-nll / n)
+            mia["zlib"].append(-(nll / n) / max(1, len(zlib.compress(text.encode("utf-8")))))
+            mia["min_k"].append(min_k_mean(tok_logp_np, min_k))
+            mia["min_k_pp"].append(min_k_mean(z, min_k))
+    if was_training:
+        model.train()
+    return SetScores(np.array(nll_sum), np.array(n_tok), {a: np.array(v) for a, v in mia.items()})
+
+
+def mia_auc(members: SetScores, nonmembers: SetScores) -> dict[str, float | None]:
+    """ROC AUC, raw orientation: 1.0 = U clearly remembered, 0.5 = U looks unseen, < 0.5 = over-unlearned."""
+    out = {}
+    for a in ATTACKS:
+        s = np.concatenate([members.mia[a], nonmembers.mia[a]])
+        y = np.concatenate([np.ones(len(members.mia[a])), np.zeros(len(nonmembers.mia[a]))])
+        out[a] = float(roc_auc_score(y, s)) if np.isfinite(s).all() else None
+    return out
+
+
+def evaluate(model, sets: ForgetSetChunks, batch_size: int = 8, device=None, autocast=None, min_k: float = 0.2) -> tuple[dict, int]:
+    """The metrics M of one model: ppl per set and the MIA AUCs. Returns (M, eval tokens)."""
+    scores = {role: score_chunks(model, ch, batch_size, device, autocast, min_k) for role, ch in sets.items()}
+    metrics = {f"ppl_{role}": _finite(scores[role].ppl) if role in scores else None for role in ("forget", "retain", "unseen", "general")}
+    metrics["mia_auc"] = mia_auc(scores["forget"], scores["unseen"])
+    eval_tokens = int(sum(ch.n_tokens for _, ch in sets.items()))
+    return metrics, eval_tokens
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def compare(metrics: dict, baseline: dict, tol_forget: float = 0.10, tol_retain: float = 0.05) -> dict:
+    """Distance to the approximate-retraining target and utility lost, against θ0's metrics."""
+    pf, pr = metrics.get("ppl_forget"), metrics.get("ppl_retain")
+    if pf is None or pr is None:  # non-finite: the model blew up
+        return {"forget_gap": None, "retain_drift": None, "score": None, "success": False}
+    forget_gap = abs(math.log(pf) - math.log(baseline["ppl_unseen"]))
+    retain_drift = math.log(pr) - math.log(baseline["ppl_retain"])
+    return {
+        "forget_gap": forget_gap,
+        "retain_drift": retain_drift,
+        "score": forget_gap + max(0.0, retain_drift),
+        "success": forget_gap <= math.log1p(tol_forget) and retain_drift <= math.log1p(tol_retain),
+    }

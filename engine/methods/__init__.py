@@ -1,0 +1,37 @@
+"""The method registry. Every module in this package that calls `register` adds methods;
+modules are discovered automatically, so a new method is one new file here."""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from engine.errors import UnlearnError
+from engine.methods.base import Method
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.id in _REGISTRY:
+        raise ValueError(f"method {method.id!r} registered twice")
+    _REGISTRY[method.id] = method
+    return method
+
+
+def _discover() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in {"base", "forget_terms", "retain_terms"}:
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+def get_method(method_id: str) -> Method:
+    if method_id not in _REGISTRY:
+        raise UnlearnError(f"unknown method {method_id!r}; known: {', '.join(_REGISTRY)}")
+    return _REGISTRY[method_id]
+
+
+def list_methods() -> list[Method]:
+    return list(_REGISTRY.values())
+
+
+_discover()

@@ -1,0 +1,118 @@
+"""Loading causal LMs and tokenizers the way a user's model loads, plus tiny configs for tests.
+
+Everything goes through `from_pretrained`, so a local folder (tests, the demo) and a hub id
+(a user's GPU box) take the same path. Safety (design §7): no remote code unless asked,
+safetensors preferred, nothing unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from engine.errors import UnlearnError
+
+
+def _quiet_transformers() -> None:
+    # transformers draws tqdm bars on every load/save; the CLI draws its own progress.
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UnlearnError(f"--device {device}: no CUDA device is visible")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UnlearnError(f"--device must be auto, cpu or cuda[:N], not {device!r}")
+    return torch.device(device)
+
+
+def _check_local(name_or_path: str) -> None:
+    # A path-looking name that does not exist would otherwise become a confusing hub lookup.
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.rstrip(os.sep) and Path(name_or_path).parent.exists()
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise UnlearnError(f"no such model folder: {name_or_path}")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    _check_local(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UnlearnError(f"cannot load tokenizer {name_or_path!r}: {str(exc).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        # Pad positions never count in a loss or metric, so any id will do; eos is conventional.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
+    return tok
+
+
+def load_model(name_or_path: str, device: torch.device | str = "cpu", trust_remote_code: bool = False):
+    """Load a causal LM in fp32 master weights (bf16 autocast happens in the run on CUDA)."""
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    _check_local(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            os.path.expanduser(name_or_path), dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise UnlearnError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from None
+    return model.to(device)
+
+
+def model_key(name_or_path: str) -> str:
+    """A cache key that changes when the weights change, without hashing gigabytes.
+
+    Local folders: path + name, size and mtime of every file; hub ids: the id itself
+    (revisions pin through the HF cache)."""
+    p = Path(name_or_path).expanduser()
+    h = hashlib.sha256()
+    if p.is_dir():
+        h.update(str(p.resolve()).encode())
+        for f in sorted(p.iterdir()):
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    else:
+        h.update(name_or_path.encode())
+    return h.hexdigest()[:16]
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def tiny_llama_config(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, max_positions: int = 512, **kw):
+    """A Llama-style config small enough to train on two CPU cores in seconds."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3 // 4 * 4 or 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        **kw,
+    )
+
+
+def read_pretraining_tokens(name_or_path: str) -> int | None:
+    """Tokens the model was pretrained on, when known (the demo writes it), for the cost ratio."""
+    f = Path(name_or_path).expanduser() / "unlearn_pretraining.json"
+    if f.is_file():
+        return int(json.loads(f.read_text()).get("tokens", 0)) or None
+    return None

@@ -1,0 +1,1 @@
+"""The faces of unlearn-lab: the Typer CLI (and, later, the Textual app)."""
