@@ -82,10 +82,6 @@ def _batch(chunks: Chunks, extra: dict[str, torch.Tensor], idx: torch.Tensor, de
     return {k: v.to(device) for k, v in out.items()}
 
 
-def _finite_or_none(x):
-    return x if x is None or math.isfinite(x) else None
-
-
 def _beyond_bound(metrics: dict, baseline: dict, factor: float) -> str | None:
     for role in ("forget", "retain"):
         p, p0 = metrics.get(f"ppl_{role}"), baseline.get(f"ppl_{role}")
@@ -94,6 +90,18 @@ def _beyond_bound(metrics: dict, baseline: dict, factor: float) -> str | None:
         if p0 and p > factor * p0:
             return f"ppl_{role} {p:.3g} > {factor:g} × baseline {p0:.3g}"
     return None
+
+
+@contextlib.contextmanager
+def _deterministic(on: bool):
+    """Deterministic kernels on CPU (the prefix property is exact there), restored afterwards
+    so an embedding program keeps its own setting."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on or before)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def train_to_milestones(
@@ -105,7 +113,12 @@ def train_to_milestones(
     on_step: Callable[[int, float], None] | None = None,
     on_milestone: Callable[[dict], None] | None = None,
 ) -> dict:
-    """The loop. Returns {"milestones", "diverged", "reason", "losses", "train_tokens", "eval_tokens"}."""
+    """The loop. Returns {"milestones", "diverged", "reason", "losses", "train_tokens", "eval_tokens", "model"}."""
+    with _deterministic(next(model.parameters()).device.type == "cpu"):
+        return _train(model, tokenizer, sets, cfg, baseline, on_step, on_milestone)
+
+
+def _train(model, tokenizer, sets, cfg, baseline, on_step, on_milestone) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -113,8 +126,6 @@ def train_to_milestones(
     device = next(model.parameters()).device
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
     set_seed(cfg.seed)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True)
     autocast = accelerator.autocast if device.type == "cuda" else contextlib.nullcontext
 
     reference = None

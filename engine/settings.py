@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -15,6 +15,12 @@ class Settings(BaseSettings):
 
     storage_url: str = Field("sqlite:///unlearn.db", description="SQLAlchemy URL of the store")
     home: Path = Field(Path.home() / ".cache" / "unlearn-lab", description="caches, logs, exported models")
+    heartbeat_timeout: float = Field(60.0, description="seconds without a heartbeat before a run is declared lost")
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
 
     @property
     def baseline_cache(self) -> Path:

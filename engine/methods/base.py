@@ -8,6 +8,7 @@ is the token predicted from positions < t), -100 where nothing is predicted (pad
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -56,7 +57,7 @@ class PrepareContext:
     generator: torch.Generator
     device: torch.device
     batch_size: int = 8
-    autocast: Any = field(default=None)  # a context-manager factory for the reference forward
+    autocast: Any = field(default=contextlib.nullcontext)  # a context-manager factory for the reference forward
 
 
 class ForgetTerm:

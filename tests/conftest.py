@@ -1,0 +1,120 @@
+"""Shared fixtures: a real tokenizer, a real tiny Llama that memorized its forget records, and
+forget-set files on disk. Nothing is mocked and nothing touches the network.
+
+The model is built and trained here, saved with `save_pretrained` and always loaded back
+through `engine.models.load_model`, the path a user's model takes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+import torch
+
+# Tiny models on two cores: OpenMP's second thread only adds synchronization (and, with another
+# process busy on the machine, slows a step down by 10-40x). One thread keeps the suite fast.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
+
+SEQ_LEN = 128  # one record is ~110 tokens: one chunk per record
+N_FORGET, N_RETAIN, N_UNSEEN, N_GENERAL = 16, 32, 16, 12
+TRAIN_STEPS, TRAIN_LR, TRAIN_BATCH = 100, 1e-2, 16
+
+
+@pytest.fixture(scope="session")
+def corpus() -> dict[str, list[str]]:
+    """~200 fictitious people (disjoint forget/retain/unseen, the rest only for the tokenizer)
+    and standard-library code as the general set."""
+    from engine.demo import person_record, stdlib_code
+
+    rng = random.Random(1234)
+    records = [person_record(rng, n) for n in rng.sample(range(10000, 99999), 200)]
+    a, b, c = N_FORGET, N_FORGET + N_RETAIN, N_FORGET + N_RETAIN + N_UNSEEN
+    sets = {"forget": records[:a], "retain": records[a:b], "unseen": records[b:c],
+            "general": stdlib_code(N_GENERAL), "tokenizer_extra": records[c:] + stdlib_code(40)}
+    assert len(set(sets["forget"]) | set(sets["retain"]) | set(sets["unseen"])) == c
+    return sets
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(corpus, tmp_path_factory):
+    """A byte-level BPE (vocab 300) trained here, saved, and reloaded like a user's tokenizer."""
+    from engine.demo import train_tokenizer
+    from engine.models import load_tokenizer
+
+    texts = corpus["forget"] + corpus["retain"] + corpus["unseen"] + corpus["tokenizer_extra"]
+    tok = train_tokenizer(texts, 300)
+    path = tmp_path_factory.mktemp("tiny_tokenizer")
+    tok.save_pretrained(path)
+    return load_tokenizer(str(path))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(corpus, tiny_tokenizer, tmp_path_factory):
+    """A 2-layer Llama (hidden 32) trained on forget + retain until it remembers them a bit
+    (the unseen records it never saw), saved with model + tokenizer in one folder."""
+    from transformers import LlamaForCausalLM
+
+    from engine.data import chunk_texts
+    from engine.models import tiny_llama_config
+
+    tok = tiny_tokenizer
+    torch.manual_seed(0)
+    config = tiny_llama_config(len(tok), hidden=32, layers=2, heads=2, max_positions=SEQ_LEN,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(config)
+    chunks = chunk_texts(corpus["forget"] + corpus["retain"], tok, SEQ_LEN)
+    opt = torch.optim.AdamW(model.parameters(), lr=TRAIN_LR, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(TRAIN_STEPS):
+        idx = torch.randperm(len(chunks), generator=g)[:TRAIN_BATCH]
+        ids, mask = chunks.input_ids[idx], chunks.attention_mask[idx]
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    path = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def forget_set_files(corpus, tmp_path_factory) -> dict[str, str]:
+    """role -> path of a JSONL file of {"text": ...} rows."""
+    d = tmp_path_factory.mktemp("forget_set")
+    out = {}
+    for role in ("forget", "retain", "unseen", "general"):
+        p = d / f"{role}.jsonl"
+        p.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus[role]), encoding="utf-8")
+        out[role] = str(p)
+    return out
+
+
+@pytest.fixture(scope="session")
+def forget_set_texts(forget_set_files):
+    from engine.data import load_forget_set
+
+    f = forget_set_files
+    return load_forget_set([f["forget"]], [f["retain"]], [f["unseen"]], [f["general"]])
+
+
+@pytest.fixture(scope="session")
+def tiny_sets(forget_set_texts, tiny_tokenizer):
+    """The four sets as chunks of SEQ_LEN tokens."""
+    from engine.data import chunk_forget_set
+
+    return chunk_forget_set(forget_set_texts, tiny_tokenizer, SEQ_LEN)
+
+
+@pytest.fixture
+def tiny_model(tiny_model_dir):
+    """A fresh copy of the tiny model, loaded the user's way (tests may train it)."""
+    from engine.models import load_model
+
+    return load_model(str(tiny_model_dir), "cpu").eval()

@@ -1,0 +1,88 @@
+"""The engine is headless: nothing in it imports textual, the TUI or the studies layer, so a run
+works the same from the CLI, a worker subprocess or a notebook. And studies never import the UI.
+
+Two checks: a dynamic one (import every engine module in a fresh interpreter, then look at
+sys.modules) and a static one (every import statement of every file, with ast), which also
+catches imports inside functions that the dynamic check never runs."""
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENGINE_FORBIDDEN = ("textual", "tui", "studies")
+STUDIES_FORBIDDEN = ("textual", "tui")
+
+PROBE = r"""
+import importlib, json, pkgutil, sys
+import engine
+names = ["engine"]
+for info in pkgutil.walk_packages(engine.__path__, "engine."):
+    importlib.import_module(info.name)
+    names.append(info.name)
+print(json.dumps({"imported": names, "modules": sorted(sys.modules)}))
+"""
+
+
+def _hits(modules, forbidden):
+    return sorted(m for m in modules if any(m == f or m.startswith(f + ".") for f in forbidden))
+
+
+def test_importing_every_engine_module_loads_no_ui_or_studies():
+    proc = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    files = {p.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
+             for p in (ROOT / "engine").rglob("*.py")}
+    assert files <= set(report["imported"]), f"not imported: {sorted(files - set(report['imported']))}"
+    assert {"engine.run", "engine.evaluate", "engine.methods.paper_presets"} <= set(report["imported"])
+    assert _hits(report["modules"], ENGINE_FORBIDDEN) == []
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import statement in a file, absolute and relative."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.append((node.lineno, node.module))
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in {"import_module", "__import__"}:
+            if node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+                out.append((node.lineno, node.args[0].value))
+    return out
+
+
+def static_violations(folder: Path, forbidden) -> list[str]:
+    return [f"{p.relative_to(ROOT)}:{line}: imports {mod}"
+            for p in sorted(folder.rglob("*.py"))
+            for line, mod in imported_modules(p) if _hits([mod], forbidden)]
+
+
+def test_static_check_sees_forbidden_imports(tmp_path):
+    """The checker itself: it flags the forms it claims to (so the two tests below can fail)."""
+    (tmp_path / "bad.py").write_text(
+        "import os\nimport textual.app\nfrom tui import cli\nimport importlib\n"
+        "def f():\n    from studies.grid import x\n    importlib.import_module('tui.screens')\n"
+        "import tuition\nfrom studies_helper import y\n")
+    found = [mod for _, mod in imported_modules(tmp_path / "bad.py") if _hits([mod], ENGINE_FORBIDDEN)]
+    assert sorted(found) == ["studies.grid", "textual.app", "tui", "tui.screens"]
+
+
+def test_engine_sources_never_import_ui_or_studies():
+    files = list((ROOT / "engine").rglob("*.py"))
+    assert len(files) >= 10
+    assert static_violations(ROOT / "engine", ENGINE_FORBIDDEN) == []
+
+
+def test_studies_never_import_the_ui():
+    folder = ROOT / "studies"
+    if not folder.is_dir() or not any(folder.rglob("*.py")):
+        pytest.skip("studies/ has no Python files yet")
+    assert static_violations(folder, STUDIES_FORBIDDEN) == []
