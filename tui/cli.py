@@ -147,9 +147,14 @@ class step_progress:
         self.progress.stop()
 
 
-from tui.demo_cmd import demo_cmd  # noqa: E402  (registers `unlearn demo`)
+from tui.commands.forgetset import forgetset_app  # noqa: E402
+from tui.commands.study import study_app, worker_cmd  # noqa: E402
+from tui.demo_cmd import demo_cmd  # noqa: E402
 
 app.command("demo")(demo_cmd)
+app.add_typer(forgetset_app, name="forgetset")
+app.add_typer(study_app, name="study")
+app.command("worker")(worker_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

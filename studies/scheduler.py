@@ -1,0 +1,398 @@
+"""The worker pool: claims runs from the store, gives each a fresh subprocess on its own device,
+settles what happened, and retries what was killed. `unlearn study run` (one study, on this
+box) and `unlearn worker` (join from any node) are this same loop.
+
+All coordination is through the store: a claim is one IMMEDIATE transaction (SQLite) or
+SELECT ... FOR UPDATE SKIP LOCKED (PostgreSQL), so any number of pools on any number of
+nodes hand out each run once. A pool that dies leaves runs whose heartbeat goes stale;
+any pool reaps them and retries them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from sqlalchemy import func
+from sqlmodel import select
+
+from studies.spec import StudySpec
+from studies.store import Milestone, Run, Store, Study, hostname, sqlite_path, utcnow
+
+ACTIVE = ("pending", "running", "asking")
+
+
+@dataclass
+class Child:
+    proc: subprocess.Popen
+    run_id: int
+    study_id: int
+    slot: str
+    attempt: int
+
+
+def log_dir_for(store: Store, study: str) -> Path:
+    """Logs live beside a SQLite store (…/unlearn-logs/STUDY), else under UNLEARN_HOME/logs."""
+    from engine.settings import get_settings
+
+    db = sqlite_path(store.url)
+    base = db.parent / f"{db.stem}-logs" if db else get_settings().home / "logs"
+    d = base / study
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def parse_slots(gpus: str | None, workers: int | None) -> list[str]:
+    """--gpus 0,1 → one slot per GPU; --workers N → N CPU slots (default: one per visible GPU, else 1 CPU)."""
+    from engine.errors import UnlearnError
+
+    if gpus:
+        try:
+            ids = [int(g) for g in gpus.split(",") if g.strip()]
+        except ValueError:
+            raise UnlearnError(f"--gpus takes comma-separated GPU indices, not {gpus!r}") from None
+        return [f"cuda:{i}" for i in ids]
+    if workers is not None:
+        if workers < 1:
+            raise UnlearnError("--workers must be at least 1")
+        return ["cpu"] * workers
+    import torch
+
+    n = torch.cuda.device_count()
+    return [f"cuda:{i}" for i in range(n)] or ["cpu"]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _age_s(when) -> float:
+    if when is None:
+        return float("inf")
+    if when.tzinfo is None:
+        import datetime as dt
+
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return (utcnow() - when).total_seconds()
+
+
+class WorkerPool:
+    def __init__(self, store: Store, slots: list[str], studies: list[str] | None = None,
+                 heartbeat_timeout: float | None = None, poll_s: float = 0.5,
+                 on_tick: Callable[[dict], None] | None = None):
+        from engine.settings import get_settings
+
+        self.store, self.slots, self.study_names = store, slots, studies
+        self.heartbeat_timeout = heartbeat_timeout or get_settings().heartbeat_timeout
+        self.poll_s, self.on_tick = poll_s, on_tick
+        self.children: dict[str, Child] = {}  # slot key -> child
+        self.host = hostname()
+        self._stopping = False
+        n_cpu = sum(1 for s in slots if s == "cpu")
+        self.threads = max(1, (os.cpu_count() or 1) // n_cpu) if n_cpu else 0
+        self.summary = {"spawned": 0, "retried": 0, "failed": 0}
+
+    # ------------------------------------------------------------------ the loop
+    def serve(self) -> dict:
+        old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while True:
+                self._settle_children()
+                self._reap_lost()
+                studies = self._studies()
+                self._stop_cancelled(studies)
+                if not self._stopping:
+                    for key in self._free_slots():
+                        run = self._claim(studies)
+                        if run is None:
+                            break
+                        self._spawn(key, run)
+                self._mark_done(studies)
+                self._beat(studies)
+                if self.on_tick:
+                    self.on_tick(self._progress(studies))
+                if self._stopping and not self.children:
+                    break
+                if not self.children and not any(self._has_work(st) for st in self._studies()):
+                    break
+                time.sleep(self.poll_s)
+        finally:
+            self._shutdown()
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        return self.summary
+
+    def _on_signal(self, signum, frame):
+        self._stopping = True
+
+    def _free_slots(self) -> list[str]:
+        keys = [f"{i}:{s}" for i, s in enumerate(self.slots)]
+        return [k for k in keys if k not in self.children]
+
+    # ------------------------------------------------------------------ studies
+    def _studies(self) -> list[Study]:
+        with self.store.read() as s:
+            q = select(Study)
+            if self.study_names is not None:
+                q = q.where(Study.name.in_(self.study_names))
+            else:
+                q = q.where(Study.state.in_(("running", "paused")))
+            return list(s.exec(q).all())
+
+    def _has_work(self, study: Study) -> bool:
+        if study.state in ("cancelled", "done", "created"):
+            return False
+        spec = StudySpec.from_dict(study.spec)
+        with self.store.read() as s:
+            active = s.exec(select(func.count()).select_from(Run).where(Run.study_id == study.id, Run.state.in_(ACTIVE))).one()
+            total = s.exec(select(func.count()).select_from(Run).where(Run.study_id == study.id)).one()
+        return active > 0 or (spec.sampler == "tpe" and total < spec.total_runs)
+
+    def _mark_done(self, studies: list[Study]) -> None:
+        for st in studies:
+            if st.state == "running" and not self._has_work(st):
+                with self.store.write() as s:
+                    row = s.get(Study, st.id)
+                    if row.state == "running":
+                        row.state, row.updated_at = "done", utcnow()
+                        s.add(row)
+                self.store.log("done", f"study {st.name} finished", st.id)
+
+    def _beat(self, studies: list[Study]) -> None:
+        if self.study_names is None:
+            return
+        for st in studies:
+            if st.state == "running":
+                with self.store.write() as s:
+                    row = s.get(Study, st.id)
+                    row.scheduler_pid, row.scheduler_host, row.scheduler_heartbeat = os.getpid(), self.host, utcnow()
+                    s.add(row)
+
+    def _progress(self, studies: list[Study]) -> dict:
+        ids = [st.id for st in studies]
+        with self.store.read() as s:
+            cells = s.exec(select(func.count()).select_from(Milestone).join(Run, Milestone.run_id == Run.id).where(Run.study_id.in_(ids))).one()
+        total = sum(StudySpec.from_dict(st.spec).total_runs * len(StudySpec.from_dict(st.spec).steps) for st in studies)
+        return {"cells_done": cells, "cells_total": total, "running": len(self.children),
+                "states": {st.name: st.state for st in studies}}
+
+    # ------------------------------------------------------------------ claiming
+    def _claim(self, studies: list[Study]) -> Run | None:
+        running = [st for st in studies if st.state == "running"]
+        if not running:
+            return None
+
+        def claim_pending():
+            with self.store.write() as s:
+                q = (select(Run).where(Run.study_id.in_([st.id for st in running]), Run.state == "pending")
+                     .order_by(Run.id).limit(1).with_for_update(skip_locked=True))
+                run = s.exec(q).first()
+                if run is not None:
+                    self._mark_claimed(run)
+                    s.add(run)
+                return run
+
+        run = self.store.retry(claim_pending)
+        if run is not None:
+            return run
+        for st in running:
+            spec = StudySpec.from_dict(st.spec)
+            if spec.sampler == "tpe":
+                run = self._ask(st, spec)
+                if run is not None:
+                    return run
+        return None
+
+    def _mark_claimed(self, run: Run) -> None:
+        run.state, run.attempts = "running", run.attempts + 1
+        run.host, run.pid, run.heartbeat, run.started_at, run.step = self.host, None, utcnow(), utcnow(), 0
+
+    def _ask(self, study: Study, spec: StudySpec) -> Run | None:
+        """TPE: reserve a run slot under the budget, then let the sampler choose (method, lr, steps)."""
+        import optuna
+
+        with self.store.write() as s:
+            n = s.exec(select(func.count()).select_from(Run).where(Run.study_id == study.id)).one()
+            if n >= spec.total_runs:
+                return None
+            placeholder = Run(study_id=study.id, method="", lr=-random.random(), state="asking", heartbeat=utcnow())
+            s.add(placeholder)
+            s.flush()
+            run_id = placeholder.id
+        sampler = optuna.samplers.TPESampler(seed=spec.seed + n)
+        ostudy = self.store.retry(lambda: optuna.load_study(study_name=study.name, storage=self.store.optuna, sampler=sampler))
+        trial = self.store.retry(lambda: ostudy.ask())
+        method = trial.suggest_categorical("method", spec.methods)
+        lr = trial.suggest_float("lr", spec.lr_range[0], spec.lr_range[1], log=True)
+        steps = trial.suggest_categorical("steps", spec.steps)
+        with self.store.write() as s:
+            clash = s.exec(select(Run).where(Run.study_id == study.id, Run.method == method, Run.lr == lr)).first()
+            run = s.get(Run, run_id)
+            if clash is not None:  # the sampler repeated itself: drop the slot, fail the trial
+                s.delete(run)
+                run = None
+            else:
+                run.method, run.lr, run.asked_trial, run.asked_steps = method, lr, trial.number, steps
+                self._mark_claimed(run)
+                s.add(run)
+        if run is None:
+            self.store.retry(lambda: ostudy.tell(trial.number, state=optuna.trial.TrialState.FAIL))
+        return run
+
+    # ------------------------------------------------------------------ children
+    def _spawn(self, key: str, run: Run) -> None:
+        slot = key.split(":", 1)[1]
+        env = dict(os.environ)
+        if slot.startswith("cuda"):
+            env["CUDA_VISIBLE_DEVICES"], device = slot.split(":")[1], "cuda"
+        else:
+            env["CUDA_VISIBLE_DEVICES"], device = "", "cpu"
+        with self.store.read() as s:
+            study = s.get(Study, run.study_id)
+        log = open(log_dir_for(self.store, study.name) / f"run{run.id}-{run.method}-attempt{run.attempts}.log", "ab")
+        cmd = [sys.executable, "-m", "studies.worker", "--storage", self.store.url, "--run-id", str(run.id),
+               "--device", device, "--threads", str(self.threads if device == "cpu" else 0)]
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        with self.store.write() as s:
+            row = s.get(Run, run.id)
+            row.pid, row.device = proc.pid, slot
+            s.add(row)
+        self.children[key] = Child(proc, run.id, run.study_id, slot, run.attempts)
+        self.summary["spawned"] += 1
+        self.store.log("started", f"{run.method} lr={run.lr:g} attempt {run.attempts} on {slot} (pid {proc.pid})", run.study_id, run.id)
+
+    def _settle_children(self) -> None:
+        for key, child in list(self.children.items()):
+            rc = child.proc.poll()
+            if rc is None:
+                continue
+            del self.children[key]
+            if rc < 0:
+                reason = f"killed by {signal.Signals(-rc).name}"
+            else:
+                reason = f"exited with code {rc}" if rc else ""
+            self._settle(child.run_id, reason, child.attempt)
+
+    def _settle(self, run_id: int, reason: str, attempt: int | None = None) -> None:
+        """A run's process is gone. Finished runs are left alone; the rest are retried or failed."""
+        with self.store.write() as s:
+            run = s.get(Run, run_id)
+            if run is None or run.state != "running":
+                return
+            study = s.get(Study, run.study_id)
+            spec = StudySpec.from_dict(study.spec)
+            n = run.attempts
+            own = run.last_error if run.last_error and run.last_error.startswith(f"attempt {n}:") else None
+            why = own or f"attempt {n}: {reason or 'ended without a result'}"
+            run.last_error, run.pid = why, None
+            if study.state == "cancelled":
+                run.state = "cancelled"
+            elif n < spec.max_attempts:
+                run.state = "pending"
+                self.summary["retried"] += 1
+            else:
+                run.state = "failed"
+                self.summary["failed"] += 1
+            s.add(run)
+            state, sid, label = run.state, study.id, f"{run.method} lr={run.lr:g}"
+        self.store.log("retry" if state == "pending" else state, f"{label}: {why}", sid, run_id)
+
+    def _reap_lost(self) -> None:
+        """Runs marked running whose process no pool watches any more: a stale heartbeat, or a
+        pid on this host that is gone. Their written milestones stay; the run is retried."""
+        mine = {c.run_id for c in self.children.values()}
+        with self.store.read() as s:
+            rows = list(s.exec(select(Run).where(Run.state.in_(("running", "asking")))).all())
+        for run in rows:
+            if run.id in mine:
+                continue
+            age = _age_s(run.heartbeat)
+            if run.state == "asking":
+                if age > self.heartbeat_timeout:
+                    with self.store.write() as s:
+                        row = s.get(Run, run.id)
+                        if row is not None and row.state == "asking":
+                            s.delete(row)
+                continue
+            gone_here = run.host == self.host and run.pid is not None and not _pid_alive(run.pid) and age > 2 * 2.0
+            if gone_here:
+                self._settle(run.id, f"process {run.pid} is gone")
+            elif age > self.heartbeat_timeout:
+                self._settle(run.id, f"heartbeat lost for {age:.0f} s")
+
+    def _stop_cancelled(self, studies: list[Study]) -> None:
+        cancelled = {st.id for st in studies if st.state == "cancelled"}
+        for key, child in list(self.children.items()):
+            if child.study_id in cancelled:
+                child.proc.terminate()
+                child.proc.wait()
+                del self.children[key]
+                self._settle(child.run_id, "cancelled", child.attempt)
+
+    def _shutdown(self) -> None:
+        """Interrupted: stop our runs and give them back, the attempt not counted against them."""
+        for key, child in list(self.children.items()):
+            child.proc.terminate()
+            try:
+                child.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+            with self.store.write() as s:
+                run = s.get(Run, child.run_id)
+                if run is not None and run.state == "running":
+                    run.state, run.attempts, run.pid = "pending", max(0, run.attempts - 1), None
+                    s.add(run)
+            del self.children[key]
+
+
+def start_study(store: Store, name: str) -> Study:
+    """Mark a study running (a paused or finished one too, so failed runs can be retried)."""
+    from studies.studies import set_state
+
+    study = store.study(name)
+    with store.write() as s:
+        for run in s.exec(select(Run).where(Run.study_id == study.id, Run.state == "failed")).all():
+            run.state, run.attempts = "pending", 0  # a new `study run` gives failed runs a fresh budget
+            s.add(run)
+    return set_state(store, name, "running")
+
+
+def detach(store: Store, name: str, slots: list[str]) -> tuple[int, Path]:
+    """Start the scheduler in a new session so it outlives this terminal and its SSH session."""
+    log = log_dir_for(store, name).parent / f"{name}-scheduler.log"
+    cmd = [sys.executable, "-m", "studies.scheduler", "--storage", store.url, "--study", name, "--slots", ",".join(slots)]
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    return proc.pid, log
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="unlearn-lab scheduler (started by `unlearn study run --detach`).")
+    p.add_argument("--storage", required=True)
+    p.add_argument("--study", action="append")
+    p.add_argument("--slots", required=True)
+    a = p.parse_args(argv)
+    store = Store(a.storage)
+    print(f"{time.strftime('%F %T')} scheduler pid {os.getpid()} serving {a.study} on {a.slots}", flush=True)
+    summary = WorkerPool(store, a.slots.split(","), a.study).serve()
+    print(f"{time.strftime('%F %T')} scheduler done: {summary}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

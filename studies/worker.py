@@ -1,0 +1,116 @@
+"""One run in its own subprocess: `python -m studies.worker --storage URL --run-id N --device D`.
+
+A fresh process per run means an out-of-memory error or a crash dies alone. The process
+heartbeats from a thread (so a long evaluation or a slow model load is not mistaken for a
+dead run), writes each milestone the moment it is reached, and leaves the retry decision
+to the pool that started it: it only records what happened."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import traceback
+
+from studies.store import Run, Store, Study, utcnow
+
+HEARTBEAT_EVERY_S = 2.0
+
+
+class Heartbeat(threading.Thread):
+    """Writes run.heartbeat and run.step every few seconds until stopped."""
+
+    def __init__(self, store: Store, run_id: int):
+        super().__init__(daemon=True, name=f"heartbeat-{run_id}")
+        self.store, self.run_id, self.step = store, run_id, 0
+        self._halt = threading.Event()
+
+    def beat(self) -> None:
+        def write():
+            with self.store.write() as s:
+                run = s.get(Run, self.run_id)
+                run.heartbeat, run.step = utcnow(), self.step
+                s.add(run)
+
+        self.store.retry(write)
+
+    def run(self) -> None:
+        while not self._halt.wait(HEARTBEAT_EVERY_S):
+            try:
+                self.beat()
+            except Exception:  # noqa: BLE001 - a missed beat is not worth killing the run for
+                pass
+
+    def stop(self) -> None:
+        self._halt.set()
+
+
+def run_one(store: Store, run_id: int, device: str) -> int:
+    from engine.settings import get_settings
+    from engine.run import run_unlearning
+    from studies.forgetsets import forget_set_texts
+    from studies.recorder import record_cell
+    from studies.spec import StudySpec
+    from studies.store import ForgetSet
+
+    with store.write() as s:
+        run = s.get(Run, run_id)
+        study = s.get(Study, run.study_id)
+        fs = s.get(ForgetSet, study.forgetset_id)
+        run.pid, run.heartbeat = os.getpid(), utcnow()
+        s.add(run)
+    spec = StudySpec.from_dict(study.spec)
+    heart = Heartbeat(store, run_id)
+    heart.start()
+    try:
+        texts = forget_set_texts(store, fs)
+        cfg = spec.run_config(run.method, run.lr)
+
+        def on_step(step: int, loss: float) -> None:
+            heart.step = step
+
+        def on_milestone(cell: dict) -> None:
+            record_cell(store, study.name, spec, run, cell)
+
+        result = run_unlearning(spec.model, texts, cfg, device=device, cache_dir=get_settings().baseline_cache,
+                                trust_remote_code=spec.trust_remote_code, on_step=on_step, on_milestone=on_milestone)
+        heart.stop()
+        with store.write() as s:
+            r = s.get(Run, run_id)
+            r.state = "diverged" if result["diverged"] else "done"
+            r.step = max(c["step"] for c in result["milestones"])
+            r.finished_at = r.heartbeat = utcnow()
+            r.device = result["device"]
+            r.result = {k: result[k] for k in ("cost", "baseline", "losses", "reason", "device", "diverged")}
+            s.add(r)
+        store.log(r.state, f"{run.method} lr={run.lr:g}: {r.state}" + (f" ({result['reason']})" if result["reason"] else ""),
+                  study.id, run_id)
+        return 0
+    except BaseException as exc:  # recorded for the pool, which decides whether to retry
+        heart.stop()
+        kind = "out of memory" if "OutOfMemory" in type(exc).__name__ else type(exc).__name__
+        message = f"{kind}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+        traceback.print_exc()
+        with store.write() as s:
+            r = s.get(Run, run_id)
+            r.last_error = f"attempt {r.attempts}: {message}"[:2000]
+            s.add(r)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Run one unlearn-lab run (started by a worker pool).")
+    p.add_argument("--storage", required=True)
+    p.add_argument("--run-id", type=int, required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    a = p.parse_args(argv)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    return run_one(Store(a.storage), a.run_id, a.device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
