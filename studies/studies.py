@@ -1,6 +1,8 @@
 """Creating studies and changing their state. The scheduler and the TUI only talk through these rows."""
 from __future__ import annotations
 
+import os
+
 from sqlmodel import select
 
 from engine.errors import UnlearnError
@@ -18,6 +20,8 @@ def create_study(store: Store, name: str, model: str, forget_set: str, **spec_fi
 
     check_name(name, "study")
     _check_local(model)
+    if os.path.isdir(os.path.expanduser(model)):
+        model = os.path.abspath(os.path.expanduser(model))  # exported commands must work from any directory
     fs = store.forget_set(forget_set)
     spec_fields.setdefault("seq_len", fs.seq_len)
     spec = StudySpec(model=model, forget_set=fs.name, forget_set_hash=fs.hash,

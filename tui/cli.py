@@ -18,9 +18,8 @@ except ImportError:  # pragma: no cover
 USAGE_ERRORS = (click.exceptions.UsageError, _tclick.UsageError)
 ABORTS = (click.exceptions.Abort, typer.Abort)
 EXITS = (click.exceptions.Exit, typer.Exit)
-from rich.console import Console
-
 from engine.errors import UnlearnError
+from tui.console import emit_json, err, out, parse_lr, parse_steps, step_progress  # noqa: F401 (re-exported)
 
 app = typer.Typer(
     name="unlearn",
@@ -30,38 +29,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-err = Console(stderr=True)
-out = Console()
-
-
-def fail(message: str) -> None:
-    raise UnlearnError(message)
-
-
-def emit_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, allow_nan=False, default=str) + "\n")
-
-
-def parse_lr(text: str) -> float:
-    try:
-        lr = float(text)
-    except ValueError:
-        fail(f"--lr must be a number, not {text!r}")
-    if not lr > 0 or lr != lr or lr == float("inf"):
-        fail(f"--lr must be a positive number, not {text}")
-    return lr
-
-
-def parse_steps(text: str) -> list[int]:
-    try:
-        steps = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        fail(f"--steps must be comma-separated positive integers, not {text!r}")
-    if not steps or any(s <= 0 for s in steps):
-        fail(f"--steps must be comma-separated positive integers, not {text!r}")
-    return sorted(set(steps))
-
-
 @app.command("methods")
 def methods_cmd(as_json: bool = typer.Option(False, "--json", help="print a JSON list instead of a table")):
     """List the unlearning methods: forget term + weight × retain term, and the retain source."""
@@ -128,33 +95,19 @@ def run_cmd(
               + (f"  (diverged: {result['reason']})" if result["diverged"] else ""))
 
 
-class step_progress:
-    """A Rich progress bar on stderr fed by the engine's on_step callback."""
-
-    def __init__(self, label: str, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=err, transient=True)
-        self.label, self.total = label, total
-
-    def __enter__(self):
-        self.progress.start()
-        task = self.progress.add_task(self.label, total=self.total, loss="—")
-        return lambda step, loss: self.progress.update(task, completed=step, loss=f"{loss:.3f}")
-
-    def __exit__(self, *exc):
-        self.progress.stop()
-
-
 from tui.commands.forgetset import forgetset_app  # noqa: E402
+from tui.commands.report import export_cmd, heatmap_cmd, ls_cmd, status_cmd  # noqa: E402
 from tui.commands.study import study_app, worker_cmd  # noqa: E402
 from tui.demo_cmd import demo_cmd  # noqa: E402
 
 app.command("demo")(demo_cmd)
 app.add_typer(forgetset_app, name="forgetset")
+study_app.command("ls")(ls_cmd)
+study_app.command("status")(status_cmd)
+study_app.command("heatmap")(heatmap_cmd)
 app.add_typer(study_app, name="study")
 app.command("worker")(worker_cmd)
+app.command("export")(export_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,7 +28,7 @@ def create_cmd(
     """Read the sources, hash the texts and store them (the set never changes after)."""
     from studies.forgetsets import create_forget_set, describe
     from studies.store import open_store
-    from tui.cli import emit_json, out
+    from tui.console import emit_json, out
 
     fs = create_forget_set(open_store(storage), name, forget, retain, unseen, general, text_field, column, seq_len, tokenizer)
     if as_json:
@@ -44,7 +44,7 @@ def ls_cmd(storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE
 
     from studies.forgetsets import describe, list_forget_sets
     from studies.store import open_store
-    from tui.cli import emit_json, out
+    from tui.console import emit_json, out
 
     rows = [describe(fs) for fs in list_forget_sets(open_store(storage))]
     if as_json:
@@ -64,7 +64,7 @@ def show_cmd(name: str = typer.Argument(...), storage: Optional[str] = typer.Opt
     """Show one forget set: hash, sources, document and chunk counts."""
     from studies.forgetsets import describe
     from studies.store import open_store
-    from tui.cli import emit_json, out
+    from tui.console import emit_json, out
 
     info = describe(open_store(storage).forget_set(name))
     if as_json:

@@ -45,7 +45,7 @@ def create_cmd(
     from engine.errors import UnlearnError
     from studies.store import open_store
     from studies.studies import create_study
-    from tui.cli import emit_json, out, parse_steps
+    from tui.console import emit_json, out, parse_steps
 
     lrs = _floats(lr, "--lr") if lr else None
     rng = None
@@ -83,7 +83,7 @@ def run_cmd(
     """Run (or resume) a study: a fresh subprocess per run, one per worker slot; finished cells are never recomputed."""
     from studies.scheduler import WorkerPool, detach as detach_scheduler, parse_slots, start_study
     from studies.store import open_store
-    from tui.cli import err, out
+    from tui.console import err, out
 
     store = open_store(storage)
     slots = parse_slots(gpus, workers)
@@ -109,7 +109,7 @@ def run_cmd(
 def _set(name: str, state: str, storage: Optional[str]):
     from studies.store import open_store
     from studies.studies import set_state
-    from tui.cli import out
+    from tui.console import out
 
     st = set_state(open_store(storage), name, state)
     out.print(f"study {st.name}: {st.state}")
@@ -142,7 +142,7 @@ def worker_cmd(
     """Join studies from this node: claim runs from the shared store until none is left (Optuna's shared-RDB pattern)."""
     from studies.scheduler import WorkerPool, parse_slots
     from studies.store import open_store
-    from tui.cli import out
+    from tui.console import out
 
     store = open_store(storage)
     if study:

@@ -1,0 +1,246 @@
+"""Trials -> lr × steps grids, robustness, best cells and the Pareto front (design §3, §4).
+
+A *cell* is one (method, lr, steps) point of a study's search space. A grid study covers every
+(method, lr) of its spec × every milestone, so cells not computed yet are listed too (pending,
+running or failed) and the cells after a divergence are `diverged`, never missing. A TPE study
+covers the (method, lr) runs its sampler has asked for so far.
+
+Everything is read with one query per table (runs, milestones), never one per cell.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from sqlmodel import select
+
+from engine.errors import UnlearnError
+from studies.spec import StudySpec
+from studies.store import Milestone, Run, Store, Study
+
+# Metric paths a grid can show: dotted paths into a milestone's metrics.
+METRICS = ("score", "forget_gap", "retain_drift", "ppl_forget", "ppl_retain", "ppl_unseen", "ppl_general",
+           "mia_auc.loss", "mia_auc.zlib", "mia_auc.min_k", "mia_auc.min_k_pp")
+# Cell statuses: computed (done, diverged) or not yet (pending, running, failed, cancelled).
+STATUSES = ("done", "diverged", "running", "pending", "failed", "cancelled")
+
+
+def check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise UnlearnError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    return metric
+
+
+def _finite(x) -> Optional[float]:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x) if math.isfinite(x) else None
+
+
+@dataclass
+class Cell:
+    method: str
+    lr: float
+    steps: int
+    status: str  # one of STATUSES
+    metrics: Optional[dict] = None  # the engine's cell dict (None until computed)
+    score: Optional[float] = None
+    success: bool = False
+    diverged: bool = False
+    run_id: Optional[int] = None
+    run_state: Optional[str] = None
+    trial_number: Optional[int] = None
+
+    @property
+    def computed(self) -> bool:
+        """Evaluated and not diverged: a cell that can win."""
+        return self.status == "done"
+
+    def value(self, metric: str) -> Optional[float]:
+        """The metric at a dotted path (e.g. mia_auc.min_k); None when missing or not finite."""
+        if metric == "score" and self.score is not None:
+            return _finite(self.score)
+        node = self.metrics
+        for part in metric.split("."):
+            if not isinstance(node, dict):
+                return None
+            node = node.get(part)
+        return _finite(node)
+
+    def summary(self) -> dict:
+        """The numbers an export or a status line shows (flat, plus mia_auc)."""
+        m = self.metrics or {}
+        return {"lr": self.lr, "steps": self.steps, "score": self.value("score"),
+                "forget_gap": self.value("forget_gap"), "retain_drift": self.value("retain_drift"),
+                "success": bool(self.success),
+                **{k: self.value(k) for k in ("ppl_forget", "ppl_retain", "ppl_unseen", "ppl_general")},
+                "mia_auc": dict(m.get("mia_auc") or {}), "trial_number": self.trial_number}
+
+
+@dataclass
+class Grid:
+    """One method: sorted lrs (rows) × steps (columns)."""
+
+    method: str
+    lrs: list[float]
+    steps: list[int]
+    cells: dict[tuple[float, int], Cell] = field(default_factory=dict)
+
+    def cell(self, lr: float, steps: int) -> Optional[Cell]:
+        return self.cells.get((lr, steps))
+
+    def value(self, metric: str) -> list[list[Optional[float]]]:
+        """Rows (lrs) × columns (steps) of the metric; None where not computed, diverged or not finite."""
+        check_metric(metric)
+        return [[(c.value(metric) if (c := self.cell(lr, s)) is not None and c.computed else None)
+                 for s in self.steps] for lr in self.lrs]
+
+    def status(self) -> list[list[str]]:
+        return [[(c.status if (c := self.cell(lr, s)) is not None else "pending") for s in self.steps] for lr in self.lrs]
+
+    @property
+    def size(self) -> int:
+        return len(self.lrs) * len(self.steps)
+
+    @property
+    def successes(self) -> int:
+        return sum(1 for c in self.cells.values() if c.success and c.status == "done")
+
+    @property
+    def robustness(self) -> float:
+        return self.successes / self.size if self.size else 0.0
+
+
+# ---------------------------------------------------------------- loading
+
+def _study_row(store: Store, study) -> Study:
+    return store.study(study) if isinstance(study, str) else study
+
+
+def fetch_rows(store: Store, study_ids: Iterable[int]) -> tuple[list[Run], list[Milestone]]:
+    """Every run and milestone of these studies: one query per table."""
+    ids = list(study_ids)
+    if not ids:
+        return [], []
+    with store.read() as s:
+        runs = list(s.exec(select(Run).where(Run.study_id.in_(ids))).all())
+        milestones = list(s.exec(select(Milestone).join(Run, Milestone.run_id == Run.id)
+                                 .where(Run.study_id.in_(ids))).all())
+    return runs, milestones
+
+
+def cells_from_rows(study: Study, runs: list[Run], milestones: list[Milestone]) -> list[Cell]:
+    """The cells of one study from its rows (runs and milestones of other studies are ignored)."""
+    spec = StudySpec.from_dict(study.spec)
+    runs = [r for r in runs if r.study_id == study.id]
+    run_ids = {r.id for r in runs}
+    by_cell = {(m.run_id, m.step): m for m in milestones if m.run_id in run_ids}
+    steps = sorted(set(int(s) for s in spec.steps) | {step for _, step in by_cell})
+    order = {m: i for i, m in enumerate(spec.methods)}
+    runs_by_key = {(r.method, float(r.lr)): r for r in runs}
+    keys = set(runs_by_key)
+    if spec.sampler == "grid":
+        keys |= {(m, float(lr)) for m, lr in spec.grid_runs}
+    cells = []
+    for method, lr in sorted(keys, key=lambda k: (order.get(k[0], len(order)), k[0], k[1])):
+        run = runs_by_key.get((method, lr))
+        for step in steps:
+            ms = by_cell.get((run.id, step)) if run is not None else None
+            cells.append(_cell(method, lr, step, run, ms))
+    return cells
+
+
+def _cell(method: str, lr: float, step: int, run: Optional[Run], ms: Optional[Milestone]) -> Cell:
+    if ms is not None:
+        diverged = bool(ms.diverged or (ms.metrics or {}).get("diverged"))
+        score = ms.score if ms.score is not None else (ms.metrics or {}).get("score")
+        return Cell(method, lr, step, "diverged" if diverged else "done", metrics=dict(ms.metrics or {}),
+                    score=None if diverged else _finite(score), success=bool(ms.success) and not diverged,
+                    diverged=diverged, run_id=ms.run_id, run_state=run.state if run else None,
+                    trial_number=ms.trial_number)
+    if run is None:
+        return Cell(method, lr, step, "pending")
+    state = run.state
+    if state == "diverged":  # stopped before this milestone: diverged, never missing
+        status = "diverged"
+    elif state == "running":
+        status = "running"
+    elif state in ("failed", "done"):  # done without this milestone should not happen: show it as failed
+        status = "failed"
+    elif state == "cancelled":
+        status = "cancelled"
+    else:
+        status = "pending"
+    return Cell(method, lr, step, status, diverged=status == "diverged", run_id=run.id, run_state=state)
+
+
+def load_cells(store: Store, study) -> list[Cell]:
+    """One Cell per (method, lr, steps) the study covers, ordered by method (spec order), lr, steps."""
+    row = _study_row(store, study)
+    runs, milestones = fetch_rows(store, [row.id])
+    return cells_from_rows(row, runs, milestones)
+
+
+# ---------------------------------------------------------------- queries over cells
+
+def methods_of(cells: list[Cell]) -> list[str]:
+    seen: dict[str, None] = {}
+    for c in cells:
+        seen.setdefault(c.method, None)
+    return list(seen)
+
+
+def grids(cells: list[Cell]) -> dict[str, Grid]:
+    """Per method, in the cells' order: its lrs × the study's steps."""
+    steps = sorted({c.steps for c in cells})
+    out: dict[str, Grid] = {}
+    for c in cells:
+        g = out.setdefault(c.method, Grid(c.method, [], steps))
+        g.cells[(c.lr, c.steps)] = c
+    for g in out.values():
+        g.lrs = sorted({lr for lr, _ in g.cells})
+    return out
+
+
+def robustness(cells: list[Cell]) -> dict[str, float]:
+    """Share of each method's cells (all of its search space: lrs × steps) that are a success."""
+    return {m: g.robustness for m, g in grids(cells).items()}
+
+
+def best(cells: list[Cell]) -> dict[str, dict]:
+    """Per method, the computed non-diverged cell with the lowest score (ties: fewer steps, then lower lr).
+    Methods with no such cell are left out."""
+    out: dict[str, dict] = {}
+    for method in methods_of(cells):
+        cand = [c for c in cells if c.method == method and c.computed and c.value("score") is not None]
+        if cand:
+            out[method] = min(cand, key=lambda c: (c.value("score"), c.steps, c.lr)).summary()
+    return out
+
+
+def best_cell(cells: list[Cell], method: str) -> Optional[Cell]:
+    cand = [c for c in cells if c.method == method and c.computed and c.value("score") is not None]
+    return min(cand, key=lambda c: (c.value("score"), c.steps, c.lr)) if cand else None
+
+
+def pareto(cells: list[Cell], method: str) -> list[Cell]:
+    """The method's computed cells not dominated on (forget_gap, retain_drift), both minimized;
+    sorted by forget_gap. Cells with equal coordinates are all kept."""
+    pts = [c for c in cells if c.method == method and c.computed
+           and c.value("forget_gap") is not None and c.value("retain_drift") is not None]
+    front = []
+    for c in pts:
+        g, d = c.value("forget_gap"), c.value("retain_drift")
+        dominated = any(o.value("forget_gap") <= g and o.value("retain_drift") <= d
+                        and (o.value("forget_gap") < g or o.value("retain_drift") < d) for o in pts)
+        if not dominated:
+            front.append(c)
+    return sorted(front, key=lambda c: (c.value("forget_gap"), c.value("retain_drift"), c.steps, c.lr))
+
+
+def count_status(cells: list[Cell]) -> dict[str, int]:
+    counts = {s: 0 for s in STATUSES}
+    for c in cells:
+        counts[c.status] = counts.get(c.status, 0) + 1
+    return counts

@@ -1,0 +1,188 @@
+"""`status`, `heatmap`, `ls` and `export`: reading a study (plain Typer command functions; tui/cli.py
+registers them). stdout holds only JSON/YAML when asked for; messages go to stderr."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+STORAGE_HELP = "SQLAlchemy URL of the store (default: $UNLEARN_STORAGE_URL or sqlite:///unlearn.db)"
+METRIC_HELP = ("score | forget_gap | retain_drift | ppl_forget | ppl_retain | ppl_unseen | ppl_general | "
+               "mia_auc.loss | mia_auc.zlib | mia_auc.min_k | mia_auc.min_k_pp")
+
+
+def _store(storage: Optional[str]):
+    from studies.store import open_store
+
+    return open_store(storage)
+
+
+def _age(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "—"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def status_cmd(
+    name: str = typer.Argument(..., help="study name"),
+    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the status as JSON on stdout"),
+):
+    """Where a study stands: cells and runs, running runs, robustness and best cell per method, errors."""
+    from studies.status import study_status
+    from tui.console import emit_json, out
+
+    st = study_status(_store(storage), name)
+    if as_json:
+        return emit_json(st)
+    out.print(status_renderable(st))
+
+
+def status_renderable(st: dict):
+    """The human summary of study_status(): a Rich Group (also usable by the app)."""
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from tui.heatmap import fmt_lr, fmt_value
+
+    c, r, sch = st["cells"], st["runs"], st["scheduler"]
+    parts: list = []
+    head = Text.assemble(("study ", "bold"), (st["name"], "bold cyan"), "  ", (st["state"], "bold"),
+                         f"  {st['sampler']}  model {st['model']}")
+    parts.append(head)
+    parts.append(Text(f"forget set {st['forget_set']['name']} ({st['forget_set']['hash'][:12]})  "
+                      f"methods {', '.join(st['methods'])}  steps {','.join(map(str, st['steps']))}"))
+    parts.append(Text(f"cells {c['done']}/{c['total']} done · {c['diverged']} diverged · {c['failed']} failed · "
+                      f"{c['running']} running · {c['pending']} pending"))
+    parts.append(Text(f"runs  {r['done']}/{r['total']} done · {r['diverged']} diverged · {r['failed']} failed · "
+                      f"{r['running']} running · {r['pending']} pending"
+                      + (f" · {r['cancelled']} cancelled" if r["cancelled"] else "") + f" · {r['attempts']} attempts"))
+    if sch.get("pid"):
+        parts.append(Text(f"scheduler pid {sch['pid']} on {sch.get('host') or '?'}, heartbeat {_age(sch.get('alive_s_ago'))} ago"))
+    else:
+        parts.append(Text("no scheduler", style="dim"))
+    if st["running"]:
+        t = Table(title="running", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+        for col in ("method", "lr", "step", "device", "pid", "host", "heartbeat"):
+            t.add_column(col, justify="right" if col in ("lr", "step", "pid", "heartbeat") else "left", no_wrap=True)
+        last = st["steps"][-1] if st["steps"] else None
+        for x in st["running"]:
+            t.add_row(x["method"], fmt_lr(x["lr"]), f"{x['step']}/{last}", str(x.get("device") or "—"),
+                      str(x.get("pid") or "—"), str(x.get("host") or "—"), _age(x.get("heartbeat_age_s")))
+        parts.append(t)
+    t = Table(title="best per method (lowest score)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+              show_edge=False)
+    for col in ("method", "robust", "lr", "steps", "score", "gap", "drift", "ok"):
+        t.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+    for m in st["methods"]:
+        b = st["best"].get(m)
+        rob = f"{st['robustness'].get(m, 0.0):.0%}"
+        if b is None:
+            t.add_row(m, rob, "—", "—", "—", "—", "—", "")
+        else:
+            t.add_row(m, rob, fmt_lr(b["lr"]), str(b["steps"]), fmt_value(b["score"]), fmt_value(b["forget_gap"]),
+                      fmt_value(b["retain_drift"]), "✓" if b["success"] else "")
+    parts.append(t)
+    for e in st["errors"][-5:]:
+        msg = (e.get("error") or "").strip().splitlines()
+        parts.append(Text(f"{e['method']} lr={fmt_lr(e['lr'])} ({e['state']}, {e['attempts']} attempts): "
+                          f"{msg[-1] if msg else ''}", style="red", overflow="ellipsis", no_wrap=True))
+    return Group(*parts)
+
+
+def heatmap_cmd(
+    name: str = typer.Argument(..., help="study name"),
+    metric: str = typer.Option("score", "--metric", help=METRIC_HELP),
+    method: Optional[str] = typer.Option(None, "--method", help="only this method"),
+    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the grids as JSON on stdout"),
+):
+    """lr × steps heatmap of one metric per method, with success marks and robustness."""
+    from engine.errors import UnlearnError
+    from studies.grid import check_metric, grids, load_cells
+    from tui.console import emit_json, out
+    from tui.heatmap import render_heatmaps
+
+    check_metric(metric)
+    store = _store(storage)
+    cells = load_cells(store, store.study(name))
+    if method is not None and method not in {c.method for c in cells}:
+        raise UnlearnError(f"study {name!r} has no method {method!r}; its methods: "
+                           f"{', '.join(dict.fromkeys(c.method for c in cells))}")
+    if as_json:
+        gs = grids(cells)
+        return emit_json({m: {"lrs": g.lrs, "steps": g.steps, "values": g.value(metric), "status": g.status(),
+                              "success": [[bool(c and c.success) for c in (g.cell(lr, s) for s in g.steps)] for lr in g.lrs],
+                              "robustness": g.robustness}
+                          for m, g in gs.items() if method is None or m == method})
+    out.print(render_heatmaps(cells, metric, method, title=f"study {name}: {metric}"))
+
+
+def ls_cmd(
+    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON list on stdout"),
+):
+    """Every study in the store: state, model, forget set, cells done, robustness per method."""
+    from rich import box
+    from rich.table import Table
+
+    from studies.status import list_studies
+    from tui.console import emit_json, out
+
+    rows = list_studies(_store(storage))
+    if as_json:
+        return emit_json(rows)
+    if not rows:
+        out.print("no studies yet")
+        return
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for col in ("study", "state", "model", "forget set", "cells", "robustness"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        rob = " ".join(f"{m} {v:.0%}" for m, v in r["robustness"].items()) or "—"
+        t.add_row(r["name"], r["state"], Path(r["model"]).name or r["model"], r["forget_set"]["name"],
+                  f"{r['cells']['done']}/{r['cells']['total']}", rob)
+    out.print(t)
+
+
+def export_cmd(
+    name: str = typer.Argument(..., help="study name"),
+    method: Optional[str] = typer.Option(None, "--method", help="only this method"),
+    pareto: bool = typer.Option(False, "--pareto", help="every cell of the Pareto front of forget_gap × retain_drift"),
+    fmt: str = typer.Option("yaml", "--format", help="yaml or json"),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="write here (atomically) instead of stdout"),
+    save_model: Optional[Path] = typer.Option(None, "--save-model", help="rerun each exported cell and save the model + card under DIR/<method>"),
+    device: str = typer.Option("auto", "--device", help="device for --save-model: auto, cpu or cuda[:N]"),
+    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+):
+    """Export the best configuration per method (or the Pareto front) with the command that reproduces it."""
+    from engine.errors import UnlearnError
+    from studies.export import export_best, save_model as save, to_json, to_yaml, write_atomic
+    from tui.console import err, step_progress
+
+    fmt = fmt.lower()
+    if fmt not in ("yaml", "json"):
+        raise UnlearnError(f"--format must be yaml or json, not {fmt!r}")
+    store = _store(storage)
+    entries = export_best(store, name, method=method, pareto=pareto)
+    text = to_json(entries) if fmt == "json" else to_yaml(entries)
+    if save_model is not None:
+        for e in entries:
+            with step_progress(f"{e['method']} lr={e['lr']:g}", int(e["steps"])) as on_step:
+                saved = save(store, e, save_model, device=device, on_step=on_step)
+            note = "" if saved["matches"] else f" (score {saved['score']} differs from the study's {e['score']}: device {saved['device']})"
+            err.print(f"saved {saved['path']}{note}", markup=False, highlight=False)
+    if out_file is not None:
+        write_atomic(out_file, text)
+        err.print(f"wrote {len(entries)} configuration(s) to {out_file}", markup=False, highlight=False)
+    else:
+        import sys
+
+        sys.stdout.write(text)

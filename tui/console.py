@@ -1,0 +1,61 @@
+"""What every command shares: the two consoles, JSON output, value parsing, the step progress bar.
+
+Kept apart from tui/cli.py so command modules import it without a cycle through the app."""
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.console import Console
+
+from engine.errors import UnlearnError
+
+err = Console(stderr=True)
+out = Console()
+
+
+def fail(message: str) -> None:
+    raise UnlearnError(message)
+
+
+def emit_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, allow_nan=False, default=str) + "\n")
+
+
+def parse_lr(text: str) -> float:
+    try:
+        lr = float(text)
+    except ValueError:
+        fail(f"--lr must be a number, not {text!r}")
+    if not lr > 0 or lr != lr or lr == float("inf"):
+        fail(f"--lr must be a positive number, not {text}")
+    return lr
+
+
+def parse_steps(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        fail(f"--steps must be comma-separated positive integers, not {text!r}")
+    if not steps or any(s <= 0 for s in steps):
+        fail(f"--steps must be comma-separated positive integers, not {text!r}")
+    return sorted(set(steps))
+
+
+class step_progress:
+    """A Rich progress bar on stderr fed by the engine's on_step callback."""
+
+    def __init__(self, label: str, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=err, transient=True)
+        self.label, self.total = label, total
+
+    def __enter__(self):
+        self.progress.start()
+        task = self.progress.add_task(self.label, total=self.total, loss="—")
+        return lambda step, loss: self.progress.update(task, completed=step, loss=f"{loss:.3f}")
+
+    def __exit__(self, *exc):
+        self.progress.stop()

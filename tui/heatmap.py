@@ -1,0 +1,167 @@
+"""The robustness heatmap: one lr × steps table per method, as a Rich renderable.
+
+Shared by the CLI (`unlearn heatmap`) and the Textual app (a Static can hold it). Colours are
+scaled over the finite values of every method shown, so methods compare at a glance:
+score, forget_gap and |retain_drift| lower = greener; MIA AUCs closer to 0.5 = greener;
+perplexities on a log scale (ppl_retain lower = greener, the others on a neutral blue scale,
+since neither a lower nor a higher forget perplexity is better in itself).
+Fits 80 columns with up to 6 steps columns.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+from rich import box
+from rich.color import Color
+from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.style import Style
+from rich.table import Table
+from rich.text import Text
+
+from engine.errors import UnlearnError
+from studies.grid import Cell, Grid, check_metric, grids
+
+MARKS = {"pending": ("·", "dim"), "running": ("…", "bold yellow"), "failed": ("✗", "bold magenta"),
+         "cancelled": ("–", "dim"), "diverged": ("div", "bold red")}
+SUCCESS = "✓"
+
+
+def fmt_lr(lr: float) -> str:
+    """Compact and exact when it can be: 1e-05, 3e-05, 2.5e-04; else three significant digits."""
+    for p in range(3):
+        s = f"{lr:.{p}e}"
+        if float(s) == lr:
+            return s
+    return f"{lr:.2e}"
+
+
+def fmt_value(x: Optional[float]) -> str:
+    """At most 7 characters (a cell adds a success mark: 8)."""
+    if x is None:
+        return "—"
+    a = abs(x)
+    if a != 0 and (a >= 1e4 or a < 1e-3):
+        return f"{x:.1e}" if x > 0 else f"{x:.0e}"
+    if a >= 100:
+        return f"{x:.0f}"
+    s = f"{x:.3g}"
+    return s if len(s) <= 6 else f"{x:.2g}"
+
+
+def badness(metric: str, x: float) -> Optional[float]:
+    """The quantity the colour scale runs over (lower = better / greener)."""
+    if metric == "retain_drift":
+        return abs(x)
+    if metric.startswith("mia_auc"):
+        return abs(x - 0.5)
+    if metric.startswith("ppl"):
+        return math.log(x) if x > 0 else None
+    return x
+
+
+def diverging(metric: str) -> bool:
+    """True where lower is better (green → red); False for a neutral sequential scale."""
+    return not (metric.startswith("ppl") and metric != "ppl_retain")
+
+
+def _lerp(a: tuple, b: tuple, t: float) -> tuple:
+    return tuple(int(round(x + (y - x) * t)) for x, y in zip(a, b))
+
+
+def colour(t: float, good_bad: bool) -> Color:
+    """t in [0, 1]; green → yellow → red, or light → dark blue."""
+    t = min(1.0, max(0.0, t))
+    if good_bad:
+        green, yellow, red = (46, 160, 67), (214, 180, 40), (200, 60, 50)
+        rgb = _lerp(green, yellow, t * 2) if t < 0.5 else _lerp(yellow, red, (t - 0.5) * 2)
+    else:
+        rgb = _lerp((170, 200, 235), (40, 80, 160), t)
+    return Color.from_rgb(*rgb)
+
+
+class Heatmap:
+    """lr × steps tables, one per method, of one metric, with success marks and cell states."""
+
+    def __init__(self, cells: list[Cell], metric: str = "score", method: Optional[str] = None,
+                 title: Optional[str] = None, legend: bool = True):
+        self.metric = check_metric(metric)
+        all_grids = grids(cells)
+        if method is not None and method not in all_grids:
+            known = ", ".join(all_grids) or "none"
+            raise UnlearnError(f"no method {method!r} in this study; methods: {known}")
+        self.grids: dict[str, Grid] = {method: all_grids[method]} if method else all_grids
+        self.title = title
+        self.legend = legend
+        vals = [badness(metric, v) for g in self.grids.values() for row in g.value(metric) for v in row if v is not None]
+        vals = [v for v in vals if v is not None and math.isfinite(v)]
+        self.lo, self.hi = (min(vals), max(vals)) if vals else (0.0, 0.0)
+
+    def _t(self, x: float) -> float:
+        b = badness(self.metric, x)
+        if b is None or self.hi <= self.lo:
+            return 0.0
+        return (b - self.lo) / (self.hi - self.lo)
+
+    def _cell_text(self, c: Optional[Cell]) -> Text:
+        if c is None:
+            mark, style = MARKS["pending"]
+            return Text(mark, style=style, justify="center")
+        if c.status != "done":
+            mark, style = MARKS.get(c.status, ("?", ""))
+            return Text(mark, style=style, justify="center")
+        v = c.value(self.metric)
+        label = fmt_value(v) + (SUCCESS if c.success else " ")
+        if v is None:
+            return Text(label, style="dim", justify="right")
+        bg = colour(self._t(v), diverging(self.metric))
+        r, g, b = bg.get_truecolor()
+        fg = "black" if (0.299 * r + 0.587 * g + 0.114 * b) > 110 else "white"
+        return Text(label, style=Style(color=fg, bgcolor=bg, bold=c.success), justify="right")
+
+    def title_line(self, grid: Grid) -> Text:
+        return Text.assemble((grid.method, "bold"), f"  robustness {grid.robustness:.0%} ",
+                             (f"({grid.successes}/{grid.size} cells)", "dim"), f"  {self.metric}",
+                             no_wrap=True, overflow="ellipsis")
+
+    def table(self, grid: Grid) -> Table:
+        t = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False, collapse_padding=True)
+        t.add_column("lr \\ steps", justify="right", no_wrap=True, style="bold")
+        for s in grid.steps:
+            t.add_column(str(s), justify="right", no_wrap=True, min_width=6, max_width=8)
+        for lr in grid.lrs:
+            t.add_row(fmt_lr(lr), *[self._cell_text(grid.cell(lr, s)) for s in grid.steps])
+        return t
+
+    def legend_text(self) -> Text:
+        scale = ("lower = greener" if self.metric not in ("retain_drift",) and not self.metric.startswith(("mia", "ppl"))
+                 else "|drift| lower = greener" if self.metric == "retain_drift"
+                 else "closer to 0.5 = greener" if self.metric.startswith("mia")
+                 else "log scale, lower = greener" if self.metric == "ppl_retain" else "log scale")
+        return Text.assemble(f"{SUCCESS} success  ", ("div", MARKS["diverged"][1]), " diverged  ",
+                             ("…", MARKS["running"][1]), " running  ", ("·", "dim"), " pending  ",
+                             ("✗", MARKS["failed"][1]), f" failed  {scale}")
+
+    def renderables(self) -> list:
+        parts: list = []
+        if self.title:
+            parts.append(Text(self.title, style="bold"))
+        if not self.grids:
+            parts.append(Text("no cells", style="dim"))
+        for i, g in enumerate(self.grids.values()):
+            if i:
+                parts.append(Text(""))
+            parts.append(self.title_line(g))
+            parts.append(self.table(g))
+        if self.legend and self.grids:
+            parts.append(self.legend_text())
+        return parts
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield Group(*self.renderables())
+
+
+def render_heatmaps(cells: Iterable[Cell], metric: str = "score", method: Optional[str] = None,
+                    title: Optional[str] = None) -> Heatmap:
+    """The heatmap of `metric` for every method of the cells (or only `method`)."""
+    return Heatmap(list(cells), metric, method, title)
