@@ -42,6 +42,7 @@ class DemoRecipe:
     # The methods' run, at sensible defaults for this model size (see README for the sweep).
     milestones: tuple[int, ...] = (5, 10, 20, 40)
     run_batch_size: int = 8
+    name: str = "quick"
 
     @property
     def fingerprint(self) -> str:
@@ -51,13 +52,13 @@ class DemoRecipe:
 QUICK = DemoRecipe(people_forget=24, people_retain=72, people_unseen=24, general_docs=24, vocab_size=512,
                    hidden=64, layers=2, heads=4, seq_len=96, epochs=60, lr=4e-3, batch_size=16)
 FULL = DemoRecipe(people_forget=48, people_retain=192, people_unseen=48, general_docs=64, vocab_size=1024,
-                  hidden=128, layers=4, heads=4, seq_len=128, epochs=60, lr=2e-3, batch_size=16)
+                  hidden=128, layers=4, heads=4, seq_len=128, epochs=60, lr=2e-3, batch_size=16,
+                  name="full")
 
-# Learning rates for the seven methods on the demo model, one per method.
-# Picked from a sweep over {2e-4, 5e-4, 1e-3} at steps 5..40 on the quick model: the retain-regularized
-# methods tolerate a larger step; plain ascent and the *_general variants blow up past 20 steps at 5e-4.
-DEMO_LR = {"ga": 2e-4, "random_label": 2e-4, "adversarial": 5e-4, "ga_gd": 5e-4,
-           "ga_kl": 5e-4, "ga_gd_general": 2e-4, "ga_kl_general": 2e-4}
+# The demo study's learning-rate grid per recipe, picked from a sweep over 1e-4..1e-3 on the quick
+# model: below 1e-4 nothing moves in 40 steps, above 1e-3 plain ascent diverges within 10.
+DEMO_METHODS = ("ga", "random_label", "adversarial", "ga_gd", "ga_kl", "ga_gd_general", "ga_kl_general")
+DEMO_LRS = {"quick": (2e-4, 5e-4), "full": (1e-4, 3e-4, 1e-3)}
 
 _SYLLABLES = "ka lo mi ren tus vel dor an ise ba qui zo fen mar lu ost pel rha sin tova wen yul".split()
 _TOWNS = "Port Aldous,Kelvary,Oster Wend,Marrowby,Lindqvale,Saltmere,Hollin Cross,Bracewick,Tarrow,Eastfen".split(",")
@@ -195,34 +196,17 @@ def demo_sources(workspace: Path) -> dict[str, list[str]]:
     return {role: [str(workspace / "data" / f"{role}.jsonl")] for role in ("forget", "retain", "unseen", "general")}
 
 
-def run_demo(workspace: Path, recipe: DemoRecipe, cache_dir: Path | None,
-             on_build: Callable[[str, int, int], None] | None = None,
-             on_method: Callable[[str, int, int], None] | None = None) -> dict:
-    """Build (or reuse) the workspace, measure θ0 and the retrained twin, run the seven methods."""
+def reference_metrics(workspace: Path, recipe: DemoRecipe) -> dict:
+    """θ0 and the exactly retrained twin on the four sets, and how well ppl_unseen(θ0) stands in
+    for the exact target ppl_forget(retrained)."""
     from engine.data import chunk_forget_set, load_forget_set
     from engine.evaluate import evaluate
     from engine.models import load_model, load_tokenizer
-    from engine.run import RunConfig, run_unlearning
 
-    manifest = build_workspace(workspace, recipe, on_build)
     src = demo_sources(workspace)
     texts = load_forget_set(src["forget"], src["retain"], src["unseen"], src["general"])
-    tokenizer = load_tokenizer(str(workspace / "model"))
-    sets = chunk_forget_set(texts, tokenizer, recipe.seq_len)
+    sets = chunk_forget_set(texts, load_tokenizer(str(workspace / "model")), recipe.seq_len)
     original, _ = evaluate(load_model(str(workspace / "model")), sets, 16)
     retrained, _ = evaluate(load_model(str(workspace / "retrained")), sets, 16)
-    runs = []
-    for i, (method, lr) in enumerate(DEMO_LR.items()):
-        if on_method:
-            on_method(method, i, len(DEMO_LR))
-        cfg = RunConfig(method=method, lr=lr, milestones=list(recipe.milestones), batch_size=recipe.run_batch_size,
-                        seq_len=recipe.seq_len, seed=recipe.seed)
-        runs.append(run_unlearning(str(workspace / "model"), texts, cfg, device="cpu", cache_dir=cache_dir, sets=sets))
-    if on_method:
-        on_method("", len(DEMO_LR), len(DEMO_LR))
-    return {"workspace": str(workspace), "recipe": manifest["recipe_config"], "cached": manifest.get("cached", False),
-            "build_seconds": manifest.get("build_seconds"), "forget_set": texts.hash,
-            "original": original, "retrained": retrained,
-            # |ln ppl_unseen(θ0) − ln ppl_forget(retrained)|: how good the approximate-retraining target is here
-            "target_error": abs(math.log(original["ppl_unseen"]) - math.log(retrained["ppl_forget"])),
-            "runs": runs}
+    return {"original": original, "retrained": retrained, "forget_set_hash": texts.hash,
+            "target_error": abs(math.log(original["ppl_unseen"]) - math.log(retrained["ppl_forget"]))}

@@ -1,26 +1,34 @@
-"""`unlearn demo`: the offline end-to-end demo (engine/demo.py does the work, this draws it)."""
+"""`unlearn demo`: the offline end-to-end demo (engine/demo.py builds, studies/demo_study.py runs
+the study, this draws it)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import typer
 
-from tui.cli import emit_json, err, out
+from tui.console import emit_json, err, out
 
 
 def demo_cmd(
-    quick: bool = typer.Option(False, "--quick", help="a smaller corpus and model: ≤ 2 minutes on 2 CPU cores"),
-    workspace: Path = typer.Option(Path("unlearn-demo"), "--workspace", help="where data, tokenizer and models are built (and reused)"),
+    quick: bool = typer.Option(False, "--quick", help="a smaller corpus, model and grid: ≤ 2 minutes on 2 CPU cores"),
+    workspace: Path = typer.Option(Path("unlearn-demo"), "--workspace", help="where data, tokenizer, models and the study store are built (and reused)"),
+    workers: int = typer.Option(2, "--workers", help="CPU worker processes for the demo study"),
     as_json: bool = typer.Option(False, "--json", help="print the results as JSON on stdout"),
 ):
-    """Build a synthetic corpus and a tiny Llama that memorized it (plus its exactly retrained twin), then unlearn
-    the forget set with each of the seven methods of Yao et al. (2024). No download; cached after the first run."""
+    """Build a synthetic corpus and a tiny Llama that memorized it (plus its exactly retrained twin), register the
+    forget set, and sweep the seven methods of Yao et al. (2024) over lr × steps in a study run by CPU workers.
+    No download; cached after the first run."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from engine.demo import FULL, QUICK, run_demo
-    from engine.settings import get_settings
+    from engine.demo import FULL, QUICK
+    from engine.errors import UnlearnError
+    from studies.demo_study import run_demo
+    from studies.grid import load_cells, robustness
+    from tui.heatmap import render_heatmaps
     from tui.render import best_milestone, fmt, metrics_table
 
+    if workers < 1:
+        raise UnlearnError("--workers must be at least 1")
     recipe = QUICK if quick else FULL
     workspace = workspace.expanduser().resolve()
     tasks: dict[str, int] = {}
@@ -33,25 +41,29 @@ def demo_cmd(
                 tasks[key] = progress.add_task(key, total=total)
             progress.update(tasks[key], completed=step)
 
-        def on_method(method: str, i: int, total: int):
-            if "methods" not in tasks:
-                tasks["methods"] = progress.add_task("unlearning", total=total)
-            progress.update(tasks["methods"], completed=i, description=f"unlearning {method}".strip())
+        def on_tick(p: dict):
+            if "study" not in tasks:
+                tasks["study"] = progress.add_task("study cells", total=p["cells_total"] or None)
+            progress.update(tasks["study"], completed=p["cells_done"])
 
-        result = run_demo(workspace, recipe, get_settings().baseline_cache, on_build, on_method)
+        result = run_demo(workspace, recipe, workers, on_build, on_tick)
     if as_json:
         return emit_json(result)
     rows = [("original θ0", "", "0", result["original"]), ("retrained", "", "", result["retrained"])]
     for run in result["runs"]:
         c = best_milestone(run)
         rows.append((run["method"], f"{run['lr']:.0e}", f"{c['step']}", c))
-    out.print(metrics_table(f"unlearn demo ({'quick' if quick else 'full'}): best milestone of each method", rows,
+    out.print(metrics_table(f"unlearn demo ({recipe.name}): best cell of each method", rows,
                             exact_forget_ppl=result["retrained"]["ppl_forget"]))
+    from studies.demo_study import demo_store
+
+    cells = load_cells(demo_store(workspace), result["study"])
+    out.print(render_heatmaps(cells, "score", title=f"study {result['study']}: score by lr × steps (✓ = success)"))
+    rob = robustness(cells)
+    out.print("robustness (share of cells that succeed): " + ", ".join(f"{m} {v:.0%}" for m, v in rob.items()))
     out.print(
-        f"target: ln ppl_unseen(θ0) approximates ln ppl_forget(retrained) to {fmt(result['target_error'])}; "
-        "forget_gap = |ln ppl_forget(θ) − ln ppl_unseen(θ0)|, exact gap uses the retrained twin; "
-        "score = forget_gap + max(0, retain_drift), lower is better.\n"
-        f"workspace {result['workspace']} ({'reused' if result['cached'] else 'built'}); "
-        f"try: unlearn run --model {workspace / 'model'} --forget {workspace / 'data/forget.jsonl'} "
-        f"--retain {workspace / 'data/retain.jsonl'} --unseen {workspace / 'data/unseen.jsonl'} --method ga_gd --lr 5e-4 --steps 5,10,20"
+        f"ln ppl_unseen(θ0) approximates the exact target ln ppl_forget(retrained) to {fmt(result['target_error'])}. "
+        f"Workspace {result['workspace']} ({'reused' if result['cached'] else 'built'}); "
+        f"study store {result['storage']} ({'reused' if result['study_reused'] else 'run now'}).\n"
+        f"Next: unlearn study status {result['study']} --storage {result['storage']}"
     )
