@@ -118,3 +118,17 @@ def tiny_model(tiny_model_dir):
     from engine.models import load_model
 
     return load_model(str(tiny_model_dir), "cpu").eval()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_unlearn_home(tmp_path_factory):
+    """Caches and logs of the code under test go to a temp folder, never the user's ~/.cache;
+    subprocesses inherit it through the environment."""
+    home = tmp_path_factory.mktemp("unlearn_home")
+    old = os.environ.get("UNLEARN_HOME")
+    os.environ["UNLEARN_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("UNLEARN_HOME", None)
+    else:
+        os.environ["UNLEARN_HOME"] = old

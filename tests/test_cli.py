@@ -1,0 +1,134 @@
+"""The command line as a user meets it: real subprocesses, real files, one-line errors, JSON on stdout."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SEQ_LEN
+
+SEVEN = ["ga", "random_label", "adversarial", "ga_gd", "ga_kl", "ga_gd_general", "ga_kl_general"]
+
+
+def unlearn(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-m", "tui.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=timeout)
+
+
+def assert_one_line_error(p: subprocess.CompletedProcess, *needles: str) -> None:
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def run_args(model: Path, f: dict, *extra: str) -> list[str]:
+    return ["run", "--model", str(model), "--forget", f["forget"], "--retain", f["retain"], "--unseen", f["unseen"],
+            "--seq-len", str(SEQ_LEN), *extra]
+
+
+def test_methods_json_lists_the_seven():
+    p = unlearn("methods", "--json")
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout)
+    assert [r["id"] for r in rows][:7] == SEVEN
+    assert all({"forget_term", "retain_term", "retain_source", "description"} <= set(r) for r in rows)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--method", "nope", "--lr", "1e-3", "--steps", "2"], "unknown method 'nope'"),
+    (["--method", "ga", "--lr", "-1", "--steps", "2"], "--lr"),
+    (["--method", "ga", "--lr", "0", "--steps", "2"], "--lr"),
+    (["--method", "ga", "--lr", "abc", "--steps", "2"], "--lr"),
+    (["--method", "ga", "--lr", "1e-3", "--steps", "0"], "--steps"),
+    (["--method", "ga", "--lr", "1e-3", "--steps", "2,x"], "--steps"),
+    (["--method", "ga_gd_general", "--lr", "1e-3", "--steps", "2"], "general"),
+])
+def test_run_bad_values_exit_2_with_one_line(tiny_model_dir, forget_set_files, extra, needle):
+    assert_one_line_error(unlearn(*run_args(tiny_model_dir, forget_set_files, *extra)), needle)
+
+
+def test_run_bad_sources_exit_2_naming_the_problem(tiny_model_dir, forget_set_files, tmp_path):
+    f = dict(forget_set_files)
+    ok = ["--method", "ga", "--lr", "1e-3", "--steps", "2"]
+    assert_one_line_error(unlearn(*run_args(tiny_model_dir, {**f, "forget": str(tmp_path / "missing.jsonl")}, *ok)),
+                          "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine row number one, long enough"}\nnot json\n')
+    assert_one_line_error(unlearn(*run_args(tiny_model_dir, {**f, "forget": str(bad)}, *ok)), "bad.jsonl:2")
+    nofield = tmp_path / "nofield.jsonl"
+    nofield.write_text('{"body": "x"}\n')
+    assert_one_line_error(unlearn(*run_args(tiny_model_dir, {**f, "retain": str(nofield)}, *ok)), "nofield.jsonl:1", "text")
+    csv = tmp_path / "t.csv"
+    csv.write_text("body,label\nhello there,1\n")
+    assert_one_line_error(unlearn(*run_args(tiny_model_dir, {**f, "unseen": str(csv)}, *ok)), "body")
+    short = tmp_path / "short.jsonl"
+    short.write_text('{"text": "hi"}\n')
+    assert_one_line_error(unlearn(*run_args(tiny_model_dir, {**f, "forget": str(short)}, *ok)), "empty")
+    assert_one_line_error(unlearn(*run_args(tmp_path / "no-model", f, *ok)), "no-model")
+
+
+def test_run_json_contract(tiny_model_dir, forget_set_files):
+    p = unlearn(*run_args(tiny_model_dir, forget_set_files, "--general", forget_set_files["general"],
+                          "--method", "ga_gd", "--lr", "1e-3", "--steps", "2,4", "--json"))
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)  # stdout holds only the JSON
+    assert {"model", "method", "lr", "seed", "device", "forget_set", "baseline", "milestones", "diverged", "cost"} <= set(r)
+    assert r["method"] == "ga_gd" and r["lr"] == 1e-3 and r["device"] == "cpu"
+    assert len(r["forget_set"]["hash"]) == 64
+    m_keys = {"ppl_forget", "ppl_retain", "ppl_unseen", "ppl_general", "mia_auc"}
+    assert m_keys <= set(r["baseline"]) and set(r["baseline"]["mia_auc"]) == {"loss", "zlib", "min_k", "min_k_pp"}
+    assert [c["step"] for c in r["milestones"]] == [2, 4]
+    for c in r["milestones"]:
+        assert m_keys | {"forget_gap", "retain_drift", "score", "success"} <= set(c)
+    assert r["cost"]["train_tokens"] > 0 and r["cost"]["flops"] > 0 and r["cost"]["wall_seconds"] > 0
+
+
+def test_help_explains_every_command():
+    p = unlearn("--help")
+    assert p.returncode == 0
+    for cmd in ("methods", "run", "demo", "forgetset", "study", "worker", "export"):
+        assert cmd in p.stdout
+
+
+@pytest.mark.slow
+def test_quick_demo_meets_the_outside_check(tmp_path):
+    """What the outside check runs, on this machine: ≤ 120 s, seven methods, real memorization,
+    the retrained twin far from the original on forget, then `unlearn run` at the demo's ga_gd lr."""
+    ws = tmp_path / "W"
+    t0 = time.perf_counter()
+    env_threads = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    p = subprocess.run([sys.executable, "-m", "tui.cli", "demo", "--quick", "--workspace", str(ws), "--json"],
+                       capture_output=True, text=True, env=env_threads, timeout=900)
+    wall = time.perf_counter() - t0
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = json.loads(p.stdout)
+    print(f"quick demo: {wall:.1f} s")
+    assert sorted(r["method"] for r in d["runs"]) == sorted(SEVEN)
+    assert d["original"]["mia_auc"]["loss"] >= 0.8
+    assert d["retrained"]["ppl_forget"] > 1.5 * d["original"]["ppl_forget"]
+    ga = next(r for r in d["runs"] if r["method"] == "ga")
+    assert ga["milestones"][-1]["ppl_forget"] is None or ga["milestones"][-1]["ppl_forget"] > ga["baseline"]["ppl_forget"]
+    lr = next(r["lr"] for r in d["runs"] if r["method"] == "ga_gd")
+    q = unlearn("run", "--model", str(ws / "model"), "--forget", str(ws / "data/forget.jsonl"), "--retain",
+                str(ws / "data/retain.jsonl"), "--unseen", str(ws / "data/unseen.jsonl"), "--method", "ga_gd",
+                "--lr", repr(lr), "--steps", "2,4", "--json")
+    assert q.returncode == 0, q.stderr
+    assert [c["step"] for c in json.loads(q.stdout)["milestones"]] == [2, 4]
+    # A second demo reuses the workspace and the finished study.
+    t1 = time.perf_counter()
+    again = subprocess.run([sys.executable, "-m", "tui.cli", "demo", "--quick", "--workspace", str(ws), "--json"],
+                           capture_output=True, text=True, env=env_threads, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    d2 = json.loads(again.stdout)
+    assert d2["cached"] and d2["study_reused"]
+    assert [r["milestones"] for r in d2["runs"]] == [r["milestones"] for r in d["runs"]]
+    print(f"cached demo: {time.perf_counter() - t1:.1f} s")
