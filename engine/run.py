@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,6 +73,10 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
         perm = torch.randperm(n, generator=g)
         out.extend(perm[offset : offset + batch_size - len(out)].tolist())
     return torch.tensor(out)
+
+
+def _shard(idx: torch.Tensor, rank: int, per_device: int) -> torch.Tensor:
+    return idx[rank * per_device : (rank + 1) * per_device]
 
 
 def _batch(chunks: Chunks, extra: dict[str, torch.Tensor], idx: torch.Tensor, device) -> dict[str, torch.Tensor]:
@@ -146,17 +151,19 @@ def _train(model, tokenizer, sets, cfg, baseline, on_step, on_milestone) -> dict
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup) if warmup else 1.0)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    # Under `accelerate launch`, each process takes its slice of one global batch (batch_size per device).
+    world, rank = accelerator.num_processes, accelerator.process_index
 
     milestones, losses = [], []
     train_tokens = eval_tokens = 0
     diverged, reason = False, None
     for step in range(1, cfg.milestones[-1] + 1):
-        batch = _batch(sets.forget, forget_extra, batch_indices(len(sets.forget), cfg.batch_size, cfg.seed, step), device)
+        batch = _batch(sets.forget, forget_extra, _shard(batch_indices(len(sets.forget), cfg.batch_size * world, cfg.seed, step), rank, cfg.batch_size), device)
         with autocast():
             loss = method.forget.loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
         train_tokens += int(batch["attention_mask"].sum())
         if retain_chunks is not None:
-            rb = _batch(retain_chunks, retain_extra, batch_indices(len(retain_chunks), cfg.batch_size, cfg.seed + 1, step), device)
+            rb = _batch(retain_chunks, retain_extra, _shard(batch_indices(len(retain_chunks), cfg.batch_size * world, cfg.seed + 1, step), rank, cfg.batch_size), device)
             ref_logits = None
             if method.retain.needs_reference_logits:
                 with torch.no_grad(), autocast():
@@ -237,6 +244,8 @@ def run_unlearning(
     if method.retain_source == "general" and not texts.general:
         raise UnlearnError(f"method {method.id} needs a general set (--general)")
     dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per `accelerate launch` process
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(model_name, trust_remote_code)
     if sets is None:

@@ -85,6 +85,8 @@ def run_cmd(
     with step_progress(f"{method} lr={cfg.lr:g}", cfg.milestones[-1]) as on_step:
         result = run_unlearning(model, texts, cfg, device=device, cache_dir=get_settings().baseline_cache,
                                 trust_remote_code=trust_remote_code, on_step=on_step, save_to=save_model)
+    if int(os.environ.get("RANK", "0")) != 0:  # `accelerate launch`: one report, from the main process
+        return
     if as_json:
         return emit_json(result)
     from tui.render import run_table
