@@ -51,8 +51,8 @@ class DemoRecipe:
 
 QUICK = DemoRecipe(people_forget=24, people_retain=72, people_unseen=24, general_docs=24, vocab_size=512,
                    hidden=64, layers=2, heads=4, seq_len=96, epochs=60, lr=4e-3, batch_size=16)
-FULL = DemoRecipe(people_forget=48, people_retain=192, people_unseen=48, general_docs=64, vocab_size=1024,
-                  hidden=128, layers=4, heads=4, seq_len=128, epochs=60, lr=2e-3, batch_size=16,
+FULL = DemoRecipe(people_forget=32, people_retain=128, people_unseen=32, general_docs=48, vocab_size=768,
+                  hidden=96, layers=3, heads=4, seq_len=128, epochs=60, lr=3e-3, batch_size=16,
                   name="full")
 
 # The demo study's learning-rate grid per recipe, picked from a sweep over 1e-4..1e-3 on the quick
