@@ -6,6 +6,7 @@ raises DataError with a one-line message that names the file, line or column at 
 """
 from __future__ import annotations
 
+import functools
 import glob as globlib
 import hashlib
 import json
@@ -221,7 +222,7 @@ class ForgetSetTexts:
     general: list[str]  # may be []
     sources: dict[str, list[str]]  # role -> the source specs it came from
 
-    @property
+    @functools.cached_property
     def hash(self) -> str:
         """sha256 over the normalized texts of every role, in ROLES order.
 
