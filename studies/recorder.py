@@ -42,28 +42,31 @@ def record_cell(store: Store, study_name: str, spec: StudySpec, run: Run, cell: 
         ms_id, cell = ms.id, ms.metrics  # the first written values win
     ostudy = store.retry(lambda: optuna.load_study(study_name=study_name, storage=store.optuna))
     number = store.retry(lambda: _find_trial(ostudy, run.id, step))
-    if number is None:
-        value = cell.get("score")
-        attrs = _user_attrs(run, cell)
-        if run.asked_trial is not None and run.asked_steps == step:
-            number = run.asked_trial  # the trial the sampler asked for: tell it
-            trial_id = _trial_id(store, study_name, number)
-            for k, v in attrs.items():
-                store.retry(lambda k=k, v=v: store.optuna.set_trial_user_attr(trial_id, k, v))
-            if value is None:
-                store.retry(lambda: ostudy.tell(number, state=TrialState.FAIL))
-            else:
-                store.retry(lambda: ostudy.tell(number, value))
+    value = cell.get("score")
+    attrs = _user_attrs(run, cell)
+    asked = run.asked_trial if run.asked_trial is not None and run.asked_steps == step else None
+    asked_id = store.retry(lambda: _trial_id(store, study_name, asked)) if asked is not None and number in (None, asked) else None
+    if asked_id is not None and store.retry(lambda: store.optuna.get_trial(asked_id)).state == TrialState.RUNNING:
+        # The trial the sampler asked for, still open (also when an attempt died between its
+        # user attrs and its tell): tell it. Once told FAIL (an earlier attempt of the run
+        # failed for good) it cannot be reopened, and the cell becomes a trial of its own below.
+        number = asked
+        for k, v in attrs.items():
+            store.retry(lambda k=k, v=v: store.optuna.set_trial_user_attr(asked_id, k, v))
+        if value is None:
+            store.retry(lambda: ostudy.tell(number, state=TrialState.FAIL))
         else:
-            frozen = create_trial(
-                params={"method": run.method, "lr": run.lr, "steps": step},
-                distributions=spec.optuna_distributions(),
-                value=value,
-                state=TrialState.COMPLETE if value is not None else TrialState.FAIL,
-                user_attrs=attrs,
-            )
-            store.retry(lambda: ostudy.add_trial(frozen))
-            number = store.retry(lambda: _find_trial(ostudy, run.id, step))
+            store.retry(lambda: ostudy.tell(number, value))
+    elif number is None:
+        frozen = create_trial(
+            params={"method": run.method, "lr": run.lr, "steps": step},
+            distributions=spec.optuna_distributions(),
+            value=value,
+            state=TrialState.COMPLETE if value is not None else TrialState.FAIL,
+            user_attrs=attrs,
+        )
+        store.retry(lambda: ostudy.add_trial(frozen))
+        number = store.retry(lambda: _find_trial(ostudy, run.id, step))
     with store.write() as s:
         ms = s.get(Milestone, ms_id)
         ms.trial_number = number

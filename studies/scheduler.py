@@ -76,7 +76,11 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie (dead, never reaped: PID 1 of many containers does not wait) is gone too
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _age_s(when) -> float:
@@ -309,7 +313,28 @@ class WorkerPool:
                 self.summary["failed"] += 1
             s.add(run)
             state, sid, label = run.state, study.id, f"{run.method} lr={run.lr:g}"
+            asked, study_name = run.asked_trial, study.name
+        if state in ("failed", "cancelled") and asked is not None:
+            self._fail_asked_trial(study_name, asked)
         self.store.log("retry" if state == "pending" else state, f"{label}: {why}", sid, run_id)
+
+    def _fail_asked_trial(self, study_name: str, number: int) -> None:
+        """TPE: the trial the sampler asked for a run that will not finish is told FAIL, so no
+        trial stays RUNNING for ever (a cell already written has told it; then it is left alone)."""
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
+
+        storage = self.store.optuna
+
+        def tell():
+            trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
+            if storage.get_trial(trial_id).state == TrialState.RUNNING:
+                try:
+                    storage.set_trial_state_values(trial_id, TrialState.FAIL)
+                except UpdateFinishedTrialError:  # told meanwhile
+                    pass
+
+        self.store.retry(tell)
 
     def _reap_lost(self) -> None:
         """Runs marked running whose process no pool watches any more: a stale heartbeat, or a
@@ -362,10 +387,13 @@ class WorkerPool:
 
 def start_study(store: Store, name: str) -> Study:
     """Mark a study running (a paused or finished one too, so failed runs can be retried)."""
+    from engine.errors import UnlearnError
     from studies.studies import set_state
 
     study = store.study(name)
     with store.write() as s:
+        if s.get(Study, study.id).state == "cancelled":  # refused whole: its failed runs stay failed
+            raise UnlearnError(f"study {name!r} is cancelled")
         for run in s.exec(select(Run).where(Run.study_id == study.id, Run.state == "failed")).all():
             run.state, run.attempts = "pending", 0  # a new `study run` gives failed runs a fresh budget
             s.add(run)
