@@ -41,7 +41,7 @@ def reproduce_command(model: str, fs: ForgetSet, spec: StudySpec, method: str, l
     for role in ("forget", "retain", "unseen", "general"):
         for src in (fs.sources or {}).get(role) or []:
             args += [f"--{role}", src]
-    args += ["--text-field", fs.text_field or "text", "--method", method, "--lr", repr(float(lr)), "--steps", str(int(steps)),
+    args += ["--text-field", fs.text_field or "text", *(["--column", fs.column] if fs.column else []), "--method", method, "--lr", repr(float(lr)), "--steps", str(int(steps)),
              "--batch-size", str(hp["batch_size"]), "--seq-len", str(hp["seq_len"]), "--seed", str(hp["seed"]),
              "--warmup", str(hp["warmup_steps"]), "--eval-batch-size", str(hp["eval_batch_size"]),
              "--min-k", repr(float(hp["min_k"])), "--tol-forget", repr(float(hp["tol_forget"])),

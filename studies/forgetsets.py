@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
 from engine.data import ROLES, ForgetSetTexts, chunk_forget_set, load_forget_set
@@ -38,14 +39,21 @@ def create_forget_set(store: Store, name: str, forget: list[str], retain: list[s
         sets = chunk_forget_set(texts, load_tokenizer(tokenizer), seq_len)
         chunks = {role: len(ch) for role, ch in sets.items()}
     row = ForgetSet(name=name, hash=texts.hash, sources={r: list(texts.sources.get(r, [])) for r in ROLES},
-                    text_field=text_field, seq_len=seq_len, tokenizer=tokenizer, counts=texts.counts(), chunks=chunks)
+                    text_field=text_field, column=column, seq_len=seq_len, tokenizer=tokenizer, counts=texts.counts(), chunks=chunks)
+    try:
+        _insert(store, row, texts)
+    except IntegrityError:  # another process created the same name between our check and insert
+        raise UnlearnError(f"a forget set named {name!r} already exists (forget sets are immutable; pick a new name)") from None
+    return row
+
+
+def _insert(store: Store, row: ForgetSet, texts: ForgetSetTexts) -> None:
     with store.write() as s:
         s.add(row)
         s.flush()
         for role in ROLES:
             for i, text in enumerate(getattr(texts, role)):
                 s.add(Document(forgetset_id=row.id, role=role, position=i, text=text))
-    return row
 
 
 def _absolute(specs: list[str]) -> list[str]:

@@ -42,6 +42,7 @@ class ForgetSet(SQLModel, table=True):
     hash: str = Field(index=True)
     sources: dict = Field(default_factory=dict, sa_column=Column(JSON))  # role -> [source spec]
     text_field: str = "text"
+    column: Optional[str] = None  # of .csv/.parquet sources, when not text_field
     seq_len: int = 512
     tokenizer: Optional[str] = None
     counts: dict = Field(default_factory=dict, sa_column=Column(JSON))  # role -> documents

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
 from engine.errors import UnlearnError
@@ -42,8 +43,10 @@ def create_study(store: Store, name: str, model: str, forget_set: str, **spec_fi
             s.flush()
             for method, lr in spec.grid_runs:
                 s.add(Run(study_id=study.id, method=method, lr=lr))
-    except BaseException:
+    except BaseException as exc:
         optuna.delete_study(study_name=name, storage=store.optuna)  # never half a study
+        if isinstance(exc, IntegrityError):  # created by another process meanwhile
+            raise UnlearnError(f"a study named {name!r} already exists") from None
         raise
     store.log("created", f"study {name}: {len(spec.methods)} methods, {spec.total_runs} runs × {len(spec.steps)} milestones", study.id)
     return study

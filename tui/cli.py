@@ -66,7 +66,8 @@ def run_cmd(
     min_k: float = typer.Option(0.2, "--min-k", help="k of the Min-K% and Min-K%++ attacks"),
     tol_forget: float = typer.Option(0.10, "--tol-forget", help="success: forget_gap ≤ ln(1+tol)"),
     tol_retain: float = typer.Option(0.05, "--tol-retain", help="success: retain_drift ≤ ln(1+tol)"),
-    text_field: str = typer.Option("text", "--text-field", help="field of .jsonl/.json rows, or column of .csv/.parquet"),
+    text_field: str = typer.Option("text", "--text-field", help="field of .jsonl/.json rows"),
+    column: Optional[str] = typer.Option(None, "--column", help="column of .csv/.parquet (default: --text-field)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow the model repo's own Python code"),
     save_model: Optional[Path] = typer.Option(None, "--save-model", help="save the unlearned model here (save_pretrained)"),
@@ -81,7 +82,7 @@ def run_cmd(
                     seed=seed, warmup_steps=warmup, retain_weight=retain_weight, eval_batch_size=eval_batch_size,
                     min_k=min_k, tol_forget=tol_forget, tol_retain=tol_retain)
     cfg.validate()
-    texts = load_forget_set(forget, retain, unseen, general or [], text_field=text_field)
+    texts = load_forget_set(forget, retain, unseen, general or [], text_field=text_field, column=column)
     with step_progress(f"{method} lr={cfg.lr:g}", cfg.milestones[-1]) as on_step:
         result = run_unlearning(model, texts, cfg, device=device, cache_dir=get_settings().baseline_cache,
                                 trust_remote_code=trust_remote_code, on_step=on_step, save_to=save_model)
