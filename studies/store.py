@@ -21,7 +21,7 @@ from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from engine.errors import UnlearnError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SQLITE_BUSY_MS = 60_000
 
 
@@ -128,8 +128,15 @@ class Event(SQLModel, table=True):
     message: str = Field(sa_column=Column(Text))
 
 
+def _v1_to_v2(session: Session) -> None:
+    """v2: forget sets remember the CSV/Parquet column they were read with."""
+    from sqlalchemy import text
+
+    session.exec(text('ALTER TABLE ul_forgetset ADD COLUMN "column" VARCHAR'))
+
+
 # Upgrades from an older schema version, in order: MIGRATIONS[v] takes a store at v to v + 1.
-MIGRATIONS: dict[int, Callable[[Any], None]] = {}
+MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1_to_v2}
 
 
 def _is_sqlite(url: str) -> bool:

@@ -274,3 +274,30 @@ def test_an_invalid_study_writes_nothing(url, forget_set_files):
             create_study(store, "s", HUB_MODEL, "records", **kw)
     assert count(store, Study) == 0 and count(store, Run) == 0
     assert optuna.get_all_study_names(url) == []
+
+
+def test_a_v1_store_is_upgraded_in_place_and_keeps_its_forget_sets(url, tmp_path):
+    """The real v1 → v2 migration: a v1 store (no ul_forgetset.column) opens, gains the column,
+    reports v2, and its forget set still reads back through the hash check."""
+    import sqlite3
+
+    from studies.forgetsets import create_forget_set, forget_set_texts
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for role in ("forget", "retain", "unseen"):
+        (src / f"{role}.txt").write_text(f"the {role} document, long enough to be a document " * 3)
+    store = Store(url)
+    create_forget_set(store, "fs", [str(src / "forget.txt")], [str(src / "retain.txt")], [str(src / "unseen.txt")])
+    path = url.split("///", 1)[1]
+    with sqlite3.connect(path) as c:  # make it exactly a v1 store
+        c.execute('ALTER TABLE ul_forgetset DROP COLUMN "column"')
+        c.execute("UPDATE ul_meta SET value = '1' WHERE key = 'schema_version'")
+    upgraded = Store(url)
+    with sqlite3.connect(path) as c:
+        cols = [r[1] for r in c.execute("PRAGMA table_info(ul_forgetset)")]
+        assert "column" in cols
+        assert c.execute("SELECT value FROM ul_meta").fetchone() == ("2",)
+    fs = upgraded.forget_set("fs")
+    assert fs.column is None
+    assert forget_set_texts(upgraded, fs).counts() == {"forget": 1, "retain": 1, "unseen": 1, "general": 0}
