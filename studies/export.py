@@ -10,6 +10,7 @@ Every file is written to a temporary name and renamed into place: nothing is eve
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -41,7 +42,10 @@ def reproduce_command(model: str, fs: ForgetSet, spec: StudySpec, method: str, l
     for role in ("forget", "retain", "unseen", "general"):
         for src in (fs.sources or {}).get(role) or []:
             args += [f"--{role}", src]
-    args += ["--text-field", fs.text_field or "text", *(["--column", fs.column] if fs.column else []), "--method", method, "--lr", repr(float(lr)), "--steps", str(int(steps)),
+    args += ["--text-field", fs.text_field or "text"]
+    if fs.column:
+        args += ["--column", fs.column]
+    args += ["--method", method, "--lr", repr(float(lr)), "--steps", str(int(steps)),
              "--batch-size", str(hp["batch_size"]), "--seq-len", str(hp["seq_len"]), "--seed", str(hp["seed"]),
              "--warmup", str(hp["warmup_steps"]), "--eval-batch-size", str(hp["eval_batch_size"]),
              "--min-k", repr(float(hp["min_k"])), "--tol-forget", repr(float(hp["tol_forget"])),
@@ -130,16 +134,10 @@ def write_atomic(path: Path, text: str) -> Path:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
-        with_suppress_unlink(tmp)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
     return path
-
-
-def with_suppress_unlink(path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def model_dir_name(entry: dict) -> str:
