@@ -32,7 +32,8 @@ def record_cell(store: Store, study_name: str, spec: StudySpec, run: Run, cell: 
     step = cell["step"]
     with store.write() as s:
         ms = s.exec(select(Milestone).where(Milestone.run_id == run.id, Milestone.step == step)).first()
-        if ms is None:
+        created = ms is None
+        if created:
             ms = Milestone(run_id=run.id, step=step, metrics=cell, score=cell.get("score"),
                            success=bool(cell.get("success")), diverged=bool(cell.get("diverged")))
             s.add(ms)
@@ -41,7 +42,9 @@ def record_cell(store: Store, study_name: str, spec: StudySpec, run: Run, cell: 
             return ms.trial_number
         ms_id, cell = ms.id, ms.metrics  # the first written values win
     ostudy = store.retry(lambda: optuna.load_study(study_name=study_name, storage=store.optuna))
-    number = store.retry(lambda: _find_trial(ostudy, run.id, step))
+    # The trial is added only after its milestone row commits, so a row made just now has none
+    # yet: only a retried cell needs the (whole-study) search for a trial an earlier attempt added.
+    number = None if created else store.retry(lambda: _find_trial(ostudy, run.id, step))
     value = cell.get("score")
     attrs = _user_attrs(run, cell)
     asked = run.asked_trial if run.asked_trial is not None and run.asked_steps == step else None
@@ -65,8 +68,9 @@ def record_cell(store: Store, study_name: str, spec: StudySpec, run: Run, cell: 
             state=TrialState.COMPLETE if value is not None else TrialState.FAIL,
             user_attrs=attrs,
         )
-        store.retry(lambda: ostudy.add_trial(frozen))
-        number = store.retry(lambda: _find_trial(ostudy, run.id, step))
+        storage = store.optuna
+        trial_id = store.retry(lambda: storage.create_new_trial(storage.get_study_id_from_name(study_name), template_trial=frozen))
+        number = storage.get_trial_number_from_id(trial_id)
     with store.write() as s:
         ms = s.get(Milestone, ms_id)
         ms.trial_number = number
