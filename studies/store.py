@@ -263,18 +263,17 @@ class Store:
             s.add(Event(study_id=study_id, run_id=run_id, kind=kind, message=message))
 
     def study(self, name: str) -> Study:
-        with self.read() as s:
-            st = s.exec(select(Study).where(Study.name == name)).first()
-        if st is None:
-            raise UnlearnError(f"no study named {name!r} in {self.url}")
-        return st
+        return self._by_name(Study, name, "study")
 
     def forget_set(self, name: str) -> ForgetSet:
+        return self._by_name(ForgetSet, name, "forget set")
+
+    def _by_name(self, table, name: str, what: str):
         with self.read() as s:
-            fs = s.exec(select(ForgetSet).where(ForgetSet.name == name)).first()
-        if fs is None:
-            raise UnlearnError(f"no forget set named {name!r} in {self.url}")
-        return fs
+            row = s.exec(select(table).where(table.name == name)).first()
+        if row is None:
+            raise UnlearnError(f"no {what} named {name!r} in {self.url}")
+        return row
 
 
 def _is_transient(exc: Exception) -> bool:
