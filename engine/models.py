@@ -36,7 +36,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def _check_local(name_or_path: str) -> None:
     # A path-looking name that does not exist would otherwise become a confusing hub lookup.
-    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.rstrip(os.sep) and Path(name_or_path).parent.exists()
+    looks_local = name_or_path.startswith((".", "/", "~")) or (
+        os.sep in name_or_path.rstrip(os.sep) and Path(name_or_path).parent.exists())
     if looks_local and not Path(name_or_path).expanduser().exists():
         raise UnlearnError(f"no such model folder: {name_or_path}")
 

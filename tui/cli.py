@@ -2,7 +2,6 @@
 progress goes to stderr; bad input is one line on stderr and exit code 2."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path

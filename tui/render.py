@@ -1,7 +1,6 @@
 """Rich renderables shared by the CLI and (later) the app: result tables."""
 from __future__ import annotations
 
-from rich import box
 from rich.table import Table
 
 
