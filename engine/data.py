@@ -3,9 +3,13 @@
 A *source spec* is a string: a file, a folder, a glob, or `hf:NAME[:CONFIG]/SPLIT[#column]`.
 Every problem a user can fix (missing file, bad JSON line, unknown column, empty set)
 raises DataError with a one-line message that names the file, line or column at fault.
+
+Reading texts and hashing them needs no torch (the CLI's read-only commands stay light); only
+chunking does, and imports it where it starts.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob as globlib
 import hashlib
@@ -15,10 +19,12 @@ import os
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from engine.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 # Files read whole, one document each. Code is included because "licensed code" is a
 # forget-set use case (the paper's GitHub split).
@@ -180,6 +186,7 @@ def _load_hf(source: str, default_column: str) -> list[str]:
         name, _, config = name.rpartition(":")
     import datasets  # lazy: the import costs seconds
 
+    offline = None
     try:
         if _is_saved_dataset(name):
             ds = datasets.load_from_disk(name)
@@ -189,14 +196,75 @@ def _load_hf(source: str, default_column: str) -> list[str]:
                 ds = ds[split]
             # a single saved Dataset has no splits: SPLIT is accepted and ignored
         else:
-            ds = datasets.load_dataset(name, config, split=split)
+            offline = None if os.path.exists(name) else hub_offline_reason()  # a local folder needs no Hub
+            with _hub_mode(offline is not None):
+                ds = datasets.load_dataset(name, config, split=split)
     except DataError:
         raise
     except Exception as e:  # hub, network, auth, builder and split errors: one line for the user
+        if offline is not None and _is_connection_error(e):
+            raise DataError(f"{source}: not in the local Hugging Face cache ({offline})") from None
         raise DataError(f"{source}: cannot load: {_one_line(e)}") from None
     if col not in ds.column_names:
         raise DataError(f"{source}: no column {col!r}; columns: {', '.join(ds.column_names)}")
     return [_as_text(v, f"{source}: row {i}", col) for i, v in enumerate(ds[col])]
+
+
+HUB_PROBE_TIMEOUT_S = 3.0
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
+
+
+def hub_offline_reason() -> str | None:
+    """Why the Hub cannot be asked, or None when it can.
+
+    Without this, a box with no network spends half a minute in huggingface_hub's retries and
+    prints a dozen warnings before the one line that matters. HF_HUB_OFFLINE=1 is the user saying
+    so; otherwise one TCP connect to the Hub's endpoint, a few seconds at most, tells (skipped
+    behind a proxy, which a direct connect cannot judge)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return None
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError:
+        return f"no network: {host} cannot be reached"
+    return None
+
+
+@contextlib.contextmanager
+def _hub_mode(offline: bool):
+    """Run a `datasets` load in offline mode (cache only) when the Hub cannot be reached, and
+    without huggingface_hub's retry warnings either way (the error, if any, is ours to word).
+
+    Both libraries read HF_HUB_OFFLINE once, at import; their module-level switches are what
+    they consult afterwards, so those are flipped for the duration and restored."""
+    import logging
+
+    import datasets.config
+    from huggingface_hub import constants
+
+    hub_logger = logging.getLogger("huggingface_hub")
+    saved = (constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, hub_logger.level)
+    if offline:
+        constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved[0], saved[1]
+        hub_logger.setLevel(saved[2])
+
+
+def _is_connection_error(e: BaseException) -> bool:
+    return isinstance(e, ConnectionError) or any(k in type(e).__name__ for k in ("Offline", "LocalEntryNotFound"))
 
 
 def _is_saved_dataset(name: str) -> bool:
@@ -285,6 +353,8 @@ class Chunks:
 
     def subset(self, idx) -> "Chunks":
         """Rows by index list/tensor (a bool mask works too); L is kept."""
+        import torch
+
         idx = torch.as_tensor(idx)
         if idx.dtype == torch.bool:
             idx = idx.nonzero().flatten()
@@ -298,6 +368,8 @@ def chunk_texts(texts: list[str], tokenizer, seq_len: int, role: str = "set") ->
     """Each document on its own (BOS where the tokenizer adds one), cut into non-overlapping
     windows of seq_len tokens; windows under MIN_CHUNK_TOKENS are dropped as too short to
     score, the rest right-padded to the longest kept window."""
+    import torch
+
     if seq_len < MIN_CHUNK_TOKENS:
         raise DataError(f"seq_len={seq_len} is below the minimum chunk of {MIN_CHUNK_TOKENS} tokens")
     windows: list[list[int]] = []

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from engine.data import chunk_texts
+from engine.files import write_json_atomic, write_text_atomic
 from engine.models import count_parameters, tiny_llama_config
 
 
@@ -109,11 +110,8 @@ def write_corpus(data_dir: Path, recipe: DemoRecipe) -> dict[str, list[str]]:
     a, b = recipe.people_forget, recipe.people_forget + recipe.people_retain
     sets = {"forget": records[:a], "retain": records[a:b], "unseen": records[b:],
             "general": stdlib_code(recipe.general_docs)}
-    data_dir.mkdir(parents=True, exist_ok=True)
     for role, texts in sets.items():
-        tmp = data_dir / f"{role}.jsonl.tmp"
-        tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
-        tmp.replace(data_dir / f"{role}.jsonl")
+        write_text_atomic(data_dir / f"{role}.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts))
     return sets
 
 
@@ -136,9 +134,9 @@ def pretrain(texts: list[str], tokenizer, recipe: DemoRecipe, out_dir: Path, pro
     """Train a tiny Llama from scratch on `texts` until it memorizes them; save it with from_pretrained layout."""
     from transformers import LlamaForCausalLM
 
-    from engine.models import _quiet_transformers
+    from engine.models import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     torch.manual_seed(recipe.seed)
     chunks = chunk_texts(texts, tokenizer, recipe.seq_len, role=label)
     config = tiny_llama_config(len(tokenizer), recipe.hidden, recipe.layers, recipe.heads, max_positions=recipe.seq_len,
@@ -169,7 +167,7 @@ def pretrain(texts: list[str], tokenizer, recipe: DemoRecipe, out_dir: Path, pro
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     info = {"tokens": tokens, "steps": step, "final_loss": float(loss.detach()), "parameters": count_parameters(model)}
-    (out_dir / "unlearn_pretraining.json").write_text(json.dumps(info, indent=2))
+    write_json_atomic(out_dir / "unlearn_pretraining.json", info, indent=2)
     return info
 
 
@@ -188,7 +186,7 @@ def build_workspace(workspace: Path, recipe: DemoRecipe, progress: Callable[[str
     retrained = pretrain(sets["retain"] + sets["general"], tokenizer, recipe, workspace / "retrained", progress, "retrained")
     m = {"recipe": recipe.fingerprint, "recipe_config": asdict(recipe), "python": sys.version.split()[0],
          "original": original, "retrained": retrained, "build_seconds": time.perf_counter() - t0, "cached": False}
-    manifest.write_text(json.dumps(m, indent=2))
+    write_json_atomic(manifest, m, indent=2)  # written last: its presence means the workspace is whole
     return m
 
 

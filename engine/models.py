@@ -3,6 +3,9 @@
 Everything goes through `from_pretrained`, so a local folder (tests, the demo) and a hub id
 (a user's GPU box) take the same path. Safety (design §7): no remote code unless asked,
 safetensors preferred, nothing unpickled.
+
+torch and transformers are imported where a model is loaded, so that checking a model path
+(`unlearn study create`) stays light.
 """
 from __future__ import annotations
 
@@ -10,13 +13,15 @@ import hashlib
 import json
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from engine.errors import UnlearnError
 
+if TYPE_CHECKING:
+    import torch
 
-def _quiet_transformers() -> None:
+
+def quiet_transformers() -> None:
     # transformers draws tqdm bars on every load/save; the CLI draws its own progress.
     from transformers.utils import logging
 
@@ -25,6 +30,8 @@ def _quiet_transformers() -> None:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -34,7 +41,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _check_local(name_or_path: str) -> None:
+def check_local_model(name_or_path: str) -> None:
     # A path-looking name that does not exist would otherwise become a confusing hub lookup.
     looks_local = name_or_path.startswith((".", "/", "~")) or (
         os.sep in name_or_path.rstrip(os.sep) and Path(name_or_path).parent.exists())
@@ -45,8 +52,8 @@ def _check_local(name_or_path: str) -> None:
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    _quiet_transformers()
-    _check_local(name_or_path)
+    quiet_transformers()
+    check_local_model(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -59,10 +66,11 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 def load_model(name_or_path: str, device: torch.device | str = "cpu", trust_remote_code: bool = False):
     """Load a causal LM in fp32 master weights (bf16 autocast happens in the run on CUDA)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
-    _quiet_transformers()
-    _check_local(name_or_path)
+    quiet_transformers()
+    check_local_model(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             os.path.expanduser(name_or_path), dtype=torch.float32, trust_remote_code=trust_remote_code

@@ -1,65 +1,62 @@
 """One run: one method at one learning rate, trained to the last milestone, evaluated at each.
 
-`train_to_milestones` is the whole loop, batch to optimizer step, in one readable function.
-The schedule is constant after a fixed warm-up and the batch at step s depends only on
-(seed, s), so the run to 40 steps passes through exactly the model of the run to 10 steps:
-one run yields every (lr, steps) cell (prefix sharing, design §3).
+`train_to_milestones` is the loop, and reads top to bottom: set up, then per step the step's loss
+and one optimizer step, at a milestone the evaluation, and at the end the cells a divergence cut
+off, marked diverged. The schedule (`constant_after_warmup`) does not depend on the total step
+count and the batch at step s depends only on (seed, s), so the run to 40 steps passes through
+exactly the model of the run to 10 steps: one run yields every (lr, steps) cell (prefix sharing).
+
+Under `accelerate launch` every process trains its slice of each global batch; only the main
+process evaluates, reports and saves, and tells the others when a divergence stops the run.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
+from engine.config import RunConfig
 from engine.data import Chunks, ForgetSetChunks, ForgetSetTexts, chunk_forget_set
 from engine.errors import UnlearnError
 from engine.evaluate import compare, evaluate
+from engine.files import write_json_atomic
 from engine.methods import get_method
 from engine.methods.base import Method, PrepareContext, causal_labels
 from engine.models import count_parameters, load_model, load_tokenizer, model_key, read_pretraining_tokens, resolve_device
 
+OnStep = Callable[[int, float], None]
+OnMilestone = Callable[[dict], None]
+
 
 @dataclass
-class RunConfig:
-    method: str
-    lr: float
-    milestones: list[int]
-    batch_size: int = 4
-    seq_len: int = 512
-    seed: int = 0
-    warmup_steps: int = 0
-    retain_weight: float | None = None  # None: the method's own weight
-    eval_batch_size: int = 8
-    min_k: float = 0.2
-    tol_forget: float = 0.10
-    tol_retain: float = 0.05
-    divergence_factor: float = 1e4  # a forget/retain ppl beyond factor × baseline stops the run
+class TrainResult:
+    milestones: list[dict]  # one cell per milestone, in step order; cells after a divergence are diverged
+    diverged: bool
+    reason: str | None
+    losses: list[float]  # the loss of every optimizer step taken
+    train_tokens: int
+    eval_tokens: int
+    model: Any  # the unlearned model (unwrapped)
 
-    def validate(self) -> Method:
-        method = get_method(self.method)
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise UnlearnError(f"--lr must be a positive number, not {self.lr}")
-        if not self.milestones or any(int(s) != s or s <= 0 for s in self.milestones):
-            raise UnlearnError(f"--steps must be positive integers, not {self.milestones}")
-        self.milestones = sorted(set(int(s) for s in self.milestones))
-        for name in ("batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise UnlearnError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.seq_len < 16:
-            raise UnlearnError("--seq-len must be at least 16")
-        if self.warmup_steps < 0:
-            raise UnlearnError("--warmup must be 0 or more")
-        if not 0 < self.min_k <= 1:
-            raise UnlearnError("--min-k must be in (0, 1]")
-        return method
+
+def autocast_for(device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """The run's one autocast: bf16 on CUDA, none on CPU (fp32 there, deterministic)."""
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def constant_after_warmup(warmup_steps: int) -> Callable[[int], float]:
+    """The lr multiplier after optimizer step i (0-based): a linear warm-up over `warmup_steps`,
+    then 1. It never looks at the total step count, which is what keeps prefix sharing exact."""
+    return lambda i: min(1.0, (i + 1) / warmup_steps) if warmup_steps else 1.0
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
@@ -75,19 +72,195 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
     return torch.tensor(out)
 
 
-def _shard(idx: torch.Tensor, rank: int, per_device: int) -> torch.Tensor:
-    return idx[rank * per_device : (rank + 1) * per_device]
+def empty_metrics() -> dict:
+    return {"ppl_forget": None, "ppl_retain": None, "ppl_unseen": None, "ppl_general": None,
+            "mia_auc": {"loss": None, "zlib": None, "min_k": None, "min_k_pp": None}}
 
 
-def _batch(chunks: Chunks, extra: dict[str, torch.Tensor], idx: torch.Tensor, device) -> dict[str, torch.Tensor]:
-    mask = chunks.attention_mask[idx]
-    width = int(mask.sum(1).max())  # trim all-pad columns
-    out = {"input_ids": chunks.input_ids[idx, :width], "attention_mask": mask[:, :width]}
-    out.update({k: v[idx, :width] for k, v in extra.items()})
-    return {k: v.to(device) for k, v in out.items()}
+# ---------------------------------------------------------------- the loop
+
+def train_to_milestones(model, tokenizer, sets: ForgetSetChunks, cfg: RunConfig, baseline: dict,
+                        on_step: OnStep | None = None, on_milestone: OnMilestone | None = None) -> TrainResult:
+    cfg = cfg.validate()
+    with _deterministic(next(model.parameters()).device.type == "cpu"):
+        return _train(model, tokenizer, sets, cfg, baseline, on_step, on_milestone)
 
 
-def _beyond_bound(metrics: dict, baseline: dict, factor: float) -> str | None:
+def _train(model, tokenizer, sets, cfg: RunConfig, baseline, on_step, on_milestone) -> TrainResult:
+    run = _Run.set_up(model, tokenizer, sets, cfg)
+    cells: list[dict] = []
+    losses: list[float] = []
+    train_tokens = eval_tokens = 0
+    reason = None
+    for step in range(1, cfg.milestones[-1] + 1):
+        loss, tokens = run.step_loss(step)
+        train_tokens += tokens
+        if not run.all_finite(loss):
+            reason = f"non-finite loss at step {step}"
+            break
+        run.optimizer_step(loss)
+        losses.append(float(loss.detach()))
+        if on_step and run.is_main:
+            on_step(step, losses[-1])
+        if step in cfg.milestones:
+            cell, bound, tokens = run.evaluate_milestone(step, baseline, losses[-1])
+            eval_tokens += tokens
+            if cell is not None:
+                cells.append(cell)
+                if on_milestone:
+                    on_milestone(cell)
+            reason = run.agree_on(bound)
+            if reason:
+                break
+    if run.is_main:
+        for cell in diverged_cells(cfg.milestones, done={c["step"] for c in cells}):
+            cells.append(cell)
+            if on_milestone:
+                on_milestone(cell)
+    return TrainResult(cells, reason is not None, reason, losses, train_tokens, eval_tokens, run.unwrapped())
+
+
+def diverged_cells(milestones, done: set[int]) -> list[dict]:
+    """The cells a divergence cut off: recorded as diverged, never as missing."""
+    return [{"step": step, **empty_metrics(), "forget_gap": None, "retain_drift": None, "score": None,
+             "success": False, "diverged": True, "train_loss": None}
+            for step in milestones if step not in done]
+
+
+@dataclass
+class _Run:
+    """What one run holds between steps: the method, the prepared data, the optimizer and the
+    accelerator. Each method below is one named piece of the loop."""
+
+    cfg: RunConfig
+    sets: ForgetSetChunks
+    method: Method
+    device: torch.device
+    accelerator: Any
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    reference: Any  # the frozen original θ0, when a term needs it
+    forget_extra: dict  # per-chunk tensors the forget term prepared (its labels)
+    retain_chunks: Chunks | None
+    retain_extra: dict
+    retain_weight: float
+    model: Any  # as the accelerator prepared it
+    optimizer: Any
+    schedule: Any
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @classmethod
+    def set_up(cls, model, tokenizer, sets: ForgetSetChunks, cfg: RunConfig) -> "_Run":
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        method: Method = get_method(cfg.method)
+        device = next(model.parameters()).device
+        accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")  # autocast is ours, below
+        set_seed(cfg.seed)
+        autocast = autocast_for(device)
+        reference = None
+        if method.needs_reference:  # the frozen original θ0, for adversarial labels and KL
+            reference = copy.deepcopy(model).eval().requires_grad_(False)
+        ctx = PrepareContext(reference, tokenizer, torch.Generator().manual_seed(cfg.seed), device,
+                             cfg.eval_batch_size, autocast)
+        forget_extra = method.forget.prepare(sets.forget.input_ids, sets.forget.attention_mask, ctx)
+        retain_chunks, retain_extra = None, {}
+        if method.retain is not None:
+            retain_chunks = getattr(sets, method.retain_source)
+            if retain_chunks is None:
+                raise UnlearnError(f"method {method.id} needs a {method.retain_source} set (--{method.retain_source})")
+            retain_extra = {"labels": causal_labels(retain_chunks.input_ids, retain_chunks.attention_mask)}
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, constant_after_warmup(cfg.warmup_steps))
+        model, optimizer = accelerator.prepare(model, optimizer)
+        model.train()
+        return cls(cfg, sets, method, device, accelerator, autocast, reference, forget_extra, retain_chunks,
+                   retain_extra, method.retain_weight if cfg.retain_weight is None else cfg.retain_weight,
+                   model, optimizer, schedule)
+
+    def _batch(self, chunks: Chunks, extra: dict, seed: int, step: int) -> dict[str, torch.Tensor]:
+        """This process's slice of the global batch of `step` (batch_size rows per process)."""
+        bs = self.cfg.batch_size
+        idx = batch_indices(len(chunks), bs * self.world, seed, step)[self.rank * bs:(self.rank + 1) * bs]
+        mask = chunks.attention_mask[idx]
+        width = int(mask.sum(1).max())  # trim all-pad columns
+        out = {"input_ids": chunks.input_ids[idx, :width], "attention_mask": mask[:, :width]}
+        out.update({k: v[idx, :width] for k, v in extra.items()})
+        return {k: v.to(self.device) for k, v in out.items()}
+
+    def _logits(self, model, batch) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def step_loss(self, step: int) -> tuple[torch.Tensor, int]:
+        """forget term + weight × retain term on the batches of `step`; and the tokens it trained on."""
+        fb = self._batch(self.sets.forget, self.forget_extra, self.cfg.seed, step)
+        with self.autocast():
+            loss = self.method.forget.loss(self._logits(self.model, fb), fb)
+        tokens = int(fb["attention_mask"].sum())
+        if self.retain_chunks is not None:
+            rb = self._batch(self.retain_chunks, self.retain_extra, self.cfg.seed + 1, step)
+            ref_logits = None
+            with self.autocast():
+                if self.method.retain.needs_reference_logits:
+                    with torch.no_grad():
+                        ref_logits = self._logits(self.reference, rb)
+                loss = loss + self.retain_weight * self.method.retain.loss(self._logits(self.model, rb), rb, ref_logits)
+            tokens += int(rb["attention_mask"].sum())
+        return loss, tokens
+
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        """Finite on every process (they must agree, or one would stop while the others wait)."""
+        ok = torch.isfinite(loss.detach()).float().reshape(1)
+        if self.world > 1:
+            ok = self.accelerator.reduce(ok, reduction="mean")
+        return bool(ok.item() == 1.0)
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+        self.accelerator.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def evaluate_milestone(self, step: int, baseline: dict, loss: float) -> tuple[dict | None, str | None, int]:
+        """(the cell at `step`, why it counts as diverged or None, the tokens evaluated), on the main
+        process; (None, None, 0) on the others, which learn the verdict from `agree_on`."""
+        if not self.is_main:
+            return None, None, 0
+        metrics, tokens = evaluate(self.unwrapped(), self.sets, self.cfg.eval_batch_size, self.device,
+                                   self.autocast, self.cfg.min_k)
+        bound = beyond_bound(metrics, baseline, self.cfg.divergence_factor)
+        cell = {"step": step, **metrics, **compare(metrics, baseline, self.cfg.tol_forget, self.cfg.tol_retain),
+                "diverged": bound is not None, "train_loss": loss}
+        return cell, (f"{bound} at step {step}" if bound else None), tokens
+
+    def agree_on(self, reason: str | None) -> str | None:
+        """The main process's verdict (stop, and why), shared with every process."""
+        if self.world == 1:
+            return reason
+        from accelerate.utils import broadcast_object_list
+
+        box = [reason]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+
+def beyond_bound(metrics: dict, baseline: dict, factor: float) -> str | None:
+    """Why these metrics count as diverged (non-finite, or beyond factor × the original), or None."""
     for role in ("forget", "retain"):
         p, p0 = metrics.get(f"ppl_{role}"), baseline.get(f"ppl_{role}")
         if p is None:
@@ -109,110 +282,10 @@ def _deterministic(on: bool):
         torch.use_deterministic_algorithms(before)
 
 
-def train_to_milestones(
-    model,
-    tokenizer,
-    sets: ForgetSetChunks,
-    cfg: RunConfig,
-    baseline: dict,
-    on_step: Callable[[int, float], None] | None = None,
-    on_milestone: Callable[[dict], None] | None = None,
-) -> dict:
-    """The loop. Returns {"milestones", "diverged", "reason", "losses", "train_tokens", "eval_tokens", "model"}."""
-    with _deterministic(next(model.parameters()).device.type == "cpu"):
-        return _train(model, tokenizer, sets, cfg, baseline, on_step, on_milestone)
+# ---------------------------------------------------------------- a whole run
 
-
-def _train(model, tokenizer, sets, cfg, baseline, on_step, on_milestone) -> dict:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    method = cfg.validate()
-    device = next(model.parameters()).device
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
-    set_seed(cfg.seed)
-    autocast = accelerator.autocast if device.type == "cuda" else contextlib.nullcontext
-
-    reference = None
-    if method.needs_reference:  # the frozen original θ0, for adversarial labels and KL
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
-    ctx = PrepareContext(reference, tokenizer, torch.Generator().manual_seed(cfg.seed), device, cfg.eval_batch_size, autocast)
-    forget_extra = method.forget.prepare(sets.forget.input_ids, sets.forget.attention_mask, ctx)
-    retain_chunks = None
-    if method.retain is not None:
-        retain_chunks = getattr(sets, method.retain_source)
-        if retain_chunks is None:
-            raise UnlearnError(f"method {method.id} needs a {method.retain_source} set (--{method.retain_source})")
-        retain_extra = {"labels": causal_labels(retain_chunks.input_ids, retain_chunks.attention_mask)}
-    weight = method.retain_weight if cfg.retain_weight is None else cfg.retain_weight
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    warmup = cfg.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup) if warmup else 1.0)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
-    # Under `accelerate launch`, each process takes its slice of one global batch (batch_size per device).
-    world, rank = accelerator.num_processes, accelerator.process_index
-
-    milestones, losses = [], []
-    train_tokens = eval_tokens = 0
-    diverged, reason = False, None
-    for step in range(1, cfg.milestones[-1] + 1):
-        batch = _batch(sets.forget, forget_extra, _shard(batch_indices(len(sets.forget), cfg.batch_size * world, cfg.seed, step), rank, cfg.batch_size), device)
-        with autocast():
-            loss = method.forget.loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
-        train_tokens += int(batch["attention_mask"].sum())
-        if retain_chunks is not None:
-            rb = _batch(retain_chunks, retain_extra, _shard(batch_indices(len(retain_chunks), cfg.batch_size * world, cfg.seed + 1, step), rank, cfg.batch_size), device)
-            ref_logits = None
-            if method.retain.needs_reference_logits:
-                with torch.no_grad(), autocast():
-                    ref_logits = reference(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"]).logits
-            with autocast():
-                loss = loss + weight * method.retain.loss(model(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"]).logits, rb, ref_logits)
-            train_tokens += int(rb["attention_mask"].sum())
-        if not torch.isfinite(loss):
-            diverged, reason = True, f"non-finite loss at step {step}"
-            break
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        if on_step:
-            on_step(step, losses[-1])
-        if step in cfg.milestones:
-            metrics, n = evaluate(accelerator.unwrap_model(model), sets, cfg.eval_batch_size, device, autocast, cfg.min_k)
-            eval_tokens += n
-            bound = _beyond_bound(metrics, baseline, cfg.divergence_factor)
-            cell = {"step": step, **metrics, **compare(metrics, baseline, cfg.tol_forget, cfg.tol_retain),
-                    "diverged": bound is not None, "train_loss": losses[-1]}
-            milestones.append(cell)
-            if on_milestone:
-                on_milestone(cell)
-            if bound is not None:
-                diverged, reason = True, f"{bound} at step {step}"
-                break
-    # Cells past a divergence are recorded as diverged, never as missing.
-    done = {c["step"] for c in milestones}
-    for step in cfg.milestones:
-        if step not in done:
-            cell = {"step": step, **empty_metrics(), "forget_gap": None, "retain_drift": None, "score": None,
-                    "success": False, "diverged": True, "train_loss": None}
-            milestones.append(cell)
-            if on_milestone:
-                on_milestone(cell)
-    return {"milestones": milestones, "diverged": diverged, "reason": reason, "losses": losses,
-            "train_tokens": train_tokens, "eval_tokens": eval_tokens, "model": accelerator.unwrap_model(model)}
-
-
-def empty_metrics() -> dict:
-    return {"ppl_forget": None, "ppl_retain": None, "ppl_unseen": None, "ppl_general": None,
-            "mia_auc": {"loss": None, "zlib": None, "min_k": None, "min_k_pp": None}}
-
-
-def baseline_metrics(model, model_name: str, sets: ForgetSetChunks, fs_hash: str, cfg: RunConfig, cache_dir: Path | None, autocast=contextlib.nullcontext) -> tuple[dict, int]:
+def baseline_metrics(model, model_name: str, sets: ForgetSetChunks, fs_hash: str, cfg: RunConfig,
+                     cache_dir: Path | None, autocast=contextlib.nullcontext) -> tuple[dict, int]:
     """θ0's metrics, cached per (model, forget-set hash, seq_len, min_k). Returns (M, eval tokens spent)."""
     key = f"{model_key(model_name)}-{fs_hash[:16]}-{cfg.seq_len}-{cfg.min_k}-{'g' if sets.general is not None else 'n'}"
     path = cache_dir / f"{key}.json" if cache_dir else None
@@ -220,11 +293,13 @@ def baseline_metrics(model, model_name: str, sets: ForgetSetChunks, fs_hash: str
         return json.loads(path.read_text()), 0
     metrics, n = evaluate(model, sets, cfg.eval_batch_size, None, autocast, cfg.min_k)
     if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(metrics))
-        tmp.replace(path)  # atomic: a crash never leaves half a cache entry
+        write_json_atomic(path, metrics)  # two workers missing the same entry both write it whole
     return metrics, n
+
+
+def is_main_process() -> bool:
+    """False in the non-main processes of `accelerate launch` (torchrun sets RANK)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def run_unlearning(
@@ -234,34 +309,38 @@ def run_unlearning(
     device: str = "auto",
     cache_dir: Path | None = None,
     trust_remote_code: bool = False,
-    on_step: Callable[[int, float], None] | None = None,
-    on_milestone: Callable[[dict], None] | None = None,
+    on_step: OnStep | None = None,
+    on_milestone: OnMilestone | None = None,
     save_to: Path | None = None,
     sets: ForgetSetChunks | None = None,
 ) -> dict:
-    """Load, chunk, baseline, train, evaluate: the result object of `unlearn run --json`."""
-    method = cfg.validate()
+    """Load, chunk, baseline, train, evaluate: the result object of `unlearn run --json`.
+    In the non-main processes of `accelerate launch` it trains and returns no milestones."""
+    cfg = cfg.validate()
+    method = get_method(cfg.method)
     if method.retain_source == "general" and not texts.general:
         raise UnlearnError(f"method {method.id} needs a general set (--general)")
     dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per `accelerate launch` process
+    main = is_main_process()
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(model_name, trust_remote_code)
     if sets is None:
         sets = chunk_forget_set(texts, tokenizer, cfg.seq_len)
     torch.manual_seed(cfg.seed)
     model = load_model(model_name, dev, trust_remote_code)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else contextlib.nullcontext
-    baseline, baseline_tokens = baseline_metrics(model, model_name, sets, texts.hash, cfg, cache_dir, autocast)
+    baseline, baseline_tokens = ({}, 0)
+    if main:
+        baseline, baseline_tokens = baseline_metrics(model, model_name, sets, texts.hash, cfg, cache_dir, autocast_for(dev))
     out = train_to_milestones(model, tokenizer, sets, cfg, baseline, on_step, on_milestone)
     wall = time.perf_counter() - t0
-    if save_to is not None:
-        out["model"].save_pretrained(save_to)
+    if save_to is not None and main:
+        out.model.save_pretrained(save_to)
         tokenizer.save_pretrained(save_to)
-    n_params = count_parameters(out["model"])
-    eval_tokens = out["eval_tokens"] + baseline_tokens
-    flops = 6 * n_params * out["train_tokens"] + 2 * n_params * eval_tokens
+    n_params = count_parameters(out.model)
+    eval_tokens = out.eval_tokens + baseline_tokens
+    flops = 6 * n_params * out.train_tokens + 2 * n_params * eval_tokens
     pretrain = read_pretraining_tokens(model_name)
     return {
         "model": model_name,
@@ -271,14 +350,14 @@ def run_unlearning(
         "device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
         "forget_set": {"hash": texts.hash, "seq_len": cfg.seq_len, "documents": texts.counts(),
                        "chunks": {role: len(ch) for role, ch in sets.items()}},
-        "config": asdict(cfg),
+        "config": {**asdict(cfg), "milestones": list(cfg.milestones)},
         "baseline": baseline,
-        "milestones": out["milestones"],
-        "diverged": out["diverged"],
-        "reason": out["reason"],
-        "losses": out["losses"],
+        "milestones": out.milestones,
+        "diverged": out.diverged,
+        "reason": out.reason,
+        "losses": out.losses,
         "cost": {
-            "train_tokens": out["train_tokens"],
+            "train_tokens": out.train_tokens,
             "eval_tokens": eval_tokens,
             "wall_seconds": wall,
             "parameters": n_params,

@@ -6,6 +6,7 @@ folders; nothing is mocked and nothing touches the network.
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -225,6 +226,33 @@ def test_hf_save_to_disk_dataset_dict_and_dataset(tmp_path):
         load_texts(f"hf:{tmp_path / 'saved'}/train")
     dd["forget"].save_to_disk(str(tmp_path / "single"))
     assert load_texts(f"hf:{tmp_path / 'single'}/train#content") == ["f1", "f2"]
+
+
+@pytest.mark.parametrize("env, reason", [
+    ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+    # no HF_HUB_OFFLINE, and the Hub's endpoint does not answer (a closed local port stands in for no network)
+    ({"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:1"}, "no network: 127.0.0.1 cannot be reached"),
+])
+def test_hf_dataset_offline_is_one_line_and_quick(tmp_path, env, reason):
+    """Without a network a hub dataset that is not cached is one line, at once, and nothing else on
+    stderr (huggingface_hub would otherwise retry for half a minute, warning each time)."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("from engine.data import load_texts\n"
+            "try:\n    load_texts('hf:nobody-here/no-such-dataset/train')\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HTTP", "HTTPS", "ALL_PROXY"))}
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**clean, "HF_HOME": str(tmp_path / "hf"), **env})
+    took = time.perf_counter() - t0
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == (f"DataError hf:nobody-here/no-such-dataset/train: not in the local Hugging Face cache "
+                                f"({reason})")
+    assert p.stderr.strip() == ""
+    assert took < 20, f"{took:.1f} s"
 
 
 # ---------------------------------------------------------------- forget set and hash

@@ -20,7 +20,8 @@ from engine.methods.base import IGNORE, PrepareContext, causal_labels, sequence_
 from engine.methods.forget_terms import AdversarialDescent, GradientAscent, RandomLabelDescent
 from engine.methods.retain_terms import RetainDescent, RetainKL
 from engine.models import load_model
-from engine.run import RunConfig, train_to_milestones
+from engine.config import RunConfig
+from engine.run import train_to_milestones
 
 PAPER_METHODS = ["ga", "random_label", "adversarial", "ga_gd", "ga_kl", "ga_gd_general", "ga_kl_general"]
 # design §3's table: forget term, retain term, retain source
@@ -236,18 +237,18 @@ def test_first_training_loss_on_real_model(method_id, tiny_model_dir, tiny_token
     expected = float(ref_total(method_id, f_logits, f_labels, r_logits, r_labels, r_ref, method.retain_weight))
 
     model = load_model(str(tiny_model_dir))
-    cfg = RunConfig(method_id, lr=1e-3, milestones=[1], batch_size=16, seq_len=128, seed=0)
+    cfg = RunConfig(method=method_id, lr=1e-3, milestones=(1,), batch_size=16, seq_len=128, seed=0)
     out = train_to_milestones(model, tiny_tokenizer, small_sets, cfg, baseline)
-    assert out["losses"][0] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert out.losses[0] == pytest.approx(expected, rel=1e-5, abs=1e-6)
     if method.retain is None:  # the sign is part of the method: ascent is below zero, descent above
-        assert (out["losses"][0] < 0) == (TABLE[method_id][0] == "ascent")
+        assert (out.losses[0] < 0) == (TABLE[method_id][0] == "ascent")
 
 
 def test_kl_term_on_real_models(tiny_model_dir, tiny_tokenizer, small_sets, baseline):
     """KL(p_θ0 ‖ p_θ) with θ one real ascent step away from θ0."""
     theta0 = load_model(str(tiny_model_dir)).eval()
-    cfg = RunConfig("ga_kl", lr=1e-2, milestones=[1], batch_size=16, seq_len=128)
-    theta1 = train_to_milestones(load_model(str(tiny_model_dir)), tiny_tokenizer, small_sets, cfg, baseline)["model"].eval()
+    cfg = RunConfig(method="ga_kl", lr=1e-2, milestones=(1,), batch_size=16, seq_len=128)
+    theta1 = train_to_milestones(load_model(str(tiny_model_dir)), tiny_tokenizer, small_sets, cfg, baseline).model.eval()
     ids, mask = trimmed(small_sets.retain)
     labels = causal_labels(ids, mask)
     with torch.no_grad():

@@ -11,7 +11,8 @@ import torch
 from engine.errors import UnlearnError
 from engine.evaluate import ATTACKS, evaluate
 from engine.models import count_parameters, load_model
-from engine.run import RunConfig, batch_indices, run_unlearning, train_to_milestones
+from engine.config import RunConfig
+from engine.run import batch_indices, run_unlearning, train_to_milestones
 
 SEQ_LEN = 128
 
@@ -26,7 +27,7 @@ def restore_determinism():
 
 
 def run(model_dir, texts, cache_dir, method, milestones, lr=1e-3, **kw):
-    cfg = RunConfig(method, lr=lr, milestones=list(milestones), batch_size=4, seq_len=SEQ_LEN, **kw)
+    cfg = RunConfig(method=method, lr=lr, milestones=tuple(milestones), batch_size=4, seq_len=SEQ_LEN, **kw)
     return run_unlearning(str(model_dir), texts, cfg, device="cpu", cache_dir=cache_dir)
 
 
@@ -54,10 +55,10 @@ def test_prefix_property_in_train_to_milestones(tiny_model_dir, tiny_tokenizer, 
     outs = []
     for milestones in ([1, 3], [1]):
         torch.manual_seed(0)
-        cfg = RunConfig("ga_kl", lr=3e-3, milestones=milestones, batch_size=4, seq_len=SEQ_LEN)
+        cfg = RunConfig(method="ga_kl", lr=3e-3, milestones=tuple(milestones), batch_size=4, seq_len=SEQ_LEN)
         outs.append(train_to_milestones(load_model(str(tiny_model_dir)), tiny_tokenizer, tiny_sets, cfg, baseline))
-    assert outs[0]["milestones"][0] == outs[1]["milestones"][0]
-    assert outs[0]["losses"][:1] == outs[1]["losses"]
+    assert outs[0].milestones[0] == outs[1].milestones[0]
+    assert outs[0].losses[:1] == outs[1].losses
 
 
 # ------------------------------------------------------------------ the batch stream
@@ -118,6 +119,8 @@ def test_no_divergence_at_a_sane_lr(tiny_model_dir, forget_set_texts, tmp_path):
     {"lr": 0.0}, {"lr": -1e-3}, {"lr": float("nan")}, {"lr": float("inf")},
     {"milestones": [0]}, {"milestones": []}, {"milestones": [5, -1]}, {"milestones": [2.5]},
     {"method": "nope"}, {"batch_size": 0}, {"seq_len": 8}, {"warmup_steps": -1}, {"min_k": 0.0},
+    {"divergence_factor": 1.0}, {"tol_forget": -0.1}, {"eval_batch_size": 0}, {"seed": 1.5},
+    {"method": "ga_gd", "retain_weight": -1.0},
 ])
 def test_run_config_validation(kw, forget_set_texts, tmp_path):
     args = {"method": "ga", "lr": 1e-3, "milestones": [1]} | kw
@@ -129,10 +132,14 @@ def test_run_config_validation(kw, forget_set_texts, tmp_path):
         run_unlearning(str(tmp_path / "no-model"), forget_set_texts, RunConfig(**args), device="cpu")
 
 
-def test_run_config_normalizes_milestones():
-    cfg = RunConfig("ga", lr=1e-3, milestones=[4, 2, 4])
-    assert cfg.validate().id == "ga"
-    assert cfg.milestones == [2, 4]
+def test_run_config_validate_returns_a_normalized_copy():
+    cfg = RunConfig(method="ga", lr=1e-3, milestones=[4, 2, 4], batch_size=2.0)
+    valid = cfg.validate()
+    assert valid.milestones == (2, 4) and type(valid.batch_size) is int
+    assert cfg.milestones == [4, 2, 4] and cfg.batch_size == 2.0  # the original is left as it was
+    assert valid.validate() is valid  # checked once
+    with pytest.raises(UnlearnError, match="no retain term"):
+        RunConfig(method="ga", lr=1e-3, milestones=(1,), retain_weight=2.0).validate()
 
 
 # ------------------------------------------------------------------ the result object

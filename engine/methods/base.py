@@ -5,15 +5,18 @@ method is a new composition in one file, never a branch in the training loop.
 
 Conventions shared by every term: `labels` are aligned with `input_ids` (HF style: labels[t]
 is the token predicted from positions < t), -100 where nothing is predicted (pad, position 0).
+
+Importing a method costs no torch: `unlearn methods` and the study spec read the registry on the
+CLI's light read path, so the few functions that need torch's own functions import it inside.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:
+    import torch
 
 IGNORE = -100
 
@@ -30,12 +33,16 @@ def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over every predicted (non-ignored) token of the batch."""
+    import torch.nn.functional as F
+
     lg, lb = shift(logits, labels)
     return F.cross_entropy(lg.reshape(-1, lg.size(-1)).float(), lb.reshape(-1), ignore_index=IGNORE)
 
 
 def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of log p(label) per sequence, [batch]."""
+    import torch
+
     lg, lb = shift(logits, labels)
     logp = torch.log_softmax(lg.float(), dim=-1)
     mask = lb != IGNORE

@@ -1,8 +1,6 @@
 """Forget terms of the paper's methods (Yao et al. 2024): ascent, random labels, adversarial labels."""
 from __future__ import annotations
 
-import torch
-
 from engine.methods.base import IGNORE, ForgetTerm, PrepareContext, causal_labels, special_ids, token_ce
 
 
@@ -26,6 +24,8 @@ class RandomLabelDescent(ForgetTerm):
     formula = "CE(θ; U with random labels)"
 
     def prepare(self, input_ids, attention_mask, ctx: PrepareContext):
+        import torch
+
         labels = causal_labels(input_ids, attention_mask)
         specials = torch.tensor(special_ids(ctx.tokenizer), dtype=torch.long)
         vocab = len(ctx.tokenizer)
@@ -52,15 +52,16 @@ class AdversarialDescent(ForgetTerm):
     formula = "CE(θ; U with argmax_{a≠y} p_θ0 labels)"
     needs_reference = True
 
-    @torch.no_grad()
     def prepare(self, input_ids, attention_mask, ctx: PrepareContext):
+        import torch
+
         labels = causal_labels(input_ids, attention_mask)
         out = labels.clone()
         ref = ctx.reference
         for start in range(0, len(input_ids), ctx.batch_size):
             sl = slice(start, start + ctx.batch_size)
             ids, mask = input_ids[sl].to(ctx.device), attention_mask[sl].to(ctx.device)
-            with ctx.autocast():
+            with torch.no_grad(), ctx.autocast():
                 logits = ref(input_ids=ids, attention_mask=mask).logits.float()
             pred = logits[:, :-1, :]  # predicts positions 1..L-1
             true = ids[:, 1:]

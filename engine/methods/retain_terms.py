@@ -1,8 +1,6 @@
 """Retain terms: keep the model where it was on in-domain (or general) text."""
 from __future__ import annotations
 
-import torch
-
 from engine.methods.base import IGNORE, RetainTerm, shift, token_ce
 
 
@@ -24,6 +22,8 @@ class RetainKL(RetainTerm):
     needs_reference_logits = True
 
     def loss(self, logits, batch, reference_logits=None):
+        import torch
+
         lg, lb = shift(logits, batch["labels"])
         ref, _ = shift(reference_logits, batch["labels"])
         mask = (lb != IGNORE).float()

@@ -1,0 +1,137 @@
+"""The settings of a run, declared once.
+
+`RunSettings` holds every hyperparameter of a run except the three a study sweeps (method, lr,
+milestones). Everything else derives from it: `RunConfig` (what the loop takes) extends it, a
+study's spec stores one, the CLI builds one `--flag` per field from the metadata below, and an
+export writes the same flags into the command that reproduces a cell. A new knob is one new field
+here, and it appears in all four places.
+
+Torch-free on purpose: the CLI's read-only commands import this module.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Optional
+
+from engine.errors import UnlearnError
+
+
+def knob(default: Any, flag: str, help: str) -> Any:
+    """A RunSettings field with its command-line flag and help text."""
+    return field(default=default, metadata={"flag": flag, "help": help})
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    batch_size: int = knob(4, "--batch-size", "forget (and retain) chunks per optimizer step")
+    seq_len: int = knob(512, "--seq-len", "tokens per chunk")
+    seed: int = knob(0, "--seed", "seed of the batch order, random labels and the run")
+    warmup_steps: int = knob(0, "--warmup", "linear warm-up steps, then constant lr (keeps prefix sharing)")
+    retain_weight: Optional[float] = knob(None, "--retain-weight", "weight of the retain term")
+    eval_batch_size: int = knob(8, "--eval-batch-size", "chunks per forward pass when evaluating")
+    min_k: float = knob(0.2, "--min-k", "k of the Min-K% and Min-K%++ attacks, in (0, 1]")
+    tol_forget: float = knob(0.10, "--tol-forget", "success needs forget_gap ≤ ln(1 + tol)")
+    tol_retain: float = knob(0.05, "--tol-retain", "success needs retain_drift ≤ ln(1 + tol)")
+    divergence_factor: float = knob(1e4, "--divergence-factor",
+                                    "stop a run when ppl_forget or ppl_retain exceeds factor × the original's")
+
+    def validate(self) -> "RunSettings":
+        """A checked copy with plain int/float values; raises UnlearnError naming the flag at fault."""
+        values = {}
+        for f in fields(RunSettings):
+            v = getattr(self, f.name)
+            flag = f.metadata["flag"]
+            if f.name == "retain_weight" and v is None:
+                values[f.name] = None
+                continue
+            want = int if f.type in ("int", int) else float
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (want is int and int(v) != v):
+                raise UnlearnError(f"{flag} must be {'an integer' if want is int else 'a number'}, not {v!r}")
+            if not math.isfinite(v):
+                raise UnlearnError(f"{flag} must be finite, not {v}")
+            values[f.name] = want(v)
+        s = replace(self, **values)
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(s, name) < 1:
+                raise UnlearnError(f"{flag_of(name)} must be at least 1")
+        if s.seq_len < 16:
+            raise UnlearnError("--seq-len must be at least 16")
+        if s.warmup_steps < 0:
+            raise UnlearnError("--warmup must be 0 or more")
+        if s.retain_weight is not None and s.retain_weight < 0:
+            raise UnlearnError("--retain-weight must be 0 or more")
+        if not 0 < s.min_k <= 1:
+            raise UnlearnError("--min-k must be in (0, 1]")
+        if s.tol_forget < 0 or s.tol_retain < 0:
+            raise UnlearnError("--tol-forget and --tol-retain must be 0 or more")
+        if s.divergence_factor <= 1:
+            raise UnlearnError("--divergence-factor must be above 1")
+        return s
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunSettings":
+        """From a stored or exported dict; unknown keys are ignored, missing ones take the default."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+    def to_flags(self) -> list[str]:
+        """`--flag value` for every field that has a value: the tail of a reproducing command."""
+        out = []
+        for f in fields(RunSettings):
+            v = getattr(self, f.name)
+            if v is not None:
+                out += [f.metadata["flag"], repr(float(v)) if isinstance(v, float) else str(v)]
+        return out
+
+
+def flag_of(name: str) -> str:
+    return next(f.metadata["flag"] for f in fields(RunSettings) if f.name == name)
+
+
+def settings_fields() -> tuple:
+    """The dataclass fields of RunSettings, each with metadata {"flag", "help"}."""
+    return fields(RunSettings)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig(RunSettings):
+    """One run: a method at one learning rate, trained to the last milestone, evaluated at each."""
+
+    method: str
+    lr: float
+    milestones: tuple[int, ...]
+
+    def validate(self) -> "RunConfig":
+        """A checked, normalized copy (milestones sorted and unique). Checks once: the copy it returns
+        is marked valid and validating it again returns it as it is."""
+        if self.__dict__.get("_valid"):
+            return self
+        from engine.methods import get_method
+
+        method = get_method(self.method)
+        lr = self.lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise UnlearnError(f"--lr must be a positive number, not {lr}")
+        steps = list(self.milestones or ())
+        if not steps or any(isinstance(s, bool) or not isinstance(s, (int, float)) or int(s) != s or s <= 0
+                            for s in steps):
+            raise UnlearnError(f"--steps must be positive integers, not {steps}")
+        if self.retain_weight is not None and method.retain is None:
+            raise UnlearnError(f"method {method.id} has no retain term: --retain-weight does not apply")
+        base = RunSettings.validate(self)
+        cfg = replace(self, **{f.name: getattr(base, f.name) for f in fields(RunSettings)},
+                      lr=float(lr), milestones=tuple(sorted({int(s) for s in steps})))
+        object.__setattr__(cfg, "_valid", True)  # a plain attribute: not a field, so not in asdict() or ==
+        return cfg
+
+    @property
+    def settings(self) -> RunSettings:
+        return RunSettings(**{f.name: getattr(self, f.name) for f in fields(RunSettings)})
+
+    @classmethod
+    def of(cls, method: str, lr: float, milestones, settings: RunSettings | None = None) -> "RunConfig":
+        """A config from a sweep point and the settings every point of the sweep shares."""
+        return cls(method=method, lr=lr, milestones=tuple(milestones), **(settings or RunSettings()).to_dict())
