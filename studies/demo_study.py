@@ -10,12 +10,15 @@ from typing import Callable
 
 from sqlmodel import select
 
+from engine.errors import UnlearnError
 from engine.demo import DEMO_LRS, DEMO_METHODS, DemoRecipe, build_workspace, demo_sources, reference_metrics
 from studies.forgetsets import create_forget_set
 from studies.grid import best_cell, load_cells
-from studies.scheduler import WorkerPool, start_study
+from studies.scheduler import WorkerPool
+from studies.spec import StudySpec
+from studies.states import REAL_RUN_STATES, StudyState
 from studies.store import Milestone, Run, Store, Study
-from studies.studies import create_study
+from studies.studies import create_study, resume_study
 
 
 def demo_store(workspace: Path) -> Store:
@@ -30,42 +33,45 @@ def run_demo(workspace: Path, recipe: DemoRecipe, workers: int = 2,
     store = demo_store(workspace)
     name = f"demo-{recipe.name}-{recipe.fingerprint}"
     with store.read() as s:
-        fs_exists = s.exec(select(Study).where(Study.name == name)).first() is not None
-    if not fs_exists:
+        study_exists = s.exec(select(Study).where(Study.name == name)).first() is not None
+    if not study_exists:
         src = demo_sources(workspace)
         fs_name = f"{name}-{refs['forget_set_hash'][:8]}"
         try:
             store.forget_set(fs_name)
-        except Exception:  # noqa: BLE001 - not there yet
+        except UnlearnError:  # not there yet
             create_forget_set(store, fs_name, src["forget"], src["retain"], src["unseen"], src["general"],
                               seq_len=recipe.seq_len, tokenizer=str(workspace / "model"))
         create_study(store, name, str(workspace / "model"), fs_name, methods=list(DEMO_METHODS),
                      lrs=list(DEMO_LRS[recipe.name]), steps=list(recipe.milestones),
                      batch_size=recipe.run_batch_size, seed=recipe.seed)
     study = store.study(name)
-    reused = study.state == "done"
+    reused = study.state == StudyState.DONE
     if not reused:
-        start_study(store, name)
+        resume_study(store, name, retry_failed=True)
         WorkerPool(store, ["cpu"] * workers, [name], on_tick=on_tick).serve()
     cells = load_cells(store, name)
     return {"workspace": str(workspace), "recipe": manifest["recipe_config"], "cached": manifest.get("cached", False),
             "build_seconds": manifest.get("build_seconds"), "study": name, "study_reused": reused,
-            "storage": store.url, "forget_set": refs["forget_set_hash"], "original": refs["original"],
+            "storage": store.safe_url, "forget_set": refs["forget_set_hash"], "original": refs["original"],
             "retrained": refs["retrained"], "target_error": refs["target_error"],
             "runs": best_runs(store, name, cells), "cells": len(cells)}
 
 
 def best_runs(store: Store, name: str, cells) -> list[dict]:
-    """Per method, the run (one lr, every milestone) holding the method's best cell."""
+    """Per method, the run (one lr, every milestone) holding the method's best cell (grid.best_cell),
+    and that cell's step as "best_step" (None when every cell of the method diverged or failed)."""
     study = store.study(name)
+    spec = StudySpec.from_dict(study.spec)
     with store.read() as s:
-        runs = {r.id: r for r in s.exec(select(Run).where(Run.study_id == study.id)).all()}
+        runs = {r.id: r for r in s.exec(select(Run).where(Run.study_id == study.id,
+                                                          Run.state.in_(REAL_RUN_STATES))).all()}
         milestones = s.exec(select(Milestone).where(Milestone.run_id.in_(list(runs)))).all()
     by_run: dict[int, list[dict]] = {}
     for m in milestones:
         by_run.setdefault(m.run_id, []).append(m.metrics)
     out = []
-    for method in study.spec["methods"]:
+    for method in spec.methods:
         cell = best_cell(cells, method)
         run = runs.get(cell.run_id) if cell else None
         if run is None:  # every cell of the method diverged or failed: show its first run
@@ -73,7 +79,8 @@ def best_runs(store: Store, name: str, cells) -> list[dict]:
         if run is None:
             continue
         result = run.result or {}
-        out.append({"method": method, "lr": run.lr, "seed": study.spec["seed"], "state": run.state,
+        out.append({"method": method, "lr": run.lr, "seed": spec.run.seed, "state": run.state,
+                    "best_step": cell.steps if cell else None,
                     "attempts": run.attempts, "baseline": result.get("baseline"),
                     "milestones": sorted(by_run.get(run.id, []), key=lambda c: c["step"]),
                     "diverged": bool(result.get("diverged")), "reason": result.get("reason"),

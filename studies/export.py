@@ -10,13 +10,12 @@ Every file is written to a temporary name and renamed into place: nothing is eve
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -25,19 +24,15 @@ from studies.grid import Cell, best_cell, load_cells, pareto as pareto_front
 from studies.spec import StudySpec
 from studies.store import ForgetSet, Store, Study
 
-RUN_ONLY = ("method", "lr", "milestones")  # RunConfig fields the cell itself fixes
-
-
 def hyperparameters(spec: StudySpec, method: str, lr: float) -> dict:
-    """Every RunConfig field but method, lr and milestones (retain_weight None = the method's own)."""
-    cfg = asdict(spec.run_config(method, lr))
-    return {k: v for k, v in cfg.items() if k not in RUN_ONLY}
+    """The run settings of the cell's run (every RunSettings field; retain_weight None = the method's own)."""
+    return spec.run_config(method, lr).settings.to_dict()
 
 
 def reproduce_command(model: str, fs: ForgetSet, spec: StudySpec, method: str, lr: float, steps: int) -> str:
     """`unlearn run ...` for one cell, every argument shell-quoted. Local sources are the forget set's
-    stored absolute paths; `hf:` specs are passed as they are."""
-    hp = hyperparameters(spec, method, lr)
+    stored absolute paths; `hf:` specs are passed as they are. The run settings' flags come from
+    RunSettings itself, so a new setting is carried without a change here."""
     args = ["unlearn", "run", "--model", model]
     for role in ("forget", "retain", "unseen", "general"):
         for src in (fs.sources or {}).get(role) or []:
@@ -45,13 +40,8 @@ def reproduce_command(model: str, fs: ForgetSet, spec: StudySpec, method: str, l
     args += ["--text-field", fs.text_field or "text"]
     if fs.column:
         args += ["--column", fs.column]
-    args += ["--method", method, "--lr", repr(float(lr)), "--steps", str(int(steps)),
-             "--batch-size", str(hp["batch_size"]), "--seq-len", str(hp["seq_len"]), "--seed", str(hp["seed"]),
-             "--warmup", str(hp["warmup_steps"]), "--eval-batch-size", str(hp["eval_batch_size"]),
-             "--min-k", repr(float(hp["min_k"])), "--tol-forget", repr(float(hp["tol_forget"])),
-             "--tol-retain", repr(float(hp["tol_retain"]))]
-    if hp.get("retain_weight") is not None:
-        args += ["--retain-weight", repr(float(hp["retain_weight"]))]
+    args += ["--method", method, "--lr", repr(float(lr)), "--steps", str(int(steps))]
+    args += spec.run_config(method, lr).settings.to_flags()
     if spec.trust_remote_code:
         args.append("--trust-remote-code")
     args.append("--json")
@@ -122,22 +112,6 @@ def to_yaml(entries: list[dict]) -> str:
     import yaml
 
     return yaml.safe_dump(json.loads(to_json(entries)), sort_keys=False, allow_unicode=True, width=10_000)
-
-
-def write_atomic(path: Path, text: str) -> Path:
-    """Write text to a temporary file beside `path`, then rename it into place."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def model_dir_name(entry: dict) -> str:
@@ -216,8 +190,7 @@ def save_model(store: Store, entry: dict, out_dir: Path, device: str = "auto",
     if fs is None or fs.hash != entry["forget_set"]["hash"]:
         raise UnlearnError(f"study {study.name!r}: forget set {entry['forget_set']['name']!r} is not in the store as exported")
     texts = forget_set_texts(store, fs)
-    cfg = spec.run_config(entry["method"], float(entry["lr"]))
-    cfg.milestones = [int(entry["steps"])]
+    cfg = replace(spec.run_config(entry["method"], float(entry["lr"])), milestones=(int(entry["steps"]),))
     out_dir = Path(out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / model_dir_name(entry)

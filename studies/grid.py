@@ -3,7 +3,11 @@
 A *cell* is one (method, lr, steps) point of a study's search space. A grid study covers every
 (method, lr) of its spec × every milestone, so cells not computed yet are listed too (pending,
 running or failed) and the cells after a divergence are `diverged`, never missing. A TPE study
-covers the (method, lr) runs its sampler has asked for so far.
+covers the (method, lr) runs its sampler has asked for so far (a reservation made while the
+sampler is asked is not a run, and never shows).
+
+The best cell of a method is defined once, here (`best_cell`): every table, status and export
+that names a best cell uses it.
 
 Everything is read with one query per table (runs, milestones), never one per cell.
 """
@@ -17,13 +21,13 @@ from sqlmodel import select
 
 from engine.errors import UnlearnError
 from studies.spec import StudySpec
+from studies.states import REAL_RUN_STATES, CellStatus, RunState
 from studies.store import Milestone, Run, Store, Study
 
 # Metric paths a grid can show: dotted paths into a milestone's metrics.
 METRICS = ("score", "forget_gap", "retain_drift", "ppl_forget", "ppl_retain", "ppl_unseen", "ppl_general",
            "mia_auc.loss", "mia_auc.zlib", "mia_auc.min_k", "mia_auc.min_k_pp")
-# Cell statuses: computed (done, diverged) or not yet (pending, running, failed, cancelled).
-STATUSES = ("done", "diverged", "running", "pending", "failed", "cancelled")
+STATUSES = tuple(CellStatus)  # computed (done, diverged) or not yet (pending, running, failed, cancelled)
 
 
 def check_metric(metric: str) -> str:
@@ -43,7 +47,7 @@ class Cell:
     method: str
     lr: float
     steps: int
-    status: str  # one of STATUSES
+    status: CellStatus
     metrics: Optional[dict] = None  # the engine's cell dict (None until computed)
     score: Optional[float] = None
     success: bool = False
@@ -55,7 +59,7 @@ class Cell:
     @property
     def computed(self) -> bool:
         """Evaluated and not diverged: a cell that can win."""
-        return self.status == "done"
+        return self.status == CellStatus.DONE
 
     def value(self, metric: str) -> Optional[float]:
         """The metric at a dotted path (e.g. mia_auc.min_k); None when missing or not finite."""
@@ -97,7 +101,8 @@ class Grid:
                  for s in self.steps] for lr in self.lrs]
 
     def status(self) -> list[list[str]]:
-        return [[(c.status if (c := self.cell(lr, s)) is not None else "pending") for s in self.steps] for lr in self.lrs]
+        return [[str(c.status if (c := self.cell(lr, s)) is not None else CellStatus.PENDING) for s in self.steps]
+                for lr in self.lrs]
 
     @property
     def size(self) -> int:
@@ -105,7 +110,7 @@ class Grid:
 
     @property
     def successes(self) -> int:
-        return sum(1 for c in self.cells.values() if c.success and c.status == "done")
+        return sum(1 for c in self.cells.values() if c.success and c.computed)
 
     @property
     def robustness(self) -> float:
@@ -119,21 +124,23 @@ def _study_row(store: Store, study) -> Study:
 
 
 def fetch_rows(store: Store, study_ids: Iterable[int]) -> tuple[list[Run], list[Milestone]]:
-    """Every run and milestone of these studies: one query per table."""
+    """Every run (a real (method, lr) run: no TPE reservation) and milestone of these studies:
+    one query per table."""
     ids = list(study_ids)
     if not ids:
         return [], []
+    real = Run.state.in_(REAL_RUN_STATES)
     with store.read() as s:
-        runs = list(s.exec(select(Run).where(Run.study_id.in_(ids))).all())
+        runs = list(s.exec(select(Run).where(Run.study_id.in_(ids), real)).all())
         milestones = list(s.exec(select(Milestone).join(Run, Milestone.run_id == Run.id)
-                                 .where(Run.study_id.in_(ids))).all())
+                                 .where(Run.study_id.in_(ids), real)).all())
     return runs, milestones
 
 
 def cells_from_rows(study: Study, runs: list[Run], milestones: list[Milestone]) -> list[Cell]:
     """The cells of one study from its rows (runs and milestones of other studies are ignored)."""
     spec = StudySpec.from_dict(study.spec)
-    runs = [r for r in runs if r.study_id == study.id]
+    runs = [r for r in runs if r.study_id == study.id and r.state in REAL_RUN_STATES]
     run_ids = {r.id for r in runs}
     by_cell = {(m.run_id, m.step): m for m in milestones if m.run_id in run_ids}
     steps = sorted(set(int(s) for s in spec.steps) | {step for _, step in by_cell})
@@ -155,24 +162,24 @@ def _cell(method: str, lr: float, step: int, run: Optional[Run], ms: Optional[Mi
     if ms is not None:
         diverged = bool(ms.diverged or (ms.metrics or {}).get("diverged"))
         score = ms.score if ms.score is not None else (ms.metrics or {}).get("score")
-        return Cell(method, lr, step, "diverged" if diverged else "done", metrics=dict(ms.metrics or {}),
+        return Cell(method, lr, step, CellStatus.DIVERGED if diverged else CellStatus.DONE, metrics=dict(ms.metrics or {}),
                     score=None if diverged else _finite(score), success=bool(ms.success) and not diverged,
                     diverged=diverged, run_id=ms.run_id, run_state=run.state if run else None,
                     trial_number=ms.trial_number)
     if run is None:
-        return Cell(method, lr, step, "pending")
-    state = run.state
-    if state == "diverged":  # stopped before this milestone: diverged, never missing
-        status = "diverged"
-    elif state == "running":
-        status = "running"
-    elif state in ("failed", "done"):  # done without this milestone should not happen: show it as failed
-        status = "failed"
-    elif state == "cancelled":
-        status = "cancelled"
-    else:
-        status = "pending"
-    return Cell(method, lr, step, status, diverged=status == "diverged", run_id=run.id, run_state=state)
+        return Cell(method, lr, step, CellStatus.PENDING)
+    status = _UNWRITTEN.get(run.state, CellStatus.PENDING)
+    return Cell(method, lr, step, status, diverged=status == CellStatus.DIVERGED, run_id=run.id, run_state=run.state)
+
+
+# A cell with no milestone row yet, by the state of its run.
+_UNWRITTEN = {
+    RunState.DIVERGED: CellStatus.DIVERGED,  # stopped before this milestone: diverged, never missing
+    RunState.RUNNING: CellStatus.RUNNING,
+    RunState.FAILED: CellStatus.FAILED,
+    RunState.DONE: CellStatus.FAILED,  # done without this milestone should not happen: shown as failed
+    RunState.CANCELLED: CellStatus.CANCELLED,
+}
 
 
 def load_cells(store: Store, study) -> list[Cell]:
@@ -208,20 +215,16 @@ def robustness(cells: list[Cell]) -> dict[str, float]:
     return {m: g.robustness for m, g in grids(cells).items()}
 
 
-def best(cells: list[Cell]) -> dict[str, dict]:
-    """Per method, the computed non-diverged cell with the lowest score (ties: fewer steps, then lower lr).
-    Methods with no such cell are left out."""
-    out: dict[str, dict] = {}
-    for method in methods_of(cells):
-        cand = [c for c in cells if c.method == method and c.computed and c.value("score") is not None]
-        if cand:
-            out[method] = min(cand, key=lambda c: (c.value("score"), c.steps, c.lr)).summary()
-    return out
-
-
 def best_cell(cells: list[Cell], method: str) -> Optional[Cell]:
+    """THE best cell of a method: among its computed, non-diverged cells, the lowest score;
+    ties go to fewer steps (cheaper), then to the lower lr (gentler). None when it has none."""
     cand = [c for c in cells if c.method == method and c.computed and c.value("score") is not None]
     return min(cand, key=lambda c: (c.value("score"), c.steps, c.lr)) if cand else None
+
+
+def best(cells: list[Cell]) -> dict[str, dict]:
+    """Per method, the summary of its best cell; methods with none are left out."""
+    return {m: c.summary() for m in methods_of(cells) if (c := best_cell(cells, m)) is not None}
 
 
 def pareto(cells: list[Cell], method: str) -> list[Cell]:
@@ -240,7 +243,7 @@ def pareto(cells: list[Cell], method: str) -> list[Cell]:
 
 
 def count_status(cells: list[Cell]) -> dict[str, int]:
-    counts = {s: 0 for s in STATUSES}
+    counts = {str(s): 0 for s in STATUSES}
     for c in cells:
-        counts[c.status] = counts.get(c.status, 0) + 1
+        counts[str(c.status)] += 1
     return counts

@@ -24,9 +24,10 @@ from sqlalchemy import func
 from sqlmodel import select
 
 from studies.spec import StudySpec
+from studies.states import ACTIVE_RUN_STATES, IDLE_STUDY_STATES, RunState, StudyState
 from studies.store import Milestone, Run, Store, Study, hostname, sqlite_path, utcnow
 
-ACTIVE = ("pending", "running", "asking")
+STOP_GRACE_S = 30  # a run process asked to stop (SIGTERM) gets this long before SIGKILL
 
 
 @dataclass
@@ -153,25 +154,26 @@ class WorkerPool:
             if self.study_names is not None:
                 q = q.where(Study.name.in_(self.study_names))
             else:
-                q = q.where(Study.state.in_(("running", "paused")))
+                q = q.where(Study.state.in_((StudyState.RUNNING, StudyState.PAUSED)))
             return list(s.exec(q).all())
 
     def _has_work(self, study: Study) -> bool:
-        if study.state in ("cancelled", "done", "created"):
+        if study.state in IDLE_STUDY_STATES:
             return False
         spec = StudySpec.from_dict(study.spec)
         with self.store.read() as s:
-            active = s.exec(select(func.count()).select_from(Run).where(Run.study_id == study.id, Run.state.in_(ACTIVE))).one()
+            active = s.exec(select(func.count()).select_from(Run).where(
+                Run.study_id == study.id, Run.state.in_(ACTIVE_RUN_STATES))).one()
             total = s.exec(select(func.count()).select_from(Run).where(Run.study_id == study.id)).one()
         return active > 0 or (spec.sampler == "tpe" and total < spec.total_runs)
 
     def _mark_done(self, studies: list[Study]) -> None:
         for st in studies:
-            if st.state == "running" and not self._has_work(st):
+            if st.state == StudyState.RUNNING and not self._has_work(st):
                 with self.store.write() as s:
                     row = s.get(Study, st.id)
-                    if row.state == "running":
-                        row.state, row.updated_at = "done", utcnow()
+                    if row.state == StudyState.RUNNING:
+                        row.state, row.updated_at = StudyState.DONE, utcnow()
                         s.add(row)
                 self.store.log("done", f"study {st.name} finished", st.id)
 
@@ -179,7 +181,7 @@ class WorkerPool:
         if self.study_names is None:
             return
         for st in studies:
-            if st.state == "running":
+            if st.state == StudyState.RUNNING:
                 with self.store.write() as s:
                     row = s.get(Study, st.id)
                     row.scheduler_pid, row.scheduler_host, row.scheduler_heartbeat = os.getpid(), self.host, utcnow()
@@ -189,19 +191,20 @@ class WorkerPool:
         ids = [st.id for st in studies]
         with self.store.read() as s:
             cells = s.exec(select(func.count()).select_from(Milestone).join(Run, Milestone.run_id == Run.id).where(Run.study_id.in_(ids))).one()
-        total = sum(StudySpec.from_dict(st.spec).total_runs * len(StudySpec.from_dict(st.spec).steps) for st in studies)
+        specs = [StudySpec.from_dict(st.spec) for st in studies]
+        total = sum(spec.total_runs * len(spec.steps) for spec in specs)
         return {"cells_done": cells, "cells_total": total, "running": len(self.children),
                 "states": {st.name: st.state for st in studies}}
 
     # ------------------------------------------------------------------ claiming
     def _claim(self, studies: list[Study]) -> Run | None:
-        running = [st for st in studies if st.state == "running"]
+        running = [st for st in studies if st.state == StudyState.RUNNING]
         if not running:
             return None
 
         def claim_pending():
             with self.store.write() as s:
-                q = (select(Run).where(Run.study_id.in_([st.id for st in running]), Run.state == "pending")
+                q = (select(Run).where(Run.study_id.in_([st.id for st in running]), Run.state == RunState.PENDING)
                      .order_by(Run.id).limit(1).with_for_update(skip_locked=True))
                 run = s.exec(q).first()
                 if run is not None:
@@ -221,45 +224,60 @@ class WorkerPool:
         return None
 
     def _mark_claimed(self, run: Run) -> None:
-        run.state, run.attempts = "running", run.attempts + 1
+        run.state, run.attempts = RunState.RUNNING, run.attempts + 1
         run.host, run.pid, run.heartbeat, run.started_at, run.step = self.host, None, utcnow(), utcnow(), 0
 
     def _ask(self, study: Study, spec: StudySpec) -> Run | None:
-        """TPE: reserve a run slot under the budget, then let the sampler choose (method, lr, steps)."""
+        """TPE: reserve a run slot under the budget, then let the sampler choose (method, lr, steps).
+
+        The reservation is a row in state ASKING (no method, a negative lr to keep the unique
+        constraint): every reader leaves such rows out. It carries this pool's pid and host, so a
+        pool that dies mid-ask leaves a row the next pool on this host removes at once."""
         import optuna
 
         with self.store.write() as s:
             n = s.exec(select(func.count()).select_from(Run).where(Run.study_id == study.id)).one()
             if n >= spec.total_runs:
                 return None
-            placeholder = Run(study_id=study.id, method="", lr=-random.random(), state="asking", heartbeat=utcnow())
+            placeholder = Run(study_id=study.id, method="", lr=-random.random(), state=RunState.ASKING,
+                              heartbeat=utcnow(), host=self.host, pid=os.getpid())
             s.add(placeholder)
             s.flush()
             run_id = placeholder.id
-        sampler = optuna.samplers.TPESampler(seed=spec.seed + n)
-        ostudy = self.store.retry(lambda: optuna.load_study(study_name=study.name, storage=self.store.optuna, sampler=sampler))
-        trial = self.store.retry(lambda: ostudy.ask())
-        method = trial.suggest_categorical("method", spec.methods)
-        lr = trial.suggest_float("lr", spec.lr_range[0], spec.lr_range[1], log=True)
-        steps = trial.suggest_categorical("steps", spec.steps)
-        with self.store.write() as s:
-            clash = s.exec(select(Run).where(Run.study_id == study.id, Run.method == method, Run.lr == lr)).first()
-            run = s.get(Run, run_id)
-            if clash is not None:  # the sampler repeated itself: drop the slot, fail the trial
-                s.delete(run)
-                run = None
-            else:
-                run.method, run.lr, run.asked_trial, run.asked_steps = method, lr, trial.number, steps
-                self._mark_claimed(run)
-                s.add(run)
+        try:
+            sampler = optuna.samplers.TPESampler(seed=spec.run.seed + n)
+            ostudy = self.store.retry(lambda: optuna.load_study(study_name=study.name, storage=self.store.optuna, sampler=sampler))
+            trial = self.store.retry(lambda: ostudy.ask())
+            method = trial.suggest_categorical("method", list(spec.methods))
+            lr = trial.suggest_float("lr", spec.lr_range[0], spec.lr_range[1], log=True)
+            steps = trial.suggest_categorical("steps", list(spec.steps))
+            with self.store.write() as s:
+                clash = s.exec(select(Run).where(Run.study_id == study.id, Run.method == method, Run.lr == lr)).first()
+                run = s.get(Run, run_id)
+                if clash is not None:  # the sampler repeated itself: drop the slot, fail the trial
+                    s.delete(run)
+                    run = None
+                else:
+                    run.method, run.lr, run.asked_trial, run.asked_steps = method, lr, trial.number, steps
+                    self._mark_claimed(run)
+                    s.add(run)
+        except BaseException:
+            self._drop_reservation(run_id)
+            raise
         if run is None:
             self.store.retry(lambda: ostudy.tell(trial.number, state=optuna.trial.TrialState.FAIL))
         return run
 
+    def _drop_reservation(self, run_id: int) -> None:
+        with self.store.write() as s:
+            row = s.get(Run, run_id)
+            if row is not None and row.state == RunState.ASKING:
+                s.delete(row)
+
     # ------------------------------------------------------------------ children
     def _spawn(self, key: str, run: Run) -> None:
         slot = key.split(":", 1)[1]
-        env = dict(os.environ)
+        env = child_env(self.store)
         if slot.startswith("cuda"):
             env["CUDA_VISIBLE_DEVICES"], device = slot.split(":")[1], "cuda"
         else:
@@ -267,7 +285,7 @@ class WorkerPool:
         with self.store.read() as s:
             study = s.get(Study, run.study_id)
         log = open(log_dir_for(self.store, study.name) / f"run{run.id}-{run.method}-attempt{run.attempts}.log", "ab")
-        cmd = [sys.executable, "-m", "studies.worker", "--storage", self.store.url, "--run-id", str(run.id),
+        cmd = [sys.executable, "-m", "studies.worker", "--run-id", str(run.id),
                "--device", device, "--threads", str(self.threads if device == "cpu" else 0)]
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
@@ -295,7 +313,7 @@ class WorkerPool:
         """A run's process is gone. Finished runs are left alone; the rest are retried or failed."""
         with self.store.write() as s:
             run = s.get(Run, run_id)
-            if run is None or run.state != "running":
+            if run is None or run.state != RunState.RUNNING:
                 return
             study = s.get(Study, run.study_id)
             spec = StudySpec.from_dict(study.spec)
@@ -303,20 +321,20 @@ class WorkerPool:
             own = run.last_error if run.last_error and run.last_error.startswith(f"attempt {n}:") else None
             why = own or f"attempt {n}: {reason or 'ended without a result'}"
             run.last_error, run.pid = why, None
-            if study.state == "cancelled":
-                run.state = "cancelled"
+            if study.state == StudyState.CANCELLED:
+                run.state = RunState.CANCELLED
             elif n < spec.max_attempts:
-                run.state = "pending"
+                run.state = RunState.PENDING
                 self.summary["retried"] += 1
             else:
-                run.state = "failed"
+                run.state = RunState.FAILED
                 self.summary["failed"] += 1
             s.add(run)
             state, sid, label = run.state, study.id, f"{run.method} lr={run.lr:g}"
             asked, study_name = run.asked_trial, study.name
-        if state in ("failed", "cancelled") and asked is not None:
+        if state in (RunState.FAILED, RunState.CANCELLED) and asked is not None:
             self._fail_asked_trial(study_name, asked)
-        self.store.log("retry" if state == "pending" else state, f"{label}: {why}", sid, run_id)
+        self.store.log("retry" if state == RunState.PENDING else state, f"{label}: {why}", sid, run_id)
 
     def _fail_asked_trial(self, study_name: str, number: int) -> None:
         """TPE: the trial the sampler asked for a run that will not finish is told FAIL, so no
@@ -338,84 +356,79 @@ class WorkerPool:
 
     def _reap_lost(self) -> None:
         """Runs marked running whose process no pool watches any more: a stale heartbeat, or a
-        pid on this host that is gone. Their written milestones stay; the run is retried."""
+        pid on this host that is gone. Their written milestones stay; the run is retried. A TPE
+        reservation whose pool is gone is removed."""
         mine = {c.run_id for c in self.children.values()}
         with self.store.read() as s:
-            rows = list(s.exec(select(Run).where(Run.state.in_(("running", "asking")))).all())
+            rows = list(s.exec(select(Run).where(Run.state.in_((RunState.RUNNING, RunState.ASKING)))).all())
         for run in rows:
             if run.id in mine:
                 continue
             age = _age_s(run.heartbeat)
-            if run.state == "asking":
-                if age > self.heartbeat_timeout:
-                    with self.store.write() as s:
-                        row = s.get(Run, run.id)
-                        if row is not None and row.state == "asking":
-                            s.delete(row)
-                continue
-            gone_here = run.host == self.host and run.pid is not None and not _pid_alive(run.pid) and age > 2 * 2.0
-            if gone_here:
+            gone_here = run.host == self.host and run.pid is not None and not _pid_alive(run.pid)
+            if run.state == RunState.ASKING:
+                if gone_here or age > self.heartbeat_timeout:
+                    self._drop_reservation(run.id)
+            elif gone_here and age > 2 * 2.0:
                 self._settle(run.id, f"process {run.pid} is gone")
             elif age > self.heartbeat_timeout:
                 self._settle(run.id, f"heartbeat lost for {age:.0f} s")
 
+    def _stop_child(self, child: Child) -> None:
+        """SIGTERM, then SIGKILL after STOP_GRACE_S: stopping a run never hangs the pool."""
+        child.proc.terminate()
+        try:
+            child.proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            child.proc.kill()
+            child.proc.wait()
+
     def _stop_cancelled(self, studies: list[Study]) -> None:
-        cancelled = {st.id for st in studies if st.state == "cancelled"}
+        cancelled = {st.id for st in studies if st.state == StudyState.CANCELLED}
         for key, child in list(self.children.items()):
             if child.study_id in cancelled:
-                child.proc.terminate()
-                child.proc.wait()
+                self._stop_child(child)
                 del self.children[key]
                 self._settle(child.run_id, "cancelled", child.attempt)
 
     def _shutdown(self) -> None:
         """Interrupted: stop our runs and give them back, the attempt not counted against them."""
         for key, child in list(self.children.items()):
-            child.proc.terminate()
-            try:
-                child.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait()
+            self._stop_child(child)
             with self.store.write() as s:
                 run = s.get(Run, child.run_id)
-                if run is not None and run.state == "running":
-                    run.state, run.attempts, run.pid = "pending", max(0, run.attempts - 1), None
+                if run is not None and run.state == RunState.RUNNING:
+                    run.state, run.attempts, run.pid = RunState.PENDING, max(0, run.attempts - 1), None
                     s.add(run)
             del self.children[key]
 
 
-def start_study(store: Store, name: str) -> Study:
-    """Mark a study running (a paused or finished one too, so failed runs can be retried)."""
-    from engine.errors import UnlearnError
-    from studies.studies import set_state
-
-    study = store.study(name)
-    with store.write() as s:
-        if s.get(Study, study.id).state == "cancelled":  # refused whole: its failed runs stay failed
-            raise UnlearnError(f"study {name!r} is cancelled")
-        for run in s.exec(select(Run).where(Run.study_id == study.id, Run.state == "failed")).all():
-            run.state, run.attempts = "pending", 0  # a new `study run` gives failed runs a fresh budget
-            s.add(run)
-    return set_state(store, name, "running")
+def child_env(store: Store) -> dict:
+    """The environment of a process the pool starts. The store's URL travels here, never on the
+    command line: `ps` shows every user of the box a command line (and a password in it), while a
+    process's environment is readable by its owner alone."""
+    return {**os.environ, "UNLEARN_STORAGE_URL": store.url}
 
 
 def detach(store: Store, name: str, slots: list[str]) -> tuple[int, Path]:
     """Start the scheduler in a new session so it outlives this terminal and its SSH session."""
     log = log_dir_for(store, name).parent / f"{name}-scheduler.log"
-    cmd = [sys.executable, "-m", "studies.scheduler", "--storage", store.url, "--study", name, "--slots", ",".join(slots)]
+    cmd = [sys.executable, "-m", "studies.scheduler", "--study", name, "--slots", ",".join(slots)]
     with open(log, "ab") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=child_env(store))
     return proc.pid, log
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="unlearn-lab scheduler (started by `unlearn study run --detach`).")
-    p.add_argument("--storage", required=True)
+    from engine.settings import get_settings
+
+    p = argparse.ArgumentParser(description="unlearn-lab scheduler (started by `unlearn study run --detach`); "
+                                            "the store's URL comes from UNLEARN_STORAGE_URL.")
     p.add_argument("--study", action="append")
     p.add_argument("--slots", required=True)
     a = p.parse_args(argv)
-    store = Store(a.storage)
+    store = Store(get_settings().storage_url, create=False)
     print(f"{time.strftime('%F %T')} scheduler pid {os.getpid()} serving {a.study} on {a.slots}", flush=True)
     summary = WorkerPool(store, a.slots.split(","), a.study).serve()
     print(f"{time.strftime('%F %T')} scheduler done: {summary}", flush=True)

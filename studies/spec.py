@@ -1,86 +1,88 @@
-"""A study: model + forget set + methods + search space (lr × steps) + sampler + objective + budget + seed.
+"""A study: model + forget set + methods + search space (lr × steps) + sampler + budget, and the
+run settings every run of it shares (`engine.config.RunSettings`, the one place they are declared).
 
 The spec is stored whole (JSON) with the study, so a worker on any node rebuilds exactly the
-RunConfig of every run from the store alone."""
+RunConfig of every run from the store alone. Torch-free: every read of a study goes through here.
+"""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
+from engine.config import RunConfig, RunSettings
 from engine.errors import UnlearnError
 from engine.methods import get_method
-from engine.run import RunConfig
 
 SAMPLERS = ("grid", "tpe")
 
 
-@dataclass
+@dataclass(frozen=True)
 class StudySpec:
     model: str
     forget_set: str
     forget_set_hash: str
-    methods: list[str]
-    steps: list[int]
-    lrs: list[float] | None = None  # grid over these
+    methods: tuple[str, ...]
+    steps: tuple[int, ...]
+    lrs: tuple[float, ...] | None = None  # grid over these
     lr_range: tuple[float, float] | None = None  # log-uniform range for TPE
     sampler: str = "grid"
     trials: int | None = None  # TPE: how many (method, lr) runs to sample; each yields one trial per milestone
-    seed: int = 0
-    batch_size: int = 4
-    seq_len: int = 512
-    warmup_steps: int = 0
-    eval_batch_size: int = 8
-    min_k: float = 0.2
-    tol_forget: float = 0.10
-    tol_retain: float = 0.05
+    run: RunSettings = field(default_factory=RunSettings)
     max_attempts: int = 2
     trust_remote_code: bool = False
     has_general: bool = False
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> "StudySpec":
+        """A checked, normalized copy (sorted unique steps and lrs); raises UnlearnError."""
         if not self.methods:
             raise UnlearnError("--methods needs at least one method id")
+        if len(set(self.methods)) != len(self.methods):
+            raise UnlearnError("--methods lists a method twice")
         for m in self.methods:
             method = get_method(m)
             if method.retain_source == "general" and not self.has_general:
                 raise UnlearnError(f"method {m} needs a general set, and forget set {self.forget_set!r} has none")
-        if len(set(self.methods)) != len(self.methods):
-            raise UnlearnError("--methods lists a method twice")
-        if not self.steps or any(s <= 0 for s in self.steps):
+        if not self.steps or any(isinstance(s, bool) or int(s) != s or s <= 0 for s in self.steps):
             raise UnlearnError("--steps must be positive integers")
-        self.steps = sorted(set(int(s) for s in self.steps))
         if self.sampler not in SAMPLERS:
             raise UnlearnError(f"--sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}")
+        lrs, lr_range, trials = None, None, None
         if self.sampler == "grid":
             if not self.lrs:
                 raise UnlearnError("the grid sampler needs --lr (a list of learning rates)")
             if any(not (math.isfinite(x) and x > 0) for x in self.lrs):
                 raise UnlearnError("--lr values must be positive numbers")
-            self.lrs = sorted(set(float(x) for x in self.lrs))
+            lrs = tuple(sorted({float(x) for x in self.lrs}))
         else:
             if not self.lr_range:
                 raise UnlearnError("the tpe sampler needs --lr-range LOW:HIGH")
-            lo, hi = self.lr_range
+            lo, hi = (float(x) for x in self.lr_range)
             if not (0 < lo < hi and math.isfinite(hi)):
                 raise UnlearnError("--lr-range must be LOW:HIGH with 0 < LOW < HIGH")
             if not self.trials or self.trials < 1:
                 raise UnlearnError("the tpe sampler needs --trials N (N ≥ 1)")
+            lr_range, trials = (lo, hi), int(self.trials)
         if self.max_attempts < 1:
             raise UnlearnError("--max-attempts must be at least 1")
-        self.run_config(self.methods[0], (self.lrs or [self.lr_range[0]])[0]).validate()
-        return self
+        if self.run.retain_weight is not None and not any(get_method(m).retain for m in self.methods):
+            raise UnlearnError("--retain-weight is given, but none of the methods has a retain term")
+        spec = replace(self, methods=tuple(self.methods), steps=tuple(sorted({int(s) for s in self.steps})),
+                       lrs=lrs, lr_range=lr_range, trials=trials, run=self.run.validate())
+        for m in spec.methods:  # what every run of the study will be checked against, checked now
+            spec.run_config(m, (lrs or lr_range)[0]).validate()
+        return spec
 
     def run_config(self, method: str, lr: float) -> RunConfig:
-        return RunConfig(method=method, lr=lr, milestones=list(self.steps), batch_size=self.batch_size,
-                         seq_len=self.seq_len, seed=self.seed, warmup_steps=self.warmup_steps,
-                         eval_batch_size=self.eval_batch_size, min_k=self.min_k, tol_forget=self.tol_forget,
-                         tol_retain=self.tol_retain)
+        """The RunConfig of the run (method, lr). A retain weight applies to methods with a retain term."""
+        settings = self.run
+        if settings.retain_weight is not None and get_method(method).retain is None:
+            settings = replace(settings, retain_weight=None)
+        return RunConfig.of(method, lr, self.steps, settings)
 
     @property
     def grid_runs(self) -> list[tuple[str, float]]:
         """Every (method, lr) of a grid study; TPE studies grow their runs as they go."""
-        return [(m, lr) for m in self.methods for lr in (self.lrs or [])] if self.sampler == "grid" else []
+        return [(m, lr) for m in self.methods for lr in (self.lrs or ())] if self.sampler == "grid" else []
 
     @property
     def total_runs(self) -> int:
@@ -90,17 +92,25 @@ class StudySpec:
         """The trial parameters: method, lr, steps."""
         from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-        lr = (CategoricalDistribution(self.lrs) if self.sampler == "grid"
+        lr = (CategoricalDistribution(list(self.lrs)) if self.sampler == "grid"
               else FloatDistribution(self.lr_range[0], self.lr_range[1], log=True))
-        return {"method": CategoricalDistribution(self.methods), "lr": lr, "steps": CategoricalDistribution(self.steps)}
+        return {"method": CategoricalDistribution(list(self.methods)), "lr": lr,
+                "steps": CategoricalDistribution(list(self.steps))}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain JSON: lists for tuples, the run settings under "run"."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "run"}
+        for k in ("methods", "steps", "lrs", "lr_range"):
+            d[k] = list(d[k]) if d[k] is not None else None
+        return {**d, "run": self.run.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "StudySpec":
-        names = {f.name for f in fields(cls)}
-        spec = cls(**{k: v for k, v in d.items() if k in names})
-        if spec.lr_range is not None:
-            spec.lr_range = tuple(spec.lr_range)
-        return spec
+        """From a stored spec. Specs written before the run settings had their own key kept them
+        at the top level (and could not hold all of them): those are read the same way."""
+        names = {f.name for f in fields(cls)} - {"run"}
+        kw = {k: v for k, v in d.items() if k in names}
+        for k in ("methods", "steps", "lrs", "lr_range"):
+            if kw.get(k) is not None:
+                kw[k] = tuple(kw[k])
+        return cls(**kw, run=RunSettings.from_dict(d.get("run", d)))

@@ -11,18 +11,21 @@ import contextlib
 import datetime as dt
 import os
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from sqlalchemy import JSON, Column, Text, UniqueConstraint, event
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from engine.errors import UnlearnError
+from studies.states import RunState, StudyState
 
 SCHEMA_VERSION = 2
 SQLITE_BUSY_MS = 60_000
+CONNECT_TIMEOUT_S = 10
 
 
 def utcnow() -> dt.datetime:
@@ -69,7 +72,7 @@ class Study(SQLModel, table=True):
     model: str
     forgetset_id: int = Field(foreign_key="ul_forgetset.id")
     spec: dict = Field(default_factory=dict, sa_column=Column(JSON))
-    state: str = "created"  # created | running | paused | cancelled | done
+    state: str = StudyState.CREATED  # a studies.states.StudyState value
     scheduler_pid: Optional[int] = None
     scheduler_host: Optional[str] = None
     scheduler_heartbeat: Optional[dt.datetime] = None
@@ -86,7 +89,7 @@ class Run(SQLModel, table=True):
     study_id: int = Field(foreign_key="ul_study.id", index=True)
     method: str
     lr: float
-    state: str = Field(default="pending", index=True)  # pending | running | done | diverged | failed | cancelled
+    state: str = Field(default=RunState.PENDING, index=True)  # a studies.states.RunState value
     device: Optional[str] = None
     host: Optional[str] = None
     pid: Optional[int] = None  # the run's own subprocess
@@ -148,14 +151,57 @@ def sqlite_path(url: str) -> Path | None:
     if not _is_sqlite(url):
         return None
     path = url.split("///", 1)[1] if "///" in url else ""
+    path = path.split("?", 1)[0]
     return Path(path).expanduser().resolve() if path and path != ":memory:" else None
+
+
+def describe_url(url: str) -> str:
+    """The URL as messages, logs and exports show it: any password replaced by ***."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - unparseable: hide whatever sits between ':' and '@' after the scheme
+        return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
+
+
+class StoreMissing(UnlearnError):
+    """A command that only reads found no store at the SQLite path it was given."""
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _check_sqlite_file(url: str, create: bool) -> None:
+    """Refuse, before SQLite touches anything, what would otherwise fail half-way or write where it
+    should not: a missing folder, a missing file when nothing may be created, a file that is not an
+    SQLite database, a read-only file or folder (a store is written even to be read: WAL)."""
+    path = sqlite_path(url)
+    if path is None:
+        return
+    if not path.parent.is_dir():
+        raise UnlearnError(f"store folder does not exist: {path.parent}")
+    if not path.exists():
+        if not create:
+            raise StoreMissing(f"no store at {path} (give --storage or set UNLEARN_STORAGE_URL)")
+        if not os.access(path.parent, os.W_OK):
+            raise UnlearnError(f"cannot create store {path}: its folder is read-only")
+        return
+    if not path.is_file():
+        raise UnlearnError(f"store {path} is not a file")
+    with open(path, "rb") as f:
+        head = f.read(len(SQLITE_HEADER))
+    if head and head != SQLITE_HEADER:  # an empty file is a valid, empty SQLite database
+        raise UnlearnError(f"store {path} is not an SQLite database")
+    if not os.access(path, os.W_OK) or not path.stat().st_mode & 0o222:  # (root ignores a 0444 mode; we do not)
+        raise UnlearnError(f"store {path} is read-only; unlearn-lab writes to its store (WAL, heartbeats): "
+                           f"copy it somewhere writable to read it")
+    if not os.access(path.parent, os.W_OK):
+        raise UnlearnError(f"store {path} is in a read-only folder; SQLite needs to write its -wal and -shm files there")
 
 
 def _make_engine(url: str, immediate: bool):
     if _is_sqlite(url):
-        path = sqlite_path(url)
-        if path is not None and not path.parent.is_dir():
-            raise UnlearnError(f"store folder does not exist: {path.parent}")
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
@@ -172,22 +218,35 @@ def _make_engine(url: str, immediate: bool):
             conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    kwargs = {"pool_pre_ping": True}
+    if url.startswith("postgres"):  # an unreachable server answers in seconds, not the OS's minutes
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    return create_engine(url, **kwargs)
 
 
 class Store:
-    """Sessions on our tables plus an Optuna RDBStorage on the same URL."""
+    """Sessions on our tables plus an Optuna RDBStorage on the same URL.
 
-    def __init__(self, url: str):
+    `create=False` (every command but `forgetset create`) refuses to make a new SQLite file."""
+
+    def __init__(self, url: str, create: bool = True):
         self.url = url
+        self.safe_url = describe_url(url)  # the only form of the URL any message may show
         try:
+            if _is_sqlite(url):
+                _check_sqlite_file(url, create)
             self.engine = _make_engine(url, immediate=False)
             self.write_engine = _make_engine(url, immediate=True) if _is_sqlite(url) else self.engine
             self._ensure_schema()
-        except OperationalError as exc:
-            raise UnlearnError(f"cannot open store {url}: {str(exc.orig).splitlines()[0]}") from None
-        except ModuleNotFoundError as exc:
-            raise UnlearnError(f"cannot open store {url}: missing driver ({exc.name})") from None
+        except UnlearnError as exc:
+            raise type(exc)(str(exc).replace(url, self.safe_url)) from None
+        except DBAPIError as exc:  # unreachable server, bad credentials, not a database, locked, ...
+            raise UnlearnError(f"cannot open store {self.safe_url}: {_first_line(exc.orig)}") from None
+        except (ModuleNotFoundError, NoSuchModuleError) as exc:
+            raise UnlearnError(f"cannot open store {self.safe_url}: missing database driver "
+                               f"({getattr(exc, 'name', None) or _first_line(exc)})") from None
+        except ArgumentError as exc:
+            raise UnlearnError(f"not a database URL: {self.safe_url} ({_first_line(exc)})") from None
         self._optuna = None
 
     # ------------------------------------------------------------------ schema
@@ -197,7 +256,7 @@ class Store:
         tables = set(inspect(self.engine).get_table_names())
         if "ul_meta" not in tables:
             if tables & {"ul_study", "ul_run", "ul_forgetset"}:
-                raise UnlearnError(f"store {self.url} has unlearn-lab tables but no schema version; refusing to touch it")
+                raise UnlearnError(f"store {self.safe_url} has unlearn-lab tables but no schema version; refusing to touch it")
             SQLModel.metadata.create_all(self.write_engine)
             with self.write() as s:
                 s.merge(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
@@ -206,10 +265,10 @@ class Store:
             row = s.get(Meta, "schema_version")
         version = int(row.value) if row else 0
         if version > SCHEMA_VERSION:
-            raise UnlearnError(f"store {self.url} has schema v{version}, newer than this unlearn-lab (v{SCHEMA_VERSION}); upgrade unlearn-lab")
+            raise UnlearnError(f"store {self.safe_url} has schema v{version}, newer than this unlearn-lab (v{SCHEMA_VERSION}); upgrade unlearn-lab")
         while version < SCHEMA_VERSION:
             if version not in MIGRATIONS:
-                raise UnlearnError(f"store {self.url} has schema v{version} and no migration to v{version + 1}; export it with an older unlearn-lab")
+                raise UnlearnError(f"store {self.safe_url} has schema v{version} and no migration to v{version + 1}; export it with an older unlearn-lab")
             with self.write() as s:
                 MIGRATIONS[version](s)
                 version += 1
@@ -272,7 +331,7 @@ class Store:
         with self.read() as s:
             row = s.exec(select(table).where(table.name == name)).first()
         if row is None:
-            raise UnlearnError(f"no {what} named {name!r} in {self.url}")
+            raise UnlearnError(f"no {what} named {name!r} in {self.safe_url}")
         return row
 
 
@@ -281,20 +340,16 @@ def _is_transient(exc: Exception) -> bool:
     return any(k in text for k in ("locked", "busy", "deadlock", "could not serialize", "serialization"))
 
 
-def open_store(url: str | None = None) -> Store:
+def open_store(url: str | None = None, create: bool = False) -> Store:
+    """The store at `url`, else at the configured URL (UNLEARN_STORAGE_URL, .env, the default)."""
     from engine.settings import get_settings
 
-    return Store(url or get_settings().storage_url)
+    return Store(url or get_settings().storage_url, create=create)
 
 
-def describe_url(url: str) -> str:
-    """The URL without a password, for messages and exports."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - a URL we cannot parse is shown as given
-        return url
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def hostname() -> str:

@@ -2,31 +2,47 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, fields
 
+from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
+from engine.config import RunSettings
 from engine.errors import UnlearnError
-from engine.models import _check_local
 from studies.forgetsets import check_name
 from studies.spec import StudySpec
+from studies.states import RunState, StudyState
 from studies.store import Run, Store, Study, utcnow
 
-STATES = ("created", "running", "paused", "cancelled", "done")
+SETTING_NAMES = frozenset(f.name for f in fields(RunSettings))
 
 
-def create_study(store: Store, name: str, model: str, forget_set: str, **spec_fields) -> Study:
-    """Validate the spec, create the Optuna study and our row (with every grid run) together."""
+def create_study(store: Store, name: str, model: str, forget_set: str, *, methods, steps, lrs=None, lr_range=None,
+                 sampler: str = "grid", trials: int | None = None, max_attempts: int = 2,
+                 trust_remote_code: bool = False, **settings) -> Study:
+    """Validate the spec, create the Optuna study and our row (with every grid run) together.
+
+    `settings` are RunSettings fields given by the user (`batch_size=8, warmup_steps=3, ...`); the
+    rest take their defaults, except seq_len, which defaults to the forget set's."""
     import optuna
 
+    from engine.models import check_local_model
+
+    unknown = set(settings) - SETTING_NAMES
+    if unknown:
+        raise TypeError(f"create_study: unknown run settings {sorted(unknown)}")
     check_name(name, "study")
-    _check_local(model)
+    check_local_model(model)
     if os.path.isdir(os.path.expanduser(model)):
         model = os.path.abspath(os.path.expanduser(model))  # exported commands must work from any directory
     fs = store.forget_set(forget_set)
-    spec_fields.setdefault("seq_len", fs.seq_len)
-    spec = StudySpec(model=model, forget_set=fs.name, forget_set_hash=fs.hash,
-                     has_general=bool(fs.counts.get("general")), **spec_fields).validate()
+    run = RunSettings(**{"seq_len": fs.seq_len, **settings})
+    spec = StudySpec(model=model, forget_set=fs.name, forget_set_hash=fs.hash, methods=tuple(methods or ()),
+                     steps=tuple(steps or ()), lrs=tuple(lrs) if lrs else None,
+                     lr_range=tuple(lr_range) if lr_range else None, sampler=sampler, trials=trials, run=run,
+                     max_attempts=max_attempts, trust_remote_code=trust_remote_code,
+                     has_general=bool(fs.counts.get("general"))).validate()
     with store.read() as s:
         if s.exec(select(Study).where(Study.name == name)).first():
             raise UnlearnError(f"a study named {name!r} already exists")
@@ -35,7 +51,8 @@ def create_study(store: Store, name: str, model: str, forget_set: str, **spec_fi
     ostudy = store.retry(lambda: optuna.create_study(study_name=name, storage=store.optuna, direction="minimize"))
     try:
         ostudy.set_user_attr("unlearn_lab", {"model": model, "forget_set": fs.name, "forget_set_hash": fs.hash,
-                                             "methods": spec.methods, "steps": spec.steps, "sampler": spec.sampler,
+                                             "methods": list(spec.methods), "steps": list(spec.steps),
+                                             "sampler": spec.sampler,
                                              "objective": "score = forget_gap + max(0, retain_drift)"})
         with store.write() as s:
             study = Study(name=name, model=model, forgetset_id=fs.id, spec=spec.to_dict())
@@ -56,31 +73,66 @@ def study_spec(study: Study) -> StudySpec:
     return StudySpec.from_dict(study.spec)
 
 
-def list_study_rows(store: Store) -> list[Study]:
-    with store.read() as s:
-        return list(s.exec(select(Study).order_by(Study.created_at)).all())
-
-
-def set_state(store: Store, name: str, state: str) -> Study:
-    """pause / resume / cancel (and the scheduler's running / done). Cancel also cancels pending runs;
-    the scheduler stops the running ones when it sees the state."""
-    if state not in STATES:
-        raise ValueError(state)
+def set_state(store: Store, name: str, state: StudyState) -> Study:
+    """pause / cancel (and the scheduler's done). Cancel also cancels pending runs; the scheduler
+    stops the running ones when it sees the state. Handing runs out again is `resume_study`."""
+    state = StudyState(state)
     study = store.study(name)
     with store.write() as s:
         st = s.get(Study, study.id)
-        if st.state == "cancelled" and state != "cancelled":
+        if st.state == StudyState.CANCELLED and state != StudyState.CANCELLED:
             raise UnlearnError(f"study {name!r} is cancelled")
-        if st.state == "done" and state in ("paused", "running"):
-            # A finished study stays finished unless failed runs are being retried.
-            pending = s.exec(select(Run).where(Run.study_id == st.id, Run.state.in_(("pending", "failed")))).first()
-            if not pending and state == "paused":
-                raise UnlearnError(f"study {name!r} is done")
-        st.state = state
-        st.updated_at = utcnow()
-        if state == "cancelled":
-            for run in s.exec(select(Run).where(Run.study_id == st.id, Run.state == "pending")).all():
-                run.state = "cancelled"
+        if st.state == StudyState.DONE and state == StudyState.PAUSED:
+            raise UnlearnError(f"study {name!r} is done")
+        st.state, st.updated_at = state, utcnow()
+        if state == StudyState.CANCELLED:
+            for run in s.exec(select(Run).where(Run.study_id == st.id, Run.state == RunState.PENDING)).all():
+                run.state = RunState.CANCELLED
         s.add(st)
     store.log(state, f"study {name} → {state}", study.id)
     return store.study(name)
+
+
+@dataclass(frozen=True)
+class Resumed:
+    study: Study
+    running: bool  # the study hands out runs now
+    retried: int  # failed runs given a fresh budget
+    failed: int  # failed runs left as they are
+    message: str  # one line for the user
+
+
+def resume_study(store: Store, name: str, retry_failed: bool = False) -> Resumed:
+    """Hand out runs again: `study resume`, and what `study run` does before it serves a study.
+
+    A cancelled study is refused. With retry_failed, failed runs get a fresh attempt budget. A study
+    left with nothing to hand out (finished, nothing pending, failed runs not retried) is not
+    touched: it stays done and the message says so, and how to retry what failed."""
+    study = store.study(name)
+    spec = StudySpec.from_dict(study.spec)
+    with store.write() as s:
+        st = s.get(Study, study.id)
+        if st.state == StudyState.CANCELLED:
+            raise UnlearnError(f"study {name!r} is cancelled")
+        failed = list(s.exec(select(Run).where(Run.study_id == st.id, Run.state == RunState.FAILED)).all())
+        if retry_failed:
+            for run in failed:
+                run.state, run.attempts = RunState.PENDING, 0
+                s.add(run)
+        s.flush()
+        pending = s.exec(select(func.count()).select_from(Run).where(
+            Run.study_id == st.id, Run.state.in_((RunState.PENDING, RunState.RUNNING)))).one()
+        runs = s.exec(select(func.count()).select_from(Run).where(
+            Run.study_id == st.id, Run.state != RunState.ASKING)).one()
+        unasked = spec.sampler == "tpe" and runs < spec.total_runs
+        if st.state == StudyState.DONE and not (pending or unasked):
+            left = len(failed) if not retry_failed else 0
+            tail = (f"; {left} run(s) failed: `unlearn study resume {name} --retry-failed` retries them"
+                    if left else "")
+            return Resumed(st, False, 0, left, f"study {name} is done: nothing to resume{tail}")
+        st.state, st.updated_at = StudyState.RUNNING, utcnow()
+        s.add(st)
+    retried = len(failed) if retry_failed else 0
+    store.log("running", f"study {name} → running" + (f" ({retried} failed runs retried)" if retried else ""), study.id)
+    return Resumed(store.study(name), True, retried, 0 if retry_failed else len(failed),
+                   f"study {name}: running" + (f"; {retried} failed run(s) queued again" if retried else ""))

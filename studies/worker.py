@@ -1,4 +1,5 @@
-"""One run in its own subprocess: `python -m studies.worker --storage URL --run-id N --device D`.
+"""One run in its own subprocess: `python -m studies.worker --run-id N --device D`, the store's URL in
+UNLEARN_STORAGE_URL (never on the command line, where `ps` would show a password to everyone).
 
 A fresh process per run means an out-of-memory error or a crash dies alone. The process
 heartbeats from a thread (so a long evaluation or a slow model load is not mistaken for a
@@ -12,6 +13,9 @@ import sys
 import threading
 import traceback
 
+from sqlalchemy import update
+
+from studies.states import RunState
 from studies.store import Run, Store, Study, utcnow
 
 HEARTBEAT_EVERY_S = 2.0
@@ -20,29 +24,34 @@ HEARTBEAT_EVERY_S = 2.0
 class Heartbeat(threading.Thread):
     """Writes run.heartbeat and run.step every few seconds until stopped."""
 
-    def __init__(self, store: Store, run_id: int):
+    def __init__(self, store: Store, run_id: int, every_s: float = HEARTBEAT_EVERY_S):
         super().__init__(daemon=True, name=f"heartbeat-{run_id}")
-        self.store, self.run_id, self.step = store, run_id, 0
+        self.store, self.run_id, self.step, self.every_s = store, run_id, 0, every_s
         self._halt = threading.Event()
 
     def beat(self) -> None:
+        """One beat. It only touches a run still running, so a beat that lands after the run's
+        final write (stop() waits for the thread, this is the second guard) changes nothing."""
         def write():
             with self.store.write() as s:
-                run = s.get(Run, self.run_id)
-                run.heartbeat, run.step = utcnow(), self.step
-                s.add(run)
+                s.exec(update(Run).where(Run.id == self.run_id, Run.state == RunState.RUNNING)
+                       .values(heartbeat=utcnow(), step=self.step))
 
         self.store.retry(write)
 
     def run(self) -> None:
-        while not self._halt.wait(HEARTBEAT_EVERY_S):
+        while not self._halt.wait(self.every_s):
             try:
                 self.beat()
             except Exception:  # noqa: BLE001 - a missed beat is not worth killing the run for
                 pass
 
     def stop(self) -> None:
+        """Stop beating and wait for a beat in flight to commit, so that it can never land after
+        the run's final write and move run.step backwards."""
         self._halt.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join()
 
 
 def run_one(store: Store, run_id: int, device: str) -> int:
@@ -77,7 +86,7 @@ def run_one(store: Store, run_id: int, device: str) -> int:
         heart.stop()
         with store.write() as s:
             r = s.get(Run, run_id)
-            r.state = "diverged" if result["diverged"] else "done"
+            r.state = RunState.DIVERGED if result["diverged"] else RunState.DONE
             r.step = max(c["step"] for c in result["milestones"])
             r.finished_at = r.heartbeat = utcnow()
             r.device = result["device"]
@@ -99,8 +108,10 @@ def run_one(store: Store, run_id: int, device: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Run one unlearn-lab run (started by a worker pool).")
-    p.add_argument("--storage", required=True)
+    from engine.settings import get_settings
+
+    p = argparse.ArgumentParser(description="Run one unlearn-lab run (started by a worker pool); "
+                                            "the store's URL comes from UNLEARN_STORAGE_URL.")
     p.add_argument("--run-id", type=int, required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -109,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
-    return run_one(Store(a.storage), a.run_id, a.device)
+    return run_one(Store(get_settings().storage_url, create=False), a.run_id, a.device)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,26 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     return line
 
 
+def cli_main(*args) -> int:
+    """`unlearn ARGS...` in this process (tui.cli.main), for tests that need no interpreter of their
+    own: its exit code. Read what it printed with pytest's capsys."""
+    from tui.cli import main
+
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
+def cli_in_process(capsys, *args) -> subprocess.CompletedProcess:
+    """`unlearn ARGS...` in this process, as a CompletedProcess (returncode, stdout, stderr)."""
+    capsys.readouterr()  # what earlier steps printed is not this command's
+    code = cli_main(*args)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["unlearn", *map(str, args)], code, out, err)
+
+
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
     """Poll until predicate() is truthy; returns its value. Fails the test with `what` on timeout."""
     deadline = time.monotonic() + timeout

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from rich.console import Console
 
+from engine.config import RunSettings
 from engine.errors import UnlearnError
 from studies.export import export_best, reproduce_command, save_model, to_json, to_yaml
 from studies.forgetsets import create_forget_set, forget_set_texts
@@ -71,8 +72,9 @@ def lab(tmp_path):
     fs = create_forget_set(store, "people", [str(data / "forget.jsonl")], [str(data / "retain.jsonl")],
                            [str(data / "unseen.jsonl")], [str(data / "general.jsonl")], text_field="body", seq_len=128)
     spec = StudySpec(model="/models/tiny llama", forget_set="people", forget_set_hash=fs.hash,
-                     methods=["ga", "ga_gd", "ga_kl"], steps=[20, 5, 10], lrs=[1e-4, 1e-5, 3e-5], seq_len=128,
-                     batch_size=2, seed=7, warmup_steps=1, eval_batch_size=3, min_k=0.25, has_general=True).validate()
+                     methods=["ga", "ga_gd", "ga_kl"], steps=[20, 5, 10], lrs=[1e-4, 1e-5, 3e-5],
+                     run=RunSettings(seq_len=128, batch_size=2, seed=7, warmup_steps=1, eval_batch_size=3, min_k=0.25),
+                     has_general=True).validate()
     now = utcnow()
     with store.write() as s:
         study = Study(name="s1", model=spec.model, forgetset_id=fs.id, spec=spec.to_dict(), state="running",
@@ -113,7 +115,9 @@ def lab(tmp_path):
         s.add_all([tpe, empty])
         s.flush()
         trun = Run(study_id=tpe.id, method="ga", lr=TPE_LR, state="done", attempts=1)
-        s.add(trun)
+        # The slot a TPE pool reserves while its sampler picks (method, lr): not a run, never a cell.
+        asking = Run(study_id=tpe.id, method="", lr=-0.028, state="asking", heartbeat=now, host="node1", pid=4242)
+        s.add_all([trun, asking])
         s.flush()
         s.add_all([milestone(trun, 5, 0.07, 0.01), milestone(trun, 10, 0.02, 0.06)])
     return {"store": store, "fs": fs, "spec": spec, "data": data, "url": store.url}
@@ -171,6 +175,26 @@ def test_tpe_study_cells(lab):
     assert robustness(cells) == {"ga": 0.5}
 
 
+def test_a_tpe_reservation_is_never_a_cell(lab, tmp_path):
+    """The row a TPE pool holds while asking its sampler is in no grid, status, heatmap, list or export."""
+    from typer.testing import CliRunner
+
+    from tui.cli import app
+
+    store = lab["store"]
+    assert {c.method for c in load_cells(store, "t1")} == {"ga"}
+    st = study_status(store, "t1")
+    assert set(st["robustness"]) == set(st["best"]) == set(st["grids"]) == {"ga"}
+    assert st["runs"]["total"] == 4 and st["runs"]["done"] == 1 and st["runs"]["pending"] == 3
+    assert all(r["method"] for r in st["running"] + st["errors"])
+    listed = next(r for r in list_studies(store) if r["name"] == "t1")
+    assert listed["robustness"] == {"ga": 0.5} and listed["cells"] == {"done": 2, "diverged": 0, "total": 8}
+    assert [e["method"] for e in export_best(store, "t1")] == ["ga"]
+    res = CliRunner().invoke(app, ["study", "heatmap", "t1", "--json", "--storage", lab["url"]])
+    assert res.exit_code == 0 and list(json.loads(res.stdout)) == ["ga"], res.output
+    assert all(lr > 0 for lr in json.loads(res.stdout)["ga"]["lrs"])
+
+
 # ------------------------------------------------------------------ status
 
 def test_study_status_numbers(lab):
@@ -201,6 +225,12 @@ def test_study_status_numbers(lab):
 
 def test_list_studies(lab):
     rows = {r["name"]: r for r in list_studies(lab["store"])}
+    for name, row in rows.items():  # the aggregate list counts what the cells count
+        st = study_status(lab["store"], name)
+        assert row["cells"] == {k: st["cells"][k] for k in ("done", "diverged", "total")}, name
+        assert row["robustness"] == pytest.approx(st["robustness"]), name
+        best_scores = [b["score"] for b in st["best"].values()]
+        assert row["best_score"] == (pytest.approx(min(best_scores)) if best_scores else None), name
     assert list(rows) == ["s1", "t1", "e1"]
     assert rows["s1"]["cells"] == {"done": 8, "diverged": 2, "total": 27}
     assert rows["t1"]["cells"]["total"] == 8 and rows["e1"]["cells"]["done"] == 0
@@ -317,7 +347,7 @@ def test_command_parses_with_the_real_cli(lab):
     ctx = run.make_context("run", shlex.split(e["command"])[2:])
     p = ctx.params
     assert float(p["lr"]) == TPE_LR and p["steps"] == "5" and p["method"] == "ga" and p["as_json"] is True
-    assert p["text_field"] == "body" and p["seq_len"] == 512 and list(p["general"]) == [str(lab["data"] / "general.jsonl")]
+    assert p["text_field"] == "body" and p["rs_seq_len"] == 512 and list(p["general"]) == [str(lab["data"] / "general.jsonl")]
 
 
 def test_export_errors(lab):
@@ -409,7 +439,8 @@ def test_exported_command_reproduces_the_score(tiny_model_dir, forget_set_files,
     f = forget_set_files
     fs = create_forget_set(store, "people", [f["forget"]], [f["retain"]], [f["unseen"]], [f["general"]], seq_len=128)
     spec = StudySpec(model=str(tiny_model_dir), forget_set="people", forget_set_hash=fs.hash, methods=["ga_gd"],
-                     steps=[2, 4], lrs=[3e-3], seq_len=128, batch_size=4, has_general=True).validate()
+                     steps=[2, 4], lrs=[3e-3], run=RunSettings(seq_len=128, batch_size=4, retain_weight=2.0, warmup_steps=3),
+                     has_general=True).validate()
     with store.write() as s:
         study = Study(name="e2e", model=spec.model, forgetset_id=fs.id, spec=spec.to_dict(), state="done")
         s.add(study)
@@ -431,6 +462,8 @@ def test_exported_command_reproduces_the_score(tiny_model_dir, forget_set_files,
 
     [entry] = export_best(store, "e2e")
     assert entry["score"] == min(scores.values())
+    _, v, _ = flags(entry["command"])
+    assert (v["--retain-weight"], v["--warmup"]) == (["2.0"], ["3"])  # the study's settings travel with it
     commands = {entry["steps"]: entry["command"]}
     other = 4 if entry["steps"] == 2 else 2  # reproduce both cells: the one before the last milestone is the prefix case
     commands[other] = reproduce_command(spec.model, fs, spec, "ga_gd", 3e-3, other)
@@ -459,3 +492,37 @@ def test_exported_command_reproduces_the_score(tiny_model_dir, forget_set_files,
     from engine.models import load_model
 
     load_model(str(folder), "cpu")
+
+
+def test_one_best_cell_for_status_export_and_the_demo_table(lab):
+    """A diverged cell keeps the metrics it was measured with, even a low score: it never wins. The
+    status, the export and the demo's table all take the best cell from studies.grid.best_cell."""
+    from studies.demo_study import best_runs
+
+    store = lab["store"]
+    spec = StudySpec(model="/models/tiny llama", forget_set="people", forget_set_hash=lab["fs"].hash,
+                     methods=["ga", "ga_gd"], steps=[5, 10, 20], lrs=[1e-4, 3e-4], has_general=True).validate()
+    with store.write() as s:
+        study = Study(name="b1", model=spec.model, forgetset_id=lab["fs"].id, spec=spec.to_dict(), state="done")
+        s.add(study)
+        s.flush()
+        runs = {}
+        for method, lr, state in (("ga", 1e-4, "diverged"), ("ga", 3e-4, "done"), ("ga_gd", 1e-4, "done"),
+                                  ("ga_gd", 3e-4, "done")):
+            runs[method, lr] = Run(study_id=study.id, method=method, lr=lr, state=state, attempts=1)
+            s.add(runs[method, lr])
+        s.flush()
+        crossed = milestone(runs["ga", 1e-4], 10, 0.01, 0.0)  # lowest score of all, measured as it crossed the bound
+        crossed.diverged = crossed.metrics["diverged"] = True
+        s.add_all([milestone(runs["ga", 1e-4], 5, 0.30, 0.0), crossed, milestone(runs["ga", 1e-4], 20, diverged=True),
+                   milestone(runs["ga", 3e-4], 5, 0.20, 0.0), milestone(runs["ga", 3e-4], 10, 0.25, 0.0),
+                   milestone(runs["ga", 3e-4], 20, 0.20, 0.0),  # ties with steps 5: fewer steps win
+                   milestone(runs["ga_gd", 1e-4], 5, 0.10, 0.0), milestone(runs["ga_gd", 3e-4], 5, 0.10, 0.0)])
+    cells = load_cells(store, "b1")
+    status = study_status(store, "b1")["best"]
+    exported = {e["method"]: e for e in export_best(store, "b1")}
+    table = {r["method"]: r for r in best_runs(store, "b1", cells)}
+    for method, (lr, steps) in {"ga": (3e-4, 5), "ga_gd": (1e-4, 5)}.items():  # ties: fewer steps, then lower lr
+        assert (status[method]["lr"], status[method]["steps"]) == (lr, steps)
+        assert (exported[method]["lr"], exported[method]["steps"]) == (lr, steps)
+        assert (table[method]["lr"], table[method]["best_step"]) == (lr, steps)

@@ -301,3 +301,60 @@ def test_a_v1_store_is_upgraded_in_place_and_keeps_its_forget_sets(url, tmp_path
     fs = upgraded.forget_set("fs")
     assert fs.column is None
     assert forget_set_texts(upgraded, fs).counts() == {"forget": 1, "retain": 1, "unseen": 1, "general": 0}
+
+
+# ------------------------------------------------------------------ stores that cannot be opened
+
+def siblings(path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+@pytest.mark.parametrize("content", [b"these are my notes, not a database\n" * 50, b"\x00" * 4096])
+def test_a_file_that_is_not_a_database_is_refused_untouched(tmp_path, content):
+    path = tmp_path / "notes.db"
+    path.write_bytes(content)
+    with pytest.raises(UnlearnError, match="is not an SQLite database") as e:
+        Store(f"sqlite:///{path}")
+    assert "\n" not in str(e.value)
+    assert path.read_bytes() == content and siblings(path) == ["notes.db"]  # no -wal, no -shm, nothing written
+
+
+def test_a_read_only_store_is_refused_untouched(url, tmp_path):
+    store = Store(url)
+    store.log("note", "before")
+    path = tmp_path / "lab.db"
+    del store
+    before = path.read_bytes()
+    path.chmod(0o444)
+    try:
+        with pytest.raises(UnlearnError, match="read-only"):
+            Store(url)
+        assert path.read_bytes() == before
+    finally:
+        path.chmod(0o644)
+
+
+def test_a_missing_store_is_not_created_by_a_reader(tmp_path):
+    from studies.store import StoreMissing
+
+    path = tmp_path / "nothing-here.db"
+    with pytest.raises(StoreMissing, match="no store at"):
+        Store(f"sqlite:///{path}", create=False)
+    assert not path.exists() and siblings(path) == []
+    Store(f"sqlite:///{path}")  # a writer that may create one does
+    assert path.exists()
+
+
+def test_an_unreachable_server_is_one_line_without_its_password():
+    with pytest.raises(UnlearnError) as e:
+        Store("postgresql+psycopg2://lab:hunter2-secret@127.0.0.1:1/unlearn")
+    msg = str(e.value)
+    assert "hunter2-secret" not in msg and "lab:***@127.0.0.1:1/unlearn" in msg and "\n" not in msg, msg
+
+
+def test_urls_in_messages_hide_their_password():
+    from studies.store import describe_url
+
+    assert describe_url("postgresql+psycopg2://lab:p%40ss@db:5432/u") == "postgresql+psycopg2://lab:***@db:5432/u"
+    assert describe_url("sqlite:////tmp/u.db") == "sqlite:////tmp/u.db"
+    assert "pw" not in describe_url("not a url://x:pw@y")

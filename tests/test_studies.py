@@ -27,10 +27,9 @@ import optuna
 import pytest
 from sqlmodel import select
 
-from studies.scheduler import start_study
 from studies.store import Run, Store
-from studies.studies import create_study, set_state
-from studies_helpers import (SEQ_LEN, assert_one_line_error, children_of, cli, cli_env, events_of, kill,
+from studies.studies import create_study, resume_study, set_state
+from studies_helpers import (SEQ_LEN, assert_one_line_error, children_of, cli, cli_env, cli_in_process, events_of, kill,
                              make_forget_set, milestones_of, optuna_trials, pid_alive, runs_of, spawn, stop,
                              study_state, wait_for)
 
@@ -123,9 +122,9 @@ def test_forgetset_create_ls_show_json(tmp_path, forget_set_files):
     assert json.loads(show.stdout) == created == json.loads(ls.stdout)[0]
 
 
-def test_bad_input_is_one_line_and_exit_2(lab, tiny_model_dir, forget_set_files, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(lab, tiny_model_dir, forget_set_files, tmp_path, capsys):
     """Every kind of bad input: exit 2, one line on stderr naming the problem, no traceback,
-    and nothing written."""
+    and nothing written. (In this process: test_cli.py runs the same contract as whole processes.)"""
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     study(lab, "taken", tiny_model_dir)
@@ -143,9 +142,12 @@ def test_bad_input_is_one_line_and_exit_2(lab, tiny_model_dir, forget_set_files,
         (["study", "create", "taken", "--model", m, "--forget-set", "fs", "--methods", "ga", "--lr", "1e-3",
           "--steps", "2", "--storage", u], ["already exists"]),
         (["study", "run", "nope", "--workers", "0", "--storage", u], ["--workers"]),
+        ([*create, "--methods", "ga", "--lr", "1e-3", "--steps", "2", "--retain-weight", "2"], ["none of the methods has a retain term"]),
+        ([*create, "--methods", "ga_gd", "--lr", "1e-3", "--steps", "2", "--min-k", "1.5"], ["--min-k"]),
+        (["study", "resume", "nope", "--storage", u], ["no study named 'nope'"]),
+        (["study", "status", "taken", "--storage", f"sqlite:///{tmp_path / 'elsewhere.db'}"], ["no store at"]),
     ]
-    with ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(lambda c: cli(*c[0], home=lab.home), cases))
+    results = [cli_in_process(capsys, *args) for args, _ in cases]
     for (args, needles), r in zip(cases, results):
         try:
             assert_one_line_error(r, *needles)
@@ -169,9 +171,10 @@ def test_cancel_pause_resume(lab, tiny_model_dir):
     assert_one_line_error(cli("study", "run", "c", "--workers", "1", "--storage", lab.url, home=lab.home), "cancelled")
     from engine.errors import UnlearnError
 
-    for state in ("running", "paused"):  # `unlearn study resume` / `pause`: refused too
-        with pytest.raises(UnlearnError, match="cancelled"):
-            set_state(lab.store, "c", state)
+    with pytest.raises(UnlearnError, match="cancelled"):  # `unlearn study resume`: refused too
+        resume_study(lab.store, "c")
+    with pytest.raises(UnlearnError, match="cancelled"):  # and `pause`
+        set_state(lab.store, "c", "paused")
     assert study_state(lab.store, "c") == "cancelled"
     assert [r.state for r in runs_of(lab.store, "c")] == ["cancelled"] * 4
     assert optuna_trials(lab.url, "c") == []
@@ -188,7 +191,7 @@ def test_running_a_cancelled_study_does_not_revive_its_failed_runs(lab, tiny_mod
         s.add(run)
     set_state(lab.store, "c", "cancelled")
     with pytest.raises(UnlearnError, match="cancelled"):
-        start_study(lab.store, "c")
+        resume_study(lab.store, "c", retry_failed=True)
     assert sorted((r.state, r.attempts) for r in runs_of(lab.store, "c")) == [("cancelled", 0), ("failed", 2)]
 
 
@@ -261,7 +264,7 @@ def test_record_cell_tells_the_trial_tpe_asked_for(lab):
 
     create_study(lab.store, "t", HUB_MODEL, "fs", methods=["ga", "ga_gd"], lr_range=(1e-4, 1e-3), sampler="tpe",
                  trials=1, steps=[2, 4])
-    start_study(lab.store, "t")
+    resume_study(lab.store, "t")
     pool = WorkerPool(lab.store, ["cpu"], ["t"])
     run = pool._claim(pool._studies())  # the sampler picks (method, lr, steps); no process started
     assert run.asked_trial is not None and run.asked_steps in (2, 4) and run.state == "running"
@@ -497,7 +500,7 @@ def test_one_failing_run_does_not_stop_the_pool(lab, tiny_model_dir):
         time.sleep(1.0)  # a paused study hands out nothing
         assert runs_of(lab.store, "mixed")[1].state == "pending"
         (model / "config.json").write_text("{ this is not json")
-        set_state(lab.store, "mixed", "running")
+        resume_study(lab.store, "mixed")
         assert proc.wait(timeout=240) == 0, (lab.dir / "run.log").read_text()
     finally:
         stop(proc)
@@ -519,7 +522,7 @@ def _two_workers(url: str, store: Store, home: Path, logs: Path, run_logs: Path,
     fs_name, name = f"fs-{tag}", f"S4-{tag}"
     make_forget_set(store, fs_name, files)
     create_study(store, name, str(model), fs_name, methods=["ga", "ga_gd"], lrs=[1e-3, 3e-3], steps=[2, 4])
-    start_study(store, name)  # what `unlearn study resume` does to a created study
+    resume_study(store, name)  # what `unlearn study resume` does to a created study
     procs = [spawn("worker", "--storage", url, "--study", name, "--workers", "1", home=home, log=logs / f"worker{i}.log")
              for i in (1, 2)]
     try:
