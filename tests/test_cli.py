@@ -1,4 +1,8 @@
-"""The command line as a user meets it: real subprocesses, real files, one-line errors, JSON on stdout."""
+"""The command line as a user meets it: real files, one-line errors, JSON on stdout.
+
+Most checks call `unlearn`'s entry point in this process (`tui.cli.main`), which is exactly what the
+console script runs; a few run it as a real subprocess, for the contract that only a whole process
+shows (exit code, nothing but one line on stderr, no traceback)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from studies_helpers import cli_in_process
 from tests.conftest import SEQ_LEN
 
 SEVEN = ["ga", "random_label", "adversarial", "ga_gd", "ga_kl", "ga_gd_general", "ga_kl_general"]
@@ -35,8 +40,8 @@ def run_args(model: Path, f: dict, *extra: str) -> list[str]:
             "--seq-len", str(SEQ_LEN), *extra]
 
 
-def test_methods_json_lists_the_seven():
-    p = unlearn("methods", "--json")
+def test_methods_json_lists_the_seven(capsys):
+    p = cli_in_process(capsys, "methods", "--json")
     assert p.returncode == 0, p.stderr
     rows = json.loads(p.stdout)
     assert [r["id"] for r in rows][:7] == SEVEN
@@ -51,33 +56,44 @@ def test_methods_json_lists_the_seven():
     (["--method", "ga", "--lr", "1e-3", "--steps", "0"], "--steps"),
     (["--method", "ga", "--lr", "1e-3", "--steps", "2,x"], "--steps"),
     (["--method", "ga_gd_general", "--lr", "1e-3", "--steps", "2"], "general"),
+    (["--method", "ga", "--lr", "1e-3", "--steps", "2", "--retain-weight", "2"], "no retain term"),
+    (["--method", "ga_gd", "--lr", "1e-3", "--steps", "2", "--divergence-factor", "1"], "--divergence-factor"),
+    (["--method", "ga", "--lr", "1e-3", "--steps", "2", "--batch-size", "x"], "--batch-size"),
 ])
-def test_run_bad_values_exit_2_with_one_line(tiny_model_dir, forget_set_files, extra, needle):
-    assert_one_line_error(unlearn(*run_args(tiny_model_dir, forget_set_files, *extra)), needle)
+def test_run_bad_values_exit_2_with_one_line(tiny_model_dir, forget_set_files, extra, needle, capsys):
+    assert_one_line_error(cli_in_process(capsys, *run_args(tiny_model_dir, forget_set_files, *extra)), needle)
 
 
-def test_run_bad_sources_exit_2_naming_the_problem(tiny_model_dir, forget_set_files, tmp_path):
+def test_a_bad_value_as_a_whole_process(tiny_model_dir, forget_set_files):
+    """The same contract seen from outside: exit 2, one line on stderr, nothing on stdout."""
+    p = unlearn(*run_args(tiny_model_dir, forget_set_files, "--method", "nope", "--lr", "1e-3", "--steps", "2"))
+    assert_one_line_error(p, "unknown method 'nope'")
+    assert p.stdout == ""
+
+
+def test_run_bad_sources_exit_2_naming_the_problem(tiny_model_dir, forget_set_files, tmp_path, capsys):
     f = dict(forget_set_files)
     ok = ["--method", "ga", "--lr", "1e-3", "--steps", "2"]
-    assert_one_line_error(unlearn(*run_args(tiny_model_dir, {**f, "forget": str(tmp_path / "missing.jsonl")}, *ok)),
+
+    assert_one_line_error(cli_in_process(capsys, *run_args(tiny_model_dir, {**f, "forget": str(tmp_path / "missing.jsonl")}, *ok)),
                           "missing.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine row number one, long enough"}\nnot json\n')
-    assert_one_line_error(unlearn(*run_args(tiny_model_dir, {**f, "forget": str(bad)}, *ok)), "bad.jsonl:2")
+    assert_one_line_error(cli_in_process(capsys, *run_args(tiny_model_dir, {**f, "forget": str(bad)}, *ok)), "bad.jsonl:2")
     nofield = tmp_path / "nofield.jsonl"
     nofield.write_text('{"body": "x"}\n')
-    assert_one_line_error(unlearn(*run_args(tiny_model_dir, {**f, "retain": str(nofield)}, *ok)), "nofield.jsonl:1", "text")
+    assert_one_line_error(cli_in_process(capsys, *run_args(tiny_model_dir, {**f, "retain": str(nofield)}, *ok)), "nofield.jsonl:1", "text")
     csv = tmp_path / "t.csv"
     csv.write_text("body,label\nhello there,1\n")
-    assert_one_line_error(unlearn(*run_args(tiny_model_dir, {**f, "unseen": str(csv)}, *ok)), "body")
+    assert_one_line_error(cli_in_process(capsys, *run_args(tiny_model_dir, {**f, "unseen": str(csv)}, *ok)), "body")
     short = tmp_path / "short.jsonl"
     short.write_text('{"text": "hi"}\n')
-    assert_one_line_error(unlearn(*run_args(tiny_model_dir, {**f, "forget": str(short)}, *ok)), "empty")
-    assert_one_line_error(unlearn(*run_args(tmp_path / "no-model", f, *ok)), "no-model")
+    assert_one_line_error(cli_in_process(capsys, *run_args(tiny_model_dir, {**f, "forget": str(short)}, *ok)), "empty")
+    assert_one_line_error(cli_in_process(capsys, *run_args(tmp_path / "no-model", f, *ok)), "no-model")
 
 
-def test_run_json_contract(tiny_model_dir, forget_set_files):
-    p = unlearn(*run_args(tiny_model_dir, forget_set_files, "--general", forget_set_files["general"],
+def test_run_json_contract(tiny_model_dir, forget_set_files, capsys):
+    p = cli_in_process(capsys, *run_args(tiny_model_dir, forget_set_files, "--general", forget_set_files["general"],
                           "--method", "ga_gd", "--lr", "1e-3", "--steps", "2,4", "--json"))
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)  # stdout holds only the JSON
@@ -92,11 +108,50 @@ def test_run_json_contract(tiny_model_dir, forget_set_files):
     assert r["cost"]["train_tokens"] > 0 and r["cost"]["flops"] > 0 and r["cost"]["wall_seconds"] > 0
 
 
-def test_help_explains_every_command():
-    p = unlearn("--help")
+def test_help_explains_every_command(capsys):
+    p = cli_in_process(capsys, "--help")
     assert p.returncode == 0
     for cmd in ("methods", "run", "demo", "forgetset", "study", "worker", "export"):
         assert cmd in p.stdout
+    p = cli_in_process(capsys, "study", "--help")
+    for cmd in ("create", "run", "ls", "status", "heatmap", "pause", "resume", "cancel"):
+        assert cmd in p.stdout
+
+
+@pytest.mark.parametrize("damage", ["not a database", "newer schema", "read-only", "unreachable server"])
+def test_a_store_that_cannot_be_opened_is_one_line_and_exit_2(tmp_path, damage):
+    """`unlearn study ls --storage X` as a whole process, X broken in each way: one line, exit 2, X untouched."""
+    import sqlite3
+
+    from studies.store import SCHEMA_VERSION, Store
+
+    path = tmp_path / "store.db"
+    url = f"sqlite:///{path}"
+    if damage == "not a database":
+        path.write_text("name,score\nga,0.5\n" * 100)
+    elif damage == "unreachable server":
+        url = "postgresql+psycopg2://lab@127.0.0.1:1/unlearn"
+    else:
+        store = Store(url)
+        store.log("note", "made")
+        store.engine.dispose()  # our connections closed: SQLite folds its -wal file into the store
+        store.write_engine.dispose()
+        if damage == "newer schema":
+            c = sqlite3.connect(path)
+            c.execute("UPDATE ul_meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+            c.commit()
+            c.close()
+        else:
+            path.chmod(0o444)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    try:
+        p = unlearn("study", "ls", "--storage", url, cwd=tmp_path)
+    finally:
+        if path.exists():
+            path.chmod(0o644)
+    assert_one_line_error(p, "error: ")
+    assert p.stdout == ""
+    assert {q.name: q.read_bytes() for q in tmp_path.iterdir()} == files  # nothing written, nothing new
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,65 @@ def test_studies_never_import_the_ui():
     if not folder.is_dir() or not any(folder.rglob("*.py")):
         pytest.skip("studies/ has no Python files yet")
     assert static_violations(folder, STUDIES_FORBIDDEN) == []
+
+
+# ------------------------------------------------------------------ the light read path
+
+HEAVY = ("torch", "transformers", "accelerate", "datasets", "sklearn")
+READ_PROBE = r"""
+import json, os, sys
+from tui.cli import main
+code = 0
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+with open(os.environ["PROBE_REPORT"], "w") as f:
+    json.dump({"code": code, "modules": sorted(sys.modules)}, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def read_store(tmp_path_factory):
+    """A store with a forget set and a study with computed cells, made without loading a model."""
+    from sqlmodel import select
+
+    from studies.forgetsets import create_forget_set
+    from studies.store import Milestone, Run, Store
+    from studies.studies import create_study
+
+    d = tmp_path_factory.mktemp("read")
+    for role in ("forget", "retain", "unseen"):
+        (d / f"{role}.txt").write_text(f"the {role} document, long enough to be a document " * 3)
+    store = Store(f"sqlite:///{d / 'lab.db'}")
+    create_forget_set(store, "fs", [str(d / "forget.txt")], [str(d / "retain.txt")], [str(d / "unseen.txt")])
+    create_study(store, "S", "EleutherAI/pythia-14m", "fs", methods=["ga", "ga_gd"], lrs=[1e-4], steps=[2, 4])
+    with store.write() as s:
+        for run in s.exec(select(Run)).all():
+            run.state = "done"
+            for step in (2, 4):
+                m = {"step": step, "score": 0.5 / step, "forget_gap": 0.5 / step, "retain_drift": 0.0,
+                     "success": False, "diverged": False, "ppl_forget": 2.0, "ppl_retain": 2.0, "ppl_unseen": 2.0,
+                     "mia_auc": {"loss": 0.6}}
+                s.add(Milestone(run_id=run.id, step=step, metrics=m, score=m["score"]))
+    return store.url
+
+
+@pytest.mark.parametrize("argv", [
+    ["study", "ls"], ["study", "ls", "--json"], ["study", "status", "S"], ["study", "status", "S", "--json"],
+    ["study", "heatmap", "S"], ["study", "heatmap", "S", "--json", "--metric", "mia_auc.loss"],
+    ["forgetset", "ls"], ["forgetset", "show", "fs", "--json"], ["export", "S"], ["export", "S", "--format", "json"],
+    ["methods"], ["methods", "--json"], ["--help"], ["study", "--help"],
+], ids=lambda a: " ".join(a))
+def test_read_only_commands_import_no_training_library(argv, read_store, tmp_path):
+    """`unlearn study ls` and every other command that only reads: no torch, transformers,
+    accelerate, datasets or scikit-learn in the process (they cost seconds to import)."""
+    report = tmp_path / "report.json"
+    store_args = ["--storage", read_store] if argv[0] in ("study", "forgetset", "export") and "--help" not in argv else []
+    proc = subprocess.run([sys.executable, "-c", READ_PROBE, *argv, *store_args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PROBE_REPORT": str(report)})
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(report.read_text())
+    assert result["code"] in (0, None), proc.stdout + proc.stderr
+    assert proc.stdout.strip(), "the command printed nothing"
+    assert _hits(result["modules"], HEAVY) == []

@@ -16,12 +16,6 @@ def fmt(x, digits: int = 3) -> str:
     return str(x)
 
 
-def best_milestone(run: dict) -> dict:
-    """The milestone with the lowest score (diverged cells never win)."""
-    scored = [c for c in run["milestones"] if c.get("score") is not None]
-    return min(scored, key=lambda c: c["score"]) if scored else run["milestones"][-1]
-
-
 def metrics_table(title: str, rows: list[tuple[str, str, str, dict]], exact_forget_ppl: float | None = None) -> Table:
     """rows: (label, lr, steps, cell) where cell has M plus optional forget_gap/retain_drift/score/success.
     Compact headers so the table fits 80 columns (a legend goes in the caption)."""

@@ -5,14 +5,11 @@ from typing import List, Optional
 
 import typer
 
-forgetset_app = typer.Typer(help="Named, immutable, content-hashed forget sets (forget / retain / unseen / general).",
-                            no_args_is_help=True)
-
-STORAGE_HELP = "SQLAlchemy URL of the store (default: $UNLEARN_STORAGE_URL or sqlite:///unlearn.db)"
+from tui.commands.common import Json, Storage, lab
 
 
-@forgetset_app.command("create")
 def create_cmd(
+    ctx: typer.Context,
     name: str = typer.Argument(..., help="unique name"),
     forget: List[str] = typer.Option(..., "--forget", help="source(s) of U: files, folders, globs, hf:NAME[:CONFIG]/SPLIT[#col]"),
     retain: List[str] = typer.Option(..., "--retain", help="in-domain text the model must keep"),
@@ -22,31 +19,33 @@ def create_cmd(
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="model/tokenizer to count chunks with"),
     text_field: str = typer.Option("text", "--text-field", help="field of .jsonl/.json rows"),
     column: Optional[str] = typer.Option(None, "--column", help="column of .csv/.parquet (default: --text-field)"),
-    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
-    as_json: bool = typer.Option(False, "--json"),
+    storage: Storage = None,
+    as_json: Json = False,
 ):
     """Read the sources, hash the texts and store them (the set never changes after)."""
     from studies.forgetsets import create_forget_set, describe
-    from studies.store import open_store
     from tui.console import emit_json, out
 
-    fs = create_forget_set(open_store(storage), name, forget, retain, unseen, general, text_field, column, seq_len, tokenizer)
+    fs = create_forget_set(lab(ctx).store(create=True), name, forget, retain, unseen, general, text_field, column,
+                           seq_len, tokenizer)
     if as_json:
         return emit_json(describe(fs))
     out.print(f"forget set [bold]{fs.name}[/] {fs.hash[:12]}: " + ", ".join(f"{k} {v}" for k, v in fs.counts.items())
               + " documents" + (f"; chunks {fs.chunks}" if fs.chunks else ""))
 
 
-@forgetset_app.command("ls")
-def ls_cmd(storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP), as_json: bool = typer.Option(False, "--json")):
+def ls_cmd(ctx: typer.Context, storage: Storage = None, as_json: Json = False):
     """List forget sets."""
     from rich.table import Table
 
     from studies.forgetsets import describe, list_forget_sets
-    from studies.store import open_store
+    from studies.store import StoreMissing
     from tui.console import emit_json, out
 
-    rows = [describe(fs) for fs in list_forget_sets(open_store(storage))]
+    try:
+        rows = [describe(fs) for fs in list_forget_sets(lab(ctx).store())]
+    except StoreMissing:  # nothing created yet: an empty list, and no file made for it
+        rows = []
     if as_json:
         return emit_json(rows)
     t = Table(header_style="bold", box=None)
@@ -58,15 +57,12 @@ def ls_cmd(storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE
     out.print(t if rows else "no forget sets yet: unlearn forgetset create NAME --forget ... --retain ... --unseen ...")
 
 
-@forgetset_app.command("show")
-def show_cmd(name: str = typer.Argument(...), storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
-             as_json: bool = typer.Option(False, "--json")):
+def show_cmd(ctx: typer.Context, name: str = typer.Argument(...), storage: Storage = None, as_json: Json = False):
     """Show one forget set: hash, sources, document and chunk counts."""
     from studies.forgetsets import describe
-    from studies.store import open_store
     from tui.console import emit_json, out
 
-    info = describe(open_store(storage).forget_set(name))
+    info = describe(lab(ctx).store().forget_set(name))
     if as_json:
         return emit_json(info)
     out.print(f"[bold]{info['name']}[/]  sha256 {info['hash']}")

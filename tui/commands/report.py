@@ -1,5 +1,6 @@
-"""`status`, `heatmap`, `ls` and `export`: reading a study (plain Typer command functions; tui/cli.py
-registers them). stdout holds only JSON/YAML when asked for; messages go to stderr."""
+"""`study status|heatmap|ls` and `export`: reading a study (plain Typer command functions; tui/cli.py
+registers them). stdout holds only JSON/YAML when asked for; messages go to stderr. None of these
+imports torch or the other training libraries (the light read path; a test proves it)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,15 +8,10 @@ from typing import Optional
 
 import typer
 
-STORAGE_HELP = "SQLAlchemy URL of the store (default: $UNLEARN_STORAGE_URL or sqlite:///unlearn.db)"
+from tui.commands.common import Json, Storage, lab
+
 METRIC_HELP = ("score | forget_gap | retain_drift | ppl_forget | ppl_retain | ppl_unseen | ppl_general | "
                "mia_auc.loss | mia_auc.zlib | mia_auc.min_k | mia_auc.min_k_pp")
-
-
-def _store(storage: Optional[str]):
-    from studies.store import open_store
-
-    return open_store(storage)
 
 
 def _age(seconds: Optional[float]) -> str:
@@ -28,16 +24,13 @@ def _age(seconds: Optional[float]) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def status_cmd(
-    name: str = typer.Argument(..., help="study name"),
-    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
-    as_json: bool = typer.Option(False, "--json", help="print the status as JSON on stdout"),
-):
+def status_cmd(ctx: typer.Context, name: str = typer.Argument(..., help="study name"), storage: Storage = None,
+               as_json: Json = False):
     """Where a study stands: cells and runs, running runs, robustness and best cell per method, errors."""
     from studies.status import study_status
     from tui.console import emit_json, out
 
-    st = study_status(_store(storage), name)
+    st = study_status(lab(ctx).store(), name)
     if as_json:
         return emit_json(st)
     out.print(status_renderable(st))
@@ -98,11 +91,12 @@ def status_renderable(st: dict):
 
 
 def heatmap_cmd(
+    ctx: typer.Context,
     name: str = typer.Argument(..., help="study name"),
     metric: str = typer.Option("score", "--metric", help=METRIC_HELP),
     method: Optional[str] = typer.Option(None, "--method", help="only this method"),
-    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
-    as_json: bool = typer.Option(False, "--json", help="print the grids as JSON on stdout"),
+    storage: Storage = None,
+    as_json: Json = False,
 ):
     """lr × steps heatmap of one metric per method, with success marks and robustness."""
     from engine.errors import UnlearnError
@@ -111,7 +105,7 @@ def heatmap_cmd(
     from tui.heatmap import render_heatmaps
 
     check_metric(metric)
-    store = _store(storage)
+    store = lab(ctx).store()
     cells = load_cells(store, store.study(name))
     if method is not None and method not in {c.method for c in cells}:
         raise UnlearnError(f"study {name!r} has no method {method!r}; its methods: "
@@ -125,34 +119,37 @@ def heatmap_cmd(
     out.print(render_heatmaps(cells, metric, method, title=f"study {name}: {metric}"))
 
 
-def ls_cmd(
-    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
-    as_json: bool = typer.Option(False, "--json", help="print a JSON list on stdout"),
-):
+def ls_cmd(ctx: typer.Context, storage: Storage = None, as_json: Json = False):
     """Every study in the store: state, model, forget set, cells done, robustness per method."""
     from rich import box
     from rich.table import Table
 
     from studies.status import list_studies
+    from studies.store import StoreMissing
     from tui.console import emit_json, out
+    from tui.heatmap import fmt_value
 
-    rows = list_studies(_store(storage))
+    try:
+        rows = list_studies(lab(ctx).store())
+    except StoreMissing:  # nothing created yet: an empty list, and no file made for it
+        rows = []
     if as_json:
         return emit_json(rows)
     if not rows:
         out.print("no studies yet")
         return
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for col in ("study", "state", "model", "forget set", "cells", "robustness"):
+    for col in ("study", "state", "model", "forget set", "cells", "best", "robustness"):
         t.add_column(col, overflow="fold")
     for r in rows:
         rob = " ".join(f"{m} {v:.0%}" for m, v in r["robustness"].items()) or "—"
         t.add_row(r["name"], r["state"], Path(r["model"]).name or r["model"], r["forget_set"]["name"],
-                  f"{r['cells']['done']}/{r['cells']['total']}", rob)
+                  f"{r['cells']['done']}/{r['cells']['total']}", fmt_value(r["best_score"]), rob)
     out.print(t)
 
 
 def export_cmd(
+    ctx: typer.Context,
     name: str = typer.Argument(..., help="study name"),
     method: Optional[str] = typer.Option(None, "--method", help="only this method"),
     pareto: bool = typer.Option(False, "--pareto", help="every cell of the Pareto front of forget_gap × retain_drift"),
@@ -160,17 +157,18 @@ def export_cmd(
     out_file: Optional[Path] = typer.Option(None, "--out", help="write here (atomically) instead of stdout"),
     save_model: Optional[Path] = typer.Option(None, "--save-model", help="rerun each exported cell and save the model + card under DIR/<method>"),
     device: str = typer.Option("auto", "--device", help="device for --save-model: auto, cpu or cuda[:N]"),
-    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+    storage: Storage = None,
 ):
     """Export the best configuration per method (or the Pareto front) with the command that reproduces it."""
     from engine.errors import UnlearnError
-    from studies.export import export_best, save_model as save, to_json, to_yaml, write_atomic
+    from engine.files import write_text_atomic
+    from studies.export import export_best, save_model as save, to_json, to_yaml
     from tui.console import err, step_progress
 
     fmt = fmt.lower()
     if fmt not in ("yaml", "json"):
         raise UnlearnError(f"--format must be yaml or json, not {fmt!r}")
-    store = _store(storage)
+    store = lab(ctx).store()
     entries = export_best(store, name, method=method, pareto=pareto)
     text = to_json(entries) if fmt == "json" else to_yaml(entries)
     if save_model is not None:
@@ -180,7 +178,7 @@ def export_cmd(
             note = "" if saved["matches"] else f" (score {saved['score']} differs from the study's {e['score']}: device {saved['device']})"
             err.print(f"saved {saved['path']}{note}", markup=False, highlight=False)
     if out_file is not None:
-        write_atomic(out_file, text)
+        write_text_atomic(out_file, text)
         err.print(f"wrote {len(entries)} configuration(s) to {out_file}", markup=False, highlight=False)
     else:
         import sys

@@ -1,14 +1,11 @@
-"""`unlearn study create|run|ls|status|heatmap|pause|resume|cancel` and `unlearn worker`."""
+"""`unlearn study create|run|pause|resume|cancel` and `unlearn worker` (tui/cli.py assembles the group)."""
 from __future__ import annotations
 
 from typing import Optional
 
 import typer
 
-from tui.commands.forgetset import STORAGE_HELP
-
-study_app = typer.Typer(help="Optuna studies over method × learning rate × steps, run by per-GPU workers.",
-                        no_args_is_help=True)
+from tui.commands.common import Json, Storage, lab, run_settings_options
 
 
 def _floats(text: str, flag: str) -> list[float]:
@@ -20,8 +17,9 @@ def _floats(text: str, flag: str) -> list[float]:
         raise UnlearnError(f"{flag} takes comma-separated numbers, not {text!r}") from None
 
 
-@study_app.command("create")
+@run_settings_options
 def create_cmd(
+    ctx: typer.Context,
     name: str = typer.Argument(..., help="unique study name (also the Optuna study name)"),
     model: str = typer.Option(..., "--model", help="local folder or Hugging Face id"),
     forget_set: str = typer.Option(..., "--forget-set", help="name of a stored forget set"),
@@ -31,19 +29,16 @@ def create_cmd(
     sampler: str = typer.Option("grid", "--sampler", help="grid (every method × lr) or tpe (Optuna's TPE over method × lr)"),
     trials: Optional[int] = typer.Option(None, "--trials", help="tpe: (method, lr) runs to sample; each gives one trial per milestone"),
     steps: str = typer.Option(..., "--steps", help="milestones, e.g. 5,10,20,40 (one run per method × lr covers them all)"),
-    seed: int = typer.Option(0, "--seed"),
-    tol_forget: float = typer.Option(0.10, "--tol-forget", help="success: forget_gap ≤ ln(1+tol)"),
-    tol_retain: float = typer.Option(0.05, "--tol-retain", help="success: retain_drift ≤ ln(1+tol)"),
-    batch_size: int = typer.Option(4, "--batch-size"),
-    warmup: int = typer.Option(0, "--warmup", help="warm-up steps, then constant lr (keeps prefix sharing)"),
     max_attempts: int = typer.Option(2, "--max-attempts", help="attempts per run before it is failed"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
-    as_json: bool = typer.Option(False, "--json"),
+    storage: Storage = None,
+    as_json: Json = False,
+    given_settings: dict = None,
 ):
-    """Create a study: the Optuna study and one run per (method, lr) in the store."""
+    """Create a study: the Optuna study and one run per (method, lr) in the store. Every run setting
+    not given takes its default, except --seq-len, which defaults to the forget set's."""
     from engine.errors import UnlearnError
-    from studies.store import open_store
+    from studies.spec import StudySpec
     from studies.studies import create_study
     from tui.console import emit_json, out, parse_steps
 
@@ -58,13 +53,10 @@ def create_cmd(
         raise UnlearnError("give --lr (grid) or --lr-range (tpe), not both")
     if rng and sampler == "grid":
         sampler = "tpe"
-    store = open_store(storage)
-    study = create_study(store, name, model, forget_set, methods=[m.strip() for m in methods.split(",") if m.strip()],
-                         lrs=lrs, lr_range=rng, sampler=sampler, trials=trials, steps=parse_steps(steps), seed=seed,
-                         tol_forget=tol_forget, tol_retain=tol_retain, batch_size=batch_size, warmup_steps=warmup,
-                         max_attempts=max_attempts, trust_remote_code=trust_remote_code)
-    from studies.spec import StudySpec
-
+    study = create_study(lab(ctx).store(), name, model, forget_set,
+                         methods=[m.strip() for m in methods.split(",") if m.strip()], lrs=lrs, lr_range=rng,
+                         sampler=sampler, trials=trials, steps=parse_steps(steps), max_attempts=max_attempts,
+                         trust_remote_code=trust_remote_code, **given_settings)
     spec = StudySpec.from_dict(study.spec)
     info = {"name": study.name, "runs": spec.total_runs, "cells": spec.total_runs * len(spec.steps), "spec": study.spec}
     if as_json:
@@ -72,22 +64,27 @@ def create_cmd(
     out.print(f"study [bold]{study.name}[/]: {info['runs']} runs → {info['cells']} cells. Start it: unlearn study run {study.name}")
 
 
-@study_app.command("run")
 def run_cmd(
+    ctx: typer.Context,
     name: str = typer.Argument(...),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU indices, one worker each (e.g. 0,1)"),
     workers: Optional[int] = typer.Option(None, "--workers", help="CPU workers (when there is no GPU)"),
     detach: bool = typer.Option(False, "--detach", help="return at once; the scheduler outlives the terminal and SSH"),
-    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+    retry_failed: bool = typer.Option(True, "--retry-failed/--no-retry-failed",
+                                      help="give runs that failed a fresh attempt budget"),
+    storage: Storage = None,
 ):
     """Run (or resume) a study: a fresh subprocess per run, one per worker slot; finished cells are never recomputed."""
-    from studies.scheduler import WorkerPool, detach as detach_scheduler, parse_slots, start_study
-    from studies.store import open_store
+    from studies.scheduler import WorkerPool, detach as detach_scheduler, parse_slots
+    from studies.studies import resume_study
     from tui.console import err, out
 
-    store = open_store(storage)
+    store = lab(ctx).store()
     slots = parse_slots(gpus, workers)
-    start_study(store, name)
+    resumed = resume_study(store, name, retry_failed=retry_failed)
+    if not resumed.running:
+        out.print(resumed.message, markup=False, highlight=False)
+        return
     if detach:
         pid, log = detach_scheduler(store, name, slots)
         out.print(f"scheduler pid {pid} runs study {name} on {', '.join(slots)}; log {log}. Follow it: unlearn study status {name}")
@@ -106,45 +103,59 @@ def run_cmd(
     out.print(f"study {name}: {st.state}; {summary['spawned']} run processes, {summary['retried']} retried, {summary['failed']} failed")
 
 
-def _set(name: str, state: str, storage: Optional[str]):
-    from studies.store import open_store
+def pause_cmd(ctx: typer.Context, name: str = typer.Argument(...), storage: Storage = None):
+    """Stop handing out new runs (running ones finish)."""
     from studies.studies import set_state
     from tui.console import out
 
-    st = set_state(open_store(storage), name, state)
+    st = set_state(lab(ctx).store(), name, "paused")
     out.print(f"study {st.name}: {st.state}")
 
 
-@study_app.command("pause")
-def pause_cmd(name: str = typer.Argument(...), storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP)):
-    """Stop handing out new runs (running ones finish)."""
-    _set(name, "paused", storage)
+def resume_cmd(
+    ctx: typer.Context,
+    name: str = typer.Argument(...),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="also give runs that failed a fresh attempt budget"),
+    storage: Storage = None,
+):
+    """Hand out runs again. A running scheduler picks them up; else start one (`unlearn study run NAME`).
+    A finished study stays finished unless --retry-failed has failed runs to retry."""
+    from studies.status import age_s
+    from studies.studies import resume_study
+    from tui.console import out
+
+    resumed = resume_study(lab(ctx).store(), name, retry_failed=retry_failed)
+    message = resumed.message
+    if resumed.running:
+        age = age_s(resumed.study.scheduler_heartbeat)
+        if age is None or age > lab(ctx).settings.heartbeat_timeout:
+            message += f"; no scheduler serves it: start one with `unlearn study run {name}` (--detach to leave it running)"
+        else:
+            message += f"; scheduler pid {resumed.study.scheduler_pid} on {resumed.study.scheduler_host} picks its runs up"
+    out.print(message, markup=False, highlight=False)
 
 
-@study_app.command("resume")
-def resume_cmd(name: str = typer.Argument(...), storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP)):
-    """Hand out runs again (a scheduler still running picks them up; else `unlearn study run NAME`)."""
-    _set(name, "running", storage)
-
-
-@study_app.command("cancel")
-def cancel_cmd(name: str = typer.Argument(...), storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP)):
+def cancel_cmd(ctx: typer.Context, name: str = typer.Argument(...), storage: Storage = None):
     """Cancel: pending runs are dropped, running ones stopped; written cells stay."""
-    _set(name, "cancelled", storage)
+    from studies.studies import set_state
+    from tui.console import out
+
+    st = set_state(lab(ctx).store(), name, "cancelled")
+    out.print(f"study {st.name}: {st.state}")
 
 
 def worker_cmd(
-    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+    ctx: typer.Context,
     study: Optional[str] = typer.Option(None, "--study", help="serve only this study (default: every running study)"),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU indices, one worker each"),
     workers: Optional[int] = typer.Option(None, "--workers", help="CPU workers"),
+    storage: Storage = None,
 ):
     """Join studies from this node: claim runs from the shared store until none is left (Optuna's shared-RDB pattern)."""
     from studies.scheduler import WorkerPool, parse_slots
-    from studies.store import open_store
     from tui.console import out
 
-    store = open_store(storage)
+    store = lab(ctx).store()
     if study:
         store.study(study)  # fail fast on a typo
     summary = WorkerPool(store, parse_slots(gpus, workers), [study] if study else None).serve()

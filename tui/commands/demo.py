@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from tui.commands.common import Json
 from tui.console import emit_json, err, out
 
 
@@ -13,7 +14,7 @@ def demo_cmd(
     quick: bool = typer.Option(False, "--quick", help="a smaller corpus, model and grid: ≤ 2 minutes on 2 CPU cores"),
     workspace: Path = typer.Option(Path("unlearn-demo"), "--workspace", help="where data, tokenizer, models and the study store are built (and reused)"),
     workers: int = typer.Option(2, "--workers", help="CPU worker processes for the demo study"),
-    as_json: bool = typer.Option(False, "--json", help="print the results as JSON on stdout"),
+    as_json: Json = False,
 ):
     """Build a synthetic corpus and a tiny Llama that memorized it (plus its exactly retrained twin), register the
     forget set, and sweep the seven methods of Yao et al. (2024) over lr × steps in a study run by CPU workers.
@@ -25,7 +26,7 @@ def demo_cmd(
     from studies.demo_study import run_demo
     from studies.grid import load_cells, robustness
     from tui.heatmap import render_heatmaps
-    from tui.render import best_milestone, fmt, metrics_table
+    from tui.render import fmt, metrics_table
 
     if workers < 1:
         raise UnlearnError("--workers must be at least 1")
@@ -50,9 +51,10 @@ def demo_cmd(
     if as_json:
         return emit_json(result)
     rows = [("original θ0", "", "0", result["original"]), ("retrained", "", "", result["retrained"])]
-    for run in result["runs"]:
-        c = best_milestone(run)
-        rows.append((run["method"], f"{run['lr']:.0e}", f"{c['step']}", c))
+    for run in result["runs"]:  # each method's best cell (studies.grid.best_cell), or its last if none counts
+        by_step = {c["step"]: c for c in run["milestones"]}
+        c = by_step.get(run["best_step"]) or (run["milestones"][-1] if run["milestones"] else {})
+        rows.append((run["method"], f"{run['lr']:.0e}", str(c.get("step", "—")), c))
     out.print(metrics_table(f"unlearn demo ({recipe.name}): best cell of each method", rows,
                             exact_forget_ppl=result["retrained"]["ppl_forget"]))
     from studies.demo_study import demo_store

@@ -1,0 +1,92 @@
+"""What the commands share: the `--storage` option (declared here once), the settings and store it
+resolves to, and the run-settings options that `unlearn run` and `unlearn study create` derive
+from `engine.config.RunSettings`.
+
+Imports nothing heavy: every read-only command goes through here (the light read path)."""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+
+from engine.config import settings_fields
+
+if TYPE_CHECKING:
+    from engine.settings import Settings
+    from studies.store import Store
+
+STORAGE_HELP = ("SQLAlchemy URL of the store (default: $UNLEARN_STORAGE_URL, then .env, then sqlite:///unlearn.db). "
+                "Put a password in UNLEARN_STORAGE_URL or .env, not on the command line")
+
+
+class Lab:
+    """What a command needs from outside itself, resolved once per invocation: the settings
+    (flags, then UNLEARN_* variables, then .env) and the store they name."""
+
+    def __init__(self) -> None:
+        self.storage_flag: Optional[str] = None
+        self._settings: Optional[Settings] = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            from engine.settings import Settings
+
+            given = {"storage_url": self.storage_flag} if self.storage_flag else {}
+            self._settings = Settings(**given)
+        return self._settings
+
+    def store(self, create: bool = False) -> Store:
+        """The store; `create` only for commands that may start a new one (`forgetset create`)."""
+        from studies.store import Store
+
+        return Store(self.settings.storage_url, create=create)
+
+
+def lab(ctx: typer.Context) -> Lab:
+    root = ctx.find_root()
+    if not isinstance(root.obj, Lab):
+        root.obj = Lab()
+    return root.obj
+
+
+def _take_storage(ctx: typer.Context, value: Optional[str]) -> Optional[str]:
+    if value:
+        lab(ctx).storage_flag = value
+    return value
+
+
+# The one declaration of --storage: a command that reads or writes the store takes
+# `storage: Storage = None` (and `ctx: typer.Context`) and asks `lab(ctx).store()` for it.
+Storage = Annotated[Optional[str], typer.Option("--storage", help=STORAGE_HELP, callback=_take_storage,
+                                                show_default=False)]
+Json = Annotated[bool, typer.Option("--json", help="print JSON on stdout (and nothing else there)")]
+
+
+def run_settings_options(func):
+    """Give a Typer command one option per RunSettings field (flag and help from the field's
+    metadata), and hand it `given_settings`: a dict of the ones given on the command line.
+
+    The command decides what an absent flag means (the RunSettings default for `unlearn run`; for
+    `study create` the forget set's own seq_len), which is why absent flags are not filled in here."""
+    sig = inspect.signature(func, eval_str=True)
+    params = [p for p in sig.parameters.values() if p.name != "given_settings"]
+    extra = []
+    for f in settings_fields():
+        kind = int if f.type in ("int", int) else float
+        default = "the method's own" if f.default is None else repr(f.default)
+        extra.append(inspect.Parameter(
+            f"rs_{f.name}", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
+            default=typer.Option(None, f.metadata["flag"], help=f"{f.metadata['help']}  [default: {default}]",
+                                 show_default=False)))
+
+    @functools.wraps(func)
+    def command(*args, **kwargs):
+        given = {f.name: v for f in settings_fields() if (v := kwargs.pop(f"rs_{f.name}")) is not None}
+        return func(*args, given_settings=given, **kwargs)
+
+    command.__signature__ = sig.replace(parameters=params + extra)
+    command.__annotations__ = {p.name: p.annotation for p in params + extra}
+    return command

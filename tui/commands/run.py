@@ -1,0 +1,69 @@
+"""`unlearn methods` and `unlearn run`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from tui.commands.common import Json, run_settings_options
+
+
+def methods_cmd(as_json: Json = False):
+    """List the unlearning methods: forget term + weight × retain term, and the retain source."""
+    from rich.table import Table
+
+    from engine.methods import list_methods
+    from tui.console import emit_json, out
+
+    rows = [m.describe() for m in list_methods()]
+    if as_json:
+        return emit_json(rows)
+    t = Table(title="unlearning methods", header_style="bold")
+    for col in ("id", "forget term", "retain term", "retain source", "description"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["id"], r["forget_term"], r["retain_term"] or "—", r["retain_source"] or "—", r["description"])
+    out.print(t)
+
+
+@run_settings_options
+def run_cmd(
+    model: str = typer.Option(..., "--model", help="local folder or Hugging Face id of a causal LM"),
+    forget: List[str] = typer.Option(..., "--forget", help="source(s) of the forget set U (repeat the flag)"),
+    retain: List[str] = typer.Option(..., "--retain", help="in-domain text the model must keep"),
+    unseen: List[str] = typer.Option(..., "--unseen", help="in-domain text the model never saw (the retraining reference)"),
+    general: Optional[List[str]] = typer.Option(None, "--general", help="out-of-domain text (for *_general methods)"),
+    method: str = typer.Option(..., "--method", help="method id (see `unlearn methods`)"),
+    lr: str = typer.Option(..., "--lr", help="learning rate (> 0)"),
+    steps: str = typer.Option(..., "--steps", help="milestones, e.g. 5,10,20: trains to the largest, evaluates at each"),
+    text_field: str = typer.Option("text", "--text-field", help="field of .jsonl/.json rows"),
+    column: Optional[str] = typer.Option(None, "--column", help="column of .csv/.parquet (default: --text-field)"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow the model repo's own Python code"),
+    save_model: Optional[Path] = typer.Option(None, "--save-model", help="save the unlearned model here (save_pretrained)"),
+    as_json: Json = False,
+    given_settings: dict = None,
+):
+    """Unlearn with one method at one learning rate; evaluate at every milestone of --steps."""
+    from engine.config import RunConfig, RunSettings
+    from engine.data import load_forget_set
+    from engine.run import is_main_process, run_unlearning
+    from engine.settings import Settings
+    from tui.console import emit_json, out, parse_lr, parse_steps, step_progress
+
+    cfg = RunConfig.of(method, parse_lr(lr), parse_steps(steps), RunSettings(**given_settings)).validate()
+    texts = load_forget_set(forget, retain, unseen, general or [], text_field=text_field, column=column)
+    with step_progress(f"{method} lr={cfg.lr:g}", cfg.milestones[-1]) as on_step:
+        result = run_unlearning(model, texts, cfg, device=device, cache_dir=Settings().baseline_cache,
+                                trust_remote_code=trust_remote_code, on_step=on_step, save_to=save_model)
+    if not is_main_process():  # `accelerate launch`: one report, from the main process
+        return
+    if as_json:
+        return emit_json(result)
+    from tui.render import run_table
+
+    out.print(run_table(result))
+    c = result["cost"]
+    out.print(f"{c['train_tokens']} train tokens, {c['wall_seconds']:.1f} s on {result['device']}, {c['flops']:.3g} FLOPs"
+              + (f"  (diverged: {result['reason']})" if result["diverged"] else ""))
