@@ -1,34 +1,58 @@
 """Prefix sharing, measured: one run to the last milestone vs one run per (lr, steps) cell.
 
-    python bench/prefix_sharing.py [--workspace unlearn-demo-quick] [--method ga_gd] [--steps 5,10,20,40]
+    python bench/prefix_sharing.py [--workspace unlearn-demo-quick] [--method ga_gd] [--steps 5,10,20,40] [--json]
 
 Builds (or reuses) the quick demo workspace, then times, side by side in one process:
   shared: one run that trains to max(steps) and evaluates at every milestone (what a study does);
   naive:  one fresh run per milestone, each trained from θ0 to that step.
-It prints both wall times, their ratio and train-token counts, and checks that every cell's
-score is identical both ways (the prefix property that makes sharing exact on CPU).
+It passes when every cell has a score both ways and the scores are identical (the prefix property,
+exact on CPU), and when each naive run's losses are the shared run's first steps, bit for bit (so the
+shared run computed no step twice and skipped none). It prints both wall times and their ratio; with --json its last line is
+{"name", "ratio", "target", "pass", ...}. It exits 1 when it does not pass.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from engine.data import chunk_forget_set, load_forget_set
-from engine.demo import QUICK, build_workspace, demo_sources
-from engine.models import load_tokenizer
-from engine.run import RunConfig, run_unlearning
+
+def compare_cells(steps: list[int], shared: list[dict], naive: dict[int, dict]) -> list[str]:
+    """The problems that stop the check passing (empty: it passes). Cells are matched by step, so
+    the order of --steps does not matter; a cell without a score on either side (diverged) is a
+    problem, never "identical"."""
+    problems = []
+    by_step = {c["step"]: c for c in shared}
+    for step in sorted(set(steps)):
+        a, b = by_step.get(step), naive.get(step)
+        if a is None or b is None:
+            problems.append(f"step {step}: missing from the {'shared' if a is None else 'naive'} run")
+        elif a.get("score") is None or b.get("score") is None:
+            problems.append(f"step {step}: no score to compare (diverged: shared {a.get('diverged')}, naive {b.get('diverged')})")
+        elif a["score"] != b["score"]:
+            problems.append(f"step {step}: scores differ, shared {a['score']!r} vs naive {b['score']!r}")
+    return problems
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workspace", type=Path, default=Path("unlearn-demo-quick"))
     p.add_argument("--method", default="ga_gd")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--steps", default="5,10,20,40")
-    a = p.parse_args()
-    steps = [int(s) for s in a.steps.split(",")]
+    p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+    a = p.parse_args(argv)
+    steps = sorted({int(s) for s in a.steps.split(",") if s.strip()})
+
+    from engine.config import RunConfig
+    from engine.data import chunk_forget_set, load_forget_set
+    from engine.demo import QUICK, build_workspace, demo_sources
+    from engine.models import load_tokenizer
+    from engine.run import run_unlearning
+
     ws = a.workspace.resolve()
     build_workspace(ws, QUICK)
     src = demo_sources(ws)
@@ -37,7 +61,8 @@ def main() -> None:
     cache = Path(tempfile.mkdtemp(prefix="bench-cache-"))
 
     def run(milestones):
-        cfg = RunConfig(method=a.method, lr=a.lr, milestones=milestones, batch_size=QUICK.run_batch_size, seq_len=QUICK.seq_len)
+        cfg = RunConfig(method=a.method, lr=a.lr, milestones=tuple(milestones), batch_size=QUICK.run_batch_size,
+                        seq_len=QUICK.seq_len)
         return run_unlearning(str(ws / "model"), texts, cfg, device="cpu", cache_dir=cache, sets=sets)
 
     run([1])  # warm the baseline cache and the allocator so neither side pays for them
@@ -45,17 +70,31 @@ def main() -> None:
     shared = run(steps)
     t_shared = time.perf_counter() - t0
     t0 = time.perf_counter()
-    naive = [run([s]) for s in steps]
+    naive = {s: run([s]) for s in steps}
     t_naive = time.perf_counter() - t0
 
-    same = all(n["milestones"][0]["score"] == c["score"] for n, c in zip(naive, shared["milestones"]))
+    problems = compare_cells(steps, shared["milestones"], {s: r["milestones"][0] for s, r in naive.items()})
+    for s, r in naive.items():  # the naive run to s took exactly the shared run's first s steps
+        if r["losses"] != shared["losses"][:s]:
+            problems.append(f"step {s}: the run to {s} steps did not retrace the shared run's first {s} losses")
     tok_shared = shared["cost"]["train_tokens"]
-    tok_naive = sum(n["cost"]["train_tokens"] for n in naive)
+    tok_naive = sum(r["cost"]["train_tokens"] for r in naive.values())
+    theory = sum(steps) / max(steps)  # optimizer steps of the naive side over the shared side's
+    ok = not problems
     print(f"{a.method} lr={a.lr:g} milestones {steps} on the quick demo model (CPU)")
     print(f"  shared (one run):       {t_shared:7.2f} s  {tok_shared:>9} train tokens  {max(steps)} steps")
     print(f"  naive (run per cell):   {t_naive:7.2f} s  {tok_naive:>9} train tokens  {sum(steps)} steps")
-    print(f"  speed-up {t_naive / t_shared:.2f}x, train tokens {tok_naive / tok_shared:.2f}x; identical scores: {same}")
+    print(f"  speed-up {t_naive / t_shared:.2f}x (optimizer steps {theory:.2f}x; evaluation is the same both ways), "
+          f"train tokens {tok_naive / tok_shared:.2f}x; identical cells: {ok}")
+    for line in problems:
+        print(f"  FAIL {line}")
+    if a.json:
+        print(json.dumps({"name": "prefix_sharing", "ratio": t_naive / t_shared, "target": None, "pass": ok,
+                          "token_ratio": tok_naive / tok_shared, "step_ratio": theory,
+                          "seconds_shared": t_shared, "seconds_naive": t_naive, "steps": steps,
+                          "method": a.method, "lr": a.lr, "problems": problems}))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

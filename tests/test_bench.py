@@ -1,0 +1,36 @@
+"""The benchmarks' own checks can fail: bench/prefix_sharing.py matches cells by step (any order of
+--steps) and never counts two cells without a score as identical."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cell(step, score, diverged=False):
+    return {"step": step, "score": score, "diverged": diverged}
+
+
+def test_prefix_sharing_matches_cells_by_step():
+    compare = load("prefix_sharing").compare_cells
+    shared = [cell(5, 0.5), cell(10, 0.4), cell(20, 0.3)]
+    naive = {20: cell(20, 0.3), 5: cell(5, 0.5), 10: cell(10, 0.4)}
+    assert compare([20, 5, 10], shared, naive) == []
+    assert compare([20, 5, 10], shared, {**naive, 10: cell(10, 0.41)}) == [
+        "step 10: scores differ, shared 0.4 vs naive 0.41"]
+
+
+def test_prefix_sharing_never_calls_diverged_cells_identical():
+    compare = load("prefix_sharing").compare_cells
+    shared = [cell(5, 0.5), cell(10, None, True)]
+    problems = compare([5, 10], shared, {5: cell(5, 0.5), 10: cell(10, None, True)})
+    assert len(problems) == 1 and problems[0].startswith("step 10: no score to compare")
+    assert compare([5, 10], shared[:1], {5: cell(5, 0.5), 10: cell(10, 0.2)}) == ["step 10: missing from the shared run"]
