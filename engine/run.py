@@ -54,7 +54,7 @@ def autocast_for(device: torch.device) -> Callable[[], contextlib.AbstractContex
 
 
 def constant_after_warmup(warmup_steps: int) -> Callable[[int], float]:
-    """The lr multiplier after optimizer step i (0-based): a linear warm-up over `warmup_steps`,
+    """The lr multiplier of optimizer step i (0-based): a linear warm-up over `warmup_steps`,
     then 1. It never looks at the total step count, which is what keeps prefix sharing exact."""
     return lambda i: min(1.0, (i + 1) / warmup_steps) if warmup_steps else 1.0
 

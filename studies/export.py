@@ -22,6 +22,7 @@ from typing import Callable, Optional
 from engine.errors import UnlearnError
 from studies.grid import Cell, best_cell, load_cells, pareto as pareto_front
 from studies.spec import StudySpec
+from studies.states import CellStatus
 from studies.store import ForgetSet, Store, Study
 
 def hyperparameters(spec: StudySpec, method: str, lr: float) -> dict:
@@ -86,7 +87,7 @@ def export_best(store: Store, name: str, method: Optional[str] = None, pareto: b
         raise UnlearnError(f"study {name!r} has no method {method!r}; its methods: {', '.join(spec.methods)}")
     if not any(c.computed for c in cells):
         raise UnlearnError(f"study {name!r} has no computed cells yet: nothing to export"
-                           if not any(c.status == "diverged" for c in cells)
+                           if not any(c.status == CellStatus.DIVERGED for c in cells)
                            else f"study {name!r}: every computed cell diverged, nothing to export")
     entries = []
     for m in ([method] if method else spec.methods):

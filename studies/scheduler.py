@@ -389,7 +389,7 @@ class WorkerPool:
             if child.study_id in cancelled:
                 self._stop_child(child)
                 del self.children[key]
-                self._settle(child.run_id, "cancelled", child.attempt)
+                self._settle(child.run_id, "the study was cancelled", child.attempt)
 
     def _shutdown(self) -> None:
         """Interrupted: stop our runs and give them back, the attempt not counted against them."""

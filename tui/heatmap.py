@@ -21,9 +21,11 @@ from rich.text import Text
 
 from engine.errors import UnlearnError
 from studies.grid import Cell, Grid, check_metric, grids
+from studies.states import CellStatus
 
-MARKS = {"pending": ("·", "dim"), "running": ("…", "bold yellow"), "failed": ("✗", "bold magenta"),
-         "cancelled": ("–", "dim"), "diverged": ("div", "bold red")}
+MARKS = {CellStatus.PENDING: ("·", "dim"), CellStatus.RUNNING: ("…", "bold yellow"),
+         CellStatus.FAILED: ("✗", "bold magenta"), CellStatus.CANCELLED: ("–", "dim"),
+         CellStatus.DIVERGED: ("div", "bold red")}
 SUCCESS = "✓"
 
 
@@ -105,9 +107,9 @@ class Heatmap:
 
     def _cell_text(self, c: Optional[Cell]) -> Text:
         if c is None:
-            mark, style = MARKS["pending"]
+            mark, style = MARKS[CellStatus.PENDING]
             return Text(mark, style=style, justify="center")
-        if c.status != "done":
+        if c.status != CellStatus.DONE:
             mark, style = MARKS.get(c.status, ("?", ""))
             return Text(mark, style=style, justify="center")
         v = c.value(self.metric)
@@ -138,9 +140,9 @@ class Heatmap:
                  else "|drift| lower = greener" if self.metric == "retain_drift"
                  else "closer to 0.5 = greener" if self.metric.startswith("mia")
                  else "log scale, lower = greener" if self.metric == "ppl_retain" else "log scale")
-        return Text.assemble(f"{SUCCESS} success  ", ("div", MARKS["diverged"][1]), " diverged  ",
-                             ("…", MARKS["running"][1]), " running  ", ("·", "dim"), " pending  ",
-                             ("✗", MARKS["failed"][1]), f" failed  {scale}")
+        return Text.assemble(f"{SUCCESS} success  ", ("div", MARKS[CellStatus.DIVERGED][1]), " diverged  ",
+                             ("…", MARKS[CellStatus.RUNNING][1]), " running  ", ("·", "dim"), " pending  ",
+                             ("✗", MARKS[CellStatus.FAILED][1]), f" failed  {scale}")
 
     def renderables(self) -> list:
         parts: list = []

@@ -105,10 +105,11 @@ def run_cmd(
 
 def pause_cmd(ctx: typer.Context, name: str = typer.Argument(...), storage: Storage = None):
     """Stop handing out new runs (running ones finish)."""
+    from studies.states import StudyState
     from studies.studies import set_state
     from tui.console import out
 
-    st = set_state(lab(ctx).store(), name, "paused")
+    st = set_state(lab(ctx).store(), name, StudyState.PAUSED)
     out.print(f"study {st.name}: {st.state}")
 
 
@@ -137,10 +138,11 @@ def resume_cmd(
 
 def cancel_cmd(ctx: typer.Context, name: str = typer.Argument(...), storage: Storage = None):
     """Cancel: pending runs are dropped, running ones stopped; written cells stay."""
+    from studies.states import StudyState
     from studies.studies import set_state
     from tui.console import out
 
-    st = set_state(lab(ctx).store(), name, "cancelled")
+    st = set_state(lab(ctx).store(), name, StudyState.CANCELLED)
     out.print(f"study {st.name}: {st.state}")
 
 
