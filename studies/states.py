@@ -46,8 +46,6 @@ class CellStatus(_State):
 
 # A worker slot is taken, or will be, by a run in one of these.
 ACTIVE_RUN_STATES = frozenset({RunState.PENDING, RunState.ASKING, RunState.RUNNING})
-# The run ended with a result (cells written).
-FINISHED_RUN_STATES = frozenset({RunState.DONE, RunState.DIVERGED})
 # Runs that are real (method, lr) points: everything but a TPE reservation.
 REAL_RUN_STATES = frozenset(set(RunState) - {RunState.ASKING})
 # A study in one of these hands out no run.

@@ -340,13 +340,6 @@ def _is_transient(exc: Exception) -> bool:
     return any(k in text for k in ("locked", "busy", "deadlock", "could not serialize", "serialization"))
 
 
-def open_store(url: str | None = None, create: bool = False) -> Store:
-    """The store at `url`, else at the configured URL (UNLEARN_STORAGE_URL, .env, the default)."""
-    from engine.settings import get_settings
-
-    return Store(url or get_settings().storage_url, create=create)
-
-
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
