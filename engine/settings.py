@@ -5,6 +5,7 @@ never copied into the store or an export."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,6 +17,7 @@ class Settings(BaseSettings):
     storage_url: str = Field("sqlite:///unlearn.db", description="SQLAlchemy URL of the store")
     home: Path = Field(Path.home() / ".cache" / "unlearn-lab", description="caches, logs, exported models")
     heartbeat_timeout: float = Field(60.0, description="seconds without a heartbeat before a run is declared lost")
+    theme: Optional[str] = Field(None, description="the app's theme: textual-dark, textual-light, ansi-dark, ansi-light")
 
     @field_validator("home", mode="after")
     @classmethod

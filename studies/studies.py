@@ -136,3 +136,41 @@ def resume_study(store: Store, name: str, retry_failed: bool = False) -> Resumed
     store.log("running", f"study {name} → running" + (f" ({retried} failed runs retried)" if retried else ""), study.id)
     return Resumed(store.study(name), True, retried, 0 if retry_failed else len(failed),
                    f"study {name}: running" + (f"; {retried} failed run(s) queued again" if retried else ""))
+
+
+def delete_study(store: Store, name: str, heartbeat_timeout_s: float = 60.0) -> int:
+    """Delete a study that nothing runs: its runs, cells, events and its Optuna study. Refused while
+    it hands out runs, has a running run, or a scheduler beat for it within `heartbeat_timeout_s`
+    (pause or cancel it first). Returns the number of cells deleted. The forget set stays."""
+    import optuna
+
+    from studies.status import age_s
+    from studies.store import Event, Milestone
+
+    study = store.study(name)
+    with store.write() as s:
+        st = s.get(Study, study.id)
+        running = s.exec(select(func.count(Run.id)).where(Run.study_id == st.id, Run.state == RunState.RUNNING)).one()
+        alive = age_s(st.scheduler_heartbeat)
+        if st.state == StudyState.RUNNING or running or (alive is not None and alive < heartbeat_timeout_s
+                                                          and st.state != StudyState.DONE):
+            raise UnlearnError(f"study {name!r} is {st.state} with {running} running run(s): "
+                               f"cancel it first (unlearn study cancel {name})")
+        run_ids = list(s.exec(select(Run.id).where(Run.study_id == st.id)).all())
+        cells = 0
+        if run_ids:
+            for ms in s.exec(select(Milestone).where(Milestone.run_id.in_(run_ids))).all():
+                s.delete(ms)
+                cells += 1
+        for ev in s.exec(select(Event).where(Event.study_id == st.id)).all():
+            s.delete(ev)
+        for run in s.exec(select(Run).where(Run.study_id == st.id)).all():
+            s.delete(run)
+        s.flush()
+        s.delete(st)
+    # Our rows go first: a study whose Optuna half is gone but ours is left would show up
+    # broken, while an Optuna study with no row of ours is invisible to the lab (and removed here).
+    if name in optuna.get_all_study_names(store.optuna):
+        store.retry(lambda: optuna.delete_study(study_name=name, storage=store.optuna))
+    store.log("deleted", f"study {name}: {cells} cells deleted")
+    return cells

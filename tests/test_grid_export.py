@@ -371,11 +371,11 @@ def test_yaml_and_json(lab):
 
 
 def test_report_commands(lab, tmp_path):
-    """The Typer command functions, through a Typer app of their own (tui/cli.py registers them)."""
+    """The Typer command functions, through a Typer app of their own (tui/cli/main.py registers them)."""
     import typer
     from typer.testing import CliRunner
 
-    from tui.commands.report import export_cmd, heatmap_cmd, ls_cmd, status_cmd
+    from tui.cli.report import export_cmd, heatmap_cmd, ls_cmd, status_cmd
 
     app = typer.Typer()
     for name, fn in (("status", status_cmd), ("heatmap", heatmap_cmd), ("ls", ls_cmd), ("export", export_cmd)):

@@ -5,7 +5,7 @@ from typing import List, Optional
 
 import typer
 
-from tui.commands.common import Json, Storage, lab
+from tui.cli.common import Json, Storage, lab
 
 
 def create_cmd(
@@ -24,7 +24,7 @@ def create_cmd(
 ):
     """Read the sources, hash the texts and store them (the set never changes after)."""
     from studies.forgetsets import create_forget_set, describe
-    from tui.console import emit_json, out
+    from tui.cli.console import emit_json, out
 
     fs = create_forget_set(lab(ctx).store(create=True), name, forget, retain, unseen, general, text_field, column,
                            seq_len, tokenizer)
@@ -40,7 +40,7 @@ def ls_cmd(ctx: typer.Context, storage: Storage = None, as_json: Json = False):
 
     from studies.forgetsets import describe, list_forget_sets
     from studies.store import StoreMissing
-    from tui.console import emit_json, out
+    from tui.cli.console import emit_json, out
 
     try:
         rows = [describe(fs) for fs in list_forget_sets(lab(ctx).store())]
@@ -60,7 +60,7 @@ def ls_cmd(ctx: typer.Context, storage: Storage = None, as_json: Json = False):
 def show_cmd(ctx: typer.Context, name: str = typer.Argument(...), storage: Storage = None, as_json: Json = False):
     """Show one forget set: hash, sources, document and chunk counts."""
     from studies.forgetsets import describe
-    from tui.console import emit_json, out
+    from tui.cli.console import emit_json, out
 
     info = describe(lab(ctx).store().forget_set(name))
     if as_json:

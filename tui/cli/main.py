@@ -1,4 +1,4 @@
-"""`unlearn`: the command line, assembled. Every command lives in tui/commands/; this file only puts
+"""`unlearn`: the command line, assembled. Every command lives in its module of tui/cli/; this file only puts
 them together and owns the contract every command shares: --json puts only JSON on stdout,
 progress goes to stderr, and bad input is one line on stderr and exit code 2, never a traceback."""
 from __future__ import annotations
@@ -10,8 +10,9 @@ import sys
 import typer
 
 from engine.errors import UnlearnError
-from tui.commands import demo, forgetset, report, run, study
-from tui.console import err, out
+from tui.cli import demo, forgetset, report, run, study
+from tui.cli import tui as tui_cmd
+from tui.cli.console import err, out
 
 try:  # typer ≥ 0.16 vendors its own click; catch the usage errors of both
     from typer._click import exceptions as _tclick
@@ -49,9 +50,11 @@ study_app.command("heatmap")(report.heatmap_cmd)
 study_app.command("pause")(study.pause_cmd)
 study_app.command("resume")(study.resume_cmd)
 study_app.command("cancel")(study.cancel_cmd)
+study_app.command("rm")(study.rm_cmd)
 app.add_typer(study_app, name="study")
 
 app.command("worker")(study.worker_cmd)
+app.command("tui")(tui_cmd.tui_cmd)
 app.command("export")(report.export_cmd)
 
 
@@ -75,13 +78,15 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if argv is None:
         hide_storage_password(sys.argv[1:])
+        if not sys.argv[1:] and sys.stdin.isatty() and sys.stdout.isatty():
+            argv = ["tui"]  # bare `unlearn` in a terminal opens the app
     try:
         app(args=argv, standalone_mode=False, prog_name="unlearn")
     except UnlearnError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
     except USAGE_ERRORS as exc:
-        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `unlearn`: show help, not an error
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `unlearn` outside a terminal: help, not an error
             out.print(exc.format_message(), markup=False, highlight=False)
             sys.exit(0)
         err.print(f"error: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)

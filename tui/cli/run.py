@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from tui.commands.common import Json, run_settings_options
+from tui.cli.common import Json, run_settings_options
 
 
 def methods_cmd(as_json: Json = False):
@@ -14,7 +14,7 @@ def methods_cmd(as_json: Json = False):
     from rich.table import Table
 
     from engine.methods import list_methods
-    from tui.console import emit_json, out
+    from tui.cli.console import emit_json, out
 
     rows = [m.describe() for m in list_methods()]
     if as_json:
@@ -50,7 +50,7 @@ def run_cmd(
     from engine.data import load_forget_set
     from engine.run import is_main_process, run_unlearning
     from engine.settings import Settings
-    from tui.console import emit_json, out, parse_lr, parse_steps, step_progress
+    from tui.cli.console import emit_json, out, parse_lr, parse_steps, step_progress
 
     cfg = RunConfig.of(method, parse_lr(lr), parse_steps(steps), RunSettings(**given_settings)).validate()
     texts = load_forget_set(forget, retain, unseen, general or [], text_field=text_field, column=column)

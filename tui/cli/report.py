@@ -1,4 +1,4 @@
-"""`study status|heatmap|ls` and `export`: reading a study (plain Typer command functions; tui/cli.py
+"""`study status|heatmap|ls` and `export`: reading a study (plain Typer command functions; tui/cli/main.py
 registers them). stdout holds only JSON/YAML when asked for; messages go to stderr. None of these
 imports torch or the other training libraries (the light read path; a test proves it)."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from tui.commands.common import Json, Storage, lab
+from tui.cli.common import Json, Storage, lab
 
 METRIC_HELP = ("score | forget_gap | retain_drift | ppl_forget | ppl_retain | ppl_unseen | ppl_general | "
                "mia_auc.loss | mia_auc.zlib | mia_auc.min_k | mia_auc.min_k_pp")
@@ -28,7 +28,7 @@ def status_cmd(ctx: typer.Context, name: str = typer.Argument(..., help="study n
                as_json: Json = False):
     """Where a study stands: cells and runs, running runs, robustness and best cell per method, errors."""
     from studies.status import study_status
-    from tui.console import emit_json, out
+    from tui.cli.console import emit_json, out
 
     st = study_status(lab(ctx).store(), name)
     if as_json:
@@ -101,7 +101,7 @@ def heatmap_cmd(
     """lr × steps heatmap of one metric per method, with success marks and robustness."""
     from engine.errors import UnlearnError
     from studies.grid import check_metric, grids, load_cells
-    from tui.console import emit_json, out
+    from tui.cli.console import emit_json, out
     from tui.heatmap import render_heatmaps
 
     check_metric(metric)
@@ -126,7 +126,7 @@ def ls_cmd(ctx: typer.Context, storage: Storage = None, as_json: Json = False):
 
     from studies.status import list_studies
     from studies.store import StoreMissing
-    from tui.console import emit_json, out
+    from tui.cli.console import emit_json, out
     from tui.heatmap import fmt_value
 
     try:
@@ -163,7 +163,7 @@ def export_cmd(
     from engine.errors import UnlearnError
     from engine.files import write_text_atomic
     from studies.export import export_best, save_model as save, to_json, to_yaml
-    from tui.console import err, step_progress
+    from tui.cli.console import err, step_progress
 
     fmt = fmt.lower()
     if fmt not in ("yaml", "json"):

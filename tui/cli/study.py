@@ -1,11 +1,11 @@
-"""`unlearn study create|run|pause|resume|cancel` and `unlearn worker` (tui/cli.py assembles the group)."""
+"""`unlearn study create|run|pause|resume|cancel|rm` and `unlearn worker` (tui/cli/main.py assembles the group)."""
 from __future__ import annotations
 
 from typing import Optional
 
 import typer
 
-from tui.commands.common import Json, Storage, lab, run_settings_options
+from tui.cli.common import Json, Storage, lab, run_settings_options
 
 
 def _floats(text: str, flag: str) -> list[float]:
@@ -40,7 +40,7 @@ def create_cmd(
     from engine.errors import UnlearnError
     from studies.spec import StudySpec
     from studies.studies import create_study
-    from tui.console import emit_json, out, parse_steps
+    from tui.cli.console import emit_json, out, parse_steps
 
     lrs = _floats(lr, "--lr") if lr else None
     rng = None
@@ -75,19 +75,21 @@ def run_cmd(
     storage: Storage = None,
 ):
     """Run (or resume) a study: a fresh subprocess per run, one per worker slot; finished cells are never recomputed."""
-    from studies.scheduler import WorkerPool, detach as detach_scheduler, parse_slots
+    from studies.scheduler import WorkerPool, parse_slots
     from studies.studies import resume_study
-    from tui.console import err, out
+    from tui.cli.console import err, out
 
     store = lab(ctx).store()
     slots = parse_slots(gpus, workers)
+    if detach:  # the app's launch button starts a study through this same function
+        from studies.launch import launch_detached
+
+        message, _pid, _log = launch_detached(store, name, slots, retry_failed=retry_failed)
+        out.print(message, markup=False, highlight=False)
+        return
     resumed = resume_study(store, name, retry_failed=retry_failed)
     if not resumed.running:
         out.print(resumed.message, markup=False, highlight=False)
-        return
-    if detach:
-        pid, log = detach_scheduler(store, name, slots)
-        out.print(f"scheduler pid {pid} runs study {name} on {', '.join(slots)}; log {log}. Follow it: unlearn study status {name}")
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -105,12 +107,7 @@ def run_cmd(
 
 def pause_cmd(ctx: typer.Context, name: str = typer.Argument(...), storage: Storage = None):
     """Stop handing out new runs (running ones finish)."""
-    from studies.states import StudyState
-    from studies.studies import set_state
-    from tui.console import out
-
-    st = set_state(lab(ctx).store(), name, StudyState.PAUSED)
-    out.print(f"study {st.name}: {st.state}")
+    _act(ctx, "pause", name)
 
 
 def resume_cmd(
@@ -121,29 +118,30 @@ def resume_cmd(
 ):
     """Hand out runs again. A running scheduler picks them up; else start one (`unlearn study run NAME`).
     A finished study stays finished unless --retry-failed has failed runs to retry."""
-    from studies.status import age_s
-    from studies.studies import resume_study
-    from tui.console import out
-
-    resumed = resume_study(lab(ctx).store(), name, retry_failed=retry_failed)
-    message = resumed.message
-    if resumed.running:
-        age = age_s(resumed.study.scheduler_heartbeat)
-        if age is None or age > lab(ctx).settings.heartbeat_timeout:
-            message += f"; no scheduler serves it: start one with `unlearn study run {name}` (--detach to leave it running)"
-        else:
-            message += f"; scheduler pid {resumed.study.scheduler_pid} on {resumed.study.scheduler_host} picks its runs up"
-    out.print(message, markup=False, highlight=False)
+    _act(ctx, "resume", name, retry_failed=retry_failed)
 
 
 def cancel_cmd(ctx: typer.Context, name: str = typer.Argument(...), storage: Storage = None):
     """Cancel: pending runs are dropped, running ones stopped; written cells stay."""
-    from studies.states import StudyState
-    from studies.studies import set_state
-    from tui.console import out
+    _act(ctx, "cancel", name)
 
-    st = set_state(lab(ctx).store(), name, StudyState.CANCELLED)
-    out.print(f"study {st.name}: {st.state}")
+
+def rm_cmd(ctx: typer.Context, name: str = typer.Argument(..., help="study name"),
+           yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
+           storage: Storage = None):
+    """Delete a study that is not running (its runs, cells, events and Optuna trials; the forget set stays)."""
+    lab(ctx).store().study(name)  # a typo fails before the question
+    if not yes:
+        typer.confirm(f"delete study {name} and all its cells?", abort=True)
+    _act(ctx, "delete", name)
+
+
+def _act(ctx: typer.Context, verb: str, name: str, **kwargs) -> None:
+    from studies.actions import study_action
+    from tui.cli.console import out
+
+    line = study_action(lab(ctx).store(), verb, name, heartbeat_timeout_s=lab(ctx).settings.heartbeat_timeout, **kwargs)
+    out.print(line, markup=False, highlight=False)
 
 
 def worker_cmd(
@@ -155,7 +153,7 @@ def worker_cmd(
 ):
     """Join studies from this node: claim runs from the shared store until none is left (Optuna's shared-RDB pattern)."""
     from studies.scheduler import WorkerPool, parse_slots
-    from tui.console import out
+    from tui.cli.console import out
 
     store = lab(ctx).store()
     if study:

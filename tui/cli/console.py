@@ -1,6 +1,6 @@
 """What every command shares: the two consoles, JSON output, value parsing, the step progress bar.
 
-Kept apart from tui/cli.py so command modules import it without a cycle through the app."""
+Kept apart from tui/cli/main.py so command modules import it without a cycle through the app."""
 from __future__ import annotations
 
 import json

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from tui.commands.common import Json
-from tui.console import emit_json, err, out
+from tui.cli.common import Json
+from tui.cli.console import emit_json, err, out
 
 
 def demo_cmd(
