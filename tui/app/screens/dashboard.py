@@ -1,0 +1,311 @@
+"""A study's dashboard: a walkable heatmap per method, the metric picker, the trial table, the
+running runs and the devices, all live.
+
+Every tick starts one exclusive thread worker that polls a StudyWatch (the study row, its runs,
+and only the milestones newer than the last seen). What comes back updates only what changed:
+the heatmaps of the methods with changed cells, the running runs, and — when a cell was written
+— one page of the trial table, re-read in SQL and applied row by row.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Checkbox, DataTable, Footer, Header, Select, Static
+
+from studies.grid import METRICS, grids
+from tui.app.format import age, fmt_lr, fmt_value
+from tui.heatmap import badness
+from tui.app.messages import CellRef, CompareCells, ExportRequested, OpenTrial, StudyAction
+from tui.app.widgets.devices import DevicesPanel
+from tui.app.widgets.heatmap import HeatmapGrid
+from tui.app.widgets.running import RunningRuns
+
+TRIAL_COLUMNS = ("method", "lr", "steps", "score", "forget_gap", "retain_drift", "ppl_forget", "ppl_retain",
+                 "ppl_unseen", "ppl_general", "mia_auc.loss", "mia_auc.min_k", "success", "trial")
+SORTABLE = ("score", "forget_gap", "retain_drift", "ppl_forget", "ppl_retain", "mia_auc.loss", "mia_auc.min_k",
+            "steps", "lr", "method", "trial")
+PAGE = 200  # rows of the trial table read at once: the rest stay in the database
+WIDE = 140  # from this many columns, heatmaps and panels sit side by side
+
+
+def shared_scale(by_method: dict, metric: str) -> tuple[float, float] | None:
+    """One colour scale over every method's values, as `unlearn study heatmap` draws them: methods
+    compare at a glance."""
+    vals = [b for g in by_method.values() for row in g.value(metric) for v in row
+            if v is not None and (b := badness(metric, v)) is not None and math.isfinite(b)]
+    return (min(vals), max(vals)) if vals else None
+
+
+def trial_cells(row: dict) -> dict[str, str]:
+    out = {"method": row["method"], "lr": fmt_lr(row["lr"]), "steps": str(row["steps"]),
+           "success": "✓" if row["success"] else ("div" if row["diverged"] else ""),
+           "trial": "" if row["trial"] is None else str(row["trial"])}
+    for name in TRIAL_COLUMNS:
+        if name not in out:
+            out[name] = fmt_value(row.get(name))
+    return out
+
+
+class DashboardScreen(Screen):
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "back"),
+        Binding("m", "metric(1)", "metric"),
+        Binding("M", "metric(-1)", "prev metric", show=False),
+        Binding("C", "compare", "compare"),
+        Binding("s", "sort", "sort"),
+        Binding("r", "reverse", "reverse", show=False),
+        Binding("o", "only_successes", "only ✓", show=False),
+        Binding("e", "export", "export"),
+        Binding("p", "pause_resume", "pause/resume"),
+        Binding("c", "cancel", "cancel"),
+    ]
+
+    class Polled(Message):
+        def __init__(self, poll) -> None:
+            super().__init__()
+            self.poll = poll
+
+    class TrialsLoaded(Message):
+        def __init__(self, page) -> None:
+            super().__init__()
+            self.page = page
+
+    class Failed(Message):
+        def __init__(self, reason: str) -> None:
+            super().__init__()
+            self.reason = reason
+
+    def __init__(self, store, study: str, read_devices: bool = True) -> None:
+        super().__init__()
+        self.read_devices = read_devices
+        self.store = store
+        self.study = study
+        self.metric = "score"
+        self.sort, self.descending, self.success_only, self.method_filter = "score", False, False, None
+        self.marked: set[CellRef] = set()
+        self.steps_total = 0
+        self.state: Optional[str] = None
+        self._trial_rows: dict[str, dict] = {}  # row key (milestone id) -> trial_page row
+        self._trial_text: dict[str, dict[str, str]] = {}
+        self._ticks = 0
+        self._methods: list[str] = []
+        self._grids: dict = {}
+
+    # ------------------------------------------------------------ layout
+
+    def compose(self) -> ComposeResult:
+        from studies.views import StudyWatch
+
+        self.watch_ = StudyWatch(self.store, self.study)
+        yield Header()
+        with VerticalScroll(id="dash-scroll"):
+            yield Static(f"study {self.study}: reading…", id="dash-head")
+            with Horizontal(id="dash-controls"):
+                yield Select([(m, m) for m in METRICS], value="score", allow_blank=False, id="metric")
+                yield Static("", id="dash-robustness")
+            with Vertical(id="dash-main"):
+                yield Vertical(id="heatmaps")
+                with Vertical(id="dash-side"):
+                    yield Static("Running runs", classes="section")
+                    yield RunningRuns(self.store, id="running")
+                    yield Static("Trials", classes="section", id="trials-title")
+                    with Horizontal(id="trial-filters"):
+                        yield Select([], prompt="every method", id="method-filter")
+                        yield Checkbox("only ✓", id="only-success")
+                    yield DataTable(id="trials", cursor_type="row", zebra_stripes=True)
+                    yield Static("Devices", classes="section")
+                    yield DevicesPanel(id="devices")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one("#trials", DataTable)
+        for name in TRIAL_COLUMNS:
+            table.add_column(name, key=name)
+        self.tick()
+        self.set_interval(self.app.refresh_s, self.tick)
+        if self.read_devices:
+            self.query_one(DevicesPanel).refresh_devices()
+
+    def on_resize(self) -> None:
+        self.query_one("#dash-main").set_class(self.size.width >= WIDE, "wide")
+
+    # ------------------------------------------------------------ live refresh
+
+    def tick(self) -> None:
+        self._ticks += 1
+        self.poll_store()
+        if self.read_devices and self._ticks % 5 == 0:
+            self.query_one(DevicesPanel).refresh_devices()
+
+    @work(thread=True, exclusive=True, group="dashboard-poll", name="poll study")
+    def poll_store(self) -> None:
+        try:
+            self.post_message(self.Polled(self.watch_.poll()))
+        except Exception as exc:  # a deleted study or a lost server: one line, the next tick tries again
+            self.post_message(self.Failed(str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+
+    def on_dashboard_screen_failed(self, message: Failed) -> None:
+        self.query_one("#dash-head", Static).update(f"study {self.study}: {message.reason}")
+
+    def on_dashboard_screen_polled(self, message: Polled) -> None:
+        poll = message.poll
+        st = poll.study
+        self.state = str(st.state)
+        by_method = grids(poll.cells)
+        self.steps_total = max((max(g.steps) for g in by_method.values() if g.steps), default=0)
+        done = sum(1 for c in poll.cells if str(c.status) in ("done", "diverged"))
+        beat = age(poll.scheduler_alive_s_ago) if self.state in ("running", "paused") else "—"
+        self.query_one("#dash-head", Static).update(
+            f"[b]{st.name}[/b] · {self.state} · model {Path(st.model).name or st.model} · "
+            f"forget set {st.spec.get('forget_set', '?')} · cells {done}/{len(poll.cells)} · scheduler beat {beat}")
+        self._update_heatmaps(by_method, poll.changed)
+        self.query_one(RunningRuns).update_runs(self.study, poll.running, self.steps_total)
+        if poll.new_milestones or poll.state_changed or not self._trial_rows:
+            self.load_trials()
+        if poll.finished:
+            self.notify(f"study {self.study} finished", title="done", timeout=10)
+
+    def _update_heatmaps(self, by_method: dict, changed: set) -> None:
+        box = self.query_one("#heatmaps", Vertical)
+        existing = {w.grid.method: w for w in box.query(HeatmapGrid)}
+        self._grids = by_method
+        scale = shared_scale(by_method, self.metric)
+        rescaled = any(w.scale != scale for w in existing.values())
+        parts = []
+        for method, grid in by_method.items():
+            widget = existing.get(method)
+            if widget is None:
+                widget = HeatmapGrid(grid, metric=self.metric, study=self.study, id=f"heatmap-{method}", scale=scale)
+                box.mount(widget)
+                if not existing and not parts:
+                    widget.focus()
+            elif rescaled or any(k[0] == method for k in changed):
+                widget.scale = scale
+                widget.update_grid(grid)
+            parts.append(f"{method} {grid.robustness:.0%}")
+        self.query_one("#dash-robustness", Static).update("robustness: " + " · ".join(parts))
+        if list(by_method) != self._methods:  # the first poll, or new methods (a TPE study)
+            self._methods = list(by_method)
+            self.query_one("#method-filter", Select).set_options([(m, m) for m in self._methods])
+
+    # ------------------------------------------------------------ the trial table (SQL sorted, one page)
+
+    @work(thread=True, exclusive=True, group="dashboard-trials", name="read trials")
+    def load_trials(self) -> None:
+        from studies.views import trial_page
+
+        try:
+            page = trial_page(self.store, self.study, sort=self.sort, descending=self.descending,
+                              method=self.method_filter, success_only=self.success_only, limit=PAGE)
+        except Exception as exc:
+            self.post_message(self.Failed(str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+            return
+        self.post_message(self.TrialsLoaded(page))
+
+    def on_dashboard_screen_trials_loaded(self, message: TrialsLoaded) -> None:
+        """Apply one page in place: remove rows that left it, add new ones, update changed cells,
+        then order the rows as the database did."""
+        page = message.page
+        table = self.query_one("#trials", DataTable)
+        wanted = {str(r["id"]): r for r in page.rows}
+        for key in [k for k in self._trial_rows if k not in wanted]:
+            table.remove_row(key)
+            del self._trial_rows[key], self._trial_text[key]
+        for key, row in wanted.items():
+            cells = trial_cells(row)
+            if key not in self._trial_rows:
+                table.add_row(*(cells[c] for c in TRIAL_COLUMNS), key=key)
+            else:
+                for c in TRIAL_COLUMNS:
+                    if self._trial_text[key][c] != cells[c]:
+                        table.update_cell(key, c, cells[c])
+            self._trial_rows[key], self._trial_text[key] = row, cells
+        rank = {(trial_cells(r)["method"], trial_cells(r)["lr"], trial_cells(r)["steps"]): i
+                for i, r in enumerate(page.rows)}
+        table.sort("method", "lr", "steps", key=lambda k: rank.get(tuple(k), len(rank)))
+        arrow = "↓" if self.descending else "↑"
+        shown = f"{len(page.rows)} of {page.total}" if page.total > len(page.rows) else f"{page.total}"
+        self.query_one("#trials-title", Static).update(
+            f"Trials: {shown}, sorted by {self.sort} {arrow}" + (" · only ✓" if self.success_only else "")
+            + (f" · {self.method_filter}" if self.method_filter else ""))
+
+    @on(DataTable.RowSelected, "#trials")
+    def _trial_selected(self, event: DataTable.RowSelected) -> None:
+        row = self._trial_rows.get(event.row_key.value)
+        if row:
+            self.post_message(OpenTrial(CellRef(self.study, row["method"], row["lr"], row["steps"])))
+
+    def action_sort(self) -> None:
+        self.sort = SORTABLE[(SORTABLE.index(self.sort) + 1) % len(SORTABLE)] if self.sort in SORTABLE else "score"
+        self.load_trials()
+
+    def action_reverse(self) -> None:
+        self.descending = not self.descending
+        self.load_trials()
+
+    def action_only_successes(self) -> None:
+        box = self.query_one("#only-success", Checkbox)
+        box.value = not box.value
+
+    @on(Checkbox.Changed, "#only-success")
+    def _success_filter(self, event: Checkbox.Changed) -> None:
+        self.success_only = event.value
+        self.load_trials()
+
+    @on(Select.Changed, "#method-filter")
+    def _method_filter(self, event: Select.Changed) -> None:
+        self.method_filter = None if event.value is Select.BLANK else str(event.value)
+        self.load_trials()
+
+    @on(DataTable.HeaderSelected, "#trials")
+    def _header_selected(self, event: DataTable.HeaderSelected) -> None:
+        column = str(event.column_key.value)
+        if column == "success":
+            return self.action_only_successes()
+        self.descending = (not self.descending) if column == self.sort else False
+        self.sort = column
+        self.load_trials()
+
+    # ------------------------------------------------------------ heatmaps and metric
+
+    @on(Select.Changed, "#metric")
+    def _metric_changed(self, event: Select.Changed) -> None:
+        self.metric = str(event.value)
+        scale = shared_scale(self._grids, self.metric)
+        for widget in self.query(HeatmapGrid):
+            widget.scale = scale
+            widget.metric = self.metric
+
+    def action_metric(self, delta: int) -> None:
+        select = self.query_one("#metric", Select)
+        select.value = METRICS[(METRICS.index(self.metric) + delta) % len(METRICS)]
+
+    def on_heatmap_grid_cell_chosen(self, message: HeatmapGrid.CellChosen) -> None:
+        self.post_message(OpenTrial(message.cell))
+
+    def on_heatmap_grid_mark_toggled(self, message: HeatmapGrid.MarkToggled) -> None:
+        (self.marked.add if message.marked else self.marked.discard)(message.cell)
+        if message.marked:
+            self.notify(f"{len(self.marked)} cell(s) marked: C compares them", timeout=3)
+
+    def action_compare(self) -> None:
+        self.post_message(CompareCells(sorted(self.marked, key=lambda c: (c.method, c.lr, c.steps))))
+
+    # ------------------------------------------------------------ study actions
+
+    def action_export(self) -> None:
+        self.post_message(ExportRequested(self.study))
+
+    def action_pause_resume(self) -> None:
+        self.post_message(StudyAction("resume" if self.state in ("paused", "created") else "pause", self.study))
+
+    def action_cancel(self) -> None:
+        self.post_message(StudyAction("cancel", self.study))

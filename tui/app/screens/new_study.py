@@ -1,0 +1,413 @@
+"""The new-study form: name, model, forget set, methods, learning rates, milestones, sampler and
+devices; Launch creates the study (studies.studies.create_study) and starts its detached scheduler
+through studies.launch.launch_detached, the function `unlearn study run --detach` calls.
+
+The model is checked in a subprocess (studies.probe: config and tokenizer load), never here.
+Every problem is one line beside its field, and nothing is created until the whole form is good.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Button, Footer, Input, Label, Select, SelectionList
+from textual.widgets.selection_list import Selection
+from textual.worker import get_current_worker
+
+from engine.errors import UnlearnError
+from engine.methods import list_methods
+from studies.forgetsets import check_name
+from studies.launch import device_slots, launch_detached, parse_learning_rates, parse_milestones
+from studies.probe import probe_model
+from studies.store import Store
+from tui.app.widgets.devices import DevicesPanel
+
+MODEL_DEBOUNCE_S = 0.8
+DEVICES_EVERY_S = 3.0
+DEFAULT_STEPS = "5,10,20,40"
+
+
+def method_formula(method) -> str:
+    """`-CE(θ; U) + λ·CE(θ; R)`: what the method minimises, from its terms' own formulas."""
+    d = method.describe()
+    return d["forget_term"] + (f" + λ·{d['retain_term']}" if d["retain_term"] else "")
+
+
+@dataclass(frozen=True)
+class StudyForm:
+    """What the user asked for, read from the widgets once (workers never touch widgets)."""
+
+    name: str
+    model: str
+    forget_set: str
+    methods: list[str]
+    lrs: list[float] | None
+    lr_range: tuple[float, float] | None
+    steps: list[int]
+    sampler: str
+    trials: int | None
+    slots: list[str]
+
+
+class ForgetSetsLoaded(Message):
+    def __init__(self, options: list[tuple[str, str]], error: str | None = None) -> None:
+        super().__init__()
+        self.options, self.error = options, error
+
+
+class ModelChecked(Message):
+    def __init__(self, model: str, answer: dict) -> None:
+        super().__init__()
+        self.model, self.answer = model, answer
+
+
+class LaunchFinished(Message):
+    """`field` names where an error belongs; on success `line`, `pid` and `log` say what started."""
+
+    def __init__(self, name: str, error: str | None = None, field: str = "launch", line: str = "",
+                 pid: int | None = None, log=None) -> None:
+        super().__init__()
+        self.name, self.error, self.field, self.line, self.pid, self.log = name, error, field, line, pid, log
+
+
+def field_of(error: str) -> str:
+    """Which field an error of create_study (or its spec's validation) is about."""
+    low = error.lower()
+    for needle, field in (("study name", "name"), ("study named", "name"), ("method", "methods"),
+                          ("--lr", "lrs"), ("--steps", "steps"), ("--trials", "sampler"), ("--sampler", "sampler"),
+                          ("forget set", "forget-set"), ("model", "model")):
+        if needle in low:
+            return field
+    return "launch"
+
+
+class NewStudyScreen(Screen[str | None]):
+    """Create and launch a study; dismisses with its name (the app then opens its dashboard), or None.
+
+    Keys: escape goes back; ctrl+l launches; enter in the model field checks it at once."""
+
+    BINDINGS = [Binding("escape", "back", "Back"), Binding("ctrl+l", "launch", "Launch")]
+
+    DEFAULT_CSS = """
+    NewStudyScreen #study-body { padding: 0 1; }
+    NewStudyScreen .title { text-style: bold; margin-bottom: 1; }
+    NewStudyScreen .row { height: auto; }
+    NewStudyScreen .row > Label { width: 16; padding: 1 1 0 0; }
+    NewStudyScreen .row > Input, NewStudyScreen .row > Select { width: 1fr; }
+    NewStudyScreen #sampler { width: 16; }
+    NewStudyScreen #trials, NewStudyScreen #workers { width: 12; }
+    NewStudyScreen .section { margin-top: 1; text-style: bold; }
+    NewStudyScreen #methods { height: auto; max-height: 10; }
+    NewStudyScreen #gpus { height: auto; max-height: 8; }
+    NewStudyScreen .error { width: 1fr; margin-left: 16; padding: 0 1; }
+    NewStudyScreen .error.-empty { display: none; }
+    NewStudyScreen .error.-busy { background: transparent; color: $text-muted; }
+    NewStudyScreen .hint { color: $text-muted; height: auto; width: 1fr; padding-left: 16; }
+    NewStudyScreen #model-status.ok { color: $success; }
+    NewStudyScreen #model-status.bad { color: $error; }
+    NewStudyScreen #buttons { height: auto; margin-top: 1; }
+    """
+
+    def __init__(self, store: Store, read_devices: bool = True) -> None:
+        super().__init__()
+        self.store = store
+        self.read_devices = read_devices  # False: no device readings (for deterministic snapshots)
+        self.model_checks: dict[str, dict] = {}  # model -> probe answer
+        self.gpu_indices: list[int] = []
+        self.forget_sets: list[str] | None = None  # names offered, once read
+        self.launched: LaunchFinished | None = None
+        self._model_timer = None
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="study-body"):
+            yield Label("New study", classes="title")
+            with Horizontal(classes="row"):
+                yield Label("name")
+                yield Input(placeholder="letters, digits, _ . -", id="name")
+            yield Label("", id="name-error", classes="error -empty")
+            with Horizontal(classes="row"):
+                yield Label("model")
+                yield Input(placeholder="local folder or Hugging Face id", id="model")
+            yield Label("", id="model-status", classes="hint")
+            with Horizontal(classes="row"):
+                yield Label("forget set")
+                yield Select([], prompt="loading forget sets…", id="forget-set")
+            yield Label("", id="forget-set-error", classes="error -empty")
+            yield Label("methods", classes="section")
+            methods = list_methods()
+            width = max(len(m.id) for m in methods) + 2
+            yield SelectionList[str](*[Selection(Text.assemble((m.id.ljust(width), "bold"), (method_formula(m), "dim")),
+                                                 m.id, id=m.id) for m in methods], id="methods")
+            yield Label("", id="methods-error", classes="error -empty")
+            with Horizontal(classes="row"):
+                yield Label("learning rates")
+                yield Input(placeholder="1e-5,3e-5,1e-4 or 1e-5..1e-3 x4 (tpe: 1e-5..1e-3)", id="lrs")
+            yield Label("", id="lrs-error", classes="error -empty")
+            with Horizontal(classes="row"):
+                yield Label("steps")
+                yield Input(DEFAULT_STEPS, placeholder="milestones, e.g. 5,10,20,40", id="steps")
+            yield Label("", id="steps-error", classes="error -empty")
+            with Horizontal(classes="row"):
+                yield Label("sampler")
+                yield Select([("grid", "grid"), ("tpe", "tpe")], value="grid", allow_blank=False, id="sampler")
+                yield Label("trials", id="trials-label")
+                yield Input(placeholder="runs", id="trials", type="integer", disabled=True)
+            yield Label("", id="sampler-error", classes="error -empty")
+            yield Label("devices", classes="section")
+            yield DevicesPanel(id="devices")
+            yield SelectionList[int](id="gpus")
+            with Horizontal(classes="row"):
+                yield Label("CPU workers")
+                yield Input("1", id="workers", type="integer")
+            yield Label("used when no GPU is ticked", classes="hint", id="workers-hint")
+            yield Label("", id="devices-error", classes="error -empty")
+            with Horizontal(id="buttons"):
+                yield Button("Launch", id="launch", variant="success")
+                yield Button("Back", id="back")
+            yield Label("", id="launch-error", classes="error -empty")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#gpus").display = False
+        self.query_one("#workers-hint").display = False
+        self.load_forget_sets()
+        if self.read_devices:
+            panel = self.query_one(DevicesPanel)
+            panel.refresh_devices()
+            self.set_interval(DEVICES_EVERY_S, panel.refresh_devices)
+        self.query_one("#name", Input).focus()
+
+    # ------------------------------------------------------------------ helpers
+    def _error(self, field: str, text: str = "", busy: bool = False) -> None:
+        """One line beside the field (busy: a note that work is under way, not an error)."""
+        label = self.query_one(f"#{field}-error", Label)
+        label.update(Text(text))
+        label.set_class(not text, "-empty")
+        label.set_class(busy, "-busy")
+
+    def _value(self, selector: str) -> str:
+        return self.query_one(selector, Input).value.strip()
+
+    # ------------------------------------------------------------------ forget sets
+    @work(thread=True, exclusive=True, name="list forget sets", group="new-study-forgetsets")
+    def load_forget_sets(self) -> None:
+        from studies.forgetsets import list_forget_sets
+
+        try:
+            sets = list_forget_sets(self.store)
+        except Exception as e:
+            self.post_message(ForgetSetsLoaded([], str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__))
+            return
+        options = [(f"{fs.name} · " + "/".join(str(fs.counts.get(r, 0)) for r in ("forget", "retain", "unseen", "general"))
+                    + f" docs · {fs.hash[:8]}", fs.name) for fs in sets]
+        self.post_message(ForgetSetsLoaded(options))
+
+    @on(ForgetSetsLoaded)
+    def _forget_sets_loaded(self, event: ForgetSetsLoaded) -> None:
+        select = self.query_one("#forget-set", Select)
+        select.set_options(event.options)
+        self.forget_sets = [value for _, value in event.options]
+        select.prompt = "choose a forget set" if event.options else "no forget sets yet: build one first"
+        if len(event.options) == 1:
+            select.value = event.options[0][1]
+        self._error("forget-set", event.error or "")
+
+    # ------------------------------------------------------------------ the model check
+    @on(Input.Changed, "#model")
+    def _model_edited(self) -> None:
+        if self._model_timer is not None:
+            self._model_timer.stop()
+        self._model_timer = self.set_timer(MODEL_DEBOUNCE_S, self._check_model_now)
+        self._show_model_status(None)
+
+    @on(Input.Submitted, "#model")
+    def _check_model_now(self) -> None:
+        self._model_timer = None
+        model = self._value("#model")
+        if not model:
+            self._show_model_status(None)
+        elif model in self.model_checks:
+            self._show_model_status(self.model_checks[model])
+        else:
+            self.query_one("#model-status", Label).update(Text("checking config and tokenizer…"))
+            self.check_model(model)
+
+    @work(thread=True, exclusive=True, name="check model", group="new-study-model")
+    def check_model(self, model: str) -> None:
+        worker = get_current_worker()
+        answer = probe_model(model, should_stop=lambda: worker.is_cancelled)
+        if not answer.get("stopped"):
+            self.post_message(ModelChecked(model, answer))
+
+    @on(ModelChecked)
+    def _model_checked(self, event: ModelChecked) -> None:
+        self.model_checks[event.model] = event.answer
+        if event.model == self._value("#model"):
+            self._show_model_status(event.answer)
+
+    def _show_model_status(self, answer: dict | None) -> None:
+        status = self.query_one("#model-status", Label)
+        status.set_class(bool(answer and answer.get("ok")), "ok")
+        status.set_class(bool(answer and not answer.get("ok")), "bad")
+        if answer is None:
+            status.update("")
+        elif answer.get("ok"):
+            params = answer.get("parameters")
+            size = f", {params / 1e6:,.1f} M parameters" if params else ""
+            status.update(f"✓ config and tokenizer load ({answer.get('model_type')}, vocab {answer.get('vocab_size')}{size})")
+        else:
+            status.update(Text(f"✗ {answer.get('error')}"))
+
+    # ------------------------------------------------------------------ sampler and devices
+    @on(Select.Changed, "#sampler")
+    def _sampler_changed(self, event: Select.Changed) -> None:
+        self.query_one("#trials", Input).disabled = event.value != "tpe"
+        self._error("sampler")
+
+    @on(DevicesPanel.Refreshed)
+    def _devices_read(self, event: DevicesPanel.Refreshed) -> None:
+        indices = [g["index"] for g in event.report.gpus]
+        if indices == self.gpu_indices:
+            return
+        self.gpu_indices = indices
+        gpus = self.query_one("#gpus", SelectionList)
+        gpus.clear_options()
+        gpus.add_options([Selection(f"GPU {g['index']} · {g['name']} · {g['memory_free_mib'] / 1024:.1f} GiB free",
+                                    g["index"], True) for g in event.report.gpus])
+        gpus.display = self.query_one("#workers-hint").display = bool(indices)
+
+    # ------------------------------------------------------------------ launching
+    @on(Button.Pressed, "#launch")
+    def action_launch(self) -> None:
+        form = self.read_form()
+        if form is not None:
+            self._error("launch", "creating the study…", busy=True)
+            self.query_one("#launch", Button).disabled = True
+            self.launch(form, self.model_checks.get(form.model))
+
+    def read_form(self) -> StudyForm | None:
+        """The form, or None with each problem shown beside its field (all of them at once)."""
+        for field in ("name", "forget-set", "methods", "lrs", "steps", "sampler", "devices", "launch"):
+            self._error(field)
+        problems = 0
+
+        def bad(field: str, text: str) -> None:
+            nonlocal problems
+            problems += 1
+            self._error(field, text)
+
+        name, model = self._value("#name"), self._value("#model")
+        try:
+            check_name(name, "study")
+        except UnlearnError as e:
+            bad("name", str(e))
+        if not model:
+            self.query_one("#model-status", Label).update(Text("✗ give a local folder or Hugging Face id"))
+            problems += 1
+        elif (checked := self.model_checks.get(model)) is not None and not checked.get("ok"):
+            problems += 1  # its status line already says why
+        forget_set = self.query_one("#forget-set", Select).value
+        if not isinstance(forget_set, str):
+            bad("forget-set", "choose a forget set")
+        methods = list(self.query_one("#methods", SelectionList).selected)
+        if not methods:
+            bad("methods", "tick at least one method")
+        sampler = str(self.query_one("#sampler", Select).value)
+        lrs = lr_range = trials = None
+        try:
+            rates = parse_learning_rates(self._value("#lrs"))
+            if sampler == "grid":
+                if rates.values is None:
+                    raise UnlearnError("the grid sampler needs a list, or a range with xN (e.g. 1e-5..1e-3 x4)")
+                lrs = list(rates.values)
+            else:
+                if rates.range is None:
+                    raise UnlearnError("the tpe sampler samples a range: give LOW..HIGH (e.g. 1e-5..1e-3)")
+                lr_range = rates.range
+        except UnlearnError as e:
+            bad("lrs", str(e))
+        steps: list[int] = []
+        try:
+            steps = parse_milestones(self._value("#steps"))
+        except UnlearnError as e:
+            bad("steps", str(e))
+        if sampler == "tpe":
+            try:
+                trials = int(self._value("#trials"))
+                if trials < 1:
+                    raise ValueError
+            except ValueError:
+                bad("sampler", "the tpe sampler needs a number of trials (1 or more)")
+        gpus = sorted(self.query_one("#gpus", SelectionList).selected) if self.gpu_indices else []
+        slots: list[str] = []
+        try:
+            workers = None if gpus else int(self._value("#workers") or "0")
+            slots = device_slots(gpus, workers)
+        except ValueError:
+            bad("devices", "CPU workers must be a whole number")
+        except UnlearnError as e:
+            bad("devices", str(e))
+        if problems:
+            return None
+        return StudyForm(name, model, str(forget_set), methods, lrs, lr_range, steps, sampler, trials, slots)
+
+    @work(thread=True, exclusive=True, name="launch study", group="new-study-launch")
+    def launch(self, form: StudyForm, checked: dict | None) -> None:
+        """Check the model (unless checked already), create the study, start its scheduler."""
+        from studies.studies import create_study
+
+        worker = get_current_worker()
+        if checked is None:
+            checked = probe_model(form.model, should_stop=lambda: worker.is_cancelled)
+            if checked.get("stopped"):
+                return
+            self.post_message(ModelChecked(form.model, checked))
+        if not checked.get("ok"):
+            self.post_message(LaunchFinished(form.name, checked.get("error"), "model"))
+            return
+        try:
+            create_study(self.store, form.name, form.model, form.forget_set, methods=form.methods, steps=form.steps,
+                         lrs=form.lrs, lr_range=form.lr_range, sampler=form.sampler, trials=form.trials)
+        except UnlearnError as e:
+            self.post_message(LaunchFinished(form.name, str(e), field_of(str(e))))
+            return
+        except Exception as e:  # the store or Optuna: one line, never a traceback
+            self.post_message(LaunchFinished(form.name, _one_line(e)))
+            return
+        try:
+            line, pid, log = launch_detached(self.store, form.name, form.slots)
+        except Exception as e:
+            self.post_message(LaunchFinished(form.name, f"study {form.name} was created, but its scheduler did not "
+                                                        f"start: {_one_line(e)}"))
+            return
+        self.post_message(LaunchFinished(form.name, None, line=line, pid=pid, log=log))
+
+    @on(LaunchFinished)
+    def _launch_finished(self, event: LaunchFinished) -> None:
+        self.query_one("#launch", Button).disabled = False
+        if event.error:
+            self._error("launch")
+            if event.field == "model":
+                self._show_model_status({"ok": False, "error": event.error})
+            else:
+                self._error(event.field, event.error)
+            return
+        self.launched = event
+        self._error("launch")
+        self.notify(event.line, title=f"study {event.name}")
+        self.dismiss(event.name)
+
+    @on(Button.Pressed, "#back")
+    def action_back(self) -> None:
+        self.dismiss(None)
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")

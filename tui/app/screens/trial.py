@@ -1,0 +1,291 @@
+"""One trial (a cell: method, lr, steps) seen whole: its params, every milestone of its run, the
+curves against the retraining target and the original model, losses, cost, attempts and failures,
+and the command that reproduces it (`y` copies it, `e` asks the app for the export dialog).
+
+Read in a thread worker (studies.trials.trial_detail); while the run is still going the screen
+reads it again every few seconds.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Container, VerticalScroll
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Static
+from textual.timer import Timer
+from textual.worker import get_current_worker
+
+from engine.errors import UnlearnError
+from studies.store import Store
+from studies.trials import trial_detail
+from tui.app.messages import CellRef, ExportRequested
+from tui.app.widgets.curves import Curves
+from tui.heatmap import SUCCESS, fmt_lr, fmt_value
+
+RELOAD_S = 3.0  # a running trial is read again this often
+LIVE_STATES = ("running", "pending")
+MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")
+MILESTONE_COLUMNS = ("step", "score", "forget_gap", "retain_drift", "ppl_forget", "ppl_retain", "ppl_unseen",
+                     "ppl_general", *(f"mia.{a}" for a in MIA_ATTACKS), "success")
+
+
+def _num(x) -> str:
+    return fmt_value(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else "—"
+
+
+def _count(x) -> str:
+    if x is None:
+        return "—"
+    return f"{x:,}" if isinstance(x, int) else fmt_value(float(x))
+
+
+def milestone_row(m: dict, chosen: bool) -> list:
+    auc = m.get("mia_auc") or {}
+    if m.get("diverged"):
+        success = Text("div", style="bold red")
+    else:
+        success = Text(SUCCESS, style="bold green") if m.get("success") else Text("·", style="dim")
+    step = Text(("▶ " if chosen else "  ") + str(m.get("step")), style="bold" if chosen else "")
+    return [step, *(_num(m.get(k)) for k in MILESTONE_COLUMNS[1:8]), *(_num(auc.get(a)) for a in MIA_ATTACKS), success]
+
+
+class TrialScreen(Screen):
+    """`TrialScreen(store, cell)`: the detail of one cell."""
+
+    DEFAULT_CSS = """
+    TrialScreen #trial-body {
+        height: 1fr;
+        padding: 0 1;
+    }
+    TrialScreen #trial-body > Static {
+        height: auto;
+        margin-bottom: 1;
+    }
+    TrialScreen #trial-body > #trial-title {
+        text-style: bold;
+        background: $boost;
+        margin-bottom: 0;
+    }
+    TrialScreen #trial-error {
+        color: $error;
+        display: none;
+    }
+    TrialScreen #trial-error.-shown {
+        display: block;
+    }
+    TrialScreen #trial-milestones {
+        height: auto;
+        max-height: 14;
+        margin-bottom: 1;
+    }
+    TrialScreen #trial-curves {
+        layout: vertical;
+        height: auto;
+    }
+    TrialScreen.-wide #trial-curves {
+        layout: horizontal;
+    }
+    TrialScreen #trial-curves Curves {
+        height: 14;
+        margin-bottom: 1;
+    }
+    TrialScreen #trial-command {
+        border: round $primary;
+        padding: 0 1;
+    }
+    """
+
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
+
+    BINDINGS = [
+        Binding("escape", "back", "Back"),
+        Binding("y", "copy_command", "Copy command"),
+        Binding("e", "export", "Export"),
+        Binding("r", "reload", "Reload"),
+    ]
+
+    class Loaded(Message):
+        def __init__(self, detail: dict) -> None:
+            super().__init__()
+            self.detail = detail
+
+    class LoadFailed(Message):
+        def __init__(self, error: str) -> None:
+            super().__init__()
+            self.error = error
+
+    def __init__(self, store: Store, cell: CellRef, name: str | None = None, id: str | None = None,
+                 classes: str | None = None) -> None:
+        super().__init__(name=name, id=id, classes=classes)
+        self.store = store
+        self.cell = cell
+        self.detail: Optional[dict] = None
+        self._reload: Optional[Timer] = None
+
+    def compose(self) -> ComposeResult:
+        c = self.cell
+        with VerticalScroll(id="trial-body"):
+            yield Static(f"{c.study} · {c.method}  lr {fmt_lr(c.lr)} × {c.steps} steps", id="trial-title")
+            yield Static("", id="trial-error")
+            yield Static("loading…", id="trial-params")
+            table = DataTable(id="trial-milestones", cursor_type="row", zebra_stripes=True)
+            table.border_title = "milestones"
+            yield table
+            with Container(id="trial-curves"):
+                yield Curves("perplexity", "steps", "ppl (log)", log_y=True, id="curve-ppl")
+                yield Curves("MIA AUC", "steps", "AUC", id="curve-mia")
+                yield Curves("train loss", "step", "loss", id="curve-loss")
+            yield Static("", id="trial-cost")
+            yield Static("", id="trial-attempts")
+            yield Static("", id="trial-command")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = f"trial · {self.cell.study}"
+        table = self.query_one("#trial-milestones", DataTable)
+        table.add_columns(*MILESTONE_COLUMNS)
+        self.query_one("#trial-body").focus()
+        self.load()
+
+    # ------------------------------------------------------------------ loading
+    @work(thread=True, exclusive=True, name="trial-detail", group="trial-detail")
+    def load(self) -> None:
+        worker = get_current_worker()
+        c = self.cell
+        try:
+            detail = trial_detail(self.store, c.study, c.method, c.lr, c.steps)
+        except UnlearnError as exc:
+            message = self.LoadFailed(str(exc))
+        except Exception as exc:  # noqa: BLE001 - a store that cannot be read is shown as one line, never a traceback
+            message = self.LoadFailed(f"cannot read the store: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+        else:
+            message = self.Loaded(detail)
+        if not worker.is_cancelled:
+            self.post_message(message)
+
+    def on_trial_screen_loaded(self, event: Loaded) -> None:
+        self.detail = d = event.detail
+        self.query_one("#trial-error", Static).remove_class("-shown")
+        self._show_title(d)
+        self._show_params(d)
+        self._show_milestones(d)
+        self._show_curves(d)
+        self._show_cost(d)
+        self._show_attempts(d)
+        self.query_one("#trial-command", Static).update(Text(d["command"]))
+        self.query_one("#trial-command", Static).border_title = "reproduce  (y copy · e export)"
+        if self._reload is not None:
+            self._reload.stop()  # (a reload by hand meanwhile: one timer, never two chains of them)
+        self._reload = self.set_timer(RELOAD_S, self.load) if d["state"] in LIVE_STATES else None
+
+    def on_trial_screen_load_failed(self, event: LoadFailed) -> None:
+        error = self.query_one("#trial-error", Static)
+        error.update(Text(event.error))
+        error.add_class("-shown")
+        if self.detail is None:
+            self.query_one("#trial-params", Static).update("")
+        self.notify(event.error, severity="error")
+
+    # ------------------------------------------------------------------ sections
+    def _show_title(self, d: dict) -> None:
+        status = d["status"]
+        mark = f" {SUCCESS}" if d["cell"].get("success") else ""
+        trial = f" · trial #{d['trial_number']}" if d["trial_number"] is not None else ""
+        self.query_one("#trial-title", Static).update(Text(
+            f"{d['study']} · {d['method']}  lr {fmt_lr(d['lr'])} × {d['steps']} steps{trial} · {status}{mark}"))
+
+    def _show_params(self, d: dict) -> None:
+        text = Text()
+        text.append("model ", style="dim").append(str(d["model"]))
+        text.append("   forget set ", style="dim").append(f"{d['forget_set']['name']} ({d['forget_set']['hash'][:12]})")
+        text.append("\n")
+        parts = [(k, fmt_lr(v) if k == "lr" else ("—" if v is None else str(v))) for k, v in d["params"].items()]
+        for i, (k, v) in enumerate(parts):
+            text.append(("  " if i else "") + k + " ", style="dim").append(v)
+        cell = d["cell"]
+        text.append("\nscore ", style="dim").append(_num(cell.get("score")))
+        text.append("  forget_gap ", style="dim").append(_num(cell.get("forget_gap")))
+        text.append("  retain_drift ", style="dim").append(_num(cell.get("retain_drift")))
+        text.append("  success ", style="dim").append("yes" if cell.get("success") else "no")
+        self.query_one("#trial-params", Static).update(text)
+
+    def _show_milestones(self, d: dict) -> None:
+        table = self.query_one("#trial-milestones", DataTable)
+        reloading = table.row_count > 0 and d["milestones"]
+        kept_row = table.cursor_row
+        table.clear()
+        chosen_row = 0
+        for i, m in enumerate(d["milestones"]):
+            chosen = m.get("step") == d["steps"]
+            chosen_row = i if chosen else chosen_row
+            table.add_row(*milestone_row(m, chosen), key=str(m.get("step")))
+        if not d["milestones"]:
+            table.add_row("no milestone yet", *[""] * (len(MILESTONE_COLUMNS) - 1))
+        table.move_cursor(row=kept_row if reloading else chosen_row)  # a reload leaves the cursor where the user put it
+
+    def _show_curves(self, d: dict) -> None:
+        ms = [m for m in d["milestones"] if not m.get("diverged")]
+        steps = [m["step"] for m in ms]
+        base = d["baseline"] or {}
+        target = d["target"]
+        self.query_one("#curve-ppl", Curves).set_series(
+            steps, {"forget": [m.get("ppl_forget") for m in ms], "retain": [m.get("ppl_retain") for m in ms],
+                    "unseen": [m.get("ppl_unseen") for m in ms]},
+            hlines={"target (θ0 unseen)": target.get("ppl_forget"), "θ0 forget": base.get("ppl_forget")})
+        base_auc = (base.get("mia_auc") or {}).get("loss")
+        self.query_one("#curve-mia", Curves).set_series(
+            steps, {a: [(m.get("mia_auc") or {}).get(a) for m in ms] for a in MIA_ATTACKS},
+            hlines={"target 0.5": target.get("mia_auc"), "θ0 loss": base_auc})
+        losses = d["losses"]
+        self.query_one("#curve-loss", Curves).set_series(list(range(1, len(losses) + 1)), {"train loss": losses})
+
+    def _show_cost(self, d: dict) -> None:
+        cost = d["cost"]
+        text = Text("cost  ", style="bold")
+        if not cost:
+            text.append("not known until the run finishes", style="dim")
+        else:
+            items = [("train tokens", _count(cost.get("train_tokens"))), ("eval tokens", _count(cost.get("eval_tokens"))),
+                     ("seconds", _num(cost.get("wall_seconds"))), ("FLOPs", _num(cost.get("flops"))),
+                     ("× retraining FLOPs", _num(cost.get("retraining_flops_ratio")))]
+            for i, (k, v) in enumerate(items):
+                text.append(("  " if i else "") + k + " ", style="dim").append(v)
+        self.query_one("#trial-cost", Static).update(text)
+
+    def _show_attempts(self, d: dict) -> None:
+        text = Text("run  ", style="bold")
+        text.append("state ", style="dim").append(d["state"])
+        text.append("  attempts ", style="dim").append(f"{d['attempts']}/{d['max_attempts']}")
+        text.append("  device ", style="dim").append(str(d["device"] or "—"))
+        if d["host"]:
+            text.append("  host ", style="dim").append(str(d["host"]))
+        text.append("  at step ", style="dim").append(str(d["run_step"]))
+        if d["reason"]:
+            text.append("\nstopped: ", style="dim").append(str(d["reason"]))
+        if d["last_error"]:
+            text.append("\nlast error: ", style="bold red").append(str(d["last_error"]))
+        for f in d["failures"]:
+            text.append(f"\n{(f['at'] or '')[:19]}  ", style="dim").append(f"{f['kind']}: ", style="bold").append(f["message"])
+        self.query_one("#trial-attempts", Static).update(text)
+
+    # ------------------------------------------------------------------ actions
+    def action_back(self) -> None:
+        self.app.pop_screen()
+
+    def action_reload(self) -> None:
+        self.load()
+
+    def action_copy_command(self) -> None:
+        if self.detail is None:
+            self.notify("the trial is still loading", severity="warning")
+            return
+        self.app.copy_to_clipboard(self.detail["command"])
+        self.notify("copied")
+
+    def action_export(self) -> None:
+        self.post_message(ExportRequested(self.cell.study, self.cell))

@@ -1,0 +1,245 @@
+"""One method's lr × steps grid as a walkable heatmap: a cursor cell (arrows, mouse), Enter opens it,
+space marks it for compare.
+
+Colours and state marks come from tui/heatmap.py, so the app and `unlearn study heatmap` agree.
+Every cell also carries a glyph (✓ success, div, …, ·, ✗, –), so the grid reads without colour.
+The layout is fixed-width text (no table), so a click maps to a cell by arithmetic.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from rich.style import Style
+from rich.text import Text
+from textual.binding import Binding
+from textual.events import Click
+from textual.geometry import Size
+from textual.message import Message
+from textual.reactive import reactive
+from textual.widget import Widget
+
+from studies.grid import Cell, Grid, best_cell, check_metric
+from studies.states import CellStatus
+from tui.app.messages import CellRef
+from tui.heatmap import MARKS, SUCCESS, badness, colour, diverging, fmt_lr, fmt_value
+
+LR_WIDTH = 9  # "lr\steps " and the widest fmt_lr ("2.5e-04") plus a space
+VALUE_WIDTH = 7  # fmt_value's longest
+# A cell: cursor bracket, value, success mark, compare mark, cursor bracket.
+CELL_WIDTH = 1 + VALUE_WIDTH + 1 + 1 + 1
+HEADER_LINES = 2  # the title line and the steps line
+COMPARE_MARK = "◆"
+
+
+class CellMessage(Message):
+    """A message about one cell of a heatmap (`control` is the heatmap)."""
+
+    def __init__(self, heatmap: "HeatmapGrid", cell: CellRef) -> None:
+        super().__init__()
+        self.heatmap = heatmap
+        self.cell = cell
+
+    @property
+    def control(self) -> "HeatmapGrid":
+        return self.heatmap
+
+
+class HeatmapGrid(Widget, can_focus=True):
+    """The grid of one method: rows are lrs, columns are steps, one metric in every cell."""
+
+    DEFAULT_CSS = """
+    HeatmapGrid {
+        width: auto;
+        height: auto;
+        padding: 0 1;
+    }
+    HeatmapGrid:focus {
+        background: $boost;
+    }
+    """
+
+    BINDINGS = [
+        Binding("up", "move(-1, 0)", "Up", show=False),
+        Binding("down", "move(1, 0)", "Down", show=False),
+        Binding("left", "move(0, -1)", "Left", show=False),
+        Binding("right", "move(0, 1)", "Right", show=False),
+        Binding("enter", "choose", "Open trial"),
+        Binding("space", "toggle_mark", "Mark for compare"),  # m is the dashboard's next metric
+    ]
+
+    metric: reactive[str] = reactive("score", layout=True)
+
+    class CellHighlighted(CellMessage):
+        """The cursor moved onto a cell."""
+
+    class CellChosen(CellMessage):
+        """Enter (or a click on the cell already under the cursor) on a cell: open it."""
+
+    class MarkToggled(CellMessage):
+        """A cell was marked for compare (marked=True) or unmarked."""
+
+        def __init__(self, heatmap: "HeatmapGrid", cell: CellRef, marked: bool) -> None:
+            super().__init__(heatmap, cell)
+            self.marked = marked
+
+    def __init__(self, grid: Grid, metric: str = "score", study: str = "", id: str | None = None,
+                 classes: str | None = None, *, scale: Optional[tuple[float, float]] = None) -> None:
+        """`scale` (lo, hi of tui.heatmap.badness) shares one colour scale between several grids;
+        by default the grid's own values set it."""
+        super().__init__(id=id, classes=classes)
+        self.grid = grid
+        self.study = study
+        self.scale = scale
+        self.cursor: tuple[int, int] = (0, 0)  # (row: lr index, column: steps index)
+        self._marked: set[tuple[float, int]] = set()
+        self.set_reactive(HeatmapGrid.metric, check_metric(metric))
+
+    # ------------------------------------------------------------------ public API
+    def update_grid(self, grid: Grid) -> None:
+        """New values for the same method (a live study): the cursor stays on the same (lr, steps)
+        when it still exists, marks on cells that still exist stay."""
+        current = self._key(*self.cursor)
+        resized = (len(grid.lrs), len(grid.steps)) != (len(self.grid.lrs), len(self.grid.steps))
+        self.grid = grid
+        if current is not None and current[0] in grid.lrs and current[1] in grid.steps:
+            self.cursor = (grid.lrs.index(current[0]), grid.steps.index(current[1]))
+        else:
+            self.cursor = self._clamp(*self.cursor)
+        self._marked = {k for k in self._marked if k in grid.cells}
+        self.refresh(layout=resized)
+
+    @property
+    def cursor_cell(self) -> Optional[CellRef]:
+        key = self._key(*self.cursor)
+        return self._ref(key) if key is not None else None
+
+    @property
+    def marked(self) -> list[CellRef]:
+        """The cells marked for compare, in grid order."""
+        return [self._ref((lr, s)) for lr in self.grid.lrs for s in self.grid.steps if (lr, s) in self._marked]
+
+    def move_cursor(self, row: int, column: int) -> None:
+        """Put the cursor on (row, column), clamped to the grid; posts CellHighlighted when it moves."""
+        target = self._clamp(row, column)
+        if target == self.cursor or not self.grid.size:
+            return
+        self.cursor = target
+        self.refresh()
+        self.post_message(self.CellHighlighted(self, self.cursor_cell))
+
+    # ------------------------------------------------------------------ actions
+    def action_move(self, rows: int, columns: int) -> None:
+        self.move_cursor(self.cursor[0] + rows, self.cursor[1] + columns)
+
+    def action_choose(self) -> None:
+        if self.cursor_cell is not None:
+            self.post_message(self.CellChosen(self, self.cursor_cell))
+
+    def action_toggle_mark(self) -> None:
+        key = self._key(*self.cursor)
+        if key is None:
+            return
+        marked = key not in self._marked
+        (self._marked.add if marked else self._marked.discard)(key)
+        self.refresh()
+        self.post_message(self.MarkToggled(self, self._ref(key), marked))
+
+    def on_click(self, event: Click) -> None:
+        offset = event.get_content_offset(self)
+        if offset is None or offset.y < HEADER_LINES or offset.x < LR_WIDTH:
+            return
+        row, column = offset.y - HEADER_LINES, (offset.x - LR_WIDTH) // CELL_WIDTH
+        if row >= len(self.grid.lrs) or column >= len(self.grid.steps):
+            return
+        event.stop()
+        if (row, column) == self.cursor and event.chain >= 2:
+            self.action_choose()  # a double click opens the cell
+        self.move_cursor(row, column)
+
+    def on_focus(self) -> None:
+        self.refresh()
+
+    def on_blur(self) -> None:
+        self.refresh()
+
+    # ------------------------------------------------------------------ rendering
+    def get_content_width(self, container: Size, viewport: Size) -> int:
+        return max(LR_WIDTH + CELL_WIDTH * max(1, len(self.grid.steps)), min(self.title_line().cell_len, 78))
+
+    def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
+        return HEADER_LINES + max(1, len(self.grid.lrs))
+
+    def title_line(self) -> Text:
+        g = self.grid
+        best = best_cell(list(g.cells.values()), g.method)
+        text = Text.assemble((g.method, "bold"), f"  robust {g.robustness:.0%} ", (f"{g.successes}/{g.size}", "dim"),
+                             no_wrap=True, overflow="ellipsis")
+        if best is not None:
+            text.append(f"  best {fmt_lr(best.lr)}×{best.steps} score {fmt_value(best.value('score'))}")
+            if best.success:
+                text.append(SUCCESS)
+        if self.metric != "score":
+            text.append(f"  [{self.metric}]", style="italic")
+        return text
+
+    def render(self) -> Text:
+        g = self.grid
+        lines = [self.title_line()]
+        header = Text("lr\\steps".rjust(LR_WIDTH - 1) + " ", style="dim", no_wrap=True)
+        for s in g.steps:
+            header.append(str(s).rjust(1 + VALUE_WIDTH).ljust(CELL_WIDTH), style="bold")
+        lines.append(header)
+        if not g.lrs:
+            lines.append(Text("no cells yet", style="dim"))
+        lo, hi = self.scale if self.scale is not None else self._value_range()
+        for r, lr in enumerate(g.lrs):
+            line = Text(fmt_lr(lr).rjust(LR_WIDTH - 1) + " ", style="bold", no_wrap=True)
+            for c, s in enumerate(g.steps):
+                line.append_text(self._cell_text(g.cell(lr, s), (r, c) == self.cursor, (lr, s) in self._marked, lo, hi))
+            lines.append(line)
+        return Text("\n", no_wrap=True).join(lines)
+
+    def _cell_text(self, cell: Optional[Cell], cursor: bool, marked: bool, lo: float, hi: float) -> Text:
+        status = cell.status if cell is not None else CellStatus.PENDING
+        mark = COMPARE_MARK if marked else " "
+        if status != CellStatus.DONE:
+            glyph, style = MARKS.get(status, ("?", ""))
+            body = Text.assemble((glyph.center(VALUE_WIDTH) + " ", style), (mark, "bold"))
+        else:
+            value = cell.value(self.metric)
+            label = fmt_value(value).rjust(VALUE_WIDTH) + (SUCCESS if cell.success else " ") + mark
+            body = Text(label, style=self._value_style(value, cell.success, lo, hi))
+        if cursor:
+            body.stylize("reverse" if self.has_focus else "underline")
+        return Text.assemble(("[" if cursor else " ", "bold"), body, ("]" if cursor else " ", "bold"))
+
+    def _value_style(self, value: Optional[float], success: bool, lo: float, hi: float) -> Style | str:
+        if value is None:
+            return "dim"
+        b = badness(self.metric, value)
+        t = (b - lo) / (hi - lo) if b is not None and hi > lo else 0.0
+        bg = colour(t, diverging(self.metric))
+        red, green, blue = bg.get_truecolor()
+        fg = "black" if (0.299 * red + 0.587 * green + 0.114 * blue) > 110 else "white"
+        return Style(color=fg, bgcolor=bg, bold=success)
+
+    def _value_range(self) -> tuple[float, float]:
+        vals = [badness(self.metric, v) for row in self.grid.value(self.metric) for v in row if v is not None]
+        vals = [v for v in vals if v is not None and math.isfinite(v)]
+        return (min(vals), max(vals)) if vals else (0.0, 0.0)
+
+    # ------------------------------------------------------------------ helpers
+    def validate_metric(self, metric: str) -> str:
+        return check_metric(metric)
+
+    def _clamp(self, row: int, column: int) -> tuple[int, int]:
+        return (min(max(0, row), max(0, len(self.grid.lrs) - 1)), min(max(0, column), max(0, len(self.grid.steps) - 1)))
+
+    def _key(self, row: int, column: int) -> Optional[tuple[float, int]]:
+        if 0 <= row < len(self.grid.lrs) and 0 <= column < len(self.grid.steps):
+            return self.grid.lrs[row], self.grid.steps[column]
+        return None
+
+    def _ref(self, key: tuple[float, int]) -> CellRef:
+        return CellRef(self.study, self.grid.method, float(key[0]), int(key[1]))
