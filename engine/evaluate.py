@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from engine.data import Chunks, ForgetSetChunks
 
@@ -79,13 +78,29 @@ def score_chunks(model, chunks: Chunks, batch_size: int = 8, device=None, autoca
     return SetScores(np.array(nll_sum), np.array(n_tok), {a: np.array(v) for a, v in mia.items()})
 
 
+def roc_auc(positives: np.ndarray, negatives: np.ndarray) -> float | None:
+    """ROC AUC as the Mann-Whitney statistic: the chance that a positive outscores a negative, ties
+    counting one half (what sklearn's roc_auc_score computes; tests hold the two together).
+
+    Computed here with numpy ranks because importing sklearn.metrics (scipy.stats, pandas) costs
+    every run process 1.5-2 s before its first step."""
+    n_pos, n_neg = len(positives), len(negatives)
+    if not n_pos or not n_neg:
+        return None
+    scores = np.concatenate([positives, negatives]).astype(np.float64)
+    _, which, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)  # 1-based rank of each distinct value's last occurrence
+    mean_rank = last - (counts - 1) / 2.0  # tied scores share the mean of their ranks
+    rank_sum = mean_rank[which.reshape(-1)[:n_pos]].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
 def mia_auc(members: SetScores, nonmembers: SetScores) -> dict[str, float | None]:
     """ROC AUC, raw orientation: 1.0 = U clearly remembered, 0.5 = U looks unseen, < 0.5 = over-unlearned."""
     out = {}
     for a in ATTACKS:
         s = np.concatenate([members.mia[a], nonmembers.mia[a]])
-        y = np.concatenate([np.ones(len(members.mia[a])), np.zeros(len(nonmembers.mia[a]))])
-        out[a] = float(roc_auc_score(y, s)) if np.isfinite(s).all() else None
+        out[a] = roc_auc(members.mia[a], nonmembers.mia[a]) if np.isfinite(s).all() else None
     return out
 
 

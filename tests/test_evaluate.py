@@ -155,6 +155,19 @@ def test_mia_auc_equals_sklearn_with_members_labelled_one():
         assert got[a] == pytest.approx(roc_auc_score(y, members[a] + nonmembers[a]), abs=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_roc_auc_equals_sklearn_with_ties(seed):
+    """The numpy AUC against sklearn's on scores with many ties (rounded) and uneven class sizes."""
+    from engine.evaluate import roc_auc
+
+    rng = np.random.default_rng(seed)
+    n_pos, n_neg = int(rng.integers(1, 40)), int(rng.integers(1, 40))
+    pos = np.round(rng.normal(0.3, 1.0, n_pos), 1)
+    neg = np.round(rng.normal(0.0, 1.0, n_neg), 1)
+    expected = roc_auc_score([1] * n_pos + [0] * n_neg, np.concatenate([pos, neg]))
+    assert roc_auc(pos, neg) == pytest.approx(expected, abs=1e-12)
+
+
 def test_mia_auc_is_not_folded():
     """Over-unlearning (members look *less* familiar than non-members) shows as AUC < 0.5."""
     members, nonmembers = [0.1, 0.2, 0.6], [0.3, 0.5, 0.7, 0.8]
