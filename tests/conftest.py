@@ -132,3 +132,22 @@ def isolated_unlearn_home(tmp_path_factory):
         os.environ.pop("UNLEARN_HOME", None)
     else:
         os.environ["UNLEARN_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """`unlearn demo --quick` run once per session, in a subprocess as a user runs it: the
+    workspace, its JSON report and the wall time. The demo's own test checks it; the app's
+    end-to-end tests work on its store (they add studies, never change the demo's)."""
+    import subprocess
+    import sys
+    import time
+
+    ws = tmp_path_factory.mktemp("quick_demo") / "W"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "tui.cli", "demo", "--quick", "--workspace", str(ws), "--json"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    wall = time.perf_counter() - t0
+    assert p.returncode == 0, p.stderr[-3000:]
+    return ws, json.loads(p.stdout), wall

@@ -155,17 +155,11 @@ def test_a_store_that_cannot_be_opened_is_one_line_and_exit_2(tmp_path, damage):
 
 
 @pytest.mark.slow
-def test_quick_demo_meets_the_outside_check(tmp_path):
+def test_quick_demo_meets_the_outside_check(quick_demo):
     """What the outside check runs, on this machine: ≤ 120 s, seven methods, real memorization,
     the retrained twin far from the original on forget, then `unlearn run` at the demo's ga_gd lr."""
-    ws = tmp_path / "W"
-    t0 = time.perf_counter()
+    ws, d, wall = quick_demo
     env_threads = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    p = subprocess.run([sys.executable, "-m", "tui.cli", "demo", "--quick", "--workspace", str(ws), "--json"],
-                       capture_output=True, text=True, env=env_threads, timeout=900)
-    wall = time.perf_counter() - t0
-    assert p.returncode == 0, p.stderr[-3000:]
-    d = json.loads(p.stdout)
     print(f"quick demo: {wall:.1f} s")
     assert sorted(r["method"] for r in d["runs"]) == sorted(SEVEN)
     assert d["original"]["mia_auc"]["loss"] >= 0.8
@@ -209,3 +203,31 @@ def test_two_processes_under_accelerate_launch(tiny_model_dir, forget_set_files,
         assert all(c["diverged"] for c in r["milestones"]) and len(r["losses"]) < 40
     else:
         assert all(c["score"] is not None for c in r["milestones"])
+
+
+def test_study_rm_deletes_a_finished_study_and_refuses_a_running_one(tmp_path, tiny_model_dir, forget_set_files):
+    """`unlearn study rm`: the app's `d`, as a command. Asks unless --yes; never a running study."""
+    import optuna
+
+    from app_stores import app_store
+
+    store = app_store(tmp_path / "lab.db", tiny_model_dir, forget_set_files)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNLEARN_STORAGE")}
+    env["UNLEARN_STORAGE_URL"] = store.url
+    running = subprocess.run([sys.executable, "-m", "tui.cli", "study", "rm", "sweep-live", "--yes"],
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert running.returncode == 2 and "cancel it first" in running.stderr and len(running.stderr.splitlines()) == 1
+    asked = subprocess.run([sys.executable, "-m", "tui.cli", "study", "rm", "sweep-done"], input="n\n",
+                           capture_output=True, text=True, env=env, timeout=60)
+    assert asked.returncode != 0 and store.study("sweep-done")
+    done = subprocess.run([sys.executable, "-m", "tui.cli", "study", "rm", "sweep-done", "--yes"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "study sweep-done deleted (18 cells)"
+    assert "sweep-done" not in optuna.get_all_study_names(store.optuna)
+    again = subprocess.run([sys.executable, "-m", "tui.cli", "study", "rm", "sweep-done", "--yes"],
+                           capture_output=True, text=True, env=env, timeout=60)
+    assert again.returncode == 2 and "sweep-done" in again.stderr
+    listed = subprocess.run([sys.executable, "-m", "tui.cli", "study", "ls", "--json"], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert [r["name"] for r in json.loads(listed.stdout)] == ["sweep-live"]

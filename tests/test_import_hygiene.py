@@ -149,3 +149,58 @@ def test_read_only_commands_import_no_training_library(argv, read_store, tmp_pat
     assert result["code"] in (0, None), proc.stdout + proc.stderr
     assert proc.stdout.strip(), "the command printed nothing"
     assert _hits(result["modules"], HEAVY) == []
+
+
+APP_PROBE = r"""
+import asyncio, json, os, sys
+from tui.app.app import create_app
+from tui.app.messages import CellRef, CompareCells, ExportRequested, OpenTrial
+
+async def walk():
+    app = create_app(sys.argv[1], refresh_s=0.2)
+    async with app.run_test(size=(100, 40)) as pilot:
+        async def changed(before, timeout=30.0):
+            for _ in range(int(timeout / 0.05)):
+                await pilot.pause(0.05)
+                if app.screen is not before:
+                    break
+            await pilot.pause(0.5)  # its workers read what it shows
+
+        for _ in range(600):
+            await pilot.pause(0.05)
+            tables = app.screen.query("#studies") if type(app.screen).__name__ == "StudiesScreen" else []
+            if tables and tables.first().row_count:
+                break
+        seen = [type(app.screen).__name__]
+        steps = [lambda: pilot.press("enter"),
+                 lambda: app.post_message(OpenTrial(CellRef("S", "ga", 1e-4, 2))),
+                 lambda: app.post_message(CompareCells([CellRef("S", "ga", 1e-4, 2), CellRef("S", "ga_gd", 1e-4, 4)])),
+                 lambda: app.post_message(ExportRequested("S")),
+                 app.action_forget_sets, app.action_new_study, app.action_help]
+        for step in steps:
+            before = app.screen
+            result = step()
+            if asyncio.iscoroutine(result):
+                await result
+            await changed(before)
+            seen.append(type(app.screen).__name__)
+    return seen
+
+seen = asyncio.run(walk())
+with open(os.environ["PROBE_REPORT"], "w") as f:
+    json.dump({"screens": seen, "modules": sorted(sys.modules)}, f)
+"""
+
+
+def test_the_app_process_imports_no_training_library(read_store, tmp_path):
+    """The app through every screen (studies, dashboard, trial, compare, export, forget sets, new
+    study, help): no torch, transformers, accelerate, datasets or scikit-learn in its process."""
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-c", APP_PROBE, read_store], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=180, env={**os.environ, "PROBE_REPORT": str(report)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(report.read_text())
+    assert result["screens"] == ["StudiesScreen", "DashboardScreen", "TrialScreen", "CompareScreen", "ExportDialog",
+                                 "ForgetSetBuilderScreen", "NewStudyScreen", "HelpScreen"]
+    assert "textual" in result["modules"]
+    assert _hits(result["modules"], HEAVY) == []
