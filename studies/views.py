@@ -52,6 +52,8 @@ class StudyWatch:
     _milestones: dict[int, Milestone] = field(default_factory=dict)
     _last_id: int = 0
     _cells: dict[CellKey, tuple] = field(default_factory=dict)
+    _cells_list: Optional[list[Cell]] = None
+    _runs_seen: dict[int, tuple] = field(default_factory=dict)
     _state: Optional[str] = None
 
     def poll(self) -> Poll:
@@ -64,14 +66,19 @@ class StudyWatch:
             fresh = s.exec(select(Milestone).join(Run, Milestone.run_id == Run.id)
                            .where(Run.study_id == study.id, Milestone.id > self._last_id)
                            .order_by(Milestone.id)).all()
-        self._runs = {r.id: r for r in runs}
+        runs_now = {r.id: (r.state, r.step, r.attempts) for r in runs}
+        quiet = not fresh and runs_now == self._runs_seen and self._cells_list is not None
+        self._runs, self._runs_seen = {r.id: r for r in runs}, runs_now
         for m in fresh:
             self._milestones[m.id] = m
             self._last_id = max(self._last_id, m.id)
-        cells = cells_from_rows(study, list(self._runs.values()), list(self._milestones.values()))
-        signatures = {(c.method, c.lr, c.steps): _signature(c) for c in cells}
-        changed = {k for k, sig in signatures.items() if self._cells.get(k) != sig}
-        self._cells = signatures
+        if quiet:  # nothing that draws a cell moved: skip rebuilding them (the common tick)
+            cells, changed = self._cells_list, set()
+        else:
+            cells = cells_from_rows(study, list(self._runs.values()), list(self._milestones.values()))
+            signatures = {(c.method, c.lr, c.steps): _signature(c) for c in cells}
+            changed = {k for k, sig in signatures.items() if self._cells.get(k) != sig}
+            self._cells, self._cells_list = signatures, cells
         first = self._state is None
         state_changed = not first and study.state != self._state
         finished = state_changed and study.state == StudyState.DONE

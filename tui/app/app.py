@@ -51,6 +51,7 @@ class UnlearnApp(App):
         self.read_devices = read_devices  # off only where a reading would make a snapshot differ
         self.store = None
         self.known_studies: list[str] = []
+        self.compare_basket: set = set()  # cells marked for compare, across every study's dashboard
         self.theme = theme or prefs.load().get("theme") or "textual-dark"
 
     # ------------------------------------------------------------ opening the store
@@ -102,7 +103,15 @@ class UnlearnApp(App):
     def on_open_study(self, message: OpenStudy) -> None:
         from tui.app.screens.dashboard import DashboardScreen
 
-        self.push_screen(DashboardScreen(self.store, message.study, read_devices=self.read_devices))
+        self.push_screen(DashboardScreen(self.store, message.study, read_devices=self.read_devices,
+                                         marked=frozenset(self.compare_basket)))
+
+    def on_heatmap_grid_mark_toggled(self, message) -> None:
+        (self.compare_basket.add if message.marked else self.compare_basket.discard)(message.cell)
+        n = len(self.compare_basket)
+        if message.marked:
+            self.notify(f"{n} cell(s) marked{' across studies' if len({c.study for c in self.compare_basket}) > 1 else ''}: "
+                        "C compares them", timeout=3)
 
     def on_open_trial(self, message: OpenTrial) -> None:
         from tui.app.screens.trial import TrialScreen
@@ -112,10 +121,11 @@ class UnlearnApp(App):
     def on_compare_cells(self, message: CompareCells) -> None:
         from tui.app.screens.compare import CompareScreen
 
-        if len(message.cells) < 2:
+        cells = sorted(set(message.cells) | self.compare_basket, key=lambda c: (c.study, c.method, c.lr, c.steps))
+        if len(cells) < 2:
             self.notify("mark two or more cells to compare (space on a heatmap cell)", severity="warning")
             return
-        self.push_screen(CompareScreen(self.store, message.cells))
+        self.push_screen(CompareScreen(self.store, cells))
 
     def on_export_requested(self, message: ExportRequested) -> None:
         from tui.app.screens.export import ExportDialog

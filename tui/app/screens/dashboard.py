@@ -83,14 +83,14 @@ class DashboardScreen(Screen):
             super().__init__()
             self.reason = reason
 
-    def __init__(self, store, study: str, read_devices: bool = True) -> None:
+    def __init__(self, store, study: str, read_devices: bool = True, marked: frozenset = frozenset()) -> None:
         super().__init__()
         self.read_devices = read_devices
+        self.marked_before = marked  # cells marked for compare earlier (in any study): shown again
         self.store = store
         self.study = study
         self.metric = "score"
         self.sort, self.descending, self.success_only, self.method_filter = "score", False, False, None
-        self.marked: set[CellRef] = set()
         self.steps_total = 0
         self.state: Optional[str] = None
         self._trial_rows: dict[str, dict] = {}  # row key (milestone id) -> trial_page row
@@ -185,6 +185,7 @@ class DashboardScreen(Screen):
             if widget is None:
                 widget = HeatmapGrid(grid, metric=self.metric, study=self.study, id=f"heatmap-{method}", scale=scale)
                 box.mount(widget)
+                widget.mark(self.marked_before)
                 if not existing and not parts:
                     widget.focus()
             elif rescaled or any(k[0] == method for k in changed):
@@ -291,13 +292,9 @@ class DashboardScreen(Screen):
     def on_heatmap_grid_cell_chosen(self, message: HeatmapGrid.CellChosen) -> None:
         self.post_message(OpenTrial(message.cell))
 
-    def on_heatmap_grid_mark_toggled(self, message: HeatmapGrid.MarkToggled) -> None:
-        (self.marked.add if message.marked else self.marked.discard)(message.cell)
-        if message.marked:
-            self.notify(f"{len(self.marked)} cell(s) marked: C compares them", timeout=3)
-
     def action_compare(self) -> None:
-        self.post_message(CompareCells(sorted(self.marked, key=lambda c: (c.method, c.lr, c.steps))))
+        """The cells marked here; the app adds those marked in other studies' dashboards."""
+        self.post_message(CompareCells([c for w in self.query(HeatmapGrid) for c in w.marked]))
 
     # ------------------------------------------------------------ study actions
 

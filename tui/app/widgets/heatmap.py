@@ -92,7 +92,7 @@ class HeatmapGrid(Widget, can_focus=True):
         self.study = study
         self.scale = scale
         self.cursor: tuple[int, int] = (0, 0)  # (row: lr index, column: steps index)
-        self._marked: set[tuple[float, int]] = set()
+        self._marked: set[tuple[float, int]] = set()  # owners restore marks with mark()
         self.set_reactive(HeatmapGrid.metric, check_metric(metric))
 
     # ------------------------------------------------------------------ public API
@@ -113,6 +113,13 @@ class HeatmapGrid(Widget, can_focus=True):
     def cursor_cell(self) -> Optional[CellRef]:
         key = self._key(*self.cursor)
         return self._ref(key) if key is not None else None
+
+    def mark(self, cells) -> None:
+        """Show these cells (of this grid's study and method) as marked, e.g. when a dashboard
+        reopens on cells marked earlier. Posts nothing."""
+        self._marked |= {(c.lr, c.steps) for c in cells if c.study == self.study and c.method == self.grid.method
+                         and (c.lr, c.steps) in self.grid.cells}
+        self.refresh()
 
     @property
     def marked(self) -> list[CellRef]:
