@@ -22,9 +22,10 @@ THEMES = ("textual-dark", "textual-light", "ansi-dark", "ansi-light")
 
 
 class StoreOpened(Message):
-    def __init__(self, store) -> None:
+    def __init__(self, store, settings) -> None:
         super().__init__()
         self.store = store
+        self.settings = settings
 
 
 class StoreFailed(Message):
@@ -42,12 +43,17 @@ class UnlearnApp(App):
         Binding("q", "quit", "quit"),
     ]
 
-    def __init__(self, storage_url: str, refresh_s: float = 1.0, heartbeat_timeout_s: float = 60.0,
-                 theme: Optional[str] = None, read_devices: bool = True) -> None:
+    def __init__(self, storage_url: Optional[str] = None, refresh_s: float = 1.0,
+                 heartbeat_timeout_s: Optional[float] = None, theme: Optional[str] = None,
+                 read_devices: bool = True) -> None:
+        """`storage_url` None: the settings' (UNLEARN_STORAGE_URL, then .env), resolved with the rest
+        of the settings in the worker that opens the store, after the first frame."""
         super().__init__()
         self.storage_url = storage_url
+        self.theme_given = theme is not None
         self.refresh_s = refresh_s  # every live screen polls the store this often (≤ 2 s)
-        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s if heartbeat_timeout_s is not None else 60.0
+        self.heartbeat_given = heartbeat_timeout_s is not None
         self.read_devices = read_devices  # off only where a reading would make a snapshot differ
         self.store = None
         self.known_studies: list[str] = []
@@ -56,16 +62,30 @@ class UnlearnApp(App):
 
     # ------------------------------------------------------------ opening the store
 
+    def compose(self):
+        from textual.widgets import Footer, Header, Static
+
+        yield Header()
+        yield Static("opening the store…", id="opening")
+        yield Footer()
+
     def on_mount(self) -> None:
         self.open_store(self.storage_url)
 
     @work(thread=True, exclusive=True, group="store", name="open store")
-    def open_store(self, url: str, create: bool = False) -> None:
+    def open_store(self, url: Optional[str], create: bool = False) -> None:
         from engine.errors import UnlearnError
+        from engine.settings import Settings
         from studies.store import Store, StoreMissing, describe_url
 
         try:
-            self.post_message(StoreOpened(Store(url, create=create)))
+            settings = Settings(**({"storage_url": url} if url else {}))
+        except Exception as exc:  # a malformed UNLEARN_* value: one line, and a store can still be picked
+            self.post_message(StoreFailed(url or "", f"bad settings: {str(exc).splitlines()[0]}", missing=False))
+            return
+        url = settings.storage_url
+        try:
+            self.post_message(StoreOpened(Store(url, create=create), settings))
         except StoreMissing as exc:
             self.post_message(StoreFailed(url, str(exc), missing=True))
         except UnlearnError as exc:
@@ -80,6 +100,13 @@ class UnlearnApp(App):
         self.store = message.store
         self.storage_url = message.store.url
         self.sub_title = message.store.safe_url
+        settings = message.settings
+        if not self.heartbeat_given:
+            self.heartbeat_timeout_s = settings.heartbeat_timeout
+        if not self.theme_given:  # .env or UNLEARN_HOME may name what the environment did not
+            theme = settings.theme or prefs.load(settings.home).get("theme")
+            if theme and theme != self.theme:
+                self.theme = theme
         for _ in range(len(self.screen_stack) - 1):
             self.pop_screen()
         self.push_screen(StudiesScreen(self.store))
@@ -166,7 +193,7 @@ class UnlearnApp(App):
 
     def set_theme(self, name: str) -> None:
         self.theme = name
-        prefs.save({"theme": name})
+        prefs.save({"theme": name})  # UNLEARN_HOME from the environment (as the first frame read it)
         self.notify(f"theme: {name}")
 
     def action_settings(self) -> None:
@@ -221,9 +248,6 @@ class UnlearnApp(App):
 
 
 def create_app(storage_url: Optional[str] = None, **kwargs) -> UnlearnApp:
-    """The app on a store: the URL given, else the settings' (UNLEARN_STORAGE_URL, then .env)."""
-    from engine.settings import Settings
-
-    settings = Settings(**({"storage_url": storage_url} if storage_url else {}))
-    kwargs.setdefault("heartbeat_timeout_s", settings.heartbeat_timeout)
-    return UnlearnApp(settings.storage_url, **kwargs)
+    """The app on a store: the URL given, else the settings' (UNLEARN_STORAGE_URL, then .env),
+    resolved once the first frame is up."""
+    return UnlearnApp(storage_url, **kwargs)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from tui.heatmap import fmt_lr, fmt_value
+from tui.numbers import fmt_lr, fmt_value
 
 BARS = "▁▂▃▄▅▆▇█"
 

@@ -22,6 +22,5 @@ def tui_cmd(
 
     if theme is not None and theme not in THEMES:
         raise UnlearnError(f"unknown theme {theme!r}; one of: {', '.join(THEMES)}")
-    settings = lab(ctx).settings
-    UnlearnApp(settings.storage_url, refresh_s=refresh, heartbeat_timeout_s=settings.heartbeat_timeout,
-               theme=theme).run()
+    # The settings (and the store) are resolved by the app after its first frame.
+    UnlearnApp(lab(ctx).storage_flag, refresh_s=refresh, theme=theme).run()
