@@ -52,6 +52,11 @@ async def settle(pilot, predicate, timeout: float = 20.0) -> None:
         await pilot.pause(0.1)
         if predicate(pilot.app):
             await pilot.pause(0.5)  # the last posted messages land
+            from textual.widgets import Input
+
+            for box in pilot.app.screen.query(Input):  # a blinking cursor would make the picture a coin toss
+                box.cursor_blink = False
+            await pilot.pause(0.1)
             return
     raise AssertionError("the screen never finished loading")
 
@@ -61,7 +66,12 @@ def _studies_ready(app) -> bool:
 
     from tui.app.screens.studies import StudiesScreen
 
-    return isinstance(app.screen, StudiesScreen) and app.screen.query_one("#studies", DataTable).row_count == 2
+    if not (isinstance(app.screen, StudiesScreen) and app.screen.query_one("#studies", DataTable).row_count == 2):
+        return False
+    # The table measures its new rows when it is next idle; a dialog opened before that would
+    # cover a table whose columns are still as wide as their labels.
+    widths = {str(k.value): c.content_width for k, c in app.screen.query_one("#studies", DataTable).columns.items()}
+    return widths["name"] >= len("sweep-done") and widths["model"] >= len("tiny-llama")
 
 
 def _dashboard_ready(app) -> bool:
@@ -74,12 +84,22 @@ def _dashboard_ready(app) -> bool:
             and app.screen.query_one("#trials", DataTable).row_count == 18)
 
 
-async def open_studies(pilot):
+async def studies_drawn(pilot):
+    """The studies table filled, measured (on idle) and drawn again with its final widths."""
+    from textual.widgets import DataTable
+
     await settle(pilot, _studies_ready)
+    table = pilot.app.screen.query_one("#studies", DataTable)
+    table.refresh()
+    await pilot.pause(0.5)
+
+
+async def open_studies(pilot):
+    await studies_drawn(pilot)
 
 
 async def open_dashboard(pilot):
-    await settle(pilot, _studies_ready)
+    await studies_drawn(pilot)
     await pilot.press("enter")
     await settle(pilot, _dashboard_ready)
 
@@ -95,7 +115,7 @@ async def open_trial(pilot):
 async def open_builder(pilot):
     from tui.app.screens.forgetset_builder import ForgetSetBuilderScreen
 
-    await settle(pilot, _studies_ready)
+    await studies_drawn(pilot)
     await pilot.press("f")
     await settle(pilot, lambda app: isinstance(app.screen, ForgetSetBuilderScreen))
 
@@ -103,7 +123,7 @@ async def open_builder(pilot):
 async def open_export(pilot):
     from tui.app.screens.export import ExportDialog
 
-    await settle(pilot, _studies_ready)
+    await studies_drawn(pilot)
     await pilot.press("e")
     await settle(pilot, lambda app: isinstance(app.screen, ExportDialog))
 

@@ -15,7 +15,9 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.message import Message
 from textual.screen import Screen
+from rich.cells import cell_len
 from textual.widgets import DataTable, Footer, Header, Input, Static
+from textual.widgets.data_table import ColumnKey
 
 from tui.app.format import age, robustness_bars, score
 from tui.app.messages import ExportRequested, OpenStudy, StudyAction
@@ -84,7 +86,7 @@ class StudiesScreen(Screen):
     def on_mount(self) -> None:
         table = self.query_one("#studies", DataTable)
         for key, label in COLUMNS:
-            table.add_column(label, key=key)
+            table.add_column(label, key=key, width=cell_len(label))
         table.focus()
         self.poll()
         self.set_interval(self.app.refresh_s, self.poll)
@@ -143,6 +145,7 @@ class StudiesScreen(Screen):
                     if self.shown[name][key] != cells[key]:
                         table.update_cell(name, key, cells[key])
             self.shown[name] = cells
+        self._fit_columns(table)
         empty = self.query_one("#studies-empty", Static)
         if not self.rows:
             empty.update("No study yet. Press n to create one (f to build a forget set first), "
@@ -151,6 +154,19 @@ class StudiesScreen(Screen):
             empty.update(f"no study matches {self.filter_text!r} (escape clears the filter)")
         else:
             empty.update("")
+
+    def _fit_columns(self, table: DataTable) -> None:
+        """Each column as wide as its widest text, set here rather than measured by the table when
+        it is next idle: a busy app, or a dialog opened at once, would otherwise show the columns
+        as narrow as their labels."""
+        changed = False
+        for key, label in COLUMNS:
+            width = max([cell_len(label), *(cell_len(cells[key]) for cells in self.shown.values())])
+            column = table.columns[ColumnKey(key)]
+            if column.width != width:
+                column.width, changed = width, True
+        if changed:
+            table.refresh(layout=True)
 
     # ------------------------------------------------------------ keys
 
