@@ -16,7 +16,7 @@ from typing import Optional
 
 from sqlmodel import select
 
-from studies.store import Run, Store, sqlite_path
+from studies.store import Run, Store
 
 BLOCK = 64 * 1024
 MAX_TAIL_BYTES = 4 * 1024 * 1024  # a log with no newline for megabytes still answers quickly
@@ -24,16 +24,10 @@ _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 
 
 def log_folder(store: Store, study: str) -> Path:
-    """The folder `studies.scheduler.log_dir_for` writes a study's run logs to, without creating it
-    (log_dir_for makes it; a reader must not, and a test holds the two to the same path)."""
-    db = sqlite_path(store.url)
-    if db is not None:
-        base = db.parent / f"{db.stem}-logs"
-    else:
-        from engine.settings import get_settings
+    """The folder a study's run logs are written to, without creating it."""
+    from studies.scheduler import log_dir_for
 
-        base = get_settings().home / "logs"
-    return base / study
+    return log_dir_for(store, study, create=False)
 
 
 def scheduler_log_path(store: Store, study: str) -> Path:

@@ -39,14 +39,16 @@ class Child:
     attempt: int
 
 
-def log_dir_for(store: Store, study: str) -> Path:
-    """Logs live beside a SQLite store (…/unlearn-logs/STUDY), else under UNLEARN_HOME/logs."""
+def log_dir_for(store: Store, study: str, create: bool = True) -> Path:
+    """Logs live beside a SQLite store (…/unlearn-logs/STUDY), else under UNLEARN_HOME/logs.
+    Readers pass create=False: looking must not make the folder."""
     from engine.settings import get_settings
 
     db = sqlite_path(store.url)
     base = db.parent / f"{db.stem}-logs" if db else get_settings().home / "logs"
     d = base / study
-    d.mkdir(parents=True, exist_ok=True)
+    if create:
+        d.mkdir(parents=True, exist_ok=True)
     return d
 
 

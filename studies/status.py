@@ -73,12 +73,9 @@ def study_status(store: Store, name: str) -> dict:
     cells = cells_from_rows(study, runs, milestones)
     out = _summarize(study, fs, runs, cells)
     now = utcnow()
-    out["running"] = [
-        {"method": r.method, "lr": r.lr, "step": r.step, "device": r.device, "pid": r.pid, "host": r.host,
-         "heartbeat_age_s": age_s(r.heartbeat, now), "attempts": r.attempts}
-        for r in sorted(runs, key=lambda r: (out["methods"].index(r.method) if r.method in out["methods"] else 99, r.lr))
-        if r.state == RunState.RUNNING
-    ]
+    from studies.views import running_runs
+
+    out["running"] = running_runs(study, runs, now)
     out["scheduler"] = {"pid": study.scheduler_pid, "host": study.scheduler_host,
                         "alive_s_ago": age_s(study.scheduler_heartbeat, now)}
     out["errors"] = [

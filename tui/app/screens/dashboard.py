@@ -229,8 +229,8 @@ class DashboardScreen(Screen):
                     if self._trial_text[key][c] != cells[c]:
                         table.update_cell(key, c, cells[c])
             self._trial_rows[key], self._trial_text[key] = row, cells
-        rank = {(trial_cells(r)["method"], trial_cells(r)["lr"], trial_cells(r)["steps"]): i
-                for i, r in enumerate(page.rows)}
+        rank = {(t["method"], t["lr"], t["steps"]): i
+                for i, t in enumerate(self._trial_text[str(r["id"])] for r in page.rows)}
         table.sort("method", "lr", "steps", key=lambda k: rank.get(tuple(k), len(rank)))
         arrow = "↓" if self.descending else "↑"
         shown = f"{len(page.rows)} of {page.total}" if page.total > len(page.rows) else f"{page.total}"
