@@ -5,27 +5,19 @@ of every study (`list_studies`) reads counts that SQL aggregates, never the cell
 stays fast on a store of many studies and trials."""
 from __future__ import annotations
 
-import datetime as dt
 from typing import Optional
 
 from sqlalchemy import and_, case, func
 from sqlmodel import select
 
+from studies.clock import age_s  # noqa: F401 - re-exported
 from studies.grid import best, cells_from_rows, count_status, fetch_rows, grids, robustness
+from studies.listing import list_row
 from studies.spec import StudySpec
 from studies.states import REAL_RUN_STATES, RunState
 from studies.store import ForgetSet, Milestone, Run, Store, Study, utcnow
 
 RUN_STATES = tuple(str(s) for s in RunState if s in REAL_RUN_STATES)
-
-
-def age_s(when: Optional[dt.datetime], now: Optional[dt.datetime] = None) -> Optional[float]:
-    """Seconds since `when` (SQLite gives naive datetimes back: they are UTC)."""
-    if when is None:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
-    return max(0.0, ((now or utcnow()) - when).total_seconds())
 
 
 def _total_runs(spec: StudySpec, runs: list[Run]) -> int:
@@ -88,7 +80,7 @@ def study_status(store: Store, name: str) -> dict:
     return out
 
 
-def list_studies(store: Store) -> list[dict]:
+def list_studies(store: Store, now=None) -> list[dict]:
     """Every study, oldest first: name, state, model, forget set, methods, cells done/total,
     robustness per method, best score, last scheduler heartbeat. Three queries in all."""
     with store.read() as s:
@@ -106,34 +98,6 @@ def list_studies(store: Store) -> list[dict]:
     by_study: dict[int, list] = {}
     for row in per_run:
         by_study.setdefault(row[0], []).append(row)
-    now = utcnow()
-    return [_list_row(st, StudySpec.from_dict(st.spec), sets.get(st.forgetset_id), by_study.get(st.id, []), now)
+    now = now or utcnow()
+    return [list_row(st, StudySpec.from_dict(st.spec), sets.get(st.forgetset_id), by_study.get(st.id, []), now)
             for st in studies]
-
-
-def _list_row(st: Study, spec: StudySpec, fs: Optional[ForgetSet], runs: list, now) -> dict:
-    """One study's line from its per-run aggregates: what `cells_from_rows` would count, without
-    reading a cell (a test holds the two to the same numbers)."""
-    n_steps = len(spec.steps)
-    done = diverged = 0
-    successes: dict[str, int] = {}
-    runs_of: dict[str, int] = {}
-    best_score = None
-    for _, method, state, n_ms, n_div, n_ok, min_score in runs:
-        n_div, n_ok = int(n_div or 0), int(n_ok or 0)
-        done += n_ms - n_div
-        diverged += n_div + (max(0, n_steps - n_ms) if state == RunState.DIVERGED else 0)
-        successes[method] = successes.get(method, 0) + n_ok
-        runs_of[method] = runs_of.get(method, 0) + 1
-        if min_score is not None and (best_score is None or min_score < best_score):
-            best_score = float(min_score)
-    lrs_of = ({m: len(spec.lrs) for m in spec.methods} if spec.sampler == "grid" else runs_of)
-    total_runs = max(spec.total_runs, len(runs))
-    return {"name": st.name, "state": st.state, "model": st.model,
-            "forget_set": {"name": fs.name if fs else spec.forget_set, "hash": fs.hash if fs else spec.forget_set_hash},
-            "sampler": spec.sampler, "methods": list(spec.methods), "steps": list(spec.steps),
-            "cells": {"done": done, "diverged": diverged, "total": total_runs * n_steps},
-            "robustness": {m: successes.get(m, 0) / (lrs_of[m] * n_steps) for m in spec.methods if lrs_of.get(m)},
-            "best_score": best_score,
-            "scheduler_alive_s_ago": age_s(st.scheduler_heartbeat, now),
-            "created_at": st.created_at.isoformat() if st.created_at else None}

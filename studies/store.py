@@ -11,7 +11,6 @@ import contextlib
 import datetime as dt
 import os
 import random
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -21,15 +20,13 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, Operati
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from engine.errors import UnlearnError
+from studies.clock import utcnow  # noqa: F401 - re-exported
+from studies.sqlite_file import (  # noqa: F401 - re-exported: the store's URL helpers live there
+    SCHEMA_VERSION, SQLITE_HEADER, StoreMissing, check_sqlite_file, is_sqlite, describe_url, sqlite_path)
 from studies.states import RunState, StudyState
 
-SCHEMA_VERSION = 2
 SQLITE_BUSY_MS = 60_000
 CONNECT_TIMEOUT_S = 10
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
 
 
 class Meta(SQLModel, table=True):
@@ -142,66 +139,8 @@ def _v1_to_v2(session: Session) -> None:
 MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1_to_v2}
 
 
-def _is_sqlite(url: str) -> bool:
-    return url.startswith("sqlite")
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The file of a sqlite:/// URL (None for memory or other databases)."""
-    if not _is_sqlite(url):
-        return None
-    path = url.split("///", 1)[1] if "///" in url else ""
-    path = path.split("?", 1)[0]
-    return Path(path).expanduser().resolve() if path and path != ":memory:" else None
-
-
-def describe_url(url: str) -> str:
-    """The URL as messages, logs and exports show it: any password replaced by ***."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - unparseable: hide whatever sits between ':' and '@' after the scheme
-        return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
-
-
-class StoreMissing(UnlearnError):
-    """A command that only reads found no store at the SQLite path it was given."""
-
-
-SQLITE_HEADER = b"SQLite format 3\x00"
-
-
-def _check_sqlite_file(url: str, create: bool) -> None:
-    """Refuse, before SQLite touches anything, what would otherwise fail half-way or write where it
-    should not: a missing folder, a missing file when nothing may be created, a file that is not an
-    SQLite database, a read-only file or folder (a store is written even to be read: WAL)."""
-    path = sqlite_path(url)
-    if path is None:
-        return
-    if not path.parent.is_dir():
-        raise UnlearnError(f"store folder does not exist: {path.parent}")
-    if not path.exists():
-        if not create:
-            raise StoreMissing(f"no store at {path} (give --storage or set UNLEARN_STORAGE_URL)")
-        if not os.access(path.parent, os.W_OK):
-            raise UnlearnError(f"cannot create store {path}: its folder is read-only")
-        return
-    if not path.is_file():
-        raise UnlearnError(f"store {path} is not a file")
-    with open(path, "rb") as f:
-        head = f.read(len(SQLITE_HEADER))
-    if head and head != SQLITE_HEADER:  # an empty file is a valid, empty SQLite database
-        raise UnlearnError(f"store {path} is not an SQLite database")
-    if not os.access(path, os.W_OK) or not path.stat().st_mode & 0o222:  # (root ignores a 0444 mode; we do not)
-        raise UnlearnError(f"store {path} is read-only; unlearn-lab writes to its store (WAL, heartbeats): "
-                           f"copy it somewhere writable to read it")
-    if not os.access(path.parent, os.W_OK):
-        raise UnlearnError(f"store {path} is in a read-only folder; SQLite needs to write its -wal and -shm files there")
-
-
 def _make_engine(url: str, immediate: bool):
-    if _is_sqlite(url):
+    if is_sqlite(url):
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
@@ -233,10 +172,10 @@ class Store:
         self.url = url
         self.safe_url = describe_url(url)  # the only form of the URL any message may show
         try:
-            if _is_sqlite(url):
-                _check_sqlite_file(url, create)
+            if is_sqlite(url):
+                check_sqlite_file(url, create)
             self.engine = _make_engine(url, immediate=False)
-            self.write_engine = _make_engine(url, immediate=True) if _is_sqlite(url) else self.engine
+            self.write_engine = _make_engine(url, immediate=True) if is_sqlite(url) else self.engine
             self._ensure_schema()
         except UnlearnError as exc:
             raise type(exc)(str(exc).replace(url, self.safe_url)) from None
@@ -312,7 +251,7 @@ class Store:
             import optuna
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            kwargs = {"connect_args": {"timeout": SQLITE_BUSY_MS / 1000}} if _is_sqlite(self.url) else {"pool_pre_ping": True}
+            kwargs = {"connect_args": {"timeout": SQLITE_BUSY_MS / 1000}} if is_sqlite(self.url) else {"pool_pre_ping": True}
             self._optuna = self.retry(lambda: optuna.storages.RDBStorage(self.url, engine_kwargs=kwargs))
         return self._optuna
 

@@ -25,6 +25,7 @@ from engine.errors import UnlearnError
 from studies.export import export_best, reproduce_command, save_model, to_json, to_yaml
 from studies.forgetsets import create_forget_set, forget_set_texts
 from studies.grid import Cell, best, load_cells, pareto, robustness
+from studies.listing import list_studies_sqlite
 from studies.spec import StudySpec
 from studies.status import list_studies, study_status
 from studies.store import Milestone, Run, Store, Study, utcnow
@@ -236,6 +237,8 @@ def test_list_studies(lab):
     assert rows["t1"]["cells"]["total"] == 8 and rows["e1"]["cells"]["done"] == 0
     assert rows["s1"]["forget_set"]["name"] == "people" and rows["s1"]["methods"] == ["ga", "ga_gd", "ga_kl"]
     assert rows["t1"]["robustness"] == {"ga": 0.5}
+    now = utcnow()  # `study ls` reads the same list through the stdlib sqlite3
+    assert list_studies_sqlite(lab["store"].url, now) == list_studies(lab["store"], now)
 
 
 def test_unknown_study_is_a_user_error(lab):

@@ -67,6 +67,17 @@ def test_study_ls_json_counts_every_study(scale_store, tmp_path):
     assert sum(s["written"] for s in scale_store["studies"].values()) == scale_store["trials"] >= 10_000
 
 
+def test_the_quick_read_path_lists_what_the_orm_lists(scale_store):
+    """`study ls` reads through the stdlib sqlite3; on 10,000 trials it gives the ORM's rows exactly."""
+    from studies.clock import utcnow
+    from studies.listing import list_studies_sqlite
+    from studies.status import list_studies
+    from studies.store import Store
+
+    now = utcnow()
+    assert list_studies_sqlite(scale_store["url"], now) == list_studies(Store(scale_store["url"], create=False), now)
+
+
 def test_the_store_holds_one_optuna_trial_per_cell(scale_store):
     """The store is what record_cell makes: every cell has its trial number, and (checked on one
     study: loading 10,000 trials takes Optuna seconds) its study's trials are exactly its cells."""

@@ -6,6 +6,7 @@ Imports nothing heavy: every read-only command goes through here (the light read
 from __future__ import annotations
 
 import functools
+import os
 import inspect
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -37,6 +38,13 @@ class Lab:
             given = {"storage_url": self.storage_flag} if self.storage_flag else {}
             self._settings = Settings(**given)
         return self._settings
+
+    @property
+    def storage_url(self) -> str:
+        """The store's URL. A flag or UNLEARN_STORAGE_URL decides it alone (flags first, then the
+        environment), so a quick read need not import pydantic-settings to learn it; otherwise the
+        settings read `.env` and the default."""
+        return self.storage_flag or os.environ.get("UNLEARN_STORAGE_URL") or self.settings.storage_url
 
     def store(self, create: bool = False) -> Store:
         """The store; `create` only for commands that may start a new one (`forgetset create`)."""

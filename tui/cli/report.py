@@ -124,15 +124,20 @@ def ls_cmd(ctx: typer.Context, storage: Storage = None, as_json: Json = False):
     from rich import box
     from rich.table import Table
 
-    from studies.status import list_studies
-    from studies.store import StoreMissing
+    from studies.listing import list_studies_sqlite
     from tui.cli.console import emit_json, out
-    from tui.heatmap import fmt_value
+    from tui.numbers import fmt_value
 
-    try:
-        rows = list_studies(lab(ctx).store())
-    except StoreMissing:  # nothing created yet: an empty list, and no file made for it
-        rows = []
+    # A SQLite store this version reads as it is: the stdlib driver answers, no ORM imported.
+    rows = list_studies_sqlite(lab(ctx).storage_url)
+    if rows is None:
+        from studies.status import list_studies
+        from studies.store import StoreMissing
+
+        try:
+            rows = list_studies(lab(ctx).store())
+        except StoreMissing:  # nothing created yet: an empty list, and no file made for it
+            rows = []
     if as_json:
         return emit_json(rows)
     if not rows:
