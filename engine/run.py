@@ -120,6 +120,23 @@ def _train(model, tokenizer, sets, cfg: RunConfig, baseline, on_step, on_milesto
     return TrainResult(cells, reason is not None, reason, losses, train_tokens, eval_tokens, run.unwrapped())
 
 
+def trained_parameters(model, method: Method) -> list:
+    """The parameters the optimizer updates: all of them, or those the method names (RMU's MLP
+    projections). The others are frozen (no gradient is even computed), so they stay bitwise θ0."""
+    if method.trains is None:
+        return list(model.parameters())
+    chosen = method.trains(model)
+    params = []
+    for name, p in model.named_parameters():
+        if chosen(name):
+            params.append(p)
+        else:
+            p.requires_grad_(False)
+    if not params:
+        raise UnlearnError(f"method {method.id}: no parameter of this model matches {method.trains_text}")
+    return params
+
+
 def diverged_cells(milestones, done: set[int]) -> list[dict]:
     """The cells a divergence cut off: recorded as diverged, never as missing."""
     return [{"step": step, **empty_metrics(), "forget_gap": None, "retain_drift": None, "score": None,
@@ -138,10 +155,11 @@ class _Run:
     device: torch.device
     accelerator: Any
     autocast: Callable[[], contextlib.AbstractContextManager]
-    reference: Any  # the frozen original θ0, when a term needs it
-    forget_extra: dict  # per-chunk tensors the forget term prepared (its labels)
+    reference: Any  # a live frozen copy of θ0, when a term reads its logits at every step
+    forget_extra: dict  # per-chunk tensors the forget term prepared (its labels, reference log-probs...)
     retain_chunks: Chunks | None
     retain_extra: dict
+    constants: dict  # run-level tensors of each term ("forget", "retain"), put whole into its batches
     retain_weight: float
     model: Any  # as the accelerator prepared it
     optimizer: Any
@@ -170,52 +188,56 @@ class _Run:
         set_seed(cfg.seed)
         autocast = autocast_for(device)
         reference = None
-        if method.needs_reference:  # the frozen original θ0, for adversarial labels and KL
+        if method.needs_reference:  # a live frozen θ0 for terms that read its logits every step (KL, UNDIAL)
             reference = copy.deepcopy(model).eval().requires_grad_(False)
-        ctx = PrepareContext(reference, tokenizer, torch.Generator().manual_seed(cfg.seed), device,
+        # Prepared data comes from θ0 too, but once, before the first step: the model itself will do.
+        model.eval()
+        ctx = PrepareContext(model, tokenizer, torch.Generator().manual_seed(cfg.seed), device,
                              cfg.eval_batch_size, autocast)
         forget_extra = method.forget.prepare(sets.forget.input_ids, sets.forget.attention_mask, ctx)
+        constants = {"forget": method.forget.constants(ctx), "retain": {}}
         retain_chunks, retain_extra = None, {}
         if method.retain is not None:
             retain_chunks = getattr(sets, method.retain_source)
             if retain_chunks is None:
                 raise UnlearnError(f"method {method.id} needs a {method.retain_source} set (--{method.retain_source})")
-            retain_extra = {"labels": causal_labels(retain_chunks.input_ids, retain_chunks.attention_mask)}
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+            retain_extra = method.retain.prepare(retain_chunks.input_ids, retain_chunks.attention_mask, ctx)
+            constants["retain"] = method.retain.constants(ctx)
+        optimizer = torch.optim.AdamW(trained_parameters(model, method), lr=cfg.lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, constant_after_warmup(cfg.warmup_steps))
         model, optimizer = accelerator.prepare(model, optimizer)
         model.train()
         return cls(cfg, sets, method, device, accelerator, autocast, reference, forget_extra, retain_chunks,
-                   retain_extra, method.retain_weight if cfg.retain_weight is None else cfg.retain_weight,
+                   retain_extra, constants, method.retain_weight if cfg.retain_weight is None else cfg.retain_weight,
                    model, optimizer, schedule)
 
-    def _batch(self, chunks: Chunks, extra: dict, seed: int, step: int) -> dict[str, torch.Tensor]:
-        """This process's slice of the global batch of `step` (batch_size rows per process)."""
+    def _batch(self, chunks: Chunks, extra: dict, constants: dict, seed: int, step: int) -> dict[str, torch.Tensor]:
+        """This process's slice of the global batch of `step` (batch_size rows per process): the
+        chunks' rows, the term's prepared rows (token-aligned ones trimmed like the chunks) and its
+        run-level constants."""
         bs = self.cfg.batch_size
         idx = batch_indices(len(chunks), bs * self.world, seed, step)[self.rank * bs:(self.rank + 1) * bs]
         mask = chunks.attention_mask[idx]
         width = int(mask.sum(1).max())  # trim all-pad columns
         out = {"input_ids": chunks.input_ids[idx, :width], "attention_mask": mask[:, :width]}
-        out.update({k: v[idx, :width] for k, v in extra.items()})
+        out.update({k: v[idx, :width] if v.dim() >= 2 else v[idx] for k, v in extra.items()})
+        out.update(constants)
         return {k: v.to(self.device) for k, v in out.items()}
 
-    def _logits(self, model, batch) -> torch.Tensor:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
     def step_loss(self, step: int) -> tuple[torch.Tensor, int]:
-        """forget term + weight × retain term on the batches of `step`; and the tokens it trained on."""
-        fb = self._batch(self.sets.forget, self.forget_extra, self.cfg.seed, step)
+        """forget weight × forget term + retain weight × retain term on the batches of `step`; and
+        the tokens it trained on."""
+        m = self.method
+        fb = self._batch(self.sets.forget, self.forget_extra, self.constants["forget"], self.cfg.seed, step)
         with self.autocast():
-            loss = self.method.forget.loss(self._logits(self.model, fb), fb)
+            loss = m.forget.forward_loss(self.model, fb, self.reference)
+        if m.forget_weight != 1.0:
+            loss = m.forget_weight * loss
         tokens = int(fb["attention_mask"].sum())
         if self.retain_chunks is not None:
-            rb = self._batch(self.retain_chunks, self.retain_extra, self.cfg.seed + 1, step)
-            ref_logits = None
+            rb = self._batch(self.retain_chunks, self.retain_extra, self.constants["retain"], self.cfg.seed + 1, step)
             with self.autocast():
-                if self.method.retain.needs_reference_logits:
-                    with torch.no_grad():
-                        ref_logits = self._logits(self.reference, rb)
-                loss = loss + self.retain_weight * self.method.retain.loss(self._logits(self.model, rb), rb, ref_logits)
+                loss = loss + self.retain_weight * m.retain.forward_loss(self.model, rb, self.reference)
             tokens += int(rb["attention_mask"].sum())
         return loss, tokens
 

@@ -19,9 +19,12 @@ def register(method: Method) -> Method:
 
 
 def _discover() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        if info.name not in {"base", "forget_terms", "retain_terms"}:
-            importlib.import_module(f"{__name__}.{info.name}")
+    # The paper's seven first (the order `unlearn methods` lists them in), then the rest by file name.
+    names = sorted((info.name for info in pkgutil.iter_modules(__path__)
+                    if info.name not in {"base", "forget_terms", "retain_terms"}),
+                   key=lambda n: (n != "paper_presets", n))
+    for name in names:
+        importlib.import_module(f"{__name__}.{name}")
 
 
 def get_method(method_id: str) -> Method:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 if TYPE_CHECKING:
     import torch
@@ -54,12 +54,17 @@ def special_ids(tokenizer) -> list[int]:
     return sorted({int(i) for i in tokenizer.all_special_ids if i is not None})
 
 
+def model_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
 @dataclass
 class PrepareContext:
-    """What a term may use once, before the first step: the frozen original model θ0, the
-    tokenizer, a seeded generator (so prepared labels are identical across runs) and a device."""
+    """What a term may use once, before the first step: the original model θ0 (the model itself,
+    before any step, in eval mode), the tokenizer, a seeded generator (so prepared labels are
+    identical across runs) and a device."""
 
-    reference: Any  # the frozen θ0 (a causal LM), or None when no term needs it
+    reference: Any  # θ0, a causal LM: read under no_grad, never trained here
     tokenizer: Any
     generator: torch.Generator
     device: torch.device
@@ -67,44 +72,70 @@ class PrepareContext:
     autocast: Any = field(default=contextlib.nullcontext)  # a context-manager factory for the reference forward
 
 
-class ForgetTerm:
-    """Loss on a forget batch. `prepare` runs once over all forget chunks and returns per-chunk
-    tensors (indexed along dim 0) that `loss` later receives in its batch dict."""
+class Term:
+    """What forget and retain terms share: the data they prepare once and how they reach a loss.
+
+    `prepare` runs once over all chunks of the term's set and returns per-chunk tensors (dim 0 is
+    the chunk; a tensor of two or more dims is token-aligned, dim 1 the position, and is trimmed
+    with the batch's padding); a batch dict then carries those rows. `constants` are run-level
+    tensors (not per chunk) put whole into every batch. `forward_loss` is what the training loop
+    calls; most terms only need the logits and define `loss`, a term that reads hidden states
+    (RMU) overrides `forward_loss` itself."""
 
     id: ClassVar[str]
     formula: ClassVar[str]
-    needs_reference: ClassVar[bool] = False
+    # The training loop keeps a live frozen copy of θ0 for terms whose loss reads its logits at
+    # every step (a copy of the whole model: it costs memory; `prepare` needs no copy).
+    needs_reference_logits: ClassVar[bool] = False
 
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, ctx: PrepareContext) -> dict[str, torch.Tensor]:
         return {"labels": causal_labels(input_ids, attention_mask)}
 
-    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def constants(self, ctx: PrepareContext) -> dict[str, torch.Tensor]:
+        return {}
+
+    def forward_loss(self, model, batch: dict[str, torch.Tensor], reference=None) -> torch.Tensor:
+        reference_logits = None
+        if self.needs_reference_logits:
+            import torch
+
+            with torch.no_grad():
+                reference_logits = model_logits(reference, batch)
+        return self.loss(model_logits(model, batch), batch, reference_logits)
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], reference_logits: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 
-class RetainTerm:
-    """Loss on a retain-source batch. `reference_logits` is given when needs_reference_logits."""
+class ForgetTerm(Term):
+    """Loss on a forget batch."""
 
-    id: ClassVar[str]
-    formula: ClassVar[str]
-    needs_reference_logits: ClassVar[bool] = False
+    needs_reference: ClassVar[bool] = False  # `prepare` reads θ0 (labels or log-probs computed once)
 
-    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], reference_logits: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError
+
+class RetainTerm(Term):
+    """Loss on a retain-source batch."""
 
 
 @dataclass(frozen=True)
 class Method:
+    """forget_weight × forget term + retain_weight × retain term on the retain source; `trains`
+    names the parameters a method may change (None: all of them)."""
+
     id: str
     description: str
     forget: ForgetTerm
     retain: RetainTerm | None = None
     retain_source: str | None = None  # "retain" or "general"
     retain_weight: float = 1.0
+    forget_weight: float = 1.0
+    trains: Callable[[Any], Callable[[str], bool]] | None = None  # model -> is this parameter name trained?
+    trains_text: str | None = None  # what `trains` selects, in words
 
     @property
     def needs_reference(self) -> bool:
-        return self.forget.needs_reference or bool(self.retain and self.retain.needs_reference_logits)
+        """Whether a run keeps a live frozen copy of θ0 beside the model it trains."""
+        return self.forget.needs_reference_logits or bool(self.retain and self.retain.needs_reference_logits)
 
     def describe(self) -> dict:
         return {
@@ -113,5 +144,7 @@ class Method:
             "retain_term": (self.retain.formula.replace("; R)", "; G)") if self.retain_source == "general" else self.retain.formula) if self.retain else None,
             "retain_source": self.retain_source,
             "retain_weight": self.retain_weight if self.retain else None,
+            "forget_weight": self.forget_weight,
+            "trains": self.trains_text or "all parameters",
             "description": self.description,
         }

@@ -10,7 +10,7 @@ class GradientAscent(ForgetTerm):
     id = "gradient_ascent"
     formula = "-CE(θ; U)"
 
-    def loss(self, logits, batch):
+    def loss(self, logits, batch, reference_logits=None):
         return -token_ce(logits, batch["labels"])
 
 
@@ -36,7 +36,7 @@ class RandomLabelDescent(ForgetTerm):
         replace = (labels != IGNORE) & ~torch.isin(input_ids, specials)
         return {"labels": torch.where(replace, draws, labels)}
 
-    def loss(self, logits, batch):
+    def loss(self, logits, batch, reference_logits=None):
         return token_ce(logits, batch["labels"])
 
 
@@ -71,5 +71,5 @@ class AdversarialDescent(ForgetTerm):
             out[sl, 1:] = torch.where(keep, adv, labels[sl, 1:])
         return {"labels": out}
 
-    def loss(self, logits, batch):
+    def loss(self, logits, batch, reference_logits=None):
         return token_ce(logits, batch["labels"])

@@ -12,6 +12,7 @@ from tui.cli.common import Json, run_settings_options
 def methods_cmd(as_json: Json = False):
     """List the unlearning methods: forget term + weight × retain term, and the retain source."""
     from rich.table import Table
+    from rich.text import Text
 
     from engine.methods import list_methods
     from tui.cli.console import emit_json, out
@@ -19,11 +20,16 @@ def methods_cmd(as_json: Json = False):
     rows = [m.describe() for m in list_methods()]
     if as_json:
         return emit_json(rows)
-    t = Table(title="unlearning methods", header_style="bold")
-    for col in ("id", "forget term", "retain term", "retain source", "description"):
-        t.add_column(col)
+    # Two columns, so 80 terminal columns keep each formula readable: the loss, then what it is.
+    t = Table(title="unlearning methods", header_style="bold", show_lines=True)
+    t.add_column("id", no_wrap=True)
+    t.add_column(Text("forget term + weight × retain term [its source] · what it does"))
     for r in rows:
-        t.add_row(r["id"], r["forget_term"], r["retain_term"] or "—", r["retain_source"] or "—", r["description"])
+        loss = r["forget_term"] if r["forget_weight"] == 1 else f"{r['forget_weight']:g} × {r['forget_term']}"
+        if r["retain_term"]:
+            loss += f"  +  {r['retain_weight']:g} × {r['retain_term']}  [{r['retain_source']}]"
+        about = r["description"] + ("" if r["trains"] == "all parameters" else f" Trains: {r['trains']}.")
+        t.add_row(r["id"], Text(loss, style="bold") + Text("\n" + about, style="dim"))
     out.print(t)
 
 

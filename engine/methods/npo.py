@@ -1,0 +1,70 @@
+"""NPO — negative preference optimization (Zhang et al. 2024, "Negative Preference Optimization:
+From Catastrophic Collapse to Effective Unlearning").
+
+    L_f = −(2/β) · mean_i log σ(−β · (log π_θ(y_i) − log π_ref(y_i))),   β = 0.1
+
+log π(y_i) is summed over the predicted tokens of forget chunk i. π_ref is the original model θ0;
+it never changes, so its log-probs are one number per forget chunk, computed once in `prepare`
+(no live copy of the model is kept). At θ = θ0 the loss is (2/β)·log 2 and its gradient is that
+of ascent on the chunks' summed log-likelihood; as log π_θ(y) falls below log π_ref(y) the
+weight 2σ(β·Δ) of each chunk fades towards 0, which is what keeps NPO from the collapse of plain
+ascent.
+"""
+from __future__ import annotations
+
+from engine.methods import register
+from engine.methods.base import ForgetTerm, Method, PrepareContext, causal_labels, sequence_logprob
+from engine.methods.retain_terms import RetainDescent, RetainKL
+
+NPO_BETA = 0.1
+
+
+def reference_logprobs(input_ids, attention_mask, labels, ctx: PrepareContext, per_token_mean: bool = False):
+    """log π_θ0(y) of every chunk (summed over its predicted tokens, or their mean), [N] float32."""
+    import torch
+
+    out = []
+    for start in range(0, len(input_ids), ctx.batch_size):
+        sl = slice(start, start + ctx.batch_size)
+        ids, mask, lb = input_ids[sl].to(ctx.device), attention_mask[sl].to(ctx.device), labels[sl].to(ctx.device)
+        width = int(mask.sum(1).max())  # the same trim the training batches get
+        ids, mask, lb = ids[:, :width], mask[:, :width], lb[:, :width]
+        with torch.no_grad(), ctx.autocast():
+            logits = ctx.reference(input_ids=ids, attention_mask=mask).logits
+        lp = sequence_logprob(logits, lb)
+        if per_token_mean:
+            lp = lp / predicted_tokens(lb)
+        out.append(lp.float().cpu())
+    return torch.cat(out)
+
+
+def predicted_tokens(labels):
+    """How many tokens of each row are predicted (labels after position 0 that are not ignored), ≥ 1."""
+    from engine.methods.base import IGNORE
+
+    return (labels[:, 1:] != IGNORE).sum(-1).clamp(min=1)
+
+
+class NPOForget(ForgetTerm):
+    id = "npo"
+    formula = "−(2/β)·mean log σ(−β·(log π_θ(y) − log π_θ0(y))); U, β=0.1"
+    needs_reference = True
+
+    def __init__(self, beta: float = NPO_BETA):
+        self.beta = beta
+
+    def prepare(self, input_ids, attention_mask, ctx):
+        labels = causal_labels(input_ids, attention_mask)
+        return {"labels": labels, "ref_logprob": reference_logprobs(input_ids, attention_mask, labels, ctx)}
+
+    def loss(self, logits, batch, reference_logits=None):
+        import torch.nn.functional as F
+
+        ratio = sequence_logprob(logits, batch["labels"]) - batch["ref_logprob"]
+        return -(2.0 / self.beta) * F.logsigmoid(-self.beta * ratio).mean()
+
+
+register(Method("npo", "Negative preference optimization: ascent whose push fades once a chunk is less likely than under θ0.",
+                NPOForget()))
+register(Method("npo_gd", "NPO on forget + descent on in-domain retain data.", NPOForget(), RetainDescent(), "retain"))
+register(Method("npo_kl", "NPO on forget + KL to the original on in-domain retain data.", NPOForget(), RetainKL(), "retain"))
