@@ -35,6 +35,8 @@ class RunSettings:
     tol_retain: float = knob(0.05, "--tol-retain", "success needs retain_drift ≤ ln(1 + tol)")
     divergence_factor: float = knob(1e4, "--divergence-factor",
                                     "stop a run when ppl_forget or ppl_retain exceeds factor × the original's")
+    attacks: str = knob("", "--attacks", "at every milestone, test whether forgetting holds: relearn, quant4, "
+                        "quant8 (comma-separated; each costs a model copy and an evaluation)")
 
     def validate(self) -> "RunSettings":
         """A checked copy with plain int/float values; raises UnlearnError naming the flag at fault."""
@@ -44,6 +46,11 @@ class RunSettings:
             flag = f.metadata["flag"]
             if f.name == "retain_weight" and v is None:
                 values[f.name] = None
+                continue
+            if f.type in ("str", str):
+                if not isinstance(v, str):
+                    raise UnlearnError(f"{flag} must be text, not {v!r}")
+                values[f.name] = ",".join(parse_attacks(v))  # the only text knob so far
                 continue
             want = int if f.type in ("int", int) else float
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (want is int and int(v) != v):
@@ -82,9 +89,21 @@ class RunSettings:
         out = []
         for f in fields(RunSettings):
             v = getattr(self, f.name)
-            if v is not None:
+            if v is not None and v != "":
                 out += [f.metadata["flag"], repr(float(v)) if isinstance(v, float) else str(v)]
         return out
+
+
+ROBUSTNESS_ATTACKS = ("relearn", "quant4", "quant8")  # engine.recovery runs them
+
+
+def parse_attacks(text: str) -> tuple[str, ...]:
+    """'quant4, relearn' -> ('relearn', 'quant4'): known names, each once, in a fixed order."""
+    names = {a.strip() for a in (text or "").split(",") if a.strip()}
+    unknown = sorted(names - set(ROBUSTNESS_ATTACKS))
+    if unknown:
+        raise UnlearnError(f"--attacks: unknown attack {unknown[0]!r}; known: {', '.join(ROBUSTNESS_ATTACKS)}")
+    return tuple(a for a in ROBUSTNESS_ATTACKS if a in names)
 
 
 def flag_of(name: str) -> str:

@@ -22,13 +22,14 @@ from typing import Any, Callable
 
 import torch
 
-from engine.config import RunConfig
+from engine.config import RunConfig, parse_attacks
 from engine.data import Chunks, ForgetSetChunks, ForgetSetTexts, chunk_forget_set
 from engine.errors import UnlearnError
 from engine.evaluate import compare, evaluate
 from engine.files import write_json_atomic
 from engine.methods import get_method
 from engine.methods.base import Method, PrepareContext, causal_labels
+from engine.recovery import attack_milestone
 from engine.models import count_parameters, load_model, load_tokenizer, model_key, read_pretraining_tokens, resolve_device
 
 OnStep = Callable[[int, float], None]
@@ -260,11 +261,20 @@ class _Run:
         process; (None, None, 0) on the others, which learn the verdict from `agree_on`."""
         if not self.is_main:
             return None, None, 0
-        metrics, tokens = evaluate(self.unwrapped(), self.sets, self.cfg.eval_batch_size, self.device,
-                                   self.autocast, self.cfg.min_k)
-        bound = beyond_bound(metrics, baseline, self.cfg.divergence_factor)
-        cell = {"step": step, **metrics, **compare(metrics, baseline, self.cfg.tol_forget, self.cfg.tol_retain),
+        cfg = self.cfg
+        metrics, tokens = evaluate(self.unwrapped(), self.sets, cfg.eval_batch_size, self.device,
+                                   self.autocast, cfg.min_k)
+        bound = beyond_bound(metrics, baseline, cfg.divergence_factor)
+        cell = {"step": step, **metrics, **compare(metrics, baseline, cfg.tol_forget, cfg.tol_retain),
                 "diverged": bound is not None, "train_loss": loss}
+        attacks = parse_attacks(cfg.attacks)
+        if attacks and bound is None:  # on copies: the run goes on from this model as it is
+            fields, n = attack_milestone(self.unwrapped(), self.sets, attacks, metrics, baseline, lr=cfg.lr,
+                                         batch_size=cfg.batch_size, seed=cfg.seed, eval_batch_size=cfg.eval_batch_size,
+                                         min_k=cfg.min_k, tol_forget=cfg.tol_forget, device=self.device,
+                                         autocast=self.autocast)
+            cell.update(fields)
+            tokens += n
         return cell, (f"{bound} at step {step}" if bound else None), tokens
 
     def agree_on(self, reason: str | None) -> str | None:

@@ -24,9 +24,12 @@ from studies.spec import StudySpec
 from studies.states import REAL_RUN_STATES, CellStatus, RunState
 from studies.store import Milestone, Run, Store, Study
 
-# Metric paths a grid can show: dotted paths into a milestone's metrics.
-METRICS = ("score", "forget_gap", "retain_drift", "ppl_forget", "ppl_retain", "ppl_unseen", "ppl_general",
-           "mia_auc.loss", "mia_auc.zlib", "mia_auc.min_k", "mia_auc.min_k_pp")
+# Metric paths a grid can show: dotted paths into a milestone's metrics. Every cell has the first
+# group; the recoveries only where the study ran robustness attacks (`--attacks`), None elsewhere.
+CELL_METRICS = ("score", "forget_gap", "retain_drift", "ppl_forget", "ppl_retain", "ppl_unseen", "ppl_general",
+                "mia_auc.loss", "mia_auc.zlib", "mia_auc.min_k", "mia_auc.min_k_pp")
+RECOVERY_METRICS = ("relearn_recovery", "quant4_recovery", "quant8_recovery")
+METRICS = CELL_METRICS + RECOVERY_METRICS
 STATUSES = tuple(CellStatus)  # computed (done, diverged) or not yet (pending, running, failed, cancelled)
 
 

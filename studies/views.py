@@ -18,7 +18,7 @@ from sqlalchemy import cast as sa_cast
 from sqlmodel import select
 
 from engine.errors import UnlearnError
-from studies.grid import METRICS, Cell, cells_from_rows, check_metric
+from studies.grid import CELL_METRICS, Cell, cells_from_rows, check_metric
 from studies.spec import StudySpec
 from studies.states import REAL_RUN_STATES, RunState, StudyState
 from studies.status import age_s
@@ -99,7 +99,7 @@ def running_runs(study: Study, runs: list[Run], now: Optional[dt.datetime] = Non
 
 # ---------------------------------------------------------------- the trial table
 
-TRIAL_COLUMNS = ("method", "lr", "steps", "trial") + METRICS + ("success",)
+TRIAL_COLUMNS = ("method", "lr", "steps", "trial") + CELL_METRICS + ("success",)
 
 
 _PLAIN_COLUMNS = {"method": Run.method, "lr": Run.lr, "steps": Milestone.step, "trial": Milestone.trial_number,
@@ -151,7 +151,7 @@ def trial_page(store: Store, study: str, sort: str = "score", descending: bool =
         metrics = dict(ms.metrics or {})
         row = {"id": ms.id, "method": m, "lr": lr, "steps": ms.step, "trial": ms.trial_number,
                "success": bool(ms.success), "diverged": bool(ms.diverged), "score": ms.score}
-        for name in METRICS[1:]:
+        for name in CELL_METRICS[1:]:
             node = metrics
             for part in name.split("."):
                 node = node.get(part) if isinstance(node, dict) else None

@@ -20,7 +20,8 @@ from tui.cli import app
 
 # A value other than the default for every field (a new field without one here fails the test below).
 NON_DEFAULT = {"batch_size": 3, "seq_len": 96, "seed": 5, "warmup_steps": 2, "retain_weight": 2.5,
-               "eval_batch_size": 5, "min_k": 0.3, "tol_forget": 0.2, "tol_retain": 0.1, "divergence_factor": 500.0}
+               "eval_batch_size": 5, "min_k": 0.3, "tol_forget": 0.2, "tol_retain": 0.1, "divergence_factor": 500.0,
+               "attacks": "relearn,quant4"}
 
 
 def command(*path: str):
@@ -88,7 +89,8 @@ def test_validate_never_mutates_and_names_the_flag():
     assert (valid.steps, valid.lrs) == ((2, 4), (1e-3, 3e-3))
     assert (spec.steps, spec.lrs) == ([4, 2, 4], [3e-3, 1e-3])
     for field, value, flag in (("batch_size", 0, "--batch-size"), ("divergence_factor", 0.5, "--divergence-factor"),
-                               ("min_k", 2.0, "--min-k"), ("warmup_steps", -1, "--warmup")):
+                               ("min_k", 2.0, "--min-k"), ("warmup_steps", -1, "--warmup"),
+                               ("attacks", "relearn,quant3", "--attacks: unknown attack 'quant3'"), ("attacks", 4, "--attacks")):
         with pytest.raises(UnlearnError, match=flag):
             dataclasses.replace(spec, run=RunSettings(**{field: value})).validate()
     with pytest.raises(UnlearnError, match="none of the methods has a retain term"):

@@ -83,8 +83,8 @@ def run_settings_options(func):
     params = [p for p in sig.parameters.values() if p.name != "given_settings"]
     extra = []
     for f in settings_fields():
-        kind = int if f.type in ("int", int) else float
-        default = "the method's own" if f.default is None else repr(f.default)
+        kind = int if f.type in ("int", int) else str if f.type in ("str", str) else float
+        default = "the method's own" if f.default is None else "none" if f.default == "" else repr(f.default)
         extra.append(inspect.Parameter(
             f"rs_{f.name}", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
             default=typer.Option(None, f.metadata["flag"], help=f"{f.metadata['help']}  [default: {default}]",

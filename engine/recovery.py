@@ -1,0 +1,141 @@
+"""Attacks that test whether forgetting holds: does the forgotten text come back after a little
+fine-tuning (`relearn`) or after quantizing the weights (`quant4`, `quant8`)?
+
+Each attack works on a copy of a milestone's model, which it never changes (the run goes on from
+the model as it was, so prefix sharing still holds), and reports the metrics of the attacked model
+and its **recovery**: the share of what unlearning removed from the forget set that the attack
+brings back, in log-perplexity on U,
+
+    recovery = (log ppl_U(θ) − log ppl_U(attacked θ)) / (log ppl_U(θ) − log ppl_U(θ0))
+
+0 when the attack brings nothing back, 1 when the forget set is as likely as under the original
+model θ0 (it may fall outside [0, 1]: reported as measured). When the milestone forgot nothing
+measurable — its forget perplexity within the success tolerance (`--tol-forget`) of θ0's — there
+is nothing to recover and the recovery is None.
+
+- relearn: fine-tune on a seeded 10 % slice of the forget chunks (at least one) for 20 steps at
+  the run's lr and batch size (AdamW, clipping 1.0, no dropout), then evaluate on the whole sets.
+  The slice is part of U, so some of the recovery is simply learning it again; how much comes back
+  on the rest of U is what relearning attacks measure (Lynch et al. 2024; Deeb & Roger 2024).
+- quant4 / quant8: every linear layer's weight quantized per output channel, symmetric
+  round-to-nearest to 4 or 8 bits and back (scale = max|w| / (2^(b−1) − 1)), the output
+  embedding left as it is, as 4-bit loaders do (Zhang et al. 2024 found 4-bit quantization brings
+  unlearned knowledge back). Done here rather than through a quantization library because none
+  that is installed with this tool runs on CPU and GPU alike; a test holds it to a float64
+  reference and to its error bound of scale / 2 per weight.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import torch
+
+from engine.config import ROBUSTNESS_ATTACKS, parse_attacks  # noqa: F401 - re-exported
+from engine.data import ForgetSetChunks
+from engine.evaluate import evaluate
+
+RELEARN_FRACTION = 0.10
+RELEARN_STEPS = 20
+RELEARN_SEED_OFFSET = 7919  # the relearn slice and batches draw from their own seeded stream
+
+
+def recovery(ppl_unlearned, ppl_attacked, ppl_original, tol_forget: float) -> float | None:
+    """The share of the forgetting the attack undoes (see the module's docstring), or None."""
+    if not all(isinstance(p, (int, float)) and math.isfinite(p) and p > 0 for p in (ppl_unlearned, ppl_original)):
+        return None
+    forgotten = math.log(ppl_unlearned) - math.log(ppl_original)
+    if forgotten <= math.log1p(tol_forget):
+        return None
+    if not (isinstance(ppl_attacked, (int, float)) and math.isfinite(ppl_attacked) and ppl_attacked > 0):
+        return None  # the attack blew the model up: no perplexity to compare
+    return (math.log(ppl_unlearned) - math.log(ppl_attacked)) / forgotten
+
+
+# ---------------------------------------------------------------- quantization
+
+def quantize_rtn(weight: torch.Tensor, bits: int, channel_dim: int = 0) -> torch.Tensor:
+    """Symmetric per-channel round-to-nearest: the weight quantized to `bits` and back."""
+    qmax = 2 ** (bits - 1) - 1
+    reduce = [d for d in range(weight.dim()) if d != channel_dim]
+    w = weight.float()
+    scale = w.abs().amax(dim=reduce, keepdim=True) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero channel stays zero
+    q = torch.clamp(torch.round(w / scale), -qmax - 1, qmax)
+    return (q * scale).to(weight.dtype)
+
+
+def quantized_layers(model) -> list[tuple[str, torch.nn.Module, int]]:
+    """(name, module, output-channel dim) of every linear layer but the output embedding: nn.Linear
+    (weight [out, in]) and GPT-2's Conv1D (weight [in, out])."""
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    layers = []
+    for name, module in model.named_modules():
+        if module is out_emb:
+            continue
+        if isinstance(module, torch.nn.Linear):
+            layers.append((name, module, 0))
+        elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+            layers.append((name, module, 1))
+    return layers
+
+
+def quantized_copy(model, bits: int):
+    q = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for _, module, dim in quantized_layers(q):
+            module.weight.copy_(quantize_rtn(module.weight, bits, dim))
+    return q
+
+
+# ---------------------------------------------------------------- relearning
+
+def relearned_copy(model, sets: ForgetSetChunks, lr: float, batch_size: int, seed: int, device, autocast):
+    """A copy of `model` fine-tuned on a seeded slice of U (RELEARN_FRACTION, RELEARN_STEPS)."""
+    from engine.run import batch_indices  # the run's own seeded batch stream
+
+    n = len(sets.forget)
+    g = torch.Generator().manual_seed(seed + RELEARN_SEED_OFFSET)
+    take = torch.randperm(n, generator=g)[: max(1, round(RELEARN_FRACTION * n))]
+    part = sets.forget.subset(take.tolist())
+    attacked = copy.deepcopy(model).eval().requires_grad_(True)  # eval: no dropout, so no global RNG drawn
+    opt = torch.optim.AdamW(attacked.parameters(), lr=lr, weight_decay=0.0)
+    for step in range(1, RELEARN_STEPS + 1):
+        idx = batch_indices(len(part), batch_size, seed + RELEARN_SEED_OFFSET, step)
+        mask = part.attention_mask[idx]
+        width = int(mask.sum(1).max())
+        ids, mask = part.input_ids[idx, :width].to(device), mask[:, :width].to(device)
+        with autocast():
+            loss = attacked(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(attacked.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return attacked.requires_grad_(False).eval()
+
+
+# ---------------------------------------------------------------- all of them at one milestone
+
+def attack_milestone(model, sets: ForgetSetChunks, attacks: tuple[str, ...], metrics: dict, baseline: dict, *,
+                     lr: float, batch_size: int, seed: int, eval_batch_size: int, min_k: float, tol_forget: float,
+                     device=None, autocast=contextlib.nullcontext) -> tuple[dict, int]:
+    """The cell's attack fields — {"attacks": {name: metrics + recovery}, "<name>_recovery": ...} —
+    and the tokens they evaluated. `metrics` are the milestone's own, `baseline` θ0's."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    results, tokens = {}, 0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for name in attacks:
+            if name == "relearn":
+                attacked = relearned_copy(model, sets, lr, batch_size, seed, device, autocast)
+            else:
+                attacked = quantized_copy(model, int(name.removeprefix("quant")))
+            m, n = evaluate(attacked, sets, eval_batch_size, device, autocast, min_k)
+            del attacked
+            tokens += n
+            m["recovery"] = recovery(metrics.get("ppl_forget"), m.get("ppl_forget"), baseline.get("ppl_forget"),
+                                     tol_forget)
+            results[name] = m
+    model.train(was_training)
+    return {"attacks": results, **{f"{name}_recovery": r["recovery"] for name, r in results.items()}}, tokens
