@@ -17,9 +17,10 @@ from typing import Any, Optional
 from engine.errors import UnlearnError
 
 
-def knob(default: Any, flag: str, help: str) -> Any:
-    """A RunSettings field with its command-line flag and help text."""
-    return field(default=default, metadata={"flag": flag, "help": help})
+def knob(default: Any, flag: str, help: str, parse: Any = None) -> Any:
+    """A RunSettings field with its command-line flag and help text; a text field also names the
+    function that checks and normalizes its value (raising UnlearnError)."""
+    return field(default=default, metadata={"flag": flag, "help": help, "parse": parse})
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,12 @@ class RunSettings:
     divergence_factor: float = knob(1e4, "--divergence-factor",
                                     "stop a run when ppl_forget or ppl_retain exceeds factor × the original's")
     attacks: str = knob("", "--attacks", "at every milestone, test whether forgetting holds: relearn, quant4, "
-                        "quant8 (comma-separated; each costs a model copy and an evaluation)")
+                        "quant8 (comma-separated; each costs a model copy and an evaluation)",
+                        parse=lambda v: ",".join(parse_attacks(v)))
+    params: str = knob("", "--params", "train only these parameters: a regex searched in each parameter's name, "
+                       "or saliency:P for the P % of weights whose gradient on U is largest relative to the "
+                       "retain set's (default: the method's own choice, usually all)",
+                       parse=lambda v: check_params(v))
 
     def validate(self) -> "RunSettings":
         """A checked copy with plain int/float values; raises UnlearnError naming the flag at fault."""
@@ -50,7 +56,7 @@ class RunSettings:
             if f.type in ("str", str):
                 if not isinstance(v, str):
                     raise UnlearnError(f"{flag} must be text, not {v!r}")
-                values[f.name] = ",".join(parse_attacks(v))  # the only text knob so far
+                values[f.name] = f.metadata["parse"](v)
                 continue
             want = int if f.type in ("int", int) else float
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (want is int and int(v) != v):
@@ -104,6 +110,26 @@ def parse_attacks(text: str) -> tuple[str, ...]:
     if unknown:
         raise UnlearnError(f"--attacks: unknown attack {unknown[0]!r}; known: {', '.join(ROBUSTNESS_ATTACKS)}")
     return tuple(a for a in ROBUSTNESS_ATTACKS if a in names)
+
+
+def check_params(text: str) -> str:
+    """'' (the method's choice), 'saliency:P' with 0 < P ≤ 100, or a regex that compiles."""
+    import re
+
+    text = (text or "").strip()
+    if text.startswith("saliency:"):
+        try:
+            share = float(text.split(":", 1)[1])
+        except ValueError:
+            raise UnlearnError(f"--params {text}: the share after saliency: must be a number (percent)") from None
+        if not 0 < share <= 100:
+            raise UnlearnError(f"--params {text}: the share must be in (0, 100] percent")
+        return f"saliency:{share:g}"
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise UnlearnError(f"--params: not a regular expression: {text!r} ({exc})") from None
+    return text
 
 
 def flag_of(name: str) -> str:

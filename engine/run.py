@@ -30,6 +30,7 @@ from engine.files import write_json_atomic
 from engine.methods import get_method
 from engine.methods.base import Method, PrepareContext, causal_labels
 from engine.recovery import attack_milestone
+from engine.selection import trained_parameters
 from engine.models import count_parameters, load_model, load_tokenizer, model_key, read_pretraining_tokens, resolve_device
 
 OnStep = Callable[[int, float], None]
@@ -121,23 +122,6 @@ def _train(model, tokenizer, sets, cfg: RunConfig, baseline, on_step, on_milesto
     return TrainResult(cells, reason is not None, reason, losses, train_tokens, eval_tokens, run.unwrapped())
 
 
-def trained_parameters(model, method: Method) -> list:
-    """The parameters the optimizer updates: all of them, or those the method names (RMU's MLP
-    projections). The others are frozen (no gradient is even computed), so they stay bitwise θ0."""
-    if method.trains is None:
-        return list(model.parameters())
-    chosen = method.trains(model)
-    params = []
-    for name, p in model.named_parameters():
-        if chosen(name):
-            params.append(p)
-        else:
-            p.requires_grad_(False)
-    if not params:
-        raise UnlearnError(f"method {method.id}: no parameter of this model matches {method.trains_text}")
-    return params
-
-
 def diverged_cells(milestones, done: set[int]) -> list[dict]:
     """The cells a divergence cut off: recorded as diverged, never as missing."""
     return [{"step": step, **empty_metrics(), "forget_gap": None, "retain_drift": None, "score": None,
@@ -204,7 +188,9 @@ class _Run:
                 raise UnlearnError(f"method {method.id} needs a {method.retain_source} set (--{method.retain_source})")
             retain_extra = method.retain.prepare(retain_chunks.input_ids, retain_chunks.attention_mask, ctx)
             constants["retain"] = method.retain.constants(ctx)
-        optimizer = torch.optim.AdamW(trained_parameters(model, method), lr=cfg.lr, weight_decay=0.0)
+        # Which weights may move: all, the method's own (RMU), --params REGEX or saliency:P (at θ0, once).
+        params = trained_parameters(model, method, cfg, sets.forget, sets.retain, device, autocast)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, constant_after_warmup(cfg.warmup_steps))
         model, optimizer = accelerator.prepare(model, optimizer)
         model.train()
@@ -250,6 +236,9 @@ class _Run:
         return bool(ok.item() == 1.0)
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
+        if not loss.requires_grad:  # e.g. --params picked weights after the layer RMU reads
+            raise UnlearnError(f"method {self.method.id}: the loss does not depend on any weight this run trains"
+                               f"{f' (--params {self.cfg.params})' if self.cfg.params else ''}")
         self.accelerator.backward(loss)
         self.accelerator.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()

@@ -21,7 +21,7 @@ from tui.cli import app
 # A value other than the default for every field (a new field without one here fails the test below).
 NON_DEFAULT = {"batch_size": 3, "seq_len": 96, "seed": 5, "warmup_steps": 2, "retain_weight": 2.5,
                "eval_batch_size": 5, "min_k": 0.3, "tol_forget": 0.2, "tol_retain": 0.1, "divergence_factor": 500.0,
-               "attacks": "relearn,quant4"}
+               "attacks": "relearn,quant4", "params": "mlp"}
 
 
 def command(*path: str):
