@@ -5,6 +5,7 @@ property of every one of them on a real (tiny) model.
 The references are deliberately plain loops and gathers, independent of engine.methods.base."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -329,3 +330,16 @@ def test_every_new_method_runs_on_other_architectures(kind, other_families, tiny
         values = [first[k] for k in ("ppl_forget", "ppl_retain", "ppl_unseen", "forget_gap", "retain_drift", "score")]
         values += list(first["mia_auc"].values())
         assert not out.diverged and all(v is not None and math.isfinite(v) for v in values), (method_id, first)
+
+
+def test_methods_all_lists_what_cannot_run_and_why(capsys):
+    from tests.studies_helpers import cli_in_process
+
+    p = cli_in_process(capsys, "methods", "--all", "--json")
+    rows = json.loads(p.stdout)
+    absent = {r["id"]: r for r in rows if not r["runnable"]}
+    assert set(absent) == {"kga", "quark", "serac", "icul", "leace"} and all(r["why"] for r in absent.values())
+    assert {r["id"] for r in rows if r["runnable"]} >= set(NEW_METHODS)
+    assert not any(not r["runnable"] for r in json.loads(cli_in_process(capsys, "methods", "--json").stdout))
+    with pytest.raises(UnlearnError, match="method 'leace' \\(LEACE .*\\) is not runnable here: closed-form"):
+        get_method("leace")

@@ -21,13 +21,18 @@ def register(method: Method) -> Method:
 def _discover() -> None:
     # The paper's seven first (the order `unlearn methods` lists them in), then the rest by file name.
     names = sorted((info.name for info in pkgutil.iter_modules(__path__)
-                    if info.name not in {"base", "forget_terms", "retain_terms"}),
+                    if info.name not in {"base", "forget_terms", "retain_terms", "not_here"}),
                    key=lambda n: (n != "paper_presets", n))
     for name in names:
         importlib.import_module(f"{__name__}.{name}")
 
 
 def get_method(method_id: str) -> Method:
+    from engine.methods.not_here import NOT_RUNNABLE
+
+    for absent, name, why in NOT_RUNNABLE:
+        if method_id == absent:
+            raise UnlearnError(f"method {method_id!r} ({name}) is not runnable here: {why}")
     if method_id not in _REGISTRY:
         raise UnlearnError(f"unknown method {method_id!r}; known: {', '.join(_REGISTRY)}")
     return _REGISTRY[method_id]

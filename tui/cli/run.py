@@ -9,7 +9,8 @@ import typer
 from tui.cli.common import Json, run_settings_options
 
 
-def methods_cmd(as_json: Json = False):
+def methods_cmd(as_json: Json = False,
+                show_all: bool = typer.Option(False, "--all", help="also the survey's methods this tool cannot run, and why")):
     """List the unlearning methods: forget term + weight × retain term, and the retain source."""
     from rich.table import Table
     from rich.text import Text
@@ -17,9 +18,12 @@ def methods_cmd(as_json: Json = False):
     from engine.methods import list_methods
     from tui.cli.console import emit_json, out
 
-    rows = [m.describe() for m in list_methods()]
+    from engine.methods.not_here import NOT_RUNNABLE
+
+    rows = [{**m.describe(), "runnable": True} for m in list_methods()]
+    absent = [{"id": i, "name": name, "runnable": False, "why": why} for i, name, why in NOT_RUNNABLE] if show_all else []
     if as_json:
-        return emit_json(rows)
+        return emit_json(rows + absent)
     # Two columns, so 80 terminal columns keep each formula readable: the loss, then what it is.
     t = Table(title="unlearning methods", header_style="bold", show_lines=True)
     t.add_column("id", no_wrap=True)
@@ -31,6 +35,13 @@ def methods_cmd(as_json: Json = False):
         about = r["description"] + ("" if r["trains"] == "all parameters" else f" Trains: {r['trains']}.")
         t.add_row(r["id"], Text(loss, style="bold") + Text("\n" + about, style="dim"))
     out.print(t)
+    if absent:
+        t = Table(title="not runnable here", header_style="bold", show_lines=True)
+        t.add_column("id", no_wrap=True)
+        t.add_column("method · why it cannot be expressed as a forget term, a retain term and trained weights")
+        for r in absent:
+            t.add_row(r["id"], Text(r["name"], style="bold") + Text("\n" + r["why"], style="dim"))
+        out.print(t)
 
 
 @run_settings_options
