@@ -166,6 +166,8 @@ class RunConfig(RunSettings):
             raise UnlearnError(f"--steps must be positive integers, not {steps}")
         if self.retain_weight is not None and method.retain is None:
             raise UnlearnError(f"method {method.id} has no retain term: --retain-weight does not apply")
+        if self.retain_weight is not None and "[" in self.method and "retain_weight=" in self.method:
+            raise UnlearnError(f"method {method.id} sets retain_weight as a knob: leave out --retain-weight")
         base = RunSettings.validate(self)
         cfg = replace(self, **{f.name: getattr(base, f.name) for f in fields(RunSettings)},
                       lr=float(lr), milestones=tuple(sorted({int(s) for s in steps})))

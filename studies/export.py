@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from engine.errors import UnlearnError
+from engine.methods.base import parse_variant
 from studies.grid import Cell, best_cell, load_cells, pareto as pareto_front
 from studies.spec import StudySpec
 from studies.states import CellStatus
@@ -41,7 +42,11 @@ def reproduce_command(model: str, fs: ForgetSet, spec: StudySpec, method: str, l
     args += ["--text-field", fs.text_field or "text"]
     if fs.column:
         args += ["--column", fs.column]
-    args += ["--method", method, "--lr", repr(float(lr)), "--steps", str(int(steps))]
+    base, knobs = parse_variant(method)  # a swept variant: its knobs as the flags that set them
+    args += ["--method", base]
+    for k, v in knobs.items():
+        args += ["--param", f"{k}={v!r}"]
+    args += ["--lr", repr(float(lr)), "--steps", str(int(steps))]
     args += spec.run_config(method, lr).settings.to_flags()
     if spec.trust_remote_code:
         args.append("--trust-remote-code")

@@ -8,6 +8,7 @@ import optuna
 from optuna.trial import TrialState, create_trial
 from sqlmodel import select
 
+from engine.methods.base import parse_variant
 from studies.spec import StudySpec
 from studies.store import Milestone, Run, Store
 
@@ -61,9 +62,12 @@ def record_cell(store: Store, study_name: str, spec: StudySpec, run: Run, cell: 
         else:
             store.retry(lambda: ostudy.tell(number, value))
     elif number is None:
+        # A method variant's knobs are trial params too, so Optuna's own views can slice by them.
+        params = {"method": run.method, "lr": run.lr, "steps": step, **parse_variant(run.method)[1]}
+        distributions = spec.optuna_distributions()
         frozen = create_trial(
-            params={"method": run.method, "lr": run.lr, "steps": step},
-            distributions=spec.optuna_distributions(),
+            params=params,
+            distributions={k: d for k, d in distributions.items() if k in params},
             value=value,
             state=TrialState.COMPLETE if value is not None else TrialState.FAIL,
             user_attrs=attrs,

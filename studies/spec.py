@@ -16,6 +16,44 @@ from engine.methods import get_method
 SAMPLERS = ("grid", "tpe")
 
 
+def check_knobs(knobs: dict | None) -> dict | None:
+    """{name: values} with each list sorted, unique and finite; None when there is none."""
+    if not knobs:
+        return None
+    out = {}
+    for name, values in knobs.items():
+        vals = list(values) if isinstance(values, (list, tuple)) else [values]
+        if not vals or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in vals):
+            raise UnlearnError(f"--param {name}: values must be finite numbers, not {values!r}")
+        out[str(name)] = sorted({float(v) for v in vals})
+    return dict(sorted(out.items()))
+
+
+def expand_knobs(methods, knobs: dict | None) -> tuple[str, ...]:
+    """Each method × every combination of the knobs it has: its variants (`npo[beta=0.2]`). A method
+    with none of the knobs stays as it is; a knob no method has is an error. Variants already
+    expanded are kept, so expanding twice changes nothing."""
+    from itertools import product
+
+    from engine.methods.base import variant_id
+
+    out, used = [], set()
+    for m in methods:
+        if "[" in m or not knobs:
+            out.append(m)
+            continue
+        own = {k: v for k, v in knobs.items() if k in get_method(m).knob_values()}
+        used |= set(own)
+        names = sorted(own)
+        out += [variant_id(m, dict(zip(names, combo))) for combo in product(*(own[k] for k in names))] if own else [m]
+    if knobs and "[" not in "".join(methods):
+        unused = sorted(set(knobs) - used)
+        if unused:
+            raise UnlearnError(f"--param {unused[0]}: none of the methods has this knob "
+                               f"(`unlearn methods --json` lists each method's knobs)")
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class StudySpec:
     model: str
@@ -28,6 +66,7 @@ class StudySpec:
     sampler: str = "grid"
     trials: int | None = None  # TPE: how many (method, lr) runs to sample; each yields one trial per milestone
     run: RunSettings = field(default_factory=RunSettings)
+    knobs: dict | None = None  # method hyperparameters swept: {name: [values]}; methods holds the expanded variants
     max_attempts: int = 2
     trust_remote_code: bool = False
     has_general: bool = False
@@ -38,7 +77,11 @@ class StudySpec:
             raise UnlearnError("--methods needs at least one method id")
         if len(set(self.methods)) != len(self.methods):
             raise UnlearnError("--methods lists a method twice")
-        for m in self.methods:
+        knobs = check_knobs(self.knobs)
+        if knobs and "retain_weight" in knobs and self.run.retain_weight is not None:
+            raise UnlearnError("give the retain weight as --retain-weight or as --param retain_weight, not both")
+        methods = expand_knobs(self.methods, knobs)
+        for m in methods:
             method = get_method(m)
             if method.retain_source == "general" and not self.has_general:
                 raise UnlearnError(f"method {m} needs a general set, and forget set {self.forget_set!r} has none")
@@ -64,10 +107,10 @@ class StudySpec:
             lr_range, trials = (lo, hi), int(self.trials)
         if self.max_attempts < 1:
             raise UnlearnError("--max-attempts must be at least 1")
-        if self.run.retain_weight is not None and not any(get_method(m).retain for m in self.methods):
+        if self.run.retain_weight is not None and not any(get_method(m).retain for m in methods):
             raise UnlearnError("--retain-weight is given, but none of the methods has a retain term")
-        spec = replace(self, methods=tuple(self.methods), steps=tuple(sorted({int(s) for s in self.steps})),
-                       lrs=lrs, lr_range=lr_range, trials=trials, run=self.run.validate())
+        spec = replace(self, methods=methods, steps=tuple(sorted({int(s) for s in self.steps})),
+                       lrs=lrs, lr_range=lr_range, trials=trials, run=self.run.validate(), knobs=knobs)
         for m in spec.methods:  # what every run of the study will be checked against, checked now
             spec.run_config(m, (lrs or lr_range)[0]).validate()
         return spec
@@ -95,7 +138,8 @@ class StudySpec:
         lr = (CategoricalDistribution(list(self.lrs)) if self.sampler == "grid"
               else FloatDistribution(self.lr_range[0], self.lr_range[1], log=True))
         return {"method": CategoricalDistribution(list(self.methods)), "lr": lr,
-                "steps": CategoricalDistribution(list(self.steps))}
+                "steps": CategoricalDistribution(list(self.steps)),
+                **{k: CategoricalDistribution(list(v)) for k, v in (self.knobs or {}).items()}}
 
     def to_dict(self) -> dict:
         """Plain JSON: lists for tuples, the run settings under "run"."""

@@ -381,7 +381,7 @@ def test_describe_and_composition_match_the_design_table(method_id):
     m = get_method(method_id)
     d = m.describe()
     assert set(d) == {"id", "forget_term", "retain_term", "retain_source", "retain_weight", "forget_weight", "trains",
-                      "description"}
+                      "knobs", "description"}
     assert d["forget_weight"] == 1.0 and d["trains"] == "all parameters"
     assert d["id"] == method_id and d["description"]
     forget_kind, retain_kind, source = TABLE[method_id]

@@ -6,7 +6,7 @@ import importlib
 import pkgutil
 
 from engine.errors import UnlearnError
-from engine.methods.base import Method
+from engine.methods.base import Method, parse_variant
 
 _REGISTRY: dict[str, Method] = {}
 
@@ -33,9 +33,10 @@ def get_method(method_id: str) -> Method:
     for absent, name, why in NOT_RUNNABLE:
         if method_id == absent:
             raise UnlearnError(f"method {method_id!r} ({name}) is not runnable here: {why}")
-    if method_id not in _REGISTRY:
-        raise UnlearnError(f"unknown method {method_id!r}; known: {', '.join(_REGISTRY)}")
-    return _REGISTRY[method_id]
+    base, knobs = parse_variant(method_id)
+    if base not in _REGISTRY:
+        raise UnlearnError(f"unknown method {base!r}; known: {', '.join(_REGISTRY)}")
+    return _REGISTRY[base].with_knobs(knobs)
 
 
 def list_methods() -> list[Method]:

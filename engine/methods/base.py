@@ -87,6 +87,15 @@ class Term:
     # The training loop keeps a live frozen copy of θ0 for terms whose loss reads its logits at
     # every step (a copy of the whole model: it costs memory; `prepare` needs no copy).
     needs_reference_logits: ClassVar[bool] = False
+    # Hyperparameters of the term: attributes set by __init__ under the same keyword names.
+    knobs: ClassVar[tuple[str, ...]] = ()
+
+    def knob_values(self) -> dict[str, float]:
+        return {k: float(getattr(self, k)) for k in self.knobs}
+
+    def with_knobs(self, **values: float) -> "Term":
+        """A new term of the same kind with some knobs changed (terms are shared: never mutated)."""
+        return type(self)(**{**self.knob_values(), **values}) if values else self
 
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, ctx: PrepareContext) -> dict[str, torch.Tensor]:
         return {"labels": causal_labels(input_ids, attention_mask)}
@@ -117,6 +126,33 @@ class RetainTerm(Term):
     """Loss on a retain-source batch."""
 
 
+def variant_id(base: str, values: dict[str, float]) -> str:
+    """'npo' + {beta: 0.2} -> 'npo[beta=0.2]': one canonical name per method and knob values, so a
+    study's runs, cells, heatmaps and Optuna trials tell the variants apart with no other column."""
+    return f"{base}[{','.join(f'{k}={float(values[k])!r}' for k in sorted(values))}]" if values else base
+
+
+def parse_variant(method_id: str) -> tuple[str, dict[str, float]]:
+    """'npo[beta=0.2]' -> ('npo', {'beta': 0.2}); a plain id -> (id, {})."""
+    from engine.errors import UnlearnError
+
+    if "[" not in method_id:
+        return method_id, {}
+    base, _, rest = method_id.partition("[")
+    if not rest.endswith("]"):
+        raise UnlearnError(f"method {method_id!r}: knobs go in brackets, e.g. npo[beta=0.2]")
+    values = {}
+    for part in filter(None, (p.strip() for p in rest[:-1].split(","))):
+        k, eq, v = part.partition("=")
+        try:
+            values[k.strip()] = float(v)
+        except ValueError:
+            raise UnlearnError(f"method {method_id!r}: knob {part!r} must be NAME=NUMBER") from None
+        if not eq:
+            raise UnlearnError(f"method {method_id!r}: knob {part!r} must be NAME=NUMBER")
+    return base.strip(), values
+
+
 @dataclass(frozen=True)
 class Method:
     """forget_weight × forget term + retain_weight × retain term on the retain source; `trains`
@@ -132,6 +168,36 @@ class Method:
     trains: Callable[[Any], Callable[[str], bool]] | None = None  # model -> is this parameter name trained?
     trains_text: str | None = None  # what `trains` selects, in words
 
+    def knob_values(self) -> dict[str, float]:
+        """Every hyperparameter a study may sweep for this method, with its value here."""
+        out = {**self.forget.knob_values(), "forget_weight": float(self.forget_weight)}
+        if self.retain is not None:
+            out.update(self.retain.knob_values(), retain_weight=float(self.retain_weight))
+        return out
+
+    def with_knobs(self, values: dict[str, float]) -> "Method":
+        """This method with some knobs changed, named `id[k=v,...]` (the knobs sorted by name)."""
+        if not values:
+            return self
+        from dataclasses import replace
+
+        from engine.errors import UnlearnError
+
+        known = self.knob_values()
+        for k, v in values.items():
+            if k not in known:
+                raise UnlearnError(f"method {self.id} has no knob {k!r}; its knobs: {', '.join(sorted(known))}")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or v in (float("inf"), float("-inf")):
+                raise UnlearnError(f"knob {k} of {self.id} must be a finite number, not {v!r}")
+            if k.endswith("_weight") and v < 0:
+                raise UnlearnError(f"knob {k} of {self.id} must be 0 or more, not {v:g}")
+        f = {k: v for k, v in values.items() if k in self.forget.knobs}
+        r = {k: v for k, v in values.items() if self.retain is not None and k in self.retain.knobs}
+        return replace(self, id=variant_id(self.id, values), forget=self.forget.with_knobs(**f),
+                       retain=self.retain.with_knobs(**r) if self.retain is not None else None,
+                       forget_weight=float(values.get("forget_weight", self.forget_weight)),
+                       retain_weight=float(values.get("retain_weight", self.retain_weight)))
+
     @property
     def needs_reference(self) -> bool:
         """Whether a run keeps a live frozen copy of θ0 beside the model it trains."""
@@ -146,5 +212,6 @@ class Method:
             "retain_weight": self.retain_weight if self.retain else None,
             "forget_weight": self.forget_weight,
             "trains": self.trains_text or "all parameters",
+            "knobs": self.knob_values(),
             "description": self.description,
         }

@@ -12,6 +12,7 @@ ascent.
 """
 from __future__ import annotations
 
+from engine.errors import UnlearnError
 from engine.methods import register
 from engine.methods.base import ForgetTerm, Method, PrepareContext, causal_labels, sequence_logprob
 from engine.methods.retain_terms import RetainDescent, RetainKL
@@ -48,9 +49,12 @@ def predicted_tokens(labels):
 class NPOForget(ForgetTerm):
     id = "npo"
     formula = "−(2/β)·mean log σ(−β·(log π_θ(y) − log π_θ0(y))); U, β=0.1"
+    knobs = ("beta",)  # hyperparameters a study may sweep (`--param NAME=V1,V2`)
     needs_reference = True
 
     def __init__(self, beta: float = NPO_BETA):
+        if not beta > 0:
+            raise UnlearnError(f"npo: beta must be above 0, not {beta:g}")
         self.beta = beta
 
     def prepare(self, input_ids, attention_mask, ctx):

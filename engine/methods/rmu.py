@@ -90,8 +90,11 @@ def masked_mse(h, target, attention_mask):
 class MisdirectForget(ForgetTerm):
     id = "rmu_forget"
     formula = "mean ‖h_ℓ(θ; U) − c·u‖²/d, c=6.5"
+    knobs = ("steering",)  # hyperparameters a study may sweep (`--param NAME=V1,V2`)
 
     def __init__(self, steering: float = RMU_STEERING):
+        if not steering > 0:
+            raise UnlearnError(f"rmu: steering must be above 0, not {steering:g}")
         self.steering = steering
 
     def constants(self, ctx):

@@ -12,6 +12,7 @@ Adam is nearly invariant to a constant weight, so simnpo keeps 1.
 """
 from __future__ import annotations
 
+from engine.errors import UnlearnError
 from engine.methods import register
 from engine.methods.base import ForgetTerm, Method, sequence_logprob
 from engine.methods.npo import predicted_tokens
@@ -25,8 +26,11 @@ SIMNPO_FORGET_WEIGHT = 0.125
 class SimNPOForget(ForgetTerm):
     id = "simnpo"
     formula = "−(2/β)·mean log σ(−β·mean_t log π_θ(y_t) − β·δ); U, β=4.5, δ=0"
+    knobs = ("beta", "delta")  # hyperparameters a study may sweep (`--param NAME=V1,V2`)
 
     def __init__(self, beta: float = SIMNPO_BETA, delta: float = SIMNPO_DELTA):
+        if not beta > 0:
+            raise UnlearnError(f"simnpo: beta must be above 0, not {beta:g}")
         self.beta, self.delta = beta, delta
 
     def loss(self, logits, batch, reference_logits=None):

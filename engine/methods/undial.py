@@ -9,6 +9,7 @@ are a whole vocabulary per token, too large to cache, so a run keeps a live froz
 """
 from __future__ import annotations
 
+from engine.errors import UnlearnError
 from engine.methods import register
 from engine.methods.base import IGNORE, ForgetTerm, Method, shift
 
@@ -18,9 +19,12 @@ UNDIAL_BETA = 10.0
 class AdjustedSelfDistillation(ForgetTerm):
     id = "undial"
     formula = "KL(softmax(z_θ0 − β·onehot(y)) ‖ p_θ); U, β=10"
+    knobs = ("beta",)  # hyperparameters a study may sweep (`--param NAME=V1,V2`)
     needs_reference_logits = True
 
     def __init__(self, beta: float = UNDIAL_BETA):
+        if not beta >= 0:
+            raise UnlearnError(f"undial: beta must be 0 or more, not {beta:g}")
         self.beta = beta
 
     def loss(self, logits, batch, reference_logits=None):

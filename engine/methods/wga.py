@@ -9,6 +9,7 @@ probability spends the push on tokens the model still knows and lets forgotten o
 """
 from __future__ import annotations
 
+from engine.errors import UnlearnError
 from engine.methods import register
 from engine.methods.base import IGNORE, ForgetTerm, Method, shift
 
@@ -18,8 +19,11 @@ WGA_BETA = 1.0
 class WeightedAscent(ForgetTerm):
     id = "wga"
     formula = "mean_t sg(p_θ(y_t))^β · log p_θ(y_t); U, β=1"
+    knobs = ("beta",)  # hyperparameters a study may sweep (`--param NAME=V1,V2`)
 
     def __init__(self, beta: float = WGA_BETA):
+        if not beta >= 0:
+            raise UnlearnError(f"wga: beta must be 0 or more, not {beta:g}")
         self.beta = beta
 
     def loss(self, logits, batch, reference_logits=None):

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from tui.cli.common import Json, run_settings_options
+from tui.cli.common import Json, parse_knob_options, run_settings_options
 
 
 def methods_cmd(as_json: Json = False,
@@ -52,6 +52,8 @@ def run_cmd(
     unseen: List[str] = typer.Option(..., "--unseen", help="in-domain text the model never saw (the retraining reference)"),
     general: Optional[List[str]] = typer.Option(None, "--general", help="out-of-domain text (for *_general methods)"),
     method: str = typer.Option(..., "--method", help="method id (see `unlearn methods`)"),
+    param: Optional[List[str]] = typer.Option(None, "--param", help="a method hyperparameter: NAME=VALUE (repeat for "
+                                              "several; `unlearn methods --json` lists each method's knobs)"),
     lr: str = typer.Option(..., "--lr", help="learning rate (> 0)"),
     steps: str = typer.Option(..., "--steps", help="milestones, e.g. 5,10,20: trains to the largest, evaluates at each"),
     text_field: str = typer.Option("text", "--text-field", help="field of .jsonl/.json rows"),
@@ -65,10 +67,17 @@ def run_cmd(
     """Unlearn with one method at one learning rate; evaluate at every milestone of --steps."""
     from engine.config import RunConfig, RunSettings
     from engine.data import load_forget_set
+    from engine.errors import UnlearnError
+    from engine.methods.base import parse_variant, variant_id
     from engine.run import is_main_process, run_unlearning
     from engine.settings import Settings
     from tui.cli.console import emit_json, out, parse_lr, parse_steps, step_progress
 
+    knobs = parse_knob_options(param) or {}
+    if any(len(v) != 1 for v in knobs.values()):
+        raise UnlearnError("unlearn run takes one value per --param (a study sweeps several: study create --param)")
+    base, in_id = parse_variant(method)
+    method = variant_id(base, {**in_id, **{k: v[0] for k, v in knobs.items()}})
     cfg = RunConfig.of(method, parse_lr(lr), parse_steps(steps), RunSettings(**given_settings)).validate()
     texts = load_forget_set(forget, retain, unseen, general or [], text_field=text_field, column=column)
     with step_progress(f"{method} lr={cfg.lr:g}", cfg.milestones[-1]) as on_step:

@@ -1,11 +1,11 @@
 """`unlearn study create|run|pause|resume|cancel|rm` and `unlearn worker` (tui/cli/main.py assembles the group)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
-from tui.cli.common import Json, Storage, lab, run_settings_options
+from tui.cli.common import Json, Storage, lab, parse_knob_options, run_settings_options
 
 
 def _floats(text: str, flag: str) -> list[float]:
@@ -31,6 +31,9 @@ def create_cmd(
     steps: str = typer.Option(..., "--steps", help="milestones, e.g. 5,10,20,40 (one run per method × lr covers them all)"),
     max_attempts: int = typer.Option(2, "--max-attempts", help="attempts per run before it is failed"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    param: Optional[List[str]] = typer.Option(None, "--param", help="sweep a method hyperparameter: NAME=V1,V2,... "
+                                              "(repeat for several; `unlearn methods --json` lists each method's knobs); "
+                                              "every combination is its own run"),
     storage: Storage = None,
     as_json: Json = False,
     given_settings: dict = None,
@@ -56,7 +59,7 @@ def create_cmd(
     study = create_study(lab(ctx).store(), name, model, forget_set,
                          methods=[m.strip() for m in methods.split(",") if m.strip()], lrs=lrs, lr_range=rng,
                          sampler=sampler, trials=trials, steps=parse_steps(steps), max_attempts=max_attempts,
-                         trust_remote_code=trust_remote_code, **given_settings)
+                         trust_remote_code=trust_remote_code, knobs=parse_knob_options(param), **given_settings)
     spec = StudySpec.from_dict(study.spec)
     info = {"name": study.name, "runs": spec.total_runs, "cells": spec.total_runs * len(spec.steps), "spec": study.spec}
     if as_json:

@@ -16,11 +16,13 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.markup import escape
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Checkbox, DataTable, Footer, Header, Select, Static
 
-from studies.grid import METRICS, grids
+from engine.config import parse_attacks
+from studies.grid import CELL_METRICS, grids
 from tui.app.format import age, fmt_lr, fmt_value
 from tui.heatmap import badness
 from tui.app.messages import CellRef, CompareCells, ExportRequested, OpenTrial, StudyAction
@@ -90,6 +92,7 @@ class DashboardScreen(Screen):
         self.store = store
         self.study = study
         self.metric = "score"
+        self.metrics = CELL_METRICS  # what the picker offers (plus recoveries in a study with attacks)
         self.sort, self.descending, self.success_only, self.method_filter = "score", False, False, None
         self.steps_total = 0
         self.state: Optional[str] = None
@@ -109,7 +112,7 @@ class DashboardScreen(Screen):
         with VerticalScroll(id="dash-scroll"):
             yield Static(f"study {self.study}: reading…", id="dash-head")
             with Horizontal(id="dash-controls"):
-                yield Select([(m, m) for m in METRICS], value="score", allow_blank=False, id="metric")
+                yield Select([(m, m) for m in self.metrics], value="score", allow_blank=False, id="metric")
                 yield Static("", id="dash-robustness")
             with Vertical(id="dash-main"):
                 yield Vertical(id="heatmaps")
@@ -166,12 +169,26 @@ class DashboardScreen(Screen):
         self.query_one("#dash-head", Static).update(
             f"[b]{st.name}[/b] · {self.state} · model {Path(st.model).name or st.model} · "
             f"forget set {st.spec.get('forget_set', '?')} · cells {done}/{len(poll.cells)} · scheduler beat {beat}")
+        self._offer_recoveries(st.spec)
         self._update_heatmaps(by_method, poll.changed)
         self.query_one(RunningRuns).update_runs(self.study, poll.running, self.steps_total)
         if poll.new_milestones or poll.state_changed or not self._trial_rows:
             self.load_trials()
         if poll.finished:
             self.notify(f"study {self.study} finished", title="done", timeout=10)
+
+    def _offer_recoveries(self, spec: dict) -> None:
+        """The picker offers an attack's recovery only in a study that runs that attack."""
+        try:
+            attacks = parse_attacks((spec.get("run") or {}).get("attacks", ""))
+        except Exception:  # noqa: BLE001 - a spec this version cannot read: the plain metrics
+            attacks = ()
+        metrics = CELL_METRICS + tuple(f"{a}_recovery" for a in attacks)
+        if metrics != self.metrics:
+            self.metrics = metrics
+            select = self.query_one("#metric", Select)
+            select.set_options([(m, m) for m in metrics])
+            select.value = self.metric if self.metric in metrics else "score"
 
     def _update_heatmaps(self, by_method: dict, changed: set) -> None:
         box = self.query_one("#heatmaps", Vertical)
@@ -183,7 +200,8 @@ class DashboardScreen(Screen):
         for method, grid in by_method.items():
             widget = existing.get(method)
             if widget is None:
-                widget = HeatmapGrid(grid, metric=self.metric, study=self.study, id=f"heatmap-{method}", scale=scale)
+                # (no id from the method's name: a swept variant's brackets are not valid in one)
+                widget = HeatmapGrid(grid, metric=self.metric, study=self.study, scale=scale)
                 box.mount(widget)
                 widget.mark(self.marked_before)
                 if not existing and not parts:
@@ -191,7 +209,7 @@ class DashboardScreen(Screen):
             elif rescaled or any(k[0] == method for k in changed):
                 widget.scale = scale
                 widget.update_grid(grid)
-            parts.append(f"{method} {grid.robustness:.0%}")
+            parts.append(f"{escape(method)} {grid.robustness:.0%}")  # a variant's [knobs] are not markup
         self.query_one("#dash-robustness", Static).update("robustness: " + " · ".join(parts))
         if list(by_method) != self._methods:  # the first poll, or new methods (a TPE study)
             self._methods = list(by_method)
@@ -287,7 +305,7 @@ class DashboardScreen(Screen):
 
     def action_metric(self, delta: int) -> None:
         select = self.query_one("#metric", Select)
-        select.value = METRICS[(METRICS.index(self.metric) + delta) % len(METRICS)]
+        select.value = self.metrics[(self.metrics.index(self.metric) + delta) % len(self.metrics)]
 
     def on_heatmap_grid_cell_chosen(self, message: HeatmapGrid.CellChosen) -> None:
         self.post_message(OpenTrial(message.cell))

@@ -14,6 +14,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Container, VerticalScroll
+from textual.markup import escape
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
@@ -130,7 +131,7 @@ class TrialScreen(Screen):
     def compose(self) -> ComposeResult:
         c = self.cell
         with VerticalScroll(id="trial-body"):
-            yield Static(f"{c.study} · {c.method}  lr {fmt_lr(c.lr)} × {c.steps} steps", id="trial-title")
+            yield Static(escape(f"{c.study} · {c.method}  lr {fmt_lr(c.lr)} × {c.steps} steps"), id="trial-title")
             yield Static("", id="trial-error")
             yield Static("loading…", id="trial-params")
             table = DataTable(id="trial-milestones", cursor_type="row", zebra_stripes=True)
@@ -204,7 +205,7 @@ class TrialScreen(Screen):
         text.append("model ", style="dim").append(str(d["model"]))
         text.append("   forget set ", style="dim").append(f"{d['forget_set']['name']} ({d['forget_set']['hash'][:12]})")
         text.append("\n")
-        parts = [(k, fmt_lr(v) if k == "lr" else ("—" if v is None else str(v))) for k, v in d["params"].items()]
+        parts = [(k, fmt_lr(v) if k == "lr" else ("—" if v is None or v == "" else str(v))) for k, v in d["params"].items()]
         for i, (k, v) in enumerate(parts):
             text.append(("  " if i else "") + k + " ", style="dim").append(v)
         cell = d["cell"]

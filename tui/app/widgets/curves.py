@@ -87,7 +87,24 @@ class Curves(PlotextPlot):
         return any(xs for xs, _ in self.series.values()) or bool(self.front and self.front[0])
 
     # ------------------------------------------------------------------ drawing
+    def render(self):
+        """plotext's legend fails (IndexError) on some canvas sizes when a labelled series has no
+        point drawn on the canvas; the plot is then drawn again without the legend rather than
+        taking the app down."""
+        try:
+            return super().render()
+        except IndexError:
+            self._build(legend=False)
+            try:
+                return super().render()
+            finally:
+                self._build()  # the next size may fit the legend again (no refresh: no render loop)
+
     def _draw(self) -> None:
+        self._build()
+        self.refresh()
+
+    def _build(self, legend: bool = True) -> None:
         plt = self.plt
         plt.clear_figure()
         plt.title(self.plot_title if self.has_data else f"{self.plot_title} (no data yet)")
@@ -103,9 +120,9 @@ class Curves(PlotextPlot):
                 continue
             colour = SERIES_COLOURS[i % len(SERIES_COLOURS)]
             if self.kind == "scatter":
-                plt.scatter(xs, ys, label=label, color=colour, marker="dot")
+                plt.scatter(xs, ys, label=label if legend else None, color=colour, marker="dot")
             else:
-                plt.plot(xs, ys, label=label, color=colour, marker="braille")
+                plt.plot(xs, ys, label=label if legend else None, color=colour, marker="braille")
                 if len(xs) <= MAX_TICKS:  # milestones: each point drawn, so one alone still shows
                     plt.scatter(xs, ys, color=colour, marker="dot")
         if self.kind == "lines" and xs_all:
@@ -114,11 +131,10 @@ class Curves(PlotextPlot):
                 lo, hi = lo - 0.5, hi + 0.5
             for i, (label, y) in enumerate(self.hlines.items()):
                 # a two-point line rather than plotext's hline, which takes no legend label
-                plt.plot([lo, hi], [y, y], label=label, color=REFERENCE_COLOURS[i % len(REFERENCE_COLOURS)],
+                plt.plot([lo, hi], [y, y], label=label if legend else None, color=REFERENCE_COLOURS[i % len(REFERENCE_COLOURS)],
                          marker="─")
         if self.front is not None and self.front[0]:
-            plt.plot(*self.front, label="Pareto front", color=FRONT_COLOUR, marker="braille")
+            plt.plot(*self.front, label="Pareto front" if legend else None, color=FRONT_COLOUR, marker="braille")
             plt.scatter(*self.front, color=FRONT_COLOUR, marker="sd")
         for text, x, y in self.labels:
             plt.text(text, x, y, alignment="left")
-        self.refresh()
