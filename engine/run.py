@@ -119,7 +119,7 @@ def _train(model, tokenizer, sets, cfg: RunConfig, baseline, on_step, on_milesto
             cells.append(cell)
             if on_milestone:
                 on_milestone(cell)
-    return TrainResult(cells, reason is not None, reason, losses, train_tokens, eval_tokens, run.unwrapped())
+    return TrainResult(cells, reason is not None, reason, losses, train_tokens, eval_tokens, run.reported())
 
 
 def diverged_cells(milestones, done: set[int]) -> list[dict]:
@@ -149,6 +149,7 @@ class _Run:
     model: Any  # as the accelerator prepared it
     optimizer: Any
     schedule: Any
+    theta0: dict | None = None  # θ0's weights (name -> tensor), for a method whose milestones report an edit
 
     @property
     def world(self) -> int:
@@ -192,11 +193,13 @@ class _Run:
         params = trained_parameters(model, method, cfg, sets.forget, sets.retain, device, autocast)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, constant_after_warmup(cfg.warmup_steps))
+        theta0 = ({n: p.detach().clone() for n, p in model.named_parameters()}
+                  if method.forget.edits_weights else None)
         model, optimizer = accelerator.prepare(model, optimizer)
         model.train()
         return cls(cfg, sets, method, device, accelerator, autocast, reference, forget_extra, retain_chunks,
                    retain_extra, constants, method.retain_weight if cfg.retain_weight is None else cfg.retain_weight,
-                   model, optimizer, schedule)
+                   model, optimizer, schedule, theta0)
 
     def _batch(self, chunks: Chunks, extra: dict, constants: dict, seed: int, step: int) -> dict[str, torch.Tensor]:
         """This process's slice of the global batch of `step` (batch_size rows per process): the
@@ -251,14 +254,15 @@ class _Run:
         if not self.is_main:
             return None, None, 0
         cfg = self.cfg
-        metrics, tokens = evaluate(self.unwrapped(), self.sets, cfg.eval_batch_size, self.device,
+        model = self.reported()
+        metrics, tokens = evaluate(model, self.sets, cfg.eval_batch_size, self.device,
                                    self.autocast, cfg.min_k)
         bound = beyond_bound(metrics, baseline, cfg.divergence_factor)
         cell = {"step": step, **metrics, **compare(metrics, baseline, cfg.tol_forget, cfg.tol_retain),
                 "diverged": bound is not None, "train_loss": loss}
         attacks = parse_attacks(cfg.attacks)
         if attacks and bound is None:  # on copies: the run goes on from this model as it is
-            fields, n = attack_milestone(self.unwrapped(), self.sets, attacks, metrics, baseline, lr=cfg.lr,
+            fields, n = attack_milestone(model, self.sets, attacks, metrics, baseline, lr=cfg.lr,
                                          batch_size=cfg.batch_size, seed=cfg.seed, eval_batch_size=cfg.eval_batch_size,
                                          min_k=cfg.min_k, tol_forget=cfg.tol_forget, device=self.device,
                                          autocast=self.autocast)
@@ -278,6 +282,12 @@ class _Run:
 
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
+
+    def reported(self):
+        """The model a milestone stands for: the trained one, or the method's edit of it (task vector)."""
+        if self.theta0 is None:
+            return self.unwrapped()
+        return self.method.forget.edited(self.unwrapped(), self.theta0)
 
 
 def beyond_bound(metrics: dict, baseline: dict, factor: float) -> str | None:

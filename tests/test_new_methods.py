@@ -25,7 +25,7 @@ from engine.models import load_model
 from engine.run import train_to_milestones
 from tests.test_methods import ctx_for, hand_batch, predicted_positions, trimmed
 
-NEW_METHODS = ["npo", "npo_gd", "npo_kl", "rmu", "simnpo", "simnpo_gd", "undial", "wga"]
+NEW_METHODS = ["npo", "npo_gd", "npo_kl", "rmu", "simnpo", "simnpo_gd", "task_vector", "undial", "wga"]
 
 
 # ------------------------------------------------------------------ float64 references
@@ -343,3 +343,32 @@ def test_methods_all_lists_what_cannot_run_and_why(capsys):
     assert not any(not r["runnable"] for r in json.loads(cli_in_process(capsys, "methods", "--json").stdout))
     with pytest.raises(UnlearnError, match="method 'leace' \\(LEACE .*\\) is not runnable here: closed-form"):
         get_method("leace")
+
+
+def test_task_vector_at_alpha_zero_reports_theta0_exactly(tiny_model_dir, tiny_tokenizer, tiny_sets, baseline):
+    theta0 = dict(load_model(str(tiny_model_dir)).named_parameters())
+    cfg = RunConfig(method="task_vector[alpha=0]", lr=1e-2, milestones=(2,), batch_size=4, seq_len=128)
+    out = train_to_milestones(load_model(str(tiny_model_dir)), tiny_tokenizer, tiny_sets, cfg, baseline)
+    assert all(torch.equal(theta0[n], p) for n, p in out.model.named_parameters())
+    assert out.milestones[0]["ppl_forget"] == pytest.approx(baseline["ppl_forget"], rel=1e-6)
+
+
+def test_task_vector_reports_the_negated_fine_tune(tiny_model_dir, tiny_tokenizer, tiny_sets, baseline):
+    """The reported model is θ0 − α·(θ_s − θ0) of one fine-tuning trajectory θ_s: runs at α = 1 and
+    α = 0.5 share their losses, and both give back the same θ_s."""
+    theta0 = dict(load_model(str(tiny_model_dir)).named_parameters())
+    outs = {}
+    for alpha in (1.0, 0.5):
+        cfg = RunConfig(method=f"task_vector[alpha={alpha}]", lr=1e-2, milestones=(2,), batch_size=4, seq_len=128)
+        outs[alpha] = train_to_milestones(load_model(str(tiny_model_dir)), tiny_tokenizer, tiny_sets, cfg, baseline)
+    assert outs[1.0].losses == outs[0.5].losses  # the trajectory does not depend on α
+    moved = 0
+    for n, p in outs[1.0].model.named_parameters():
+        p_half = dict(outs[0.5].model.named_parameters())[n]
+        tuned_from_1 = theta0[n] - (p - theta0[n]) / 1.0
+        tuned_from_half = theta0[n] - (p_half - theta0[n]) / 0.5
+        torch.testing.assert_close(tuned_from_1, tuned_from_half, rtol=1e-5, atol=1e-6)
+        moved += int(not torch.equal(p, theta0[n]))
+    assert moved > 0
+    # learning U then subtracting it makes U less likely than under θ0
+    assert outs[1.0].milestones[0]["ppl_forget"] > baseline["ppl_forget"]
