@@ -82,14 +82,17 @@ def empty_metrics() -> dict:
 # ---------------------------------------------------------------- the loop
 
 def train_to_milestones(model, tokenizer, sets: ForgetSetChunks, cfg: RunConfig, baseline: dict,
-                        on_step: OnStep | None = None, on_milestone: OnMilestone | None = None) -> TrainResult:
+                        on_step: OnStep | None = None, on_milestone: OnMilestone | None = None,
+                        cache: tuple[Path, str] | None = None) -> TrainResult:
+    """`cache` = (folder, key of this model and forget set) for what a method builds once and reuses
+    across runs (WHP's reinforced model); None builds it in memory."""
     cfg = cfg.validate()
     with _deterministic(next(model.parameters()).device.type == "cpu"):
-        return _train(model, tokenizer, sets, cfg, baseline, on_step, on_milestone)
+        return _train(model, tokenizer, sets, cfg, baseline, on_step, on_milestone, cache)
 
 
-def _train(model, tokenizer, sets, cfg: RunConfig, baseline, on_step, on_milestone) -> TrainResult:
-    run = _Run.set_up(model, tokenizer, sets, cfg)
+def _train(model, tokenizer, sets, cfg: RunConfig, baseline, on_step, on_milestone, cache=None) -> TrainResult:
+    run = _Run.set_up(model, tokenizer, sets, cfg, cache)
     cells: list[dict] = []
     losses: list[float] = []
     train_tokens = eval_tokens = 0
@@ -164,7 +167,7 @@ class _Run:
         return self.accelerator.is_main_process
 
     @classmethod
-    def set_up(cls, model, tokenizer, sets: ForgetSetChunks, cfg: RunConfig) -> "_Run":
+    def set_up(cls, model, tokenizer, sets: ForgetSetChunks, cfg: RunConfig, cache=None) -> "_Run":
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -179,7 +182,8 @@ class _Run:
         # Prepared data comes from θ0 too, but once, before the first step: the model itself will do.
         model.eval()
         ctx = PrepareContext(model, tokenizer, torch.Generator().manual_seed(cfg.seed), device,
-                             cfg.eval_batch_size, autocast)
+                             cfg.eval_batch_size, autocast, cache[0] if cache else None, cache[1] if cache else "",
+                             cfg.batch_size, cfg.seed)
         forget_extra = method.forget.prepare(sets.forget.input_ids, sets.forget.attention_mask, ctx)
         constants = {"forget": method.forget.constants(ctx), "retain": {}}
         retain_chunks, retain_extra = None, {}
@@ -364,7 +368,8 @@ def run_unlearning(
     baseline, baseline_tokens = ({}, 0)
     if main:
         baseline, baseline_tokens = baseline_metrics(model, model_name, sets, texts.hash, cfg, cache_dir, autocast_for(dev))
-    out = train_to_milestones(model, tokenizer, sets, cfg, baseline, on_step, on_milestone)
+    cache = (cache_dir.parent / "prepared", f"{model_key(model_name)}-{texts.hash[:16]}-{cfg.seq_len}") if cache_dir else None
+    out = train_to_milestones(model, tokenizer, sets, cfg, baseline, on_step, on_milestone, cache)
     wall = time.perf_counter() - t0
     if save_to is not None and main:
         out.model.save_pretrained(save_to)

@@ -25,7 +25,7 @@ from engine.models import load_model
 from engine.run import train_to_milestones
 from tests.test_methods import ctx_for, hand_batch, predicted_positions, trimmed
 
-NEW_METHODS = ["npo", "npo_gd", "npo_kl", "rmu", "simnpo", "simnpo_gd", "task_vector", "undial", "wga"]
+NEW_METHODS = ["npo", "npo_gd", "npo_kl", "rmu", "simnpo", "simnpo_gd", "task_vector", "undial", "wga", "whp"]
 
 
 # ------------------------------------------------------------------ float64 references
@@ -372,3 +372,43 @@ def test_task_vector_reports_the_negated_fine_tune(tiny_model_dir, tiny_tokenize
     assert moved > 0
     # learning U then subtracting it makes U less likely than under θ0
     assert outs[1.0].milestones[0]["ppl_forget"] > baseline["ppl_forget"]
+
+
+def test_whp_generic_labels_against_a_direct_computation():
+    from engine.methods.whp import generic_labels
+
+    g = torch.Generator().manual_seed(5)
+    base, boosted = torch.randn(2, 6, 11, generator=g), torch.randn(2, 6, 11, generator=g)
+    labels = torch.randint(11, (2, 6), generator=g)
+    labels[1, 4:] = IGNORE
+    for alpha in (1.0, 0.0, 3.0):
+        got = generic_labels(base, boosted, labels, alpha)
+        for b in range(2):
+            for t in range(6):
+                if t == 0 or labels[b, t] == IGNORE:
+                    assert got[b, t] == labels[b, t]
+                    continue
+                v = [float(base[b, t - 1, a]) - alpha * max(0.0, float(boosted[b, t - 1, a] - base[b, t - 1, a]))
+                     for a in range(11)]
+                assert int(got[b, t]) == max(range(11), key=v.__getitem__)
+    # α = 0: θ0's own prediction; a token the reinforced model boosts loses its place
+    assert torch.equal(generic_labels(base, boosted, labels, 0.0)[0, 1:], base[0, :-1].argmax(-1))
+
+
+def test_whp_builds_its_reinforced_model_once_and_reuses_it(tiny_model_dir, tiny_tokenizer, tiny_sets, tmp_path):
+    from engine.methods.whp import reinforced_model
+
+    theta0 = load_model(str(tiny_model_dir)).eval()
+    ctx = ctx_for(tiny_tokenizer, reference=theta0)
+    ctx.cache_dir, ctx.cache_key = tmp_path, "tiny-fs"
+    ch = tiny_sets.forget
+    built = reinforced_model(ch.input_ids, ch.attention_mask, ctx, 3)
+    saved = list(tmp_path.iterdir())
+    assert len(saved) == 1 and (saved[0] / "config.json").is_file()
+    loaded = reinforced_model(ch.input_ids, ch.attention_mask, ctx, 3)
+    assert all(torch.equal(p, q) for p, q in zip(built.parameters(), loaded.parameters()))
+    assert any(not torch.equal(p, q) for p, q in zip(built.parameters(), theta0.parameters()))  # it did train
+    fresh = load_model(str(tiny_model_dir))
+    assert all(torch.equal(p, q) for p, q in zip(theta0.parameters(), fresh.parameters()))  # θ0 is left as it was
+    reinforced_model(ch.input_ids, ch.attention_mask, ctx, 4)  # another budget: another model
+    assert len(list(tmp_path.iterdir())) == 2

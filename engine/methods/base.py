@@ -70,6 +70,12 @@ class PrepareContext:
     device: torch.device
     batch_size: int = 8
     autocast: Any = field(default=contextlib.nullcontext)  # a context-manager factory for the reference forward
+    # Where a term may keep what it builds once per (model, forget set, settings) — WHP's reinforced
+    # model — and the key that names this run's model and forget set there; None: build in memory.
+    cache_dir: Any = None
+    cache_key: str = ""
+    train_batch_size: int = 4
+    seed: int = 0
 
 
 class Term:
