@@ -51,6 +51,7 @@ study_app.command("pause")(study.pause_cmd)
 study_app.command("resume")(study.resume_cmd)
 study_app.command("cancel")(study.cancel_cmd)
 study_app.command("rm")(study.rm_cmd)
+study_app.command("attack")(study.attack_cmd)
 app.add_typer(study_app, name="study")
 
 app.command("worker")(study.worker_cmd)

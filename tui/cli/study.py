@@ -139,6 +139,29 @@ def rm_cmd(ctx: typer.Context, name: str = typer.Argument(..., help="study name"
     _act(ctx, "delete", name)
 
 
+def attack_cmd(ctx: typer.Context, name: str = typer.Argument(..., help="study name"),
+               attacks: str = typer.Option(..., "--attacks", help="relearn, quant4, quant8 (comma-separated)"),
+               method: Optional[str] = typer.Option(None, "--method", help="only this method's best cell"),
+               device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]"),
+               storage: Storage = None, as_json: Json = False):
+    """Test whether forgetting holds at each method's best cell: rerun it with the attacks and store
+    what they find in that cell (see `study heatmap --metric relearn_recovery`)."""
+    from studies.attack import attack_best_cells
+    from tui.cli.console import emit_json, err, out
+    from tui.numbers import fmt_value
+
+    def said(row: dict) -> None:
+        rec = "  ".join(f"{k.removesuffix('_recovery')} {fmt_value(v)}" for k, v in row.items() if k.endswith("_recovery"))
+        same = "" if row["reproduced"] else f"  (rerun score {fmt_value(row['rerun_score'])}, stored {fmt_value(row['score'])})"
+        err.print(f"{row['method']} lr {row['lr']:g} × {row['steps']} steps: recovery {rec}{same}", markup=False, soft_wrap=True,
+                  highlight=False)
+
+    rows = attack_best_cells(lab(ctx).store(), name, attacks, method=method, device=device, on_cell=said)
+    if as_json:
+        return emit_json(rows)
+    out.print(f"study {name}: attacked {sum('skipped' not in r for r in rows)} best cell(s)", markup=False)
+
+
 def _act(ctx: typer.Context, verb: str, name: str, **kwargs) -> None:
     from studies.actions import study_action
     from tui.cli.console import out
