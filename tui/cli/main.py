@@ -34,6 +34,7 @@ app = _group("unlearn-lab: machine unlearning of pre-trained LLMs — methods, r
 app.command("methods")(run.methods_cmd)
 app.command("run")(run.run_cmd)
 app.command("demo")(demo.demo_cmd)
+app.command("sisa")(demo.sisa_cmd)
 
 forgetset_app = _group("Named, immutable, content-hashed forget sets (forget / retain / unseen / general).")
 forgetset_app.command("create")(forgetset.create_cmd)

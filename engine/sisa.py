@@ -1,0 +1,130 @@
+"""SISA — exact unlearning by sharding (Bourtoule et al. 2021, "Machine Unlearning"), at the demo's
+scale only.
+
+The training documents are split over K shards (a seeded assignment); one constituent model is
+trained from scratch on each shard with the demo's own recipe; the model is the ensemble that
+averages the constituents' next-token probabilities. To forget U, every shard that held a
+document of U is trained again without it; shards that held none are kept. The result is exact
+unlearning — no constituent has seen U, which `shard_hashes` lets a test check — at the price of
+(a) retraining the touched shards and (b) an ensemble whose members each saw only 1/K of the data.
+
+It is scored like every cell, against the original single model θ0's metrics (`compare`), and K,
+not the learning rate, is the swept knob (`unlearn sisa --shards 1,2,4`). It needs the training
+corpus and a recipe to train from scratch, which only the demo has; beyond a size limit it
+refuses, because sharded retraining is a pretraining job, not an unlearning run.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from engine.errors import UnlearnError
+
+SISA_MAX_PARAMETERS = 20_000_000  # a constituent larger than this is a pretraining job
+SISA_MAX_TOKENS = 2_000_000  # training tokens per pass over the corpus, likewise
+
+
+def doc_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def assign_shards(n_docs: int, shards: int, seed: int) -> list[int]:
+    """Shard of each document: a seeded permutation dealt round-robin, so shards differ by at most one."""
+    order = list(range(n_docs))
+    random.Random(seed).shuffle(order)
+    out = [0] * n_docs
+    for position, doc in enumerate(order):
+        out[doc] = position % shards
+    return out
+
+
+class Ensemble(torch.nn.Module):
+    """The constituents as one causal LM: logits = log of the mean of their next-token probabilities
+    (a log-probability vector, so every metric reads it like any model's logits)."""
+
+    def __init__(self, models: list) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(models)
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        logps = torch.stack([torch.log_softmax(m(input_ids=input_ids, attention_mask=attention_mask).logits.float(), -1)
+                             for m in self.members])
+        return SimpleNamespace(logits=torch.logsumexp(logps, 0) - math.log(len(self.members)))
+
+
+def check_size(recipe, tokenizer, docs: list[str]) -> None:
+    from engine.models import count_parameters, tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        n = count_parameters(LlamaForCausalLM(tiny_llama_config(len(tokenizer), recipe.hidden, recipe.layers,
+                                                                recipe.heads, max_positions=recipe.seq_len)))
+    tokens = sum(len(tokenizer(d)["input_ids"]) for d in docs)
+    if n > SISA_MAX_PARAMETERS or tokens > SISA_MAX_TOKENS:
+        raise UnlearnError(f"sisa: {n:,} parameters × {tokens:,} training tokens is beyond its demo-scale limit "
+                           f"({SISA_MAX_PARAMETERS:,} / {SISA_MAX_TOKENS:,}): SISA retrains its shards from scratch, "
+                           f"which at this size is a pretraining job")
+
+
+def sisa(workspace: Path, recipe, shards: int, seed: int = 0, out_dir: Path | None = None, progress=None) -> dict:
+    """Train K constituents on the demo's training documents, retrain the shards that held U
+    without it, and score the unlearned ensemble (and the ensemble before unlearning). Returns
+    {"shards", "metrics" (after), "before" (metrics), "cells" (compare), "cost", "shard_hashes"}."""
+    from engine.data import chunk_forget_set, load_forget_set
+    from engine.demo import demo_sources, pretrain
+    from engine.evaluate import compare, evaluate
+    from engine.models import load_model, load_tokenizer
+
+    if shards < 1:
+        raise UnlearnError("sisa: --shards must be at least 1")
+    src = demo_sources(workspace)
+    texts = load_forget_set(src["forget"], src["retain"], src["unseen"], src["general"])
+    tokenizer = load_tokenizer(str(workspace / "model"))
+    forget, train_docs = list(texts.forget), list(texts.forget) + list(texts.retain) + list(texts.general or [])
+    check_size(recipe, tokenizer, train_docs)
+    if shards > len(train_docs):
+        raise UnlearnError(f"sisa: {shards} shards for {len(train_docs)} training documents")
+    of = assign_shards(len(train_docs), shards, seed)
+    forget_hashes = {doc_hash(d) for d in forget}
+    sets = chunk_forget_set(texts, tokenizer, recipe.seq_len)
+    theta0, _ = evaluate(load_model(str(workspace / "model")), sets, 16)
+
+    work = Path(tempfile.mkdtemp(prefix="sisa-", dir=out_dir))
+    t0 = time.perf_counter()
+    before, after, shard_hashes, tokens = [], [], [], {"before": 0, "retrain": 0}
+    try:
+        for k in range(shards):
+            docs = [d for d, s in zip(train_docs, of) if s == k]
+            kept = [d for d in docs if doc_hash(d) not in forget_hashes]
+            r = replace(recipe, seed=recipe.seed + k)
+            info = pretrain(docs, tokenizer, r, work / f"before-{k}", progress, f"shard {k + 1}/{shards}")
+            tokens["before"] += info["tokens"]
+            before.append(load_model(str(work / f"before-{k}")))
+            if len(kept) < len(docs):  # the shard held U: train it again without it
+                if not kept:
+                    raise UnlearnError(f"sisa: shard {k} holds only forget documents; use fewer shards")
+                info = pretrain(kept, tokenizer, r, work / f"after-{k}", progress, f"retrain {k + 1}/{shards}")
+                tokens["retrain"] += info["tokens"]
+                after.append(load_model(str(work / f"after-{k}")))
+            else:
+                after.append(before[-1])
+            shard_hashes.append(sorted(doc_hash(d) for d in kept))
+        m_before, _ = evaluate(Ensemble(before), sets, 16)
+        m_after, _ = evaluate(Ensemble(after), sets, 16)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"shards": shards, "metrics": m_after, **compare(m_after, theta0), "before": m_before,
+            "theta0": theta0, "retrained_shards": sum(1 for k in range(shards) if any(
+                doc_hash(d) in forget_hashes for d, s in zip(train_docs, of) if s == k)),
+            "cost": {"train_tokens": tokens["before"], "retrain_tokens": tokens["retrain"],
+                     "seconds": time.perf_counter() - t0},
+            "shard_hashes": shard_hashes}
