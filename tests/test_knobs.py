@@ -53,6 +53,7 @@ def test_expansion_is_a_product_per_method_and_idempotent():
     assert set(spec.optuna_distributions()) == {"method", "lr", "steps", "beta"}
 
 
+@pytest.mark.slow  # a whole study through its scheduler and run subprocesses
 def test_a_retain_weight_sweep_runs_each_value_and_exports_commands_that_reproduce_it(
         tmp_path, forget_set_files, tiny_model_dir, capsys):
     url = f"sqlite:///{tmp_path / 'lab.db'}"

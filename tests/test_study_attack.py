@@ -2,6 +2,7 @@
 CPU bitwise the stored cell) and what they found written into that cell."""
 from __future__ import annotations
 
+import pytest
 import json
 
 from studies.grid import best_cell, load_cells
@@ -9,6 +10,7 @@ from studies.store import Store
 from tests.studies_helpers import assert_one_line_error, cli, cli_in_process, cli_main, make_forget_set
 
 
+@pytest.mark.slow  # a whole study through its scheduler and run subprocesses
 def test_attacks_at_the_best_cells_land_in_those_cells(tmp_path, forget_set_files, tiny_model_dir, capsys):
     url = f"sqlite:///{tmp_path / 'lab.db'}"
     make_forget_set(Store(url), "fs", forget_set_files)
