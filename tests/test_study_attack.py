@@ -2,8 +2,9 @@
 CPU bitwise the stored cell) and what they found written into that cell."""
 from __future__ import annotations
 
-import pytest
 import json
+
+import pytest
 
 from studies.grid import best_cell, load_cells
 from studies.store import Store
