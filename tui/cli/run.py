@@ -52,7 +52,8 @@ def run_cmd(
     unseen: List[str] = typer.Option(..., "--unseen", help="in-domain text the model never saw (the retraining reference)"),
     general: Optional[List[str]] = typer.Option(None, "--general", help="out-of-domain text (for *_general methods)"),
     method: str = typer.Option(..., "--method", help="method id (see `unlearn methods`)"),
-    param: Optional[List[str]] = typer.Option(None, "--param", help="a method hyperparameter: NAME=VALUE (repeat for "
+    param: Optional[List[str]] = typer.Option(None, "--param", metavar="NAME=VALUE",
+                                              help="a method hyperparameter: NAME=VALUE (repeat for "
                                               "several; `unlearn methods --json` lists each method's knobs)"),
     lr: str = typer.Option(..., "--lr", help="learning rate (> 0)"),
     steps: str = typer.Option(..., "--steps", help="milestones, e.g. 5,10,20: trains to the largest, evaluates at each"),

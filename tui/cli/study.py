@@ -31,7 +31,8 @@ def create_cmd(
     steps: str = typer.Option(..., "--steps", help="milestones, e.g. 5,10,20,40 (one run per method × lr covers them all)"),
     max_attempts: int = typer.Option(2, "--max-attempts", help="attempts per run before it is failed"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    param: Optional[List[str]] = typer.Option(None, "--param", help="sweep a method hyperparameter: NAME=V1,V2,... "
+    param: Optional[List[str]] = typer.Option(None, "--param", metavar="NAME=V1,V2",
+                                              help="sweep a method hyperparameter: NAME=V1,V2,... "
                                               "(repeat for several; `unlearn methods --json` lists each method's knobs); "
                                               "every combination is its own run"),
     storage: Storage = None,
