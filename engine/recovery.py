@@ -32,9 +32,9 @@ import math
 
 import torch
 
-from engine.config import ROBUSTNESS_ATTACKS, parse_attacks  # noqa: F401 - re-exported
 from engine.data import ForgetSetChunks
 from engine.evaluate import evaluate
+from engine.finetune import fine_tune
 
 RELEARN_FRACTION = 0.10
 RELEARN_STEPS = 20
@@ -93,25 +93,13 @@ def quantized_copy(model, bits: int):
 
 def relearned_copy(model, sets: ForgetSetChunks, lr: float, batch_size: int, seed: int, device, autocast):
     """A copy of `model` fine-tuned on a seeded slice of U (RELEARN_FRACTION, RELEARN_STEPS)."""
-    from engine.run import batch_indices  # the run's own seeded batch stream
-
     n = len(sets.forget)
     g = torch.Generator().manual_seed(seed + RELEARN_SEED_OFFSET)
     take = torch.randperm(n, generator=g)[: max(1, round(RELEARN_FRACTION * n))]
-    part = sets.forget.subset(take.tolist())
     attacked = copy.deepcopy(model).eval().requires_grad_(True)  # eval: no dropout, so no global RNG drawn
-    opt = torch.optim.AdamW(attacked.parameters(), lr=lr, weight_decay=0.0)
-    for step in range(1, RELEARN_STEPS + 1):
-        idx = batch_indices(len(part), batch_size, seed + RELEARN_SEED_OFFSET, step)
-        mask = part.attention_mask[idx]
-        width = int(mask.sum(1).max())
-        ids, mask = part.input_ids[idx, :width].to(device), mask[:, :width].to(device)
-        with autocast():
-            loss = attacked(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(attacked.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    part = sets.forget.subset(take.tolist())
+    fine_tune(attacked, part.input_ids, part.attention_mask, RELEARN_STEPS, lr, batch_size, seed + RELEARN_SEED_OFFSET,
+              device, autocast)
     return attacked.requires_grad_(False).eval()
 
 

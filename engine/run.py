@@ -27,6 +27,7 @@ from engine.data import Chunks, ForgetSetChunks, ForgetSetTexts, chunk_forget_se
 from engine.errors import UnlearnError
 from engine.evaluate import compare, evaluate
 from engine.files import write_json_atomic
+from engine.finetune import batch_indices
 from engine.methods import get_method
 from engine.methods.base import Method, PrepareContext, causal_labels
 from engine.recovery import attack_milestone
@@ -59,19 +60,6 @@ def constant_after_warmup(warmup_steps: int) -> Callable[[int], float]:
     """The lr multiplier of optimizer step i (0-based): a linear warm-up over `warmup_steps`,
     then 1. It never looks at the total step count, which is what keeps prefix sharing exact."""
     return lambda i: min(1.0, (i + 1) / warmup_steps) if warmup_steps else 1.0
-
-
-def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
-    """Rows of the batch for `step` (1-based): an endless stream of seeded permutations,
-    so the batch never depends on how many steps the run will take."""
-    start = (step - 1) * batch_size
-    out = []
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), n)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        perm = torch.randperm(n, generator=g)
-        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
-    return torch.tensor(out)
 
 
 def empty_metrics() -> dict:

@@ -78,6 +78,19 @@ class PrepareContext:
     seed: int = 0
 
 
+def chunk_batches(input_ids, attention_mask, ctx: PrepareContext, trim: bool = False):
+    """(row slice, input_ids, attention_mask) of every batch of `ctx.batch_size` chunks, on the
+    device, for a `prepare` that reads θ0 over a whole set; `trim` drops all-pad columns (as the
+    training batches do), otherwise every batch keeps the chunks' full width."""
+    for start in range(0, len(input_ids), ctx.batch_size):
+        sl = slice(start, start + ctx.batch_size)
+        ids, mask = input_ids[sl], attention_mask[sl]
+        if trim:
+            width = int(mask.sum(1).max())
+            ids, mask = ids[:, :width], mask[:, :width]
+        yield sl, ids.to(ctx.device), mask.to(ctx.device)
+
+
 class Term:
     """What forget and retain terms share: the data they prepare once and how they reach a loss.
 

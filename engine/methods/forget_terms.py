@@ -1,7 +1,7 @@
 """Forget terms of the paper's methods (Yao et al. 2024): ascent, random labels, adversarial labels."""
 from __future__ import annotations
 
-from engine.methods.base import IGNORE, ForgetTerm, PrepareContext, causal_labels, special_ids, token_ce
+from engine.methods.base import IGNORE, ForgetTerm, PrepareContext, causal_labels, chunk_batches, special_ids, token_ce
 
 
 class GradientAscent(ForgetTerm):
@@ -58,9 +58,7 @@ class AdversarialDescent(ForgetTerm):
         labels = causal_labels(input_ids, attention_mask)
         out = labels.clone()
         ref = ctx.reference
-        for start in range(0, len(input_ids), ctx.batch_size):
-            sl = slice(start, start + ctx.batch_size)
-            ids, mask = input_ids[sl].to(ctx.device), attention_mask[sl].to(ctx.device)
+        for sl, ids, mask in chunk_batches(input_ids, attention_mask, ctx):
             with torch.no_grad(), ctx.autocast():
                 logits = ref(input_ids=ids, attention_mask=mask).logits.float()
             pred = logits[:, :-1, :]  # predicts positions 1..L-1

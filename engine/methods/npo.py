@@ -14,28 +14,21 @@ from __future__ import annotations
 
 from engine.errors import UnlearnError
 from engine.methods import register
-from engine.methods.base import ForgetTerm, Method, PrepareContext, causal_labels, sequence_logprob
+from engine.methods.base import ForgetTerm, Method, PrepareContext, causal_labels, chunk_batches, sequence_logprob
 from engine.methods.retain_terms import RetainDescent, RetainKL
 
 NPO_BETA = 0.1
 
 
-def reference_logprobs(input_ids, attention_mask, labels, ctx: PrepareContext, per_token_mean: bool = False):
-    """log π_θ0(y) of every chunk (summed over its predicted tokens, or their mean), [N] float32."""
+def reference_logprobs(input_ids, attention_mask, ctx: PrepareContext):
+    """log π_θ0(y) of every chunk, summed over its predicted tokens, [N] float32."""
     import torch
 
     out = []
-    for start in range(0, len(input_ids), ctx.batch_size):
-        sl = slice(start, start + ctx.batch_size)
-        ids, mask, lb = input_ids[sl].to(ctx.device), attention_mask[sl].to(ctx.device), labels[sl].to(ctx.device)
-        width = int(mask.sum(1).max())  # the same trim the training batches get
-        ids, mask, lb = ids[:, :width], mask[:, :width], lb[:, :width]
+    for _, ids, mask in chunk_batches(input_ids, attention_mask, ctx, trim=True):  # the training batches' trim
         with torch.no_grad(), ctx.autocast():
             logits = ctx.reference(input_ids=ids, attention_mask=mask).logits
-        lp = sequence_logprob(logits, lb)
-        if per_token_mean:
-            lp = lp / predicted_tokens(lb)
-        out.append(lp.float().cpu())
+        out.append(sequence_logprob(logits, causal_labels(ids, mask)).float().cpu())
     return torch.cat(out)
 
 
@@ -59,7 +52,7 @@ class NPOForget(ForgetTerm):
 
     def prepare(self, input_ids, attention_mask, ctx):
         labels = causal_labels(input_ids, attention_mask)
-        return {"labels": labels, "ref_logprob": reference_logprobs(input_ids, attention_mask, labels, ctx)}
+        return {"labels": labels, "ref_logprob": reference_logprobs(input_ids, attention_mask, ctx)}
 
     def loss(self, logits, batch, reference_logits=None):
         import torch.nn.functional as F

@@ -22,7 +22,7 @@ import re
 
 from engine.errors import UnlearnError
 from engine.methods import register
-from engine.methods.base import ForgetTerm, Method, RetainTerm, causal_labels
+from engine.methods.base import ForgetTerm, Method, RetainTerm, causal_labels, chunk_batches
 
 RMU_STEERING = 6.5
 RMU_ALPHA = 100.0
@@ -118,11 +118,9 @@ class KeepActivations(RetainTerm):
         import torch
 
         acts = []
-        for start in range(0, len(input_ids), ctx.batch_size):
-            sl = slice(start, start + ctx.batch_size)
-            batch = {"input_ids": input_ids[sl].to(ctx.device), "attention_mask": attention_mask[sl].to(ctx.device)}
+        for _, ids, mask in chunk_batches(input_ids, attention_mask, ctx):  # full width: the rows are concatenated
             with torch.no_grad(), ctx.autocast():
-                acts.append(layer_output(ctx.reference, batch).float().cpu())
+                acts.append(layer_output(ctx.reference, {"input_ids": ids, "attention_mask": mask}).float().cpu())
         return {"labels": causal_labels(input_ids, attention_mask), "rmu_frozen": torch.cat(acts)}
 
     def forward_loss(self, model, batch, reference=None):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from engine.errors import UnlearnError
 from engine.methods import register
-from engine.methods.base import IGNORE, ForgetTerm, Method, PrepareContext, causal_labels, token_ce
+from engine.methods.base import IGNORE, ForgetTerm, Method, PrepareContext, causal_labels, chunk_batches, token_ce
 
 WHP_ALPHA = 1.0
 REINFORCE_STEPS = 50
@@ -39,27 +39,16 @@ def reinforced_model(input_ids, attention_mask, ctx: PrepareContext, steps: int)
     import torch
     from transformers import AutoModelForCausalLM
 
-    from engine.run import batch_indices
+    from engine.finetune import fine_tune
 
     key = f"whp-reinforced-{ctx.cache_key}-b{ctx.train_batch_size}-s{ctx.seed}-n{steps}-lr{REINFORCE_LR:g}"
     folder = Path(ctx.cache_dir) / key if ctx.cache_dir and ctx.cache_key else None
     if folder is not None and (folder / "config.json").is_file():
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(ctx.device).eval()
     model = copy.deepcopy(ctx.reference).train().requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=REINFORCE_LR, weight_decay=0.0)
-    labels = causal_labels(input_ids, attention_mask)
     with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
-        for step in range(1, steps + 1):
-            idx = batch_indices(len(input_ids), ctx.train_batch_size, ctx.seed, step)
-            mask = attention_mask[idx]
-            width = int(mask.sum(1).max())
-            ids, mask, lb = input_ids[idx, :width].to(ctx.device), mask[:, :width].to(ctx.device), labels[idx, :width].to(ctx.device)
-            with ctx.autocast():
-                loss = token_ce(model(input_ids=ids, attention_mask=mask).logits, lb)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        fine_tune(model, input_ids, attention_mask, steps, REINFORCE_LR, ctx.train_batch_size, ctx.seed, ctx.device,
+                  ctx.autocast)
     model.eval().requires_grad_(False)
     if folder is not None:  # whole or not at all: two runs building it at once each write their own
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -103,9 +92,7 @@ class GenericLabelDescent(ForgetTerm):
         reinforced = reinforced_model(input_ids, attention_mask, ctx, self.reinforce_steps)
         labels = causal_labels(input_ids, attention_mask)
         out = labels.clone()
-        for start in range(0, len(input_ids), ctx.batch_size):
-            sl = slice(start, start + ctx.batch_size)
-            ids, mask = input_ids[sl].to(ctx.device), attention_mask[sl].to(ctx.device)
+        for sl, ids, mask in chunk_batches(input_ids, attention_mask, ctx):
             with torch.no_grad(), ctx.autocast():
                 base = ctx.reference(input_ids=ids, attention_mask=mask).logits.float()
                 boosted = reinforced(input_ids=ids, attention_mask=mask).logits.float()
