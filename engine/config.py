@@ -155,6 +155,7 @@ class RunConfig(RunSettings):
         if self.__dict__.get("_valid"):
             return self
         from engine.methods import get_method
+        from engine.methods.base import parse_variant
 
         method = get_method(self.method)
         lr = self.lr
@@ -166,7 +167,7 @@ class RunConfig(RunSettings):
             raise UnlearnError(f"--steps must be positive integers, not {steps}")
         if self.retain_weight is not None and method.retain is None:
             raise UnlearnError(f"method {method.id} has no retain term: --retain-weight does not apply")
-        if self.retain_weight is not None and "[" in self.method and "retain_weight=" in self.method:
+        if self.retain_weight is not None and "retain_weight" in parse_variant(self.method)[1]:
             raise UnlearnError(f"method {method.id} sets retain_weight as a knob: leave out --retain-weight")
         base = RunSettings.validate(self)
         cfg = replace(self, **{f.name: getattr(base, f.name) for f in fields(RunSettings)},

@@ -35,18 +35,19 @@ def expand_knobs(methods, knobs: dict | None) -> tuple[str, ...]:
     expanded are kept, so expanding twice changes nothing."""
     from itertools import product
 
-    from engine.methods.base import variant_id
+    from engine.methods.base import parse_variant, variant_id
 
     out, used = [], set()
     for m in methods:
-        if "[" in m or not knobs:
+        if "[" in m or not knobs:  # already a variant: its knobs count as used
             out.append(m)
+            used |= set(parse_variant(m)[1])
             continue
         own = {k: v for k, v in knobs.items() if k in get_method(m).knob_values()}
         used |= set(own)
         names = sorted(own)
         out += [variant_id(m, dict(zip(names, combo))) for combo in product(*(own[k] for k in names))] if own else [m]
-    if knobs and "[" not in "".join(methods):
+    if knobs:
         unused = sorted(set(knobs) - used)
         if unused:
             raise UnlearnError(f"--param {unused[0]}: none of the methods has this knob "
