@@ -11,7 +11,7 @@ VERBS = ("pause", "resume", "cancel", "delete")
 
 def study_action(store: Store, verb: str, name: str, heartbeat_timeout_s: float = 60.0,
                  retry_failed: bool = False) -> str:
-    from studies.status import age_s
+    from studies.clock import age_s
     from studies.studies import delete_study, resume_study, set_state
 
     if verb == "pause":

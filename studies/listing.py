@@ -17,7 +17,7 @@ from types import SimpleNamespace
 from typing import Optional
 
 from studies.clock import age_s, aware, utcnow
-from studies.sqlite_file import SCHEMA_VERSION, check_sqlite_file, is_sqlite, sqlite_path
+from studies.sqlite_file import SCHEMA_VERSION, SQLITE_BUSY_MS, check_sqlite_file, is_sqlite, sqlite_path
 from studies.states import REAL_RUN_STATES, RunState
 
 
@@ -60,7 +60,6 @@ FROM ul_run AS r LEFT OUTER JOIN ul_milestone AS m ON m.run_id = r.id
 WHERE r.state IN ({states})
 GROUP BY r.id
 """
-_BUSY_S = 60.0  # as the store's own connections: wait for a writer rather than fail
 
 
 def _when(text: Optional[str]) -> Optional[dt.datetime]:
@@ -81,7 +80,7 @@ def list_studies_sqlite(url: str, now: Optional[dt.datetime] = None) -> Optional
         return None
     try:
         # Read-only: this path must never create, migrate or lock anything a writer waits on.
-        con = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=_BUSY_S)
+        con = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=SQLITE_BUSY_MS / 1000)  # as the store's own connections
     except sqlite3.Error:
         return None
     try:

@@ -25,6 +25,7 @@ from sqlmodel import select
 
 from studies.spec import StudySpec
 from studies.states import ACTIVE_RUN_STATES, IDLE_STUDY_STATES, RunState, StudyState
+from studies.clock import age_s
 from studies.store import Milestone, Run, Store, Study, hostname, sqlite_path, utcnow
 
 STOP_GRACE_S = 30  # a run process asked to stop (SIGTERM) gets this long before SIGKILL
@@ -87,13 +88,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _age_s(when) -> float:
-    if when is None:
-        return float("inf")
-    if when.tzinfo is None:
-        import datetime as dt
-
-        when = when.replace(tzinfo=dt.timezone.utc)
-    return (utcnow() - when).total_seconds()
+    """Seconds since a heartbeat; a run that never beat is infinitely old."""
+    return float("inf") if when is None else age_s(when)
 
 
 class WorkerPool:

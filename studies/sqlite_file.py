@@ -12,6 +12,7 @@ from pathlib import Path
 from engine.errors import UnlearnError
 
 SCHEMA_VERSION = 2
+SQLITE_BUSY_MS = 60_000  # how long a connection waits for a writer's lock before it fails
 
 
 def is_sqlite(url: str) -> bool:

@@ -10,7 +10,7 @@ from typing import Optional
 from sqlalchemy import and_, case, func
 from sqlmodel import select
 
-from studies.clock import age_s  # noqa: F401 - re-exported
+from studies.clock import age_s
 from studies.grid import best, cells_from_rows, count_status, fetch_rows, grids, robustness
 from studies.listing import list_row
 from studies.spec import StudySpec

@@ -21,11 +21,10 @@ from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from engine.errors import UnlearnError
 from studies.clock import utcnow  # noqa: F401 - re-exported
-from studies.sqlite_file import (  # noqa: F401 - re-exported: the store's URL helpers live there
-    SCHEMA_VERSION, SQLITE_HEADER, StoreMissing, check_sqlite_file, is_sqlite, describe_url, sqlite_path)
+from studies.sqlite_file import (  # noqa: F401 - SCHEMA_VERSION, StoreMissing, describe_url, sqlite_path re-exported
+    SCHEMA_VERSION, SQLITE_BUSY_MS, StoreMissing, check_sqlite_file, describe_url, is_sqlite, sqlite_path)
 from studies.states import RunState, StudyState
 
-SQLITE_BUSY_MS = 60_000
 CONNECT_TIMEOUT_S = 10
 
 

@@ -145,7 +145,7 @@ def delete_study(store: Store, name: str, heartbeat_timeout_s: float = 60.0) -> 
     (pause or cancel it first). Returns the number of cells deleted. The forget set stays."""
     import optuna
 
-    from studies.status import age_s
+    from studies.clock import age_s
     from studies.store import Event, Milestone
 
     study = store.study(name)

@@ -21,7 +21,7 @@ from engine.errors import UnlearnError
 from studies.grid import CELL_METRICS, Cell, cells_from_rows, check_metric
 from studies.spec import StudySpec
 from studies.states import REAL_RUN_STATES, RunState, StudyState
-from studies.status import age_s
+from studies.clock import age_s
 from studies.store import Milestone, Run, Store, Study, utcnow
 
 CellKey = tuple[str, float, int]  # (method, lr, steps)
