@@ -8,6 +8,7 @@ import time
 import pytest
 
 from app_stores import app_store
+from pilot_helpers import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,15 +25,6 @@ def make_app(url: str, **kwargs):
 
     kwargs.setdefault("refresh_s", 0.2)
     return create_app(url, **kwargs)
-
-
-async def wait_until(pilot, predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        await pilot.pause(0.05)
-        if predicate():
-            return
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_studies_screen_lists_every_study_and_enter_opens_the_dashboard(store_url):

@@ -13,6 +13,7 @@ import yaml
 from sqlmodel import select
 
 from app_stores import app_store, make_study
+from pilot_helpers import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,15 +25,6 @@ def store(tmp_path_factory, tiny_model_dir, forget_set_files):
     st = app_store(path, tiny_model_dir, forget_set_files)
     make_study(st, "sweep-empty", str(tiny_model_dir), "people", methods=("ga",), lrs=(1e-4,), steps=(5,), fill=0.0)
     return st
-
-
-async def wait_until(pilot, predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        await pilot.pause(0.05)
-        if predicate():
-            return
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def dialog_app(store, study: str, cell=None):

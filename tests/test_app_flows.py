@@ -5,23 +5,17 @@ export writes its file. Slow: real runs of the demo's tiny model."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 import pytest
 import yaml
 
+from pilot_helpers import wait_until
 from studies_helpers import pid_alive, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-
-
-async def until(pilot, predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        await pilot.pause(0.1)
-        if predicate():
-            return
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; screen {pilot.app.screen!r}")
+until = functools.partial(wait_until, timeout=30.0, interval=0.1)  # real runs: conditions take longer here
 
 
 def test_build_create_launch_watch_walk_compare_export(quick_demo, tmp_path, monkeypatch):
