@@ -10,7 +10,7 @@ import sys
 import typer
 
 from engine.errors import UnlearnError
-from tui.cli import demo, forgetset, report, run, study
+from tui.cli import demo, forgetset, plan, report, run, study
 from tui.cli import tui as tui_cmd
 from tui.cli.console import err, out
 
@@ -33,6 +33,7 @@ def _group(help: str) -> typer.Typer:
 app = _group("unlearn-lab: machine unlearning of pre-trained LLMs — methods, runs, studies over lr × steps.")
 app.command("methods")(run.methods_cmd)
 app.command("run")(run.run_cmd)
+app.command("plan")(plan.plan_cmd)
 app.command("demo")(demo.demo_cmd)
 app.command("sisa")(demo.sisa_cmd)
 
