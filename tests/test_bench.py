@@ -59,3 +59,179 @@ def test_app_first_paint_reports_every_command_and_the_target():
     assert report["median_s"]["unlearn tui (first paint)"] <= report["median_s"]["unlearn tui (first study row)"]
     assert all(v > 0 for v in report["median_s"].values())
     assert report["pass"] == (report["median_s"]["unlearn tui (first paint)"] <= 1.0) == (proc.returncode == 0)
+
+
+# ---------------------------------------------------------------- store_scale: the bulk writer
+
+TIMESTAMPS = {"created_at", "updated_at", "at", "datetime_start", "datetime_complete"}
+
+
+def table_rows(path) -> dict[str, list[tuple]]:
+    """Every table's rows in id order, timestamps left out."""
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    out = {}
+    for (table,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"):
+        cur = con.execute(f'SELECT * FROM "{table}" ORDER BY 1')
+        keep = [i for i, d in enumerate(cur.description) if d[0] not in TIMESTAMPS]
+        out[table] = [tuple(row[i] for i in keep) for row in cur.fetchall()]
+    con.close()
+    return out
+
+
+def test_store_scale_bulk_writer_writes_what_record_cell_writes(tmp_path):
+    """The stores bench/store_scale.py times are written in bulk; the bulk writer must leave the very
+    rows record_cell leaves, every table, every column but timestamps (diverged cells and a run
+    written part way included)."""
+    scale = load("store_scale")
+    trials = 5 * len(scale.STEPS) + 7  # five runs (the fifth diverges) and part of a sixth
+    inputs = tmp_path / "inputs"
+    bulk, one_by_one = tmp_path / "bulk.db", tmp_path / "record_cell.db"
+    assert scale.make_store(bulk, trials, inputs, bulk=True)["trials"] == trials
+    assert scale.make_store(one_by_one, trials, inputs, bulk=False)["trials"] == trials
+    a, b = table_rows(bulk), table_rows(one_by_one)
+    assert a.keys() == b.keys()
+    assert len(a["trials"]) == len(a["ul_milestone"]) == trials
+    assert any(r[3] == "FAIL" for r in a["trials"]), "the plan has diverged cells"
+    for table in a:
+        assert a[table] == b[table], table
+
+
+def test_store_scale_growth_is_judged_against_the_trials():
+    growth = load("store_scale").growth_problems
+    assert growth({1000: {"ls": 0.4}, 10000: {"ls": 0.9}, 100000: {"ls": 8.0}}) == []
+    assert growth({1000: {"ls": 0.1}, 10000: {"ls": 1.5}}) == ["ls: 15.0x from 1,000 to 10,000 trials (> 10x)"]
+    assert len(growth({1000: {"a": 0.1, "b": 1.0}, 10000: {"a": 0.5, "b": 1.0}, 100000: {"a": 20.0, "b": 1.0}})) == 2
+
+
+# ---------------------------------------------------------------- the verdicts, on hand-built figures
+
+def test_common_verdict_and_exit_status():
+    common = load("_common")
+    assert common.ratio_pass(1.05, 1.05) and not common.ratio_pass(1.06, 1.05)
+    assert common.ratio_pass(3.0, 3.0, at_most=False) and not common.ratio_pass(2.9, 3.0, at_most=False)
+    assert not common.ratio_pass(None, 1.0) and not common.ratio_pass(float("nan"), 1.0)
+    assert common.finish({"name": "x", "ratio": 1, "target": 1, "pass": True}, False) == 0
+    assert common.finish({"name": "x", "ratio": 1, "target": 1, "pass": False}, False) == 1
+    assert common.finish({"name": "x", "ratio": None, "target": 1, "pass": None}, False) == 0  # skipped
+    with pytest.raises(KeyError):
+        common.finish({"name": "x", "ratio": 1, "pass": True}, False)
+
+
+def test_step_overhead_needs_the_same_losses_and_both_targets():
+    so = load("step_overhead")
+    assert so.losses_agree([1.0, 2.0, 3.0], [1.0, 2.0, 3.5], 2) == (True, 0.0)
+    assert so.losses_agree([1.0, 2.0, 3.0], [1.0, 2.0, 3.5], 3)[0] is False
+    assert so.losses_agree([1.0], [1.0, 2.0], 2)[0] is False  # too few losses never agree
+    assert so.per_step([10.0, 10.5, 11.0, 11.5]) == 0.5
+    fast = {"ga_gd": {"engine": 1.0, "plain": 1.0, "trainer": 1.2}, "ga_kl": {"engine": 1.0, "plain": 0.99, "trainer": 1.1}}
+    assert so.verdict(fast, True)["pass"] is True
+    assert so.verdict(fast, False)["pass"] is False
+    slow = {**fast, "ga_kl": {"engine": 1.1, "plain": 1.0, "trainer": 1.2}}  # 1.10 over the plain loop
+    v = so.verdict(slow, True)
+    assert v["pass"] is False and v["ratio"] == pytest.approx(1.1)
+    assert so.verdict({"ga_gd": {"engine": 1.0, "plain": 1.0, "trainer": 0.9}}, True)["pass"] is False
+
+
+def test_eval_pass_compares_every_figure():
+    ep = load("eval_pass")
+    m = {"ppl_forget": 10.0, "ppl_retain": 5.0, "ppl_unseen": 20.0, "ppl_general": None,
+         "mia_auc": {"loss": 0.9, "zlib": 0.8, "min_k": 0.7, "min_k_pp": 0.6}}
+    assert ep.differences(m, m) == ([], 0.0)
+    off = {**m, "mia_auc": {**m["mia_auc"], "zlib": 0.81}}
+    assert ep.differences(m, off)[0] == ["mia_auc.zlib: 0.8 vs 0.81"]
+    assert ep.differences(m, {**m, "ppl_general": 3.0})[0] == ["ppl_general: None vs 3.0"]
+    assert ep.passes(3.2, []) and not ep.passes(2.9, []) and not ep.passes(5.0, ["x"])
+
+
+def test_grid_cost_theory_and_tolerance():
+    gc = load("grid_cost")
+    assert gc.theoretical_ratio([5, 10, 20, 40, 80]) == pytest.approx(80 / 155)
+    theory = gc.theoretical_ratio([5, 10, 20, 40, 80])
+    assert gc.within(theory * 1.099, theory) and not gc.within(theory * 1.11, theory)
+    assert not gc.within(theory * 0.85, theory)
+
+
+def test_tui_scale_judges_at_ten_thousand_trials():
+    ts = load("tui_scale")
+    good = {"first paint": 0.5, "dashboard open": 3.0, "refresh (100 new cells)": 0.05}
+    assert ts.verdict({10_000: good, 100_000: {**good, "first paint": 9.0}}) == (True, [])
+    assert ts.verdict({10_000: {**good, "refresh (100 new cells)": 0.2}})[0] is False
+    assert ts.verdict({100_000: good})[0] is False  # never measured where the target is
+
+
+def test_gpu_bench_skips_without_cuda_and_computes_mfu():
+    gpu = load("gpu")
+    assert gpu.mfu(1_000_000_000, 1000.0, 6e12 / 0.5) == pytest.approx(0.5)
+    assert gpu.verdict(0.45, 2.0, 1.0) and not gpu.verdict(0.39, 2.0, 1.0) and not gpu.verdict(0.5, 1.0, 1.0)
+    import torch
+
+    if not torch.cuda.is_available():
+        assert gpu.skip_reason("cuda").startswith("no CUDA device")
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--json"], capture_output=True,
+                              text=True, timeout=120, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert report["pass"] is None and report["skipped"] and report["name"] == "gpu"
+    assert gpu.skip_reason("cpu") is None
+
+
+def run_quick(name: str, *extra: str, timeout: int = 600) -> dict:
+    """A bench's --quick --json run: its last line, with the exit status checked against its verdict."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick", "--json", *extra],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    print("\n" + proc.stdout[-3000:])
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["name"] == name and {"ratio", "target", "pass"} <= set(report)
+    assert (proc.returncode == 0) == (report["pass"] is not False)
+    return report
+
+
+def test_gpu_bench_runs_its_code_on_a_tiny_cpu_model():
+    """The GPU path's logic, forced onto the CPU with a tiny config (its figures mean nothing)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--tiny", "--json"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["tiny"] and report["parameters"] > 0 and report["peak_flops"] > 0
+    assert set(report["tokens_per_s"]) == {"engine", "trainer"} and all(v > 0 for v in report["tokens_per_s"].values())
+    assert report["pass"] == (report["mfu"]["engine"] >= 0.4
+                              and report["tokens_per_s"]["engine"] > report["tokens_per_s"]["trainer"])
+
+
+def test_startup_quick_json():
+    report = run_quick("startup")
+    assert report["target"] == 0.5 and report["trials"] == 100
+
+
+@pytest.mark.slow
+def test_step_overhead_quick_json():
+    report = run_quick("step_overhead")
+    assert report["losses_agree"] is True  # the three loops compute the same losses
+    assert set(report["seconds_per_step"]) == {"ga_gd", "ga_kl"}
+
+
+@pytest.mark.slow
+def test_eval_pass_quick_json():
+    report = run_quick("eval_pass")
+    assert report["figures_agree"] is True and 0 < report["eval_share_of_run"] < 1
+
+
+@pytest.mark.slow
+def test_grid_cost_quick_json():
+    report = run_quick("grid_cost")
+    assert report["optimizer_steps"] == {"shared": 3 * 10, "independent": 3 * 30} and report["problems"] == []
+
+
+@pytest.mark.slow
+def test_store_scale_quick_json(tmp_path):
+    report = run_quick("store_scale", "--workdir", str(tmp_path))
+    assert report["sizes"] == [1000, 10000] and set(report["growth"]) == {"study status", "study heatmap", "study ls", "export"}
+
+
+@pytest.mark.slow
+def test_tui_scale_quick_json(tmp_path):
+    report = run_quick("tui_scale", "--workdir", str(tmp_path))
+    assert report["sizes"] == [10000] and report["refresh_s"] > 0

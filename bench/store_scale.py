@@ -1,0 +1,326 @@
+"""The read commands on studies of 1,000, 10,000 and 100,000 trials: `unlearn study status`,
+`unlearn study heatmap`, `unlearn study ls` and `unlearn export`, as whole processes, and the
+heatmap's aggregation in process.
+
+    python bench/store_scale.py [--sizes 1000,10000,100000] [--repeat 3] [--workdir DIR] [--json] [--quick]
+
+Each size is its own store holding one grid study (4 methods × lrs × 25 milestones; 10, 100 and
+1,000 lrs), made through the studies API: the forget set, the study and its runs by
+`create_study`, every cell a finished run's milestone with its Optuna trial, synthetic metrics
+(tests/app_stores.synthetic_cell; some runs diverge). `studies.recorder.record_cell` takes 40 ms a
+cell here (Optuna's ORM: one INSERT and one SELECT per user attribute), so 100,000 cells would take
+over an hour; the cells are written instead by `write_cells`, which inserts in bulk the very rows
+record_cell writes (tests/test_bench.py holds the two stores equal, table by table, row by row, but
+for timestamps). Built stores are kept under --workdir (default: the temp folder) by size and by a
+hash of this file, the schemas and Optuna's version, so a second run does not build them again.
+
+Each command runs `--repeat` times per size, alternating over commands and sizes; medians are
+compared. Targets: no command grows faster than the trials (its time at 100k over its time at 1k
+at most 100×, and so for every pair of sizes), and the heatmap's aggregation, `grids(cells)` and
+every method's lr × steps values, status and robustness, at most 200 ms at 100,000 trials (loading
+the cells from the store, `load_cells`, is reported beside it). --quick: 1,000 and 10,000 trials,
+2 repeats. With --json the last line is {"name", "ratio", "target", "pass", ...}; exit 1 on a miss.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import CACHE, ROOT, finish, medians, spread, timed  # noqa: E402
+
+METHODS = ("ga", "ga_gd", "ga_kl", "npo")
+STEPS = tuple(range(5, 130, 5))  # 25 milestones
+STUDY = "scale"
+AGG_TARGET_S = 0.2
+COMMANDS = ("study status", "study heatmap", "study ls", "export")
+
+
+def grid_lrs(trials: int) -> list[float]:
+    n = max(1, math.ceil(trials / (len(METHODS) * len(STEPS))))
+    return [float(f"{1e-6 * 10 ** (3 * i / max(1, n - 1)):.6g}") for i in range(n)]
+
+
+def diverge_after(run_index: int) -> int | None:
+    """Every 9th run diverges after its 12th milestone (the rest of its cells: diverged)."""
+    return STEPS[11] if run_index % 9 == 4 else None
+
+
+def planned_cells(runs, trials: int) -> list[tuple]:
+    """(run, cell) for the first `trials` cells, run by run in id order, step by step."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from app_stores import synthetic_cell
+
+    out = []
+    for i, run in enumerate(runs):
+        for step in STEPS:
+            if len(out) == trials:
+                return out
+            out.append((run, synthetic_cell(METHODS.index(run.method), i % 37, step, diverge_after(i))))
+    return out
+
+
+# ---------------------------------------------------------------- writing cells in bulk
+
+def _stamp(t: dt.datetime) -> str:
+    """A datetime as SQLAlchemy stores it in SQLite."""
+    return t.replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def write_cells(store, study_name: str, spec, cells: list[tuple]) -> None:
+    """The rows `studies.recorder.record_cell` writes for each (run, cell) of a fresh study, every cell
+    new: our milestone row and its Optuna trial (params method, lr, steps; the value; the user
+    attributes), inserted in one transaction. The trial itself is built as record_cell builds it
+    (optuna.trial.create_trial), so its states, params and attributes are Optuna's own."""
+    from optuna.distributions import distribution_to_json
+    from optuna.storages._rdb.models import TrialValueModel
+    from optuna.trial import TrialState, create_trial
+
+    from engine.methods.base import parse_variant
+    from studies.clock import utcnow
+    from studies.recorder import _user_attrs
+    from studies.sqlite_file import sqlite_path
+
+    db = sqlite3.connect(sqlite_path(store.url))
+    try:
+        study_id = db.execute("SELECT study_id FROM studies WHERE study_name = ?", (study_name,)).fetchone()[0]
+        number = db.execute("SELECT COUNT(*) FROM trials WHERE study_id = ?", (study_id,)).fetchone()[0]
+        trial_id = db.execute("SELECT COALESCE(MAX(trial_id), 0) FROM trials").fetchone()[0]
+        distributions = spec.optuna_distributions()
+        trials, params, values, attrs, milestones = [], [], [], [], []
+        for run, cell in cells:
+            trial_id += 1
+            value = cell.get("score")
+            p = {"method": run.method, "lr": run.lr, "steps": cell["step"], **parse_variant(run.method)[1]}
+            frozen = create_trial(params=p, distributions={k: d for k, d in distributions.items() if k in p},
+                                  value=value, state=TrialState.COMPLETE if value is not None else TrialState.FAIL,
+                                  user_attrs=_user_attrs(run, cell))
+            trials.append((trial_id, number, study_id, frozen.state.name, _stamp(frozen.datetime_start),
+                           _stamp(frozen.datetime_complete)))
+            for name, v in frozen.params.items():
+                d = frozen.distributions[name]
+                params.append((trial_id, name, d.to_internal_repr(v), distribution_to_json(d)))
+            if value is not None:
+                stored, kind = TrialValueModel.value_to_stored_repr(value)
+                values.append((trial_id, 0, stored, kind.name))
+            attrs += [(trial_id, k, json.dumps(v)) for k, v in frozen.user_attrs.items()]
+            milestones.append((run.id, cell["step"], json.dumps(cell), value, bool(cell.get("success")),
+                               bool(cell.get("diverged")), number, _stamp(utcnow())))
+            number += 1
+        with db:
+            db.executemany("INSERT INTO trials (trial_id, number, study_id, state, datetime_start, datetime_complete) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", trials)
+            db.executemany("INSERT INTO trial_params (trial_id, param_name, param_value, distribution_json) "
+                           "VALUES (?, ?, ?, ?)", params)
+            db.executemany("INSERT INTO trial_values (trial_id, objective, value, value_type) VALUES (?, ?, ?, ?)",
+                           values)
+            db.executemany("INSERT INTO trial_user_attributes (trial_id, key, value_json) VALUES (?, ?, ?)", attrs)
+            db.executemany("INSERT INTO ul_milestone (run_id, step, metrics, score, success, diverged, trial_number, "
+                           "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", milestones)
+    finally:
+        db.close()
+
+
+def finish_runs(store, cells: list[tuple]) -> None:
+    """Every run with a cell marked done (diverged when its last cell is), as the scheduler leaves it."""
+    from studies.states import RunState
+    from studies.store import Run
+
+    last: dict[int, dict] = {}
+    for run, cell in cells:
+        last[run.id] = cell
+    with store.write() as s:
+        for run_id, cell in last.items():
+            row = s.get(Run, run_id)
+            row.state = RunState.DIVERGED if cell.get("diverged") else RunState.DONE
+            row.step = cell["step"]
+            s.add(row)
+
+
+def make_store(path: Path, trials: int, inputs: Path, bulk: bool = True, capacity: int | None = None) -> dict:
+    """A store at `path` with one grid study of `trials` cells (its grid sized for `capacity` cells,
+    default `trials`), the cells written by `write_cells` (bulk) or by record_cell one by one (what
+    the bulk writer is held to)."""
+    from sqlmodel import select
+
+    from studies.forgetsets import create_forget_set
+    from studies.recorder import record_cell
+    from studies.spec import StudySpec
+    from studies.store import Run, Store
+    from studies.studies import create_study
+
+    inputs.mkdir(parents=True, exist_ok=True)
+    for role in ("forget", "retain", "unseen"):
+        (inputs / f"{role}.txt").write_text(f"a {role} document, synthetic and long enough to be one " * 4)
+    t0 = time.perf_counter()
+    store = Store(f"sqlite:///{path}")
+    create_forget_set(store, "fs", *([str(inputs / f"{r}.txt")] for r in ("forget", "retain", "unseen")))
+    create_study(store, STUDY, "EleutherAI/pythia-14m", "fs", methods=list(METHODS), lrs=grid_lrs(capacity or trials),
+                 steps=list(STEPS))
+    spec = StudySpec.from_dict(store.study(STUDY).spec)
+    with store.read() as s:
+        runs = list(s.exec(select(Run).order_by(Run.id)).all())
+    cells = planned_cells(runs, trials)
+    if bulk:
+        write_cells(store, STUDY, spec, cells)
+    else:
+        for run, cell in cells:
+            record_cell(store, STUDY, spec, run, cell)
+    finish_runs(store, cells)
+    store.engine.dispose()
+    store.write_engine.dispose()
+    if store._optuna is not None:
+        store._optuna.engine.dispose()
+    return {"trials": len(cells), "build_s": time.perf_counter() - t0}
+
+
+def cache_key() -> str:
+    import optuna
+    from optuna.storages._rdb.models import SCHEMA_VERSION as OPTUNA_SCHEMA
+
+    from studies.store import SCHEMA_VERSION
+
+    h = hashlib.sha256(f"{SCHEMA_VERSION} {OPTUNA_SCHEMA} {optuna.__version__}".encode())
+    h.update(Path(__file__).read_bytes())
+    h.update((ROOT / "tests" / "app_stores.py").read_bytes())
+    return h.hexdigest()[:12]
+
+
+def cached_store(workdir: Path, trials: int) -> tuple[Path, dict]:
+    """The store of `trials` cells under `workdir`, built when it is not there."""
+    path = workdir / f"scale-{trials}-{cache_key()}.db"
+    meta = path.with_suffix(".json")
+    if path.is_file() and meta.is_file():
+        return path, {**json.loads(meta.read_text()), "cached": True}
+    for stale in workdir.glob(f"scale-{trials}-*"):
+        stale.unlink()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    info = make_store(tmp, trials, workdir / "inputs")
+    os.replace(tmp, path)
+    meta.write_text(json.dumps(info))
+    return path, {**info, "cached": False}
+
+
+# ---------------------------------------------------------------- the verdict
+
+def growth_problems(med: dict[int, dict[str, float]]) -> list[str]:
+    """Every (command, smaller size, larger size) whose time grew more than the trials did."""
+    sizes = sorted(med)
+    problems = []
+    for i, small in enumerate(sizes):
+        for big in sizes[i + 1:]:
+            for cmd in med[small]:
+                growth = med[big][cmd] / med[small][cmd]
+                if growth > big / small:
+                    problems.append(f"{cmd}: {growth:.1f}x from {small:,} to {big:,} trials (> {big / small:.0f}x)")
+    return problems
+
+
+def aggregate(cells, metric: str = "score") -> dict:
+    """What the heatmap computes from the cells: per method, its grid's values, status and robustness."""
+    from studies.grid import grids
+
+    return {m: (g.value(metric), g.status(), g.robustness) for m, g in grids(cells).items()}
+
+
+def in_process(url: str, repeat: int) -> dict[str, list[float]]:
+    """Seconds of load_cells (the store's rows to cells) and of the aggregation, `repeat` times each."""
+    from studies.grid import load_cells
+    from studies.store import Store
+
+    store = Store(url, create=False)
+    out: dict[str, list[float]] = {"load_cells": [], "aggregate": []}
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        cells = load_cells(store, STUDY)
+        t1 = time.perf_counter()
+        aggregate(cells)
+        out["aggregate"].append(time.perf_counter() - t1)
+        out["load_cells"].append(t1 - t0)
+    store.engine.dispose()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1000,10000,100000")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--workdir", type=Path, default=CACHE / "store-scale")
+    p.add_argument("--quick", action="store_true", help="1,000 and 10,000 trials, 2 repeats")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+    a = p.parse_args(argv)
+    sizes = [1000, 10000] if a.quick else sorted({int(s) for s in a.sizes.split(",") if s.strip()})
+    repeat = 2 if a.quick else a.repeat
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    urls = {}
+    for n in sizes:
+        path, info = cached_store(a.workdir, n)
+        urls[n] = f"sqlite:///{path}"
+        print(f"store of {info['trials']:,} trials: {'cached' if info['cached'] else 'built'} "
+              f"({info['build_s']:.1f} s to build) {path}")
+
+    script = Path(sys.executable).parent / "unlearn"
+    unlearn = [str(script)] if script.is_file() else [sys.executable, "-m", "tui.cli"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNLEARN_")}
+    env["UNLEARN_HOME"] = str(a.workdir / "home")
+
+    def command(n: int, cmd: str) -> list[str]:
+        name = [] if cmd == "study ls" else [STUDY]
+        return [*unlearn, *cmd.split(), *name, "--storage", urls[n]]
+
+    def run(n: int, cmd: str) -> float:
+        return timed(lambda: subprocess.run(command(n, cmd), check=True, env=env, cwd=a.workdir,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    for n in sizes:  # warm the file cache once; not counted
+        for cmd in COMMANDS:
+            run(n, cmd)
+    times = {n: {cmd: [] for cmd in COMMANDS} for n in sizes}
+    for _ in range(repeat):  # alternating over sizes and commands
+        for n in sizes:
+            for cmd in COMMANDS:
+                times[n][cmd].append(run(n, cmd))
+    med = {n: medians(t) for n, t in times.items()}
+    inproc = {n: in_process(urls[n], repeat + 2) for n in sizes}
+    inmed = {n: medians(t) for n, t in inproc.items()}
+    problems = growth_problems(med)
+    biggest = max(sizes)
+    agg = inmed[biggest]["aggregate"]
+    agg_ok = biggest < 100_000 or agg <= AGG_TARGET_S
+    if agg > AGG_TARGET_S and biggest >= 100_000:
+        problems.append(f"heatmap aggregation {agg * 1000:.0f} ms at {biggest:,} trials (> {AGG_TARGET_S * 1000:.0f} ms)")
+    ok = not problems and agg_ok
+    for n in sizes:
+        print(f"{n:,} trials:")
+        for cmd in COMMANDS:
+            print(spread(f"unlearn {cmd}", times[n][cmd]))
+        for k, v in inproc[n].items():
+            print(spread(f"in process: {k}", v, "ms", 1000))
+    small = min(sizes)
+    growth = {cmd: med[biggest][cmd] / med[small][cmd] for cmd in COMMANDS}
+    print(f"growth {small:,} -> {biggest:,} trials ({biggest / small:.0f}x): "
+          + ", ".join(f"{cmd} {g:.1f}x" for cmd, g in growth.items()))
+    print(f"heatmap aggregation at {biggest:,} trials: {agg * 1000:.1f} ms (target ≤ {AGG_TARGET_S * 1000:.0f} ms at 100,000)")
+    for line in problems:
+        print(f"  FAIL {line}")
+    print("pass" if ok else "MISSED")
+    return finish({"name": "store_scale", "ratio": max(growth.values()), "target": biggest / small,
+                   "target_is": "each command's time ratio largest/smallest store at most the trials' ratio; "
+                                "heatmap aggregation ≤ 0.2 s at 100,000 trials",
+                   "pass": ok, "growth": growth, "aggregate_s": agg, "aggregate_target_s": AGG_TARGET_S,
+                   "median_s": {str(n): m for n, m in med.items()},
+                   "in_process_median_s": {str(n): m for n, m in inmed.items()},
+                   "sizes": sizes, "problems": problems, "repeat": repeat, "quick": a.quick}, a.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
