@@ -39,6 +39,11 @@ def min_k_mean(values: np.ndarray, k: float) -> float:
     return float(np.sort(values)[:n].mean())
 
 
+# Rows scored together: their [rows, T, V] log-softmax statistics stay under this many elements
+# (256 MiB of fp32 per tensor), so a large vocabulary on a GPU never holds a whole batch's worth.
+STATS_ELEMENTS = 1 << 26
+
+
 @torch.no_grad()
 def score_chunks(model, chunks: Chunks, batch_size: int = 8, device=None, autocast=None, min_k: float = 0.2) -> SetScores:
     device = device or next(model.parameters()).device
@@ -54,25 +59,32 @@ def score_chunks(model, chunks: Chunks, batch_size: int = 8, device=None, autoca
         mask = mask[:, :width].to(device)
         with autocast():
             logits = model(input_ids=ids, attention_mask=mask).logits
-        for row in range(ids.size(0)):
-            valid = mask[row, 1:].bool()
-            logp_all = torch.log_softmax(logits[row, :-1][valid].float(), dim=-1)  # [T, V]
-            target = ids[row, 1:][valid]
-            tok_logp = logp_all.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        # Per position, log p(token) and the mean/std of log p under the model's own distribution,
+        # for a group of rows at once (each position's statistics read only its own logits, so the
+        # figures are the per-row loop's); pad positions are computed and then left out.
+        rows = max(1, STATS_ELEMENTS // max(1, (width - 1) * logits.size(-1)))
+        valid = mask[:, 1:].bool().cpu().numpy()
+        for g in range(0, ids.size(0), rows):
+            logp_all = torch.log_softmax(logits[g : g + rows, :-1].float(), dim=-1)  # [r, T, V]
+            tok_logp = logp_all.gather(-1, ids[g : g + rows, 1:].unsqueeze(-1)).squeeze(-1)
             p = logp_all.exp()
             mu = (p * logp_all).sum(-1)
             sigma = ((p * logp_all.square()).sum(-1) - mu.square()).clamp(min=1e-12).sqrt()
-            tok_logp_np = tok_logp.double().cpu().numpy()
-            z = ((tok_logp - mu) / sigma).double().cpu().numpy()
-            nll = -tok_logp_np.sum()
-            n = len(tok_logp_np)
-            text = chunks.texts[start + row]
-            nll_sum.append(nll)
-            n_tok.append(n)
-            mia["loss"].append(-nll / n)
-            mia["zlib"].append(-(nll / n) / max(1, len(zlib.compress(text.encode("utf-8")))))
-            mia["min_k"].append(min_k_mean(tok_logp_np, min_k))
-            mia["min_k_pp"].append(min_k_mean(z, min_k))
+            tok_all = tok_logp.double().cpu().numpy()
+            z_all = ((tok_logp - mu) / sigma).double().cpu().numpy()
+            del logp_all, p
+            for r in range(tok_all.shape[0]):
+                keep = valid[g + r]
+                tok_logp_np, z = tok_all[r][keep], z_all[r][keep]
+                nll = -tok_logp_np.sum()
+                n = len(tok_logp_np)
+                text = chunks.texts[start + g + r]
+                nll_sum.append(nll)
+                n_tok.append(n)
+                mia["loss"].append(-nll / n)
+                mia["zlib"].append(-(nll / n) / max(1, len(zlib.compress(text.encode("utf-8")))))
+                mia["min_k"].append(min_k_mean(tok_logp_np, min_k))
+                mia["min_k_pp"].append(min_k_mean(z, min_k))
     if was_training:
         model.train()
     return SetScores(np.array(nll_sum), np.array(n_tok), {a: np.array(v) for a, v in mia.items()})

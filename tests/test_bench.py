@@ -235,3 +235,61 @@ def test_store_scale_quick_json(tmp_path):
 def test_tui_scale_quick_json(tmp_path):
     report = run_quick("tui_scale", "--workdir", str(tmp_path))
     assert report["sizes"] == [10000] and report["refresh_s"] > 0
+
+
+# ---------------------------------------------------------------- eval_pass: the evaluation made cheaper
+
+def per_row_scores(model, chunks, batch_size=8, min_k=0.2):
+    """engine.evaluate.score_chunks as it was before bench/eval_pass.py measured it: a log-softmax
+    per row over its valid positions (bench/eval_pass.py's `_rows` yields those logits), the
+    figures the batched statistics must keep."""
+    import zlib
+
+    import numpy as np
+    import torch
+
+    from engine.evaluate import ATTACKS, min_k_mean
+
+    model.eval()
+    nll_sum, n_tok, mia = [], [], {a: [] for a in ATTACKS}
+    for i, logits, target in load("eval_pass")._rows(model, chunks, batch_size):
+        logp_all = torch.log_softmax(logits, dim=-1)
+        tok_logp = logp_all.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        p = logp_all.exp()
+        mu = (p * logp_all).sum(-1)
+        sigma = ((p * logp_all.square()).sum(-1) - mu.square()).clamp(min=1e-12).sqrt()
+        tok = tok_logp.double().numpy()
+        z = ((tok_logp - mu) / sigma).double().numpy()
+        nll, n = -tok.sum(), len(tok)
+        nll_sum.append(nll)
+        n_tok.append(n)
+        mia["loss"].append(-nll / n)
+        mia["zlib"].append(-(nll / n) / max(1, len(zlib.compress(chunks.texts[i].encode("utf-8")))))
+        mia["min_k"].append(min_k_mean(tok, min_k))
+        mia["min_k_pp"].append(min_k_mean(z, min_k))
+    return np.array(nll_sum), np.array(n_tok), {a: np.array(v) for a, v in mia.items()}
+
+
+@pytest.mark.parametrize("elements", [None, 1])  # the default groups, and one row at a time
+def test_batched_evaluation_keeps_every_figure(tiny_model, tiny_sets, monkeypatch, elements):
+    """score_chunks computes its statistics for a group of rows at once; on the tiny fixture model
+    every per-chunk figure, perplexity and AUC stays within 1e-6 of the per-row loop's."""
+    import numpy as np
+
+    import engine.evaluate as ev
+
+    if elements is not None:
+        monkeypatch.setattr(ev, "STATS_ELEMENTS", elements)
+    scores = {}
+    for role, chunks in tiny_sets.items():
+        nll, n, mia = per_row_scores(tiny_model, chunks)
+        got = ev.score_chunks(tiny_model, chunks)
+        assert (got.n_tokens == n).all()
+        np.testing.assert_allclose(got.nll_sum, nll, rtol=1e-6, atol=0)
+        for a in ev.ATTACKS:
+            np.testing.assert_allclose(got.mia[a], mia[a], rtol=1e-6, atol=1e-9)
+        scores[role] = ev.SetScores(nll, n, mia)
+    metrics, _ = ev.evaluate(tiny_model, tiny_sets)
+    for role, s in scores.items():
+        assert metrics[f"ppl_{role}"] == pytest.approx(s.ppl, rel=1e-6)
+    assert metrics["mia_auc"] == pytest.approx(ev.mia_auc(scores["forget"], scores["unseen"]), abs=1e-6)
