@@ -65,7 +65,7 @@ def planned_cells(runs, trials: int) -> list[tuple]:
         for step in STEPS:
             if len(out) == trials:
                 return out
-            out.append((run, synthetic_cell(METHODS.index(run.method), i % 37, step, diverge_after(i))))
+            out.append((run, synthetic_cell(METHODS.index(run.method), i % 10, step, diverge_after(i))))
     return out
 
 
