@@ -169,6 +169,8 @@ class RunConfig(RunSettings):
             raise UnlearnError(f"method {method.id} has no retain term: --retain-weight does not apply")
         if self.retain_weight is not None and "retain_weight" in parse_variant(self.method)[1]:
             raise UnlearnError(f"method {method.id} sets retain_weight as a knob: leave out --retain-weight")
+        if self.params and method.saliency:
+            raise UnlearnError(f"method {method.id} sets the saliency share as a knob: leave out --params")
         base = RunSettings.validate(self)
         cfg = replace(self, **{f.name: getattr(base, f.name) for f in fields(RunSettings)},
                       lr=float(lr), milestones=tuple(sorted({int(s) for s in steps})))

@@ -1,6 +1,6 @@
 """Which weights a run may change: all of them, the method's own choice (RMU's MLP projections),
 a regex over parameter names (`--params`, PCGU/DEPN-style local edits), or the most salient share
-(`--params saliency:P`).
+(`--params saliency:P`, or the `saliency` knob every method has, so a study can sweep the share).
 
 Every weight outside the selection stays bitwise θ0: a frozen tensor gets no gradient at all, and
 inside a partly selected tensor a gradient hook zeroes the unselected entries, so AdamW (weight
@@ -31,10 +31,11 @@ def trained_parameters(model, method: Method, cfg: RunConfig, forget: Chunks | N
                        retain: Chunks | None = None, device=None, autocast=contextlib.nullcontext) -> list:
     """The parameters the optimizer updates; freezes (or masks) the rest as the module explains."""
     spec = cfg.params
-    if spec.startswith("saliency:"):
+    share = float(spec.split(":", 1)[1]) if spec.startswith("saliency:") else method.saliency  # flag or knob
+    if share:
         if retain is None:
-            raise UnlearnError("--params saliency:P needs the retain set")
-        return _by_saliency(model, float(spec.split(":", 1)[1]), forget, retain, cfg.eval_batch_size,
+            raise UnlearnError("a saliency share (--params saliency:P or the saliency knob) needs the retain set")
+        return _by_saliency(model, share, forget, retain, cfg.eval_batch_size,
                             device or next(model.parameters()).device, autocast)
     if spec:
         pattern = re.compile(spec)

@@ -26,8 +26,9 @@ def test_variant_names_round_trip_and_set_the_knobs():
     assert (m.id, m.forget.beta, m.retain_weight) == ("npo_gd[beta=0.2,retain_weight=2.0]", 0.2, 2.0)
     assert get_method("npo").forget.beta == 0.1  # the registered method is never changed
     assert get_method("rmu[steering=3]").forget.steering == 3.0
-    assert get_method("ga").knob_values() == {"forget_weight": 1.0}
-    assert get_method("simnpo_gd").knob_values() == {"beta": 4.5, "delta": 0.0, "forget_weight": 0.125, "retain_weight": 1.0}
+    assert get_method("ga").knob_values() == {"forget_weight": 1.0, "saliency": 0.0}
+    assert get_method("simnpo_gd").knob_values() == {"beta": 4.5, "delta": 0.0, "forget_weight": 0.125,
+                                                     "retain_weight": 1.0, "saliency": 0.0}
     for bad, msg in (("ga[beta=1]", "method ga has no knob 'beta'"), ("npo[beta=0]", "npo: beta must be above 0"),
                      ("npo[beta=x]", "must be NAME=NUMBER"), ("npo[beta=1", "knobs go in brackets"),
                      ("ga_gd[retain_weight=-1]", "must be 0 or more")):

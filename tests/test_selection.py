@@ -89,3 +89,15 @@ def test_params_override_rmus_own_choice(tiny_model_dir, tiny_tokenizer, tiny_se
     # layer 1 comes after the layer RMU reads (ℓ = 0 here): its weights cannot move the loss
     with pytest.raises(UnlearnError, match="rmu: the loss does not depend on any weight this run trains"):
         train(tiny_model_dir, tiny_tokenizer, tiny_sets, baseline, r"layers\.1\.", method="rmu")
+
+
+def test_the_saliency_knob_is_the_params_flag_as_a_sweepable_knob(tiny_model_dir, tiny_tokenizer, tiny_sets, baseline):
+    flag = train(tiny_model_dir, tiny_tokenizer, tiny_sets, baseline, "saliency:2")
+    knob = train(tiny_model_dir, tiny_tokenizer, tiny_sets, baseline, "", method="ga_gd[saliency=2.0]")
+    assert knob.losses == flag.losses and knob.milestones[0]["score"] == flag.milestones[0]["score"]
+    for (n, a), (_, b) in zip(flag.model.named_parameters(), knob.model.named_parameters()):
+        assert torch.equal(a, b), n
+    with pytest.raises(UnlearnError, match="sets the saliency share as a knob: leave out --params"):
+        RunConfig(method="ga_gd[saliency=2]", lr=1e-2, milestones=(1,), params="saliency:5").validate()
+    with pytest.raises(UnlearnError, match="share in percent: 0 \\(off\\) to 100"):
+        RunConfig(method="ga_gd[saliency=120]", lr=1e-2, milestones=(1,)).validate()

@@ -193,13 +193,16 @@ class Method:
     forget_weight: float = 1.0
     trains: Callable[[Any], Callable[[str], bool]] | None = None  # model -> is this parameter name trained?
     trains_text: str | None = None  # what `trains` selects, in words
+    # The % of weights trained, chosen by saliency on U at θ0 (engine/selection.py); 0: no such
+    # choice (all weights, or the method's own). A knob of every method, so a study can sweep it.
+    saliency: float = 0.0
 
     def knob_values(self) -> dict[str, float]:
         """Every hyperparameter a study may sweep for this method, with its value here."""
         out = {**self.forget.knob_values(), "forget_weight": float(self.forget_weight)}
         if self.retain is not None:
             out.update(self.retain.knob_values(), retain_weight=float(self.retain_weight))
-        return out
+        return {**out, "saliency": float(self.saliency)}
 
     def with_knobs(self, values: dict[str, float]) -> "Method":
         """This method with some knobs changed, named `id[k=v,...]` (the knobs sorted by name)."""
@@ -217,12 +220,15 @@ class Method:
                 raise UnlearnError(f"knob {k} of {self.id} must be a finite number, not {v!r}")
             if k.endswith("_weight") and v < 0:
                 raise UnlearnError(f"knob {k} of {self.id} must be 0 or more, not {v:g}")
+            if k == "saliency" and not 0 <= v <= 100:
+                raise UnlearnError(f"knob saliency of {self.id} is a share in percent: 0 (off) to 100, not {v:g}")
         f = {k: v for k, v in values.items() if k in self.forget.knobs}
         r = {k: v for k, v in values.items() if self.retain is not None and k in self.retain.knobs}
         return replace(self, id=variant_id(self.id, values), forget=self.forget.with_knobs(**f),
                        retain=self.retain.with_knobs(**r) if self.retain is not None else None,
                        forget_weight=float(values.get("forget_weight", self.forget_weight)),
-                       retain_weight=float(values.get("retain_weight", self.retain_weight)))
+                       retain_weight=float(values.get("retain_weight", self.retain_weight)),
+                       saliency=float(values.get("saliency", self.saliency)))
 
     @property
     def needs_reference(self) -> bool:
@@ -237,7 +243,8 @@ class Method:
             "retain_source": self.retain_source,
             "retain_weight": self.retain_weight if self.retain else None,
             "forget_weight": self.forget_weight,
-            "trains": self.trains_text or "all parameters",
+            "trains": (f"the {self.saliency:g} % most salient weights (saliency on U at θ0)" if self.saliency
+                       else self.trains_text or "all parameters"),
             "knobs": self.knob_values(),
             "description": self.description,
         }
