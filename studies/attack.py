@@ -7,10 +7,18 @@ is bitwise the stored cell, which the result says) with the attacks, and writes 
 into that cell's metrics in the store, so `study heatmap --metric relearn_recovery`, the app and
 exports show it there. The cell's Optuna trial keeps what it recorded when it finished: Optuna
 does not let a finished trial change, and this tool does not go around its API.
+
+A study created with `--attacks ... --attacks-at best` does this by itself: once its runs are done,
+the worker pool starts `python -m studies.attack --study NAME` in a free slot (its own process, like
+a run), and marks the study done when it ends. Where that job stands is kept as events of the study
+(ATTACK_EVENTS), so every pool on every node sees it and the job runs once.
 """
 from __future__ import annotations
 
 from dataclasses import replace
+import argparse
+import os
+import sys
 from typing import Callable, Optional
 
 from sqlmodel import select
@@ -19,22 +27,29 @@ from engine.config import parse_attacks
 from engine.errors import UnlearnError
 from studies.grid import best_cell, load_cells
 from studies.spec import StudySpec
-from studies.store import ForgetSet, Milestone, Store
+from studies.store import Event, ForgetSet, Milestone, Store, Study, hostname
+
+# The best-cell attack job's events, in the order they happen. "stopped" (the pool was interrupted,
+# or the process that ran it is gone) makes the job due again; "done" and "failed" end it: a
+# failed job is not retried by the pool (it costs a run per method), `unlearn study attack` reruns it.
+ATTACK_EVENTS = ("attacks started", "attacks stopped", "attacks done", "attacks failed")
 
 
-def attack_best_cells(store: Store, name: str, attacks: str, method: Optional[str] = None, device: str = "auto",
+def attack_best_cells(store: Store, name: str, attacks: Optional[str] = None, method: Optional[str] = None, device: str = "auto",
                       on_cell: Optional[Callable[[dict], None]] = None) -> list[dict]:
     """Per method (or only `method`): {"method", "lr", "steps", "score", "rerun_score", "reproduced",
-    "<attack>_recovery"...}; each cell's stored metrics gain "attacks" and the recoveries."""
+    "<attack>_recovery"...}; each cell's stored metrics gain "attacks" and the recoveries. `attacks`
+    None: the ones the study was created with."""
     from engine.run import run_unlearning
     from engine.settings import get_settings
     from studies.forgetsets import forget_set_texts
 
-    names = parse_attacks(attacks)
-    if not names:
-        raise UnlearnError("--attacks: name at least one of relearn, quant4, quant8")
     study = store.study(name)
     spec = StudySpec.from_dict(study.spec)
+    names = parse_attacks(attacks if attacks is not None else spec.run.attacks)
+    if not names:
+        raise UnlearnError("--attacks: name at least one of relearn, quant4, quant8 "
+                           "(the study was not created with any)")
     methods = list(spec.methods)
     if method is not None:
         if method not in methods:
@@ -46,11 +61,11 @@ def attack_best_cells(store: Store, name: str, attacks: str, method: Optional[st
     texts = forget_set_texts(store, fs)
     out = []
     for m in methods:
-        best = best_cell(cells, m)
+        best = best_cell(cells, m, spec.knob_ranges)
         if best is None:
             out.append({"method": m, "skipped": "no computed cell"})
             continue
-        cfg = replace(spec.run_config(m, best.lr), milestones=(best.steps,), attacks=",".join(names)).validate()
+        cfg = replace(spec.run_config(best.method, best.lr), milestones=(best.steps,), attacks=",".join(names)).validate()
         result = run_unlearning(spec.model, texts, cfg, device=device, cache_dir=get_settings().baseline_cache,
                                 trust_remote_code=bool(spec.trust_remote_code))
         cell = result["milestones"][-1]
@@ -60,10 +75,71 @@ def attack_best_cells(store: Store, name: str, attacks: str, method: Optional[st
             ms.metrics = {**(ms.metrics or {}), **found,
                           "attacks": {**(ms.metrics or {}).get("attacks", {}), **found["attacks"]}}
             s.add(ms)
-        row = {"method": m, "lr": best.lr, "steps": best.steps, "score": best.score, "rerun_score": cell.get("score"),
+        row = {"method": best.method, "lr": best.lr, "steps": best.steps, "score": best.score, "rerun_score": cell.get("score"),
                "reproduced": cell.get("score") == best.score, "device": result["device"],
                **{f"{a}_recovery": found[f"{a}_recovery"] for a in names}}
         out.append(row)
         if on_cell:
             on_cell(row)
     return out
+
+
+def describe_row(row: dict) -> str:
+    """One attacked best cell in words (the CLI's progress line and the job's log)."""
+    def num(v):
+        return "—" if v is None else f"{v:.3g}"
+
+    rec = "  ".join(f"{k.removesuffix('_recovery')} {num(v)}" for k, v in row.items() if k.endswith("_recovery"))
+    same = "" if row["reproduced"] else f"  (rerun score {num(row['rerun_score'])}, stored {num(row['score'])})"
+    return f"{row['method']} lr {row['lr']:g} × {row['steps']} steps: recovery {rec}{same}"
+
+
+def attack_job_state(store: Store, study_id: int) -> tuple[str | None, Event | None]:
+    """The last best-cell attack event of a study: (its kind without "attacks ", the event), or
+    (None, None) when the job never started."""
+    with store.read() as s:
+        last = s.exec(select(Event).where(Event.study_id == study_id, Event.kind.in_(ATTACK_EVENTS))
+                      .order_by(Event.id.desc()).limit(1)).first()
+    return (last.kind.split(" ", 1)[1], last) if last is not None else (None, None)
+
+
+def claim_attack_job(store: Store, study: Study, owner_alive: Callable[[str], bool]) -> bool:
+    """Start the study's best-cell attack job if it is due: never started, stopped, or started by a
+    pool that is gone (`owner_alive(message)` says). One write transaction, so one pool wins."""
+    with store.write() as s:
+        s.exec(select(Study).where(Study.id == study.id).with_for_update()).first()  # PostgreSQL: one claimer
+        last = s.exec(select(Event).where(Event.study_id == study.id, Event.kind.in_(ATTACK_EVENTS))
+                      .order_by(Event.id.desc()).limit(1)).first()
+        if last is not None and (last.kind in ("attacks done", "attacks failed")
+                                 or (last.kind == "attacks started" and owner_alive(last.message))):
+            return False
+        s.add(Event(study_id=study.id, kind="attacks started",
+                    message=f"best-cell attacks started by pid {os.getpid()} on {hostname()}"))
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The pool's best-cell attack job: `python -m studies.attack --study NAME --device D`."""
+    from engine.settings import get_settings
+
+    p = argparse.ArgumentParser(description="Run a study's attacks at each method's best cell (started by a "
+                                            "worker pool); the store's URL comes from UNLEARN_STORAGE_URL.")
+    p.add_argument("--study", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    a = p.parse_args(argv)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    store = Store(get_settings().storage_url, create=False)
+    study = store.study(a.study)
+
+    rows = attack_best_cells(store, a.study, device=a.device, on_cell=lambda row: print(describe_row(row), flush=True))
+    done = sum(1 for r in rows if "skipped" not in r)
+    store.log("attacks done", f"best-cell attacks done: {done} of {len(rows)} methods attacked", study.id)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -97,10 +97,10 @@ def export_best(store: Store, name: str, method: Optional[str] = None, pareto: b
     entries = []
     for m in ([method] if method else spec.methods):
         if pareto:
-            for c in pareto_front(cells, m):
+            for c in pareto_front(cells, m, spec.knob_ranges):
                 entries.append({**_entry(study, spec, fs, c), "pareto": True})
         else:
-            c = best_cell(cells, m)
+            c = best_cell(cells, m, spec.knob_ranges)
             if c is not None:
                 entries.append(_entry(study, spec, fs, c))
     if method and not entries:

@@ -20,7 +20,7 @@ from typing import Iterable, Optional
 from sqlmodel import select
 
 from engine.errors import UnlearnError
-from studies.spec import StudySpec
+from studies.spec import StudySpec, without_ranged_knobs
 from studies.states import REAL_RUN_STATES, CellStatus, RunState
 from studies.store import Milestone, Run, Store, Study
 
@@ -218,10 +218,18 @@ def robustness(cells: list[Cell]) -> dict[str, float]:
     return {m: g.robustness for m, g in grids(cells).items()}
 
 
-def best_cell(cells: list[Cell], method: str) -> Optional[Cell]:
+def of_method(cells: list[Cell], method: str, ranges: dict | None = None) -> list[Cell]:
+    """A method's cells. In a TPE study that samples knobs from ranges (`ranges`: the spec's
+    knob_ranges), a method was run as many variants: their cells are all the method's."""
+    if not ranges:
+        return [c for c in cells if c.method == method]
+    return [c for c in cells if without_ranged_knobs(c.method, ranges) == method]
+
+
+def best_cell(cells: list[Cell], method: str, ranges: dict | None = None) -> Optional[Cell]:
     """THE best cell of a method: among its computed, non-diverged cells, the lowest score;
     ties go to fewer steps (cheaper), then to the lower lr (gentler). None when it has none."""
-    cand = [c for c in cells if c.method == method and c.computed and c.value("score") is not None]
+    cand = [c for c in of_method(cells, method, ranges) if c.computed and c.value("score") is not None]
     return min(cand, key=lambda c: (c.value("score"), c.steps, c.lr)) if cand else None
 
 
@@ -230,10 +238,10 @@ def best(cells: list[Cell]) -> dict[str, dict]:
     return {m: c.summary() for m in methods_of(cells) if (c := best_cell(cells, m)) is not None}
 
 
-def pareto(cells: list[Cell], method: str) -> list[Cell]:
+def pareto(cells: list[Cell], method: str, ranges: dict | None = None) -> list[Cell]:
     """The method's computed cells not dominated on (forget_gap, retain_drift), both minimized;
     sorted by forget_gap. Cells with equal coordinates are all kept."""
-    pts = [c for c in cells if c.method == method and c.computed
+    pts = [c for c in of_method(cells, method, ranges) if c.computed
            and c.value("forget_gap") is not None and c.value("retain_drift") is not None]
     front = []
     for c in pts:

@@ -8,7 +8,6 @@ import optuna
 from optuna.trial import TrialState, create_trial
 from sqlmodel import select
 
-from engine.methods.base import parse_variant
 from studies.spec import StudySpec
 from studies.store import Milestone, Run, Store
 
@@ -63,7 +62,7 @@ def record_cell(store: Store, study_name: str, spec: StudySpec, run: Run, cell: 
             store.retry(lambda: ostudy.tell(number, value))
     elif number is None:
         # A method variant's knobs are trial params too, so Optuna's own views can slice by them.
-        params = {"method": run.method, "lr": run.lr, "steps": step, **parse_variant(run.method)[1]}
+        params = spec.trial_params(run.method, run.lr, step)
         distributions = spec.optuna_distributions()
         frozen = create_trial(
             params=params,

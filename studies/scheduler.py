@@ -23,6 +23,7 @@ from typing import Callable
 from sqlalchemy import func
 from sqlmodel import select
 
+from studies.attack import attack_job_state, claim_attack_job
 from studies.spec import StudySpec
 from studies.states import ACTIVE_RUN_STATES, IDLE_STUDY_STATES, RunState, StudyState
 from studies.clock import age_s
@@ -34,7 +35,7 @@ STOP_GRACE_S = 30  # a run process asked to stop (SIGTERM) gets this long before
 @dataclass
 class Child:
     proc: subprocess.Popen
-    run_id: int
+    run_id: int | None  # None: the study's best-cell attack job (studies/attack.py)
     study_id: int
     slot: str
     attempt: int
@@ -120,9 +121,12 @@ class WorkerPool:
                 if not self._stopping:
                     for key in self._free_slots():
                         run = self._claim(studies)
-                        if run is None:
+                        if run is not None:
+                            self._spawn(key, run)
+                        elif (study := self._claim_attack_job(studies)) is not None:
+                            self._spawn_attack_job(key, study)
+                        else:
                             break
-                        self._spawn(key, run)
                 self._mark_done(studies)
                 self._beat(studies)
                 if self.on_tick:
@@ -163,7 +167,9 @@ class WorkerPool:
             active = s.exec(select(func.count()).select_from(Run).where(
                 Run.study_id == study.id, Run.state.in_(ACTIVE_RUN_STATES))).one()
             total = s.exec(select(func.count()).select_from(Run).where(Run.study_id == study.id)).one()
-        return active > 0 or (spec.sampler == "tpe" and total < spec.total_runs)
+        if active > 0 or (spec.sampler == "tpe" and total < spec.total_runs):
+            return True
+        return spec.wants_best_cell_attacks and attack_job_state(self.store, study.id)[0] not in ("done", "failed")
 
     def _mark_done(self, studies: list[Study]) -> None:
         for st in studies:
@@ -221,6 +227,29 @@ class WorkerPool:
                     return run
         return None
 
+    def _claim_attack_job(self, studies: list[Study]) -> Study | None:
+        """A running study whose runs are all over and whose best-cell attacks are due (claimed here)."""
+        mine = {c.study_id for c in self.children.values() if c.run_id is None}
+        for st in studies:
+            spec = StudySpec.from_dict(st.spec)
+            if st.state != StudyState.RUNNING or not spec.wants_best_cell_attacks or st.id in mine:
+                continue
+            with self.store.read() as s:
+                runs = list(s.exec(select(Run.state).where(Run.study_id == st.id)).all())
+            if any(r in ACTIVE_RUN_STATES for r in runs) or (spec.sampler == "tpe" and len(runs) < spec.total_runs):
+                continue
+            if claim_attack_job(self.store, st, self._owner_alive):
+                return st
+        return None
+
+    def _owner_alive(self, started: str) -> bool:
+        """Whether the pool named in an "attacks started" event still runs. Only a pool on this host
+        can be checked; one elsewhere is taken to be alive (its own host's pools will see it gone)."""
+        import re
+
+        m = re.search(r"pid (\d+) on (\S+)", started)
+        return m is None or m.group(2) != self.host or _pid_alive(int(m.group(1)))
+
     def _mark_claimed(self, run: Run) -> None:
         run.state, run.attempts = RunState.RUNNING, run.attempts + 1
         run.host, run.pid, run.heartbeat, run.started_at, run.step = self.host, None, utcnow(), utcnow(), 0
@@ -249,6 +278,7 @@ class WorkerPool:
             method = trial.suggest_categorical("method", list(spec.methods))
             lr = trial.suggest_float("lr", spec.lr_range[0], spec.lr_range[1], log=True)
             steps = trial.suggest_categorical("steps", list(spec.steps))
+            method = self._sample_knobs(trial, spec, method)
             with self.store.write() as s:
                 clash = s.exec(select(Run).where(Run.study_id == study.id, Run.method == method, Run.lr == lr)).first()
                 run = s.get(Run, run_id)
@@ -265,6 +295,21 @@ class WorkerPool:
         if run is None:
             self.store.retry(lambda: ostudy.tell(trial.number, state=optuna.trial.TrialState.FAIL))
         return run
+
+    @staticmethod
+    def _sample_knobs(trial, spec: StudySpec, method: str) -> str:
+        """The variant of `method` with each knob it has that the study samples from a range (a
+        conditional param: a method without the knob never draws it)."""
+        from engine.methods import get_method
+        from engine.methods.base import parse_variant, variant_id
+
+        ranges = {k: r for k, r in (spec.knob_ranges or {}).items() if k in get_method(method).knob_values()}
+        if not ranges:
+            return method
+        base, knobs = parse_variant(method)
+        for name, r in sorted(ranges.items()):
+            knobs[name] = trial.suggest_float(name, r["low"], r["high"], log=r["log"])
+        return variant_id(base, knobs)
 
     def _drop_reservation(self, run_id: int) -> None:
         with self.store.write() as s:
@@ -295,6 +340,19 @@ class WorkerPool:
         self.summary["spawned"] += 1
         self.store.log("started", f"{run.method} lr={run.lr:g} attempt {run.attempts} on {slot} (pid {proc.pid})", run.study_id, run.id)
 
+    def _spawn_attack_job(self, key: str, study: Study) -> None:
+        """The study's attacks at each method's best cell, in its own process on this slot."""
+        slot = key.split(":", 1)[1]
+        env = child_env(self.store)
+        env["CUDA_VISIBLE_DEVICES"], device = (slot.split(":")[1], "cuda") if slot.startswith("cuda") else ("", "cpu")
+        log_path = log_dir_for(self.store, study.name) / "best-cell-attacks.log"
+        cmd = [sys.executable, "-m", "studies.attack", "--study", study.name,
+               "--device", device, "--threads", str(self.threads if device == "cpu" else 0)]
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.children[key] = Child(proc, None, study.id, slot, 1)
+        self.store.log("started", f"best-cell attacks on {slot} (pid {proc.pid}); log {log_path}", study.id)
+
     def _settle_children(self) -> None:
         for key, child in list(self.children.items()):
             rc = child.proc.poll()
@@ -305,6 +363,11 @@ class WorkerPool:
                 reason = f"killed by {signal.Signals(-rc).name}"
             else:
                 reason = f"exited with code {rc}" if rc else ""
+            if child.run_id is None:  # the job logged "attacks done" itself when it succeeded
+                if rc:
+                    self.store.log("attacks failed", f"best-cell attacks {reason}; see the study's "
+                                   f"best-cell-attacks.log, rerun with `unlearn study attack`", child.study_id)
+                continue
             self._settle(child.run_id, reason, child.attempt)
 
     def _settle(self, run_id: int, reason: str, attempt: int | None = None) -> None:
@@ -387,12 +450,19 @@ class WorkerPool:
             if child.study_id in cancelled:
                 self._stop_child(child)
                 del self.children[key]
-                self._settle(child.run_id, "the study was cancelled", child.attempt)
+                if child.run_id is None:
+                    self.store.log("attacks stopped", "best-cell attacks stopped: the study was cancelled", child.study_id)
+                else:
+                    self._settle(child.run_id, "the study was cancelled", child.attempt)
 
     def _shutdown(self) -> None:
         """Interrupted: stop our runs and give them back, the attempt not counted against them."""
         for key, child in list(self.children.items()):
             self._stop_child(child)
+            if child.run_id is None:  # due again for the next pool
+                self.store.log("attacks stopped", "best-cell attacks stopped: the pool was interrupted", child.study_id)
+                del self.children[key]
+                continue
             with self.store.write() as s:
                 run = s.get(Run, child.run_id)
                 if run is not None and run.state == RunState.RUNNING:

@@ -14,6 +14,65 @@ from engine.errors import UnlearnError
 from engine.methods import get_method
 
 SAMPLERS = ("grid", "tpe")
+ATTACKS_AT = ("every", "best")  # where a study's --attacks run: at every cell, or at each method's best cell
+
+
+def parse_knob_options(options: list[str] | None) -> dict | None:
+    """`--param beta=0.05,0.1 --param retain_weight=2` -> {"beta": [0.05, 0.1], "retain_weight": [2.0]};
+    a range for TPE, `--param beta=0.01:1:log` (or LOW:HIGH, uniform) -> {"beta": {"low", "high", "log"}}."""
+    if not options:
+        return None
+    out: dict = {}
+    for opt in options:
+        name, eq, values = opt.partition("=")
+        name = name.strip()
+        if name in out:
+            raise UnlearnError(f"--param {name} is given twice")
+        if ":" in values:
+            parts = [v.strip() for v in values.split(":")]
+            log = len(parts) == 3 and parts[2] == "log"
+            try:
+                lo, hi = (float(v) for v in parts[:2]) if len(parts) in (2, 3) and (len(parts) == 2 or log) else (None, None)
+            except ValueError:
+                lo = hi = None
+            if not eq or not name or lo is None:
+                raise UnlearnError(f"--param {opt}: a range is NAME=LOW:HIGH or NAME=LOW:HIGH:log, e.g. --param beta=0.01:1:log")
+            out[name] = {"low": lo, "high": hi, "log": log}
+            continue
+        try:
+            nums = [float(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            nums = []
+        if not eq or not name or not nums:
+            raise UnlearnError(f"--param {opt}: give NAME=V1,V2,... with numbers, e.g. --param beta=0.05,0.1")
+        out[name] = nums
+    return out
+
+
+def check_knob_ranges(ranges: dict | None) -> dict | None:
+    """TPE's knob ranges {name: {"low", "high", "log"}}, checked; None when there is none."""
+    if not ranges:
+        return None
+    out = {}
+    for name, r in ranges.items():
+        lo, hi, log = r.get("low"), r.get("high"), bool(r.get("log", False))
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in (lo, hi)) or not lo < hi:
+            raise UnlearnError(f"--param {name}: a range must be LOW:HIGH with LOW < HIGH, not {lo}:{hi}")
+        if log and lo <= 0:
+            raise UnlearnError(f"--param {name}: a log range needs LOW > 0")
+        out[str(name)] = {"low": float(lo), "high": float(hi), "log": log}
+    return dict(sorted(out.items()))
+
+
+def without_ranged_knobs(method: str, ranges: dict | None) -> str:
+    """A TPE run's method with the knobs it sampled from ranges taken out: the value of its "method"
+    trial param (one of the study's methods), the sampled knobs being params of their own."""
+    from engine.methods.base import parse_variant, variant_id
+
+    if not ranges:
+        return method
+    base, knobs = parse_variant(method)
+    return variant_id(base, {k: v for k, v in knobs.items() if k not in ranges})
 
 
 def check_knobs(knobs: dict | None) -> dict | None:
@@ -68,6 +127,8 @@ class StudySpec:
     trials: int | None = None  # TPE: how many (method, lr) runs to sample; each yields one trial per milestone
     run: RunSettings = field(default_factory=RunSettings)
     knobs: dict | None = None  # method hyperparameters swept: {name: [values]}; methods holds the expanded variants
+    knob_ranges: dict | None = None  # TPE: knobs sampled per run, {name: {"low", "high", "log"}}
+    attacks_at: str = "every"  # run.attacks at every cell, or only at each method's best cell once the runs are done
     max_attempts: int = 2
     trust_remote_code: bool = False
     has_general: bool = False
@@ -90,6 +151,26 @@ class StudySpec:
             raise UnlearnError("--steps must be positive integers")
         if self.sampler not in SAMPLERS:
             raise UnlearnError(f"--sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}")
+        ranges = check_knob_ranges(self.knob_ranges)
+        if ranges:
+            if self.sampler != "tpe":
+                raise UnlearnError(f"--param {next(iter(ranges))}: a LOW:HIGH range is sampled by TPE (--lr-range); "
+                                   "the grid takes a list of values")
+            both = sorted(set(ranges) & set(knobs or {}))
+            if both:
+                raise UnlearnError(f"--param {both[0]} is given as a list and as a range")
+            for name, r in ranges.items():
+                having = [m for m in methods if name in get_method(m).knob_values()]
+                if not having:
+                    raise UnlearnError(f"--param {name}: none of the methods has this knob "
+                                       f"(`unlearn methods --json` lists each method's knobs)")
+                for m in having:  # both ends must make a valid method (e.g. β > 0)
+                    for end in (r["low"], r["high"]):
+                        get_method(m).with_knobs({name: end})
+        if self.attacks_at not in ATTACKS_AT:
+            raise UnlearnError(f"--attacks-at must be one of {', '.join(ATTACKS_AT)}, not {self.attacks_at!r}")
+        if self.attacks_at == "best" and not self.run.attacks:
+            raise UnlearnError("--attacks-at best needs --attacks (which attacks to run at the best cells)")
         lrs, lr_range, trials = None, None, None
         if self.sampler == "grid":
             if not self.lrs:
@@ -111,16 +192,20 @@ class StudySpec:
         if self.run.retain_weight is not None and not any(get_method(m).retain for m in methods):
             raise UnlearnError("--retain-weight is given, but none of the methods has a retain term")
         spec = replace(self, methods=methods, steps=tuple(sorted({int(s) for s in self.steps})),
-                       lrs=lrs, lr_range=lr_range, trials=trials, run=self.run.validate(), knobs=knobs)
+                       lrs=lrs, lr_range=lr_range, trials=trials, run=self.run.validate(), knobs=knobs,
+                       knob_ranges=ranges)
         for m in spec.methods:  # what every run of the study will be checked against, checked now
             spec.run_config(m, (lrs or lr_range)[0]).validate()
         return spec
 
     def run_config(self, method: str, lr: float) -> RunConfig:
-        """The RunConfig of the run (method, lr). A retain weight applies to methods with a retain term."""
+        """The RunConfig of the run (method, lr). A retain weight applies to methods with a retain term;
+        attacks saved for the best cells (`attacks_at="best"`) are not run with the runs."""
         settings = self.run
         if settings.retain_weight is not None and get_method(method).retain is None:
             settings = replace(settings, retain_weight=None)
+        if self.attacks_at == "best":
+            settings = replace(settings, attacks="")
         return RunConfig.of(method, lr, self.steps, settings)
 
     @property
@@ -132,15 +217,30 @@ class StudySpec:
     def total_runs(self) -> int:
         return len(self.grid_runs) if self.sampler == "grid" else int(self.trials or 0)
 
+    @property
+    def wants_best_cell_attacks(self) -> bool:
+        """Whether the study runs its attacks at each method's best cell once its runs are done."""
+        return self.attacks_at == "best" and bool(self.run.attacks)
+
     def optuna_distributions(self) -> dict:
-        """The trial parameters: method, lr, steps."""
+        """The trial parameters: method, lr, steps, and the knobs swept (a list: categorical; a
+        TPE range: float)."""
         from optuna.distributions import CategoricalDistribution, FloatDistribution
 
         lr = (CategoricalDistribution(list(self.lrs)) if self.sampler == "grid"
               else FloatDistribution(self.lr_range[0], self.lr_range[1], log=True))
         return {"method": CategoricalDistribution(list(self.methods)), "lr": lr,
                 "steps": CategoricalDistribution(list(self.steps)),
-                **{k: CategoricalDistribution(list(v)) for k, v in (self.knobs or {}).items()}}
+                **{k: CategoricalDistribution(list(v)) for k, v in (self.knobs or {}).items()},
+                **{k: FloatDistribution(r["low"], r["high"], log=r["log"]) for k, r in (self.knob_ranges or {}).items()}}
+
+    def trial_params(self, method: str, lr: float, steps: int) -> dict:
+        """The Optuna params of a cell: method (as the study lists it), lr, steps, and every knob of
+        the run's variant."""
+        from engine.methods.base import parse_variant
+
+        return {"method": without_ranged_knobs(method, self.knob_ranges), "lr": lr, "steps": steps,
+                **parse_variant(method)[1]}
 
     def to_dict(self) -> dict:
         """Plain JSON: lists for tuples, the run settings under "run"."""

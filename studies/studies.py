@@ -20,12 +20,16 @@ SETTING_NAMES = frozenset(f.name for f in fields(RunSettings))
 
 def create_study(store: Store, name: str, model: str, forget_set: str, *, methods, steps, lrs=None, lr_range=None,
                  sampler: str = "grid", trials: int | None = None, max_attempts: int = 2,
-                 trust_remote_code: bool = False, knobs: dict | None = None, **settings) -> Study:
+                 trust_remote_code: bool = False, knobs: dict | None = None, attacks_at: str = "every",
+                 **settings) -> Study:
     """Validate the spec, create the Optuna study and our row (with every grid run) together.
 
     `settings` are RunSettings fields given by the user (`batch_size=8, warmup_steps=3, ...`); the
     rest take their defaults, except seq_len, which defaults to the forget set's. `knobs` sweeps method
-    hyperparameters ({"beta": [0.05, 0.1]}): every method that has one runs once per combination."""
+    hyperparameters ({"beta": [0.05, 0.1]}): every method that has one runs once per combination; a
+    TPE study may also give a knob a range ({"beta": {"low": 0.01, "high": 1, "log": True}}), sampled
+    per run. `attacks_at="best"` runs the settings' attacks at each method's best cell once the runs
+    are done, instead of at every cell."""
     import optuna
 
     from engine.models import check_local_model
@@ -42,7 +46,10 @@ def create_study(store: Store, name: str, model: str, forget_set: str, *, method
     spec = StudySpec(model=model, forget_set=fs.name, forget_set_hash=fs.hash, methods=tuple(methods or ()),
                      steps=tuple(steps or ()), lrs=tuple(lrs) if lrs else None,
                      lr_range=tuple(lr_range) if lr_range else None, sampler=sampler, trials=trials, run=run,
-                     max_attempts=max_attempts, trust_remote_code=trust_remote_code, knobs=knobs,
+                     max_attempts=max_attempts, trust_remote_code=trust_remote_code,
+                     knobs={k: v for k, v in (knobs or {}).items() if not isinstance(v, dict)} or None,
+                     knob_ranges={k: v for k, v in (knobs or {}).items() if isinstance(v, dict)} or None,
+                     attacks_at=attacks_at,
                      has_general=bool(fs.counts.get("general"))).validate()
     with store.read() as s:
         if s.exec(select(Study).where(Study.name == name)).first():

@@ -100,23 +100,3 @@ def run_settings_options(func):
     return command
 
 
-def parse_knob_options(options: Optional[list[str]]) -> Optional[dict]:
-    """`--param beta=0.05,0.1 --param retain_weight=2` -> {"beta": [0.05, 0.1], "retain_weight": [2.0]}."""
-    from engine.errors import UnlearnError
-
-    if not options:
-        return None
-    out: dict[str, list[float]] = {}
-    for opt in options:
-        name, eq, values = opt.partition("=")
-        name = name.strip()
-        try:
-            nums = [float(v) for v in values.split(",") if v.strip()]
-        except ValueError:
-            nums = []
-        if not eq or not name or not nums:
-            raise UnlearnError(f"--param {opt}: give NAME=V1,V2,... with numbers, e.g. --param beta=0.05,0.1")
-        if name in out:
-            raise UnlearnError(f"--param {name} is given twice")
-        out[name] = nums
-    return out

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from tui.cli.common import Json, parse_knob_options, run_settings_options
+from tui.cli.common import Json, run_settings_options
 
 
 def methods_cmd(as_json: Json = False,
@@ -72,10 +72,11 @@ def run_cmd(
     from engine.methods.base import parse_variant, variant_id
     from engine.run import is_main_process, run_unlearning
     from engine.settings import Settings
+    from studies.spec import parse_knob_options
     from tui.cli.console import emit_json, out, parse_lr, parse_steps, step_progress
 
     knobs = parse_knob_options(param) or {}
-    if any(len(v) != 1 for v in knobs.values()):
+    if any(isinstance(v, dict) or len(v) != 1 for v in knobs.values()):
         raise UnlearnError("unlearn run takes one value per --param (a study sweeps several: study create --param)")
     base, in_id = parse_variant(method)
     method = variant_id(base, {**in_id, **{k: v[0] for k, v in knobs.items()}})

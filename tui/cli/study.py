@@ -5,7 +5,7 @@ from typing import List, Optional
 
 import typer
 
-from tui.cli.common import Json, Storage, lab, parse_knob_options, run_settings_options
+from tui.cli.common import Json, Storage, lab, run_settings_options
 
 
 def _floats(text: str, flag: str) -> list[float]:
@@ -34,7 +34,11 @@ def create_cmd(
     param: Optional[List[str]] = typer.Option(None, "--param", metavar="NAME=V1,V2",
                                               help="sweep a method hyperparameter: NAME=V1,V2,... "
                                               "(repeat for several; `unlearn methods --json` lists each method's knobs); "
-                                              "every combination is its own run"),
+                                              "every combination is its own run. With tpe, NAME=LOW:HIGH (or "
+                                              "LOW:HIGH:log) samples the knob per run"),
+    attacks_at: str = typer.Option("every", "--attacks-at",
+                                   help="every: the --attacks at every cell; best: only at each method's best "
+                                   "cell, once the runs are done (far cheaper)"),
     storage: Storage = None,
     as_json: Json = False,
     given_settings: dict = None,
@@ -42,7 +46,7 @@ def create_cmd(
     """Create a study: the Optuna study and one run per (method, lr) in the store. Every run setting
     not given takes its default, except --seq-len, which defaults to the forget set's."""
     from engine.errors import UnlearnError
-    from studies.spec import StudySpec
+    from studies.spec import StudySpec, parse_knob_options
     from studies.studies import create_study
     from tui.cli.console import emit_json, out, parse_steps
 
@@ -60,7 +64,8 @@ def create_cmd(
     study = create_study(lab(ctx).store(), name, model, forget_set,
                          methods=[m.strip() for m in methods.split(",") if m.strip()], lrs=lrs, lr_range=rng,
                          sampler=sampler, trials=trials, steps=parse_steps(steps), max_attempts=max_attempts,
-                         trust_remote_code=trust_remote_code, knobs=parse_knob_options(param), **given_settings)
+                         trust_remote_code=trust_remote_code, knobs=parse_knob_options(param), attacks_at=attacks_at,
+                         **given_settings)
     spec = StudySpec.from_dict(study.spec)
     info = {"name": study.name, "runs": spec.total_runs, "cells": spec.total_runs * len(spec.steps), "spec": study.spec}
     if as_json:
@@ -141,21 +146,18 @@ def rm_cmd(ctx: typer.Context, name: str = typer.Argument(..., help="study name"
 
 
 def attack_cmd(ctx: typer.Context, name: str = typer.Argument(..., help="study name"),
-               attacks: str = typer.Option(..., "--attacks", help="relearn, quant4, quant8 (comma-separated)"),
+               attacks: Optional[str] = typer.Option(None, "--attacks", help="relearn, quant4, quant8 (comma-separated; "
+                                                     "default: those the study was created with)"),
                method: Optional[str] = typer.Option(None, "--method", help="only this method's best cell"),
                device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]"),
                storage: Storage = None, as_json: Json = False):
     """Test whether forgetting holds at each method's best cell: rerun it with the attacks and store
     what they find in that cell (see `study heatmap --metric relearn_recovery`)."""
-    from studies.attack import attack_best_cells
+    from studies.attack import attack_best_cells, describe_row
     from tui.cli.console import emit_json, err, out
-    from tui.numbers import fmt_value
 
     def said(row: dict) -> None:
-        rec = "  ".join(f"{k.removesuffix('_recovery')} {fmt_value(v)}" for k, v in row.items() if k.endswith("_recovery"))
-        same = "" if row["reproduced"] else f"  (rerun score {fmt_value(row['rerun_score'])}, stored {fmt_value(row['score'])})"
-        err.print(f"{row['method']} lr {row['lr']:g} × {row['steps']} steps: recovery {rec}{same}", markup=False, soft_wrap=True,
-                  highlight=False)
+        err.print(describe_row(row), markup=False, soft_wrap=True, highlight=False)
 
     rows = attack_best_cells(lab(ctx).store(), name, attacks, method=method, device=device, on_cell=said)
     if as_json:
