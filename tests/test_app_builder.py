@@ -305,6 +305,21 @@ async def test_new_study_bad_input_is_one_line_beside_each_field(store, forget_s
         screen.query_one("#lrs", Input).value = "1e-4"
         screen.query_one("#steps", Input).value = "2"
         screen.query_one("#workers", Input).value = "1"
+        screen.query_one("#knobs", Input).value = "retain_weight=x"
+        screen.query_one("#attacks", Input).value = "relearn,bogus"
+        await pilot.press("ctrl+l")
+        await pilot.pause()
+        assert text(screen, "#knobs-error").startswith("--param retain_weight=x: give NAME=V1,V2,... with numbers")
+        assert text(screen, "#attacks-error").startswith("--attacks: unknown attack 'bogus'")
+        screen.query_one("#knobs", Input).value = "retain_weight=0.5,1  beta=0.01:1:log"
+        screen.query_one("#attacks", Input).value = "quant4, relearn"
+        screen.query_one("#attacks-at", Select).value = "best"
+        await pilot.pause()
+        form = screen.read_form()  # what Launch hands to create_study
+        assert form.knobs == {"retain_weight": [0.5, 1.0], "beta": {"low": 0.01, "high": 1.0, "log": True}}
+        assert (form.attacks, form.attacks_at) == ("relearn,quant4", "best")
+        screen.query_one("#knobs", Input).value = ""
+        screen.query_one("#attacks", Input).value = ""
         await pilot.press("ctrl+l")  # the form is good; the model is not: the check says why
         await until(pilot, lambda: "✗" in str(screen.query_one("#model-status", Label).content), "the model check")
         assert str(screen.query_one("#model-status", Label).content) == f"✗ no such model folder: {tmp_path / 'no-model'}"

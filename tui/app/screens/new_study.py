@@ -1,5 +1,5 @@
-"""The new-study form: name, model, forget set, methods, learning rates, milestones, sampler and
-devices; Launch creates the study (studies.studies.create_study) and starts its detached scheduler
+"""The new-study form: name, model, forget set, methods, learning rates, milestones, sampler, the
+methods' knobs to sweep, attacks and devices; Launch creates the study (studies.studies.create_study) and starts its detached scheduler
 through studies.launch.launch_detached, the function `unlearn study run --detach` calls.
 
 The model is checked in a subprocess (studies.probe: config and tokenizer load), never here.
@@ -20,11 +20,13 @@ from textual.widgets import Button, Footer, Input, Label, Select, SelectionList
 from textual.widgets.selection_list import Selection
 from textual.worker import get_current_worker
 
+from engine.config import parse_attacks
 from engine.errors import UnlearnError
 from engine.methods import list_methods
 from studies.forgetsets import check_name
 from studies.launch import device_slots, launch_detached, parse_learning_rates, parse_milestones
 from studies.probe import probe_model
+from studies.spec import parse_knob_options
 from studies.store import Store
 from tui.app.widgets.devices import DevicesPanel
 
@@ -53,6 +55,9 @@ class StudyForm:
     sampler: str
     trials: int | None
     slots: list[str]
+    knobs: dict | None = None  # --param: {name: [values]} or, with tpe, {name: {"low", "high", "log"}}
+    attacks: str = ""  # --attacks
+    attacks_at: str = "every"  # --attacks-at
 
 
 class ForgetSetsLoaded(Message):
@@ -79,7 +84,7 @@ class LaunchFinished(Message):
 def field_of(error: str) -> str:
     """Which field an error of create_study (or its spec's validation) is about."""
     low = error.lower()
-    for needle, field in (("study name", "name"), ("study named", "name"), ("method", "methods"),
+    for needle, field in (("--param", "knobs"), ("--attacks", "attacks"), ("study name", "name"), ("study named", "name"), ("method", "methods"),
                           ("--lr", "lrs"), ("--steps", "steps"), ("--trials", "sampler"), ("--sampler", "sampler"),
                           ("forget set", "forget-set"), ("model", "model")):
         if needle in low:
@@ -101,6 +106,7 @@ class NewStudyScreen(Screen[str | None]):
     NewStudyScreen .row > Label { width: 16; padding: 1 1 0 0; }
     NewStudyScreen .row > Input, NewStudyScreen .row > Select { width: 1fr; }
     NewStudyScreen #sampler { width: 16; }
+    NewStudyScreen #attacks-at { width: 20; }
     NewStudyScreen #trials, NewStudyScreen #workers { width: 12; }
     NewStudyScreen .section { margin-top: 1; text-style: bold; }
     NewStudyScreen #methods { height: auto; max-height: 10; }
@@ -159,6 +165,16 @@ class NewStudyScreen(Screen[str | None]):
                 yield Label("trials", id="trials-label")
                 yield Input(placeholder="runs", id="trials", type="integer", disabled=True)
             yield Label("", id="sampler-error", classes="error -empty")
+            with Horizontal(classes="row"):
+                yield Label("knobs")
+                yield Input(placeholder="optional: beta=0.05,0.1 retain_weight=0.5,1 (tpe: beta=0.01:1:log)", id="knobs")
+            yield Label("", id="knobs-error", classes="error -empty")
+            with Horizontal(classes="row"):
+                yield Label("attacks")
+                yield Input(placeholder="optional: relearn,quant4,quant8", id="attacks")
+                yield Select([("at every cell", "every"), ("at best cells", "best")], value="every",
+                             allow_blank=False, id="attacks-at")
+            yield Label("", id="attacks-error", classes="error -empty")
             yield Label("devices", classes="section")
             yield DevicesPanel(id="devices")
             yield SelectionList[int](id="gpus")
@@ -293,7 +309,7 @@ class NewStudyScreen(Screen[str | None]):
 
     def read_form(self) -> StudyForm | None:
         """The form, or None with each problem shown beside its field (all of them at once)."""
-        for field in ("name", "forget-set", "methods", "lrs", "steps", "sampler", "devices", "launch"):
+        for field in ("name", "forget-set", "methods", "lrs", "steps", "sampler", "knobs", "attacks", "devices", "launch"):
             self._error(field)
         problems = 0
 
@@ -344,6 +360,16 @@ class NewStudyScreen(Screen[str | None]):
                     raise ValueError
             except ValueError:
                 bad("sampler", "the tpe sampler needs a number of trials (1 or more)")
+        knobs = None
+        try:
+            knobs = parse_knob_options(self._value("#knobs").split())
+        except UnlearnError as e:
+            bad("knobs", str(e))
+        attacks, attacks_at = self._value("#attacks"), str(self.query_one("#attacks-at", Select).value)
+        try:
+            attacks = ",".join(parse_attacks(attacks))
+        except UnlearnError as e:
+            bad("attacks", str(e))
         gpus = sorted(self.query_one("#gpus", SelectionList).selected) if self.gpu_indices else []
         slots: list[str] = []
         try:
@@ -355,7 +381,8 @@ class NewStudyScreen(Screen[str | None]):
             bad("devices", str(e))
         if problems:
             return None
-        return StudyForm(name, model, str(forget_set), methods, lrs, lr_range, steps, sampler, trials, slots)
+        return StudyForm(name, model, str(forget_set), methods, lrs, lr_range, steps, sampler, trials, slots,
+                         knobs, attacks, attacks_at)
 
     @work(thread=True, exclusive=True, name="launch study", group="new-study-launch")
     def launch(self, form: StudyForm, checked: dict | None) -> None:
@@ -373,7 +400,9 @@ class NewStudyScreen(Screen[str | None]):
             return
         try:
             create_study(self.store, form.name, form.model, form.forget_set, methods=form.methods, steps=form.steps,
-                         lrs=form.lrs, lr_range=form.lr_range, sampler=form.sampler, trials=form.trials)
+                         lrs=form.lrs, lr_range=form.lr_range, sampler=form.sampler, trials=form.trials,
+                         knobs=form.knobs, attacks_at=form.attacks_at,
+                         **({"attacks": form.attacks} if form.attacks else {}))
         except UnlearnError as e:
             self.post_message(LaunchFinished(form.name, str(e), field_of(str(e))))
             return
