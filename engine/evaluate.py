@@ -45,7 +45,10 @@ STATS_ELEMENTS = 1 << 26
 
 
 @torch.no_grad()
-def score_chunks(model, chunks: Chunks, batch_size: int = 8, device=None, autocast=None, min_k: float = 0.2) -> SetScores:
+def score_chunks(model, chunks: Chunks, batch_size: int = 8, device=None, autocast=None, min_k: float = 0.2,
+                 attacks: bool = True) -> SetScores:
+    """Per-chunk NLL and token counts; with `attacks`, the MIA scores too (their statistics over the
+    vocabulary cost as much again: evaluate asks for them only on the sets the attacks compare)."""
     device = device or next(model.parameters()).device
     autocast = autocast or contextlib.nullcontext
     was_training = model.training
@@ -67,20 +70,26 @@ def score_chunks(model, chunks: Chunks, batch_size: int = 8, device=None, autoca
         for g in range(0, ids.size(0), rows):
             logp_all = torch.log_softmax(logits[g : g + rows, :-1].float(), dim=-1)  # [r, T, V]
             tok_logp = logp_all.gather(-1, ids[g : g + rows, 1:].unsqueeze(-1)).squeeze(-1)
-            p = logp_all.exp()
-            mu = (p * logp_all).sum(-1)
-            sigma = ((p * logp_all.square()).sum(-1) - mu.square()).clamp(min=1e-12).sqrt()
             tok_all = tok_logp.double().cpu().numpy()
-            z_all = ((tok_logp - mu) / sigma).double().cpu().numpy()
-            del logp_all, p
+            z_all = None
+            if attacks:
+                p = logp_all.exp()
+                mu = (p * logp_all).sum(-1)
+                sigma = ((p * logp_all.square()).sum(-1) - mu.square()).clamp(min=1e-12).sqrt()
+                z_all = ((tok_logp - mu) / sigma).double().cpu().numpy()
+                del p
+            del logp_all
             for r in range(tok_all.shape[0]):
                 keep = valid[g + r]
-                tok_logp_np, z = tok_all[r][keep], z_all[r][keep]
+                tok_logp_np = tok_all[r][keep]
                 nll = -tok_logp_np.sum()
                 n = len(tok_logp_np)
-                text = chunks.texts[start + g + r]
                 nll_sum.append(nll)
                 n_tok.append(n)
+                if z_all is None:
+                    continue
+                z = z_all[r][keep]
+                text = chunks.texts[start + g + r]
                 mia["loss"].append(-nll / n)
                 mia["zlib"].append(-(nll / n) / max(1, len(zlib.compress(text.encode("utf-8")))))
                 mia["min_k"].append(min_k_mean(tok_logp_np, min_k))
@@ -118,7 +127,8 @@ def mia_auc(members: SetScores, nonmembers: SetScores) -> dict[str, float | None
 
 def evaluate(model, sets: ForgetSetChunks, batch_size: int = 8, device=None, autocast=None, min_k: float = 0.2) -> tuple[dict, int]:
     """The metrics M of one model: ppl per set and the MIA AUCs. Returns (M, eval tokens)."""
-    scores = {role: score_chunks(model, ch, batch_size, device, autocast, min_k) for role, ch in sets.items()}
+    scores = {role: score_chunks(model, ch, batch_size, device, autocast, min_k, attacks=role in ("forget", "unseen"))
+              for role, ch in sets.items()}
     metrics = {f"ppl_{role}": _finite(scores[role].ppl) if role in scores else None for role in ("forget", "retain", "unseen", "general")}
     metrics["mia_auc"] = mia_auc(scores["forget"], scores["unseen"])
     eval_tokens = int(sum(ch.n_tokens for _, ch in sets.items()))
