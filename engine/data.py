@@ -17,7 +17,7 @@ import json
 import math
 import os
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,49 +44,69 @@ _TOKENIZE_BATCH = 256  # documents per tokenizer call: fast batching without hol
 
 def load_texts(source: str, text_field: str = "text", column: str | None = None) -> list[str]:
     """One source spec -> list of document texts (non-empty after strip; empty docs dropped)."""
-    source = os.fspath(source)
-    if source.startswith("hf:"):
-        texts = _load_hf(source, column or text_field)
-    elif os.path.exists(os.path.expanduser(source)):
-        texts = _load_path(Path(os.path.expanduser(source)), text_field, column, explicit=True)
-    elif globlib.has_magic(source):
-        matches = sorted(globlib.glob(os.path.expanduser(source), recursive=True))
-        if not matches:
-            raise DataError(f"no file matches {source}")
-        texts = []
-        for m in matches:  # a glob is a selection, so it skips what it cannot read, like a folder
-            texts += _load_path(Path(m), text_field, column, explicit=False)
-    else:
-        raise DataError(f"no such file or folder: {source}")
+    texts = [row[0] for row in load_rows(source, (text_field,), column)]
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise DataError(f"{source} yields no documents")
     return texts
 
 
-def _load_path(path: Path, text_field: str, column: str | None, explicit: bool) -> list[str]:
+def load_pairs(source: str, prompt_field: str, answer_field: str) -> list[tuple[str, str]]:
+    """One source spec of question–answer rows -> [(prompt, answer)]; rows with an empty answer are
+    dropped (nothing to score), a row without either field is a one-line DataError."""
+    pairs = [(p, a) for p, a in load_rows(source, (prompt_field, answer_field), None, qa=True) if a.strip()]
+    if not pairs:
+        raise DataError(f"{source} yields no question–answer pairs with a non-empty {answer_field!r}")
+    return pairs
+
+
+def load_rows(source: str, fields: tuple[str, ...], column: str | None = None, qa: bool = False) -> list[tuple[str, ...]]:
+    """One source spec -> one tuple of texts per row, a text per field (a text file: one field, its content)."""
+    source = os.fspath(source)
+    if source.startswith("hf:"):
+        rows = _load_hf(source, (column,) if column else fields, qa)
+    elif os.path.exists(os.path.expanduser(source)):
+        rows = _load_path(Path(os.path.expanduser(source)), fields, column, explicit=True, qa=qa)
+    elif globlib.has_magic(source):
+        matches = sorted(globlib.glob(os.path.expanduser(source), recursive=True))
+        if not matches:
+            raise DataError(f"no file matches {source}")
+        rows = []
+        for m in matches:  # a glob is a selection, so it skips what it cannot read, like a folder
+            rows += _load_path(Path(m), fields, column, explicit=False, qa=qa)
+    else:
+        raise DataError(f"no such file or folder: {source}")
+    return rows
+
+
+def _load_path(path: Path, fields: tuple[str, ...], column: str | None, explicit: bool,
+               qa: bool) -> list[tuple[str, ...]]:
+    suffixes = TABLE_SUFFIXES if qa else SUPPORTED_SUFFIXES  # a text file has no question and answer
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file()
-                       and p.suffix.lower() in SUPPORTED_SUFFIXES
+                       and p.suffix.lower() in suffixes
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        return [t for f in files for t in _load_file(f, text_field, column)]
-    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        return [r for f in files for r in _load_file(f, fields, column)]
+    if path.suffix.lower() not in suffixes:
         if explicit:  # the user named this file: say why it is not read rather than skip it
+            if qa:
+                raise DataError(f"{path}: question–answer rows come from .jsonl, .json, .csv or .parquet files, "
+                                f"not {path.suffix or '(no suffix)'!r}")
             raise DataError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
                             f"use text/code files, .jsonl, .json, .csv or .parquet")
         return []
-    return _load_file(path, text_field, column)
+    return _load_file(path, fields, column)
 
 
-def _load_file(path: Path, text_field: str, column: str | None) -> list[str]:
+def _load_file(path: Path, fields: tuple[str, ...], column: str | None) -> list[tuple[str, ...]]:
     suffix = path.suffix.lower()
     if suffix in SOURCE_SUFFIXES:
-        return [path.read_text(encoding="utf-8-sig", errors="replace")]
+        return [(path.read_text(encoding="utf-8-sig", errors="replace"),)]
     if suffix == ".jsonl":
-        return _load_jsonl(path, text_field)
+        return _load_jsonl(path, fields)
     if suffix == ".json":
-        return _load_json(path, text_field)
-    return _load_table(path, column or text_field)
+        return _load_json(path, fields)
+    return _load_table(path, (column,) if column else fields)
 
 
 def _as_text(value, where: str, field: str) -> str:
@@ -98,7 +118,14 @@ def _as_text(value, where: str, field: str) -> str:
     return value
 
 
-def _load_jsonl(path: Path, field: str) -> list[str]:
+def _pick(row: dict, fields: tuple[str, ...], where: str) -> tuple[str, ...]:
+    for field in fields:
+        if field not in row:
+            raise DataError(f"{where}: no field {field!r}")
+    return tuple(_as_text(row[f], where, f) for f in fields)
+
+
+def _load_jsonl(path: Path, fields: tuple[str, ...]) -> list[tuple[str, ...]]:
     texts = []
     with open(path, encoding="utf-8-sig", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
@@ -111,13 +138,11 @@ def _load_jsonl(path: Path, field: str) -> list[str]:
                 raise DataError(f"{where}: not JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            if field not in row:
-                raise DataError(f"{where}: no field {field!r}")
-            texts.append(_as_text(row[field], where, field))
+            texts.append(_pick(row, fields, where))
     return texts
 
 
-def _load_json(path: Path, field: str) -> list[str]:
+def _load_json(path: Path, fields: tuple[str, ...]) -> list[tuple[str, ...]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig", errors="replace"))
     except json.JSONDecodeError as e:
@@ -133,18 +158,16 @@ def _load_json(path: Path, field: str) -> list[str]:
     texts = []
     for i, row in enumerate(data):
         where = f"{path}: row {i}"
-        if isinstance(row, str):
-            texts.append(row)
+        if isinstance(row, str) and len(fields) == 1:
+            texts.append((row,))
         elif isinstance(row, dict):
-            if field not in row:
-                raise DataError(f"{where}: no field {field!r}")
-            texts.append(_as_text(row[field], where, field))
+            texts.append(_pick(row, fields, where))
         else:
             raise DataError(f"{where}: expected an object or a string, got {type(row).__name__}")
     return texts
 
 
-def _load_table(path: Path, col: str) -> list[str]:
+def _load_table(path: Path, cols: tuple[str, ...]) -> list[tuple[str, ...]]:
     import pandas as pd  # lazy: keeps `import engine.data` light for the CLI
 
     try:
@@ -155,16 +178,20 @@ def _load_table(path: Path, col: str) -> list[str]:
         else:
             import pyarrow.parquet as pq
             names = pq.read_schema(path).names
-            if col not in names:  # check first so we never read a wide table for nothing
-                raise DataError(f"{path}: no column {col!r}; columns: {', '.join(names)}")
-            df = pd.read_parquet(path, columns=[col])
+            for col in cols:  # check first so we never read a wide table for nothing
+                if col not in names:
+                    raise DataError(f"{path}: no column {col!r}; columns: {', '.join(names)}")
+            df = pd.read_parquet(path, columns=list(dict.fromkeys(cols)))
     except DataError:
         raise
     except Exception as e:  # parser errors come in many types; the user needs one line
         raise DataError(f"{path}: cannot read: {_one_line(e)}") from None
-    if col not in df.columns:
-        raise DataError(f"{path}: no column {col!r}; columns: {', '.join(map(str, df.columns))}")
-    return [_as_text(v, f"{path}: row {i}", col) for i, v in enumerate(df[col].tolist())]
+    for col in cols:
+        if col not in df.columns:
+            raise DataError(f"{path}: no column {col!r}; columns: {', '.join(map(str, df.columns))}")
+    values = [df[col].tolist() for col in cols]
+    return [tuple(_as_text(v, f"{path}: row {i}", col) for col, v in zip(cols, row))
+            for i, row in enumerate(zip(*values))]
 
 
 def _one_line(e: BaseException) -> str:
@@ -172,10 +199,13 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[0] if msg else ''}".rstrip(": ")
 
 
-def _load_hf(source: str, default_column: str) -> list[str]:
+def _load_hf(source: str, fields: tuple[str, ...], qa: bool = False) -> list[tuple[str, ...]]:
     """`hf:NAME[:CONFIG]/SPLIT[#column]`; NAME may hold '/', so SPLIT follows the last '/'."""
     spec, _, col = source[3:].partition("#")
-    col = col or default_column
+    if col and qa:
+        raise DataError(f"{source}: '#{col}' names one column; a question–answer source takes its two "
+                        f"from --prompt-field and --answer-field")
+    fields = (col,) if col else fields
     name, slash, split = spec.rpartition("/")
     if not slash or not name or not split:
         raise DataError(f"{source}: expected hf:NAME[:CONFIG]/SPLIT[#column]")
@@ -205,9 +235,17 @@ def _load_hf(source: str, default_column: str) -> list[str]:
         if offline is not None and _is_connection_error(e):
             raise DataError(f"{source}: not in the local Hugging Face cache ({offline})") from None
         raise DataError(f"{source}: cannot load: {_one_line(e)}") from None
-    if col not in ds.column_names:
-        raise DataError(f"{source}: no column {col!r}; columns: {', '.join(ds.column_names)}")
-    return [_as_text(v, f"{source}: row {i}", col) for i, v in enumerate(ds[col])]
+    return dataset_rows(ds, fields, source)
+
+
+def dataset_rows(ds, fields: tuple[str, ...], where: str) -> list[tuple[str, ...]]:
+    """The `fields` of every row of a `datasets.Dataset`, as texts."""
+    for col in fields:
+        if col not in ds.column_names:
+            raise DataError(f"{where}: no column {col!r}; columns: {', '.join(ds.column_names)}")
+    values = [ds[col] for col in fields]
+    return [tuple(_as_text(v, f"{where}: row {i}", col) for col, v in zip(fields, row))
+            for i, row in enumerate(zip(*values))]
 
 
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -284,11 +322,25 @@ def normalize_text(text: str) -> str:
 
 @dataclass(frozen=True)
 class ForgetSetTexts:
+    """The documents of the four roles. A document of a question–answer set is a (prompt, answer)
+    pair: its text is the answer and `prompts[role][i]` its prompt; a role missing from `prompts`,
+    or a None there, is plain text."""
+
     forget: list[str]
     retain: list[str]
     unseen: list[str]
     general: list[str]  # may be []
     sources: dict[str, list[str]]  # role -> the source specs it came from
+    prompts: dict[str, list[str | None]] = field(default_factory=dict)  # role -> a prompt per document
+
+    def prompts_of(self, role: str) -> list[str | None]:
+        """A prompt (None: plain text) for every document of `role`."""
+        got = self.prompts.get(role)
+        return list(got) if got is not None else [None] * len(getattr(self, role))
+
+    @property
+    def is_qa(self) -> bool:
+        return any(p is not None for ps in self.prompts.values() for p in ps)
 
     @functools.cached_property
     def hash(self) -> str:
@@ -296,7 +348,9 @@ class ForgetSetTexts:
 
         Length prefixes make boundaries part of the content: ["ab", "c"] != ["a", "bc"],
         and a document moved from forget to retain changes the hash. Order matters too,
-        since chunk order (and so batches) follows document order.
+        since chunk order (and so batches) follows document order. A question–answer set adds
+        each document's prompt after the texts (a marker where it has none), so it never hashes
+        like the same answers as plain text; a plain-text set hashes as it always has.
         """
         h = hashlib.sha256()
 
@@ -310,29 +364,59 @@ class ForgetSetTexts:
             put(str(len(texts)).encode())
             for t in texts:
                 put(normalize_text(t).encode("utf-8"))
+        if self.is_qa:
+            put(b"prompts")
+            for role in ROLES:
+                put(role.encode())
+                for p in self.prompts_of(role):
+                    put(b"-" if p is None else b"+" + normalize_text(p).encode("utf-8"))
         return h.hexdigest()
 
     def counts(self) -> dict[str, int]:
         return {role: len(getattr(self, role)) for role in ROLES}
 
 
+def check_qa_fields(prompt_field: str | None, answer_field: str | None) -> bool:
+    """True for a question–answer set; both fields or neither, else a one-line DataError."""
+    if (prompt_field is None) != (answer_field is None):
+        raise DataError("give both --prompt-field and --answer-field (a question–answer set), or neither")
+    if prompt_field is not None and prompt_field == answer_field:
+        raise DataError(f"--prompt-field and --answer-field are both {prompt_field!r}: they name two fields")
+    return prompt_field is not None
+
+
 def load_forget_set(forget: list[str], retain: list[str], unseen: list[str],
                     general: list[str] | None = None,
-                    text_field: str = "text", column: str | None = None) -> ForgetSetTexts:
-    """Load the four roles. Texts are stored normalized, so what is chunked is what is hashed."""
+                    text_field: str = "text", column: str | None = None,
+                    prompt_field: str | None = None, answer_field: str | None = None) -> ForgetSetTexts:
+    """Load the four roles. Texts are stored normalized, so what is chunked is what is hashed.
+    With `prompt_field` and `answer_field`, every source is read as question–answer rows."""
+    qa = check_qa_fields(prompt_field, answer_field)
     specs = {"forget": list(forget or []), "retain": list(retain or []),
              "unseen": list(unseen or []), "general": list(general or [])}
     texts: dict[str, list[str]] = {}
+    prompts: dict[str, list[str | None]] = {}
     for role in ROLES:
         if not specs[role] and role != "general":
             raise DataError(f"the {role} set is empty: give it at least one source")
-        texts[role] = []
+        texts[role], prompts[role] = [], []
         for spec in specs[role]:
             try:
-                texts[role] += [normalize_text(t) for t in load_texts(spec, text_field, column)]
+                if qa:
+                    pairs = load_pairs(spec, prompt_field, answer_field)
+                    prompts[role] += [normalize_qa(p) for p, _ in pairs]
+                    texts[role] += [normalize_qa(a) for _, a in pairs]
+                else:
+                    texts[role] += [normalize_text(t) for t in load_texts(spec, text_field, column)]
             except DataError as e:  # say which role the bad source was meant for
                 raise DataError(f"{role}: {e}") from None
-    return ForgetSetTexts(**texts, sources=specs)
+    return ForgetSetTexts(**texts, sources=specs, prompts=prompts if qa else {})
+
+
+def normalize_qa(text: str) -> str:
+    """A prompt or an answer as stored: normalized and stripped at both ends (the one space that
+    joins them is the chunker's, see QA_SEPARATOR)."""
+    return normalize_text(text).strip()
 
 
 # ---------------------------------------------------------------- documents -> chunks
@@ -341,8 +425,15 @@ def load_forget_set(forget: list[str], retain: list[str], unseen: list[str],
 class Chunks:
     input_ids: torch.LongTensor  # [n, L], right-padded with the pad id
     attention_mask: torch.LongTensor  # [n, L], 1 on real tokens; pad positions never count
-    texts: list[str]  # decoded chunk text, for the zlib MIA
+    texts: list[str]  # decoded text of the scored tokens of each chunk, for the zlib MIA
     doc_index: list[int]  # document each chunk came from
+    # [n, L], 1 on the tokens every loss and metric scores: the attention mask for plain text, the
+    # answer's tokens of a question–answer chunk (its prompt is context the model reads, never scores)
+    loss_mask: torch.LongTensor | None = None
+
+    def __post_init__(self):
+        if self.loss_mask is None:
+            self.loss_mask = self.attention_mask
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -361,28 +452,72 @@ class Chunks:
         idx = idx.long().reshape(-1)
         rows = idx.tolist()
         return Chunks(self.input_ids[idx], self.attention_mask[idx],
-                      [self.texts[i] for i in rows], [self.doc_index[i] for i in rows])
+                      [self.texts[i] for i in rows], [self.doc_index[i] for i in rows], self.loss_mask[idx])
 
 
-def chunk_texts(texts: list[str], tokenizer, seq_len: int, role: str = "set") -> Chunks:
+# A question–answer document is tokenized as the text `prompt + QA_SEPARATOR + answer`, the way the
+# model would read a question followed by its answer; tokens up to where that text's ids part from
+# the prompt's own are the prompt's (a token that straddles the join holds answer text: it counts).
+QA_SEPARATOR = " "
+
+
+def _qa_window(full: list[int], prompt: list[int], seq_len: int, bos_id, where: str) -> tuple[list[int], int]:
+    """(the ids of one question–answer chunk, how many of them are context): the answer whole, the
+    prompt cut from the left (after any BOS) when the pair is longer than seq_len."""
+    start = 0
+    while start < min(len(full), len(prompt)) and full[start] == prompt[start]:
+        start += 1
+    n_answer = len(full) - start
+    if n_answer == 0:
+        raise DataError(f"{where}: its answer has no tokens")
+    if len(full) <= seq_len:
+        return full, start
+    head = 1 if bos_id is not None and start and full[0] == bos_id else 0
+    room = seq_len - n_answer - head  # prompt tokens that fit beside the answer
+    if room < 1 - head:  # the first answer token must be predicted from something
+        raise DataError(f"{where}: its answer alone is {n_answer} tokens, more than seq_len={seq_len} holds "
+                        f"(answers are never cut: raise --seq-len or drop the pair)")
+    return full[:head] + full[start - room:start] + full[start:], head + room
+
+
+def chunk_texts(texts: list[str], tokenizer, seq_len: int, role: str = "set",
+                prompts: list[str | None] | None = None) -> Chunks:
     """Each document on its own (BOS where the tokenizer adds one), cut into non-overlapping
     windows of seq_len tokens; windows under MIN_CHUNK_TOKENS are dropped as too short to
-    score, the rest right-padded to the longest kept window."""
+    score, the rest right-padded to the longest kept window.
+
+    A document with a prompt (`prompts[i]` not None) is one question–answer chunk instead: the
+    prompt's tokens are context (loss mask 0), the answer's are scored; never cut into windows nor
+    joined to another document, and kept however short."""
     import torch
 
     if seq_len < MIN_CHUNK_TOKENS:
         raise DataError(f"seq_len={seq_len} is below the minimum chunk of {MIN_CHUNK_TOKENS} tokens")
     windows: list[list[int]] = []
+    context: list[int] = []  # per window: leading tokens that are prompt (0 for plain text)
     doc_index: list[int] = []
     for start in range(0, len(texts), _TOKENIZE_BATCH):
         batch = list(texts[start:start + _TOKENIZE_BATCH])
+        asked = list(prompts[start:start + _TOKENIZE_BATCH]) if prompts is not None else [None] * len(batch)
+        qa = [i for i, p in enumerate(asked) if p is not None]
+        joined = [p + QA_SEPARATOR + t if p else t for p, t in zip(asked, batch)]
         # verbose=False: documents longer than model_max_length are expected, we cut them here
-        ids_per_doc = tokenizer(batch, add_special_tokens=True, verbose=False)["input_ids"]
+        ids_per_doc = tokenizer(joined, add_special_tokens=True, verbose=False)["input_ids"]
+        prompt_ids = dict(zip(qa, tokenizer([asked[i] for i in qa], add_special_tokens=True,
+                                            verbose=False)["input_ids"])) if qa else {}
         for d, ids in enumerate(ids_per_doc, start):
+            if d - start in prompt_ids:
+                window, n_context = _qa_window(ids, prompt_ids[d - start], seq_len, tokenizer.bos_token_id,
+                                               f"{role}: document {d}")
+                windows.append(window)
+                context.append(n_context)
+                doc_index.append(d)
+                continue
             for w in range(0, len(ids), seq_len):
                 window = ids[w:w + seq_len]
                 if len(window) >= MIN_CHUNK_TOKENS:
                     windows.append(window)
+                    context.append(0)
                     doc_index.append(d)
     if not windows:
         raise DataError(f"the {role} set is empty after chunking (every window is under "
@@ -394,8 +529,13 @@ def chunk_texts(texts: list[str], tokenizer, seq_len: int, role: str = "set") ->
     for r, window in enumerate(windows):
         input_ids[r, :len(window)] = torch.tensor(window, dtype=torch.long)
         attention_mask[r, :len(window)] = 1
-    decoded = tokenizer.batch_decode(windows, skip_special_tokens=True)
-    return Chunks(input_ids, attention_mask, decoded, doc_index)
+    loss_mask = None  # plain text: the attention mask itself
+    if any(context):
+        loss_mask = attention_mask.clone()
+        for r, n in enumerate(context):
+            loss_mask[r, :n] = 0
+    decoded = tokenizer.batch_decode([w[n:] for w, n in zip(windows, context)], skip_special_tokens=True)
+    return Chunks(input_ids, attention_mask, decoded, doc_index, loss_mask)
 
 
 @dataclass
@@ -411,7 +551,8 @@ class ForgetSetChunks:
 
 def chunk_forget_set(fs: ForgetSetTexts, tokenizer, seq_len: int) -> ForgetSetChunks:
     def chunk(role: str) -> Chunks:
-        return chunk_texts(getattr(fs, role), tokenizer, seq_len, role=role)
+        return chunk_texts(getattr(fs, role), tokenizer, seq_len, role=role,
+                           prompts=fs.prompts_of(role) if role in fs.prompts else None)
 
     return ForgetSetChunks(chunk("forget"), chunk("retain"), chunk("unseen"),
                            chunk("general") if fs.general else None)

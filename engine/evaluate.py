@@ -23,7 +23,7 @@ ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")
 class SetScores:
     """Per-chunk statistics of one set under one model."""
 
-    nll_sum: np.ndarray  # [n] Σ NLL of predicted tokens
+    nll_sum: np.ndarray  # [n] Σ NLL of predicted tokens (a question–answer chunk: its answer's)
     n_tokens: np.ndarray  # [n] predicted tokens
     mia: dict[str, np.ndarray]  # attack -> [n] membership score (higher = more member-like)
 
@@ -60,13 +60,14 @@ def score_chunks(model, chunks: Chunks, batch_size: int = 8, device=None, autoca
         width = int(mask.sum(1).max())  # trim all-pad columns: less work, same numbers
         ids = chunks.input_ids[start : start + batch_size, :width].to(device)
         mask = mask[:, :width].to(device)
+        scored = chunks.loss_mask[start : start + batch_size, 1:width]  # a QA chunk's answer tokens only
         with autocast():
             logits = model(input_ids=ids, attention_mask=mask).logits
         # Per position, log p(token) and the mean/std of log p under the model's own distribution,
         # for a group of rows at once (each position's statistics read only its own logits, so the
-        # figures are the per-row loop's); pad positions are computed and then left out.
+        # figures are the per-row loop's); pad (and prompt) positions are computed and then left out.
         rows = max(1, STATS_ELEMENTS // max(1, (width - 1) * logits.size(-1)))
-        valid = mask[:, 1:].bool().cpu().numpy()
+        valid = scored.bool().cpu().numpy()
         for g in range(0, ids.size(0), rows):
             logp_all = torch.log_softmax(logits[g : g + rows, :-1].float(), dim=-1)  # [r, T, V]
             tok_logp = logp_all.gather(-1, ids[g : g + rows, 1:].unsqueeze(-1)).squeeze(-1)

@@ -26,10 +26,10 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
 
 
 def fine_tune(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, steps: int, lr: float, batch_size: int,
-              seed: int, device, autocast=contextlib.nullcontext) -> None:
+              seed: int, device, autocast=contextlib.nullcontext, loss_mask: torch.Tensor | None = None) -> None:
     """`steps` steps of AdamW (weight decay 0, gradients clipped to 1.0) on the mean next-token
     cross-entropy of the chunks (rows of `input_ids`), batches from the seeded stream. Trains `model` in place, in whatever
-    mode (train / eval) the caller left it."""
+    mode (train / eval) the caller left it. `loss_mask` (Chunks.loss_mask) limits the loss to a QA chunk's answers."""
     from engine.methods.base import causal_labels, token_ce
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -38,8 +38,9 @@ def fine_tune(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, step
         mask = attention_mask[idx]
         width = int(mask.sum(1).max())  # trim all-pad columns
         ids, mask = input_ids[idx, :width].to(device), mask[:, :width].to(device)
+        scored = None if loss_mask is None else loss_mask[idx, :width].to(device)
         with autocast():
-            loss = token_ce(model(input_ids=ids, attention_mask=mask).logits, causal_labels(ids, mask))
+            loss = token_ce(model(input_ids=ids, attention_mask=mask).logits, causal_labels(ids, mask, scored))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

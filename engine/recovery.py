@@ -99,7 +99,7 @@ def relearned_copy(model, sets: ForgetSetChunks, lr: float, batch_size: int, see
     attacked = copy.deepcopy(model).eval().requires_grad_(True)  # eval: no dropout, so no global RNG drawn
     part = sets.forget.subset(take.tolist())
     fine_tune(attacked, part.input_ids, part.attention_mask, RELEARN_STEPS, lr, batch_size, seed + RELEARN_SEED_OFFSET,
-              device, autocast)
+              device, autocast, loss_mask=part.loss_mask)
     return attacked.requires_grad_(False).eval()
 
 

@@ -172,14 +172,15 @@ class _Run:
         ctx = PrepareContext(model, tokenizer, torch.Generator().manual_seed(cfg.seed), device,
                              cfg.eval_batch_size, autocast, cache[0] if cache else None, cache[1] if cache else "",
                              cfg.batch_size, cfg.seed)
-        forget_extra = method.forget.prepare(sets.forget.input_ids, sets.forget.attention_mask, ctx)
+        forget_extra = method.forget.prepare(sets.forget.input_ids, sets.forget.attention_mask, ctx, sets.forget.loss_mask)
         constants = {"forget": method.forget.constants(ctx), "retain": {}}
         retain_chunks, retain_extra = None, {}
         if method.retain is not None:
             retain_chunks = getattr(sets, method.retain_source)
             if retain_chunks is None:
                 raise UnlearnError(f"method {method.id} needs a {method.retain_source} set (--{method.retain_source})")
-            retain_extra = method.retain.prepare(retain_chunks.input_ids, retain_chunks.attention_mask, ctx)
+            retain_extra = method.retain.prepare(retain_chunks.input_ids, retain_chunks.attention_mask, ctx,
+                                                 retain_chunks.loss_mask)
             constants["retain"] = method.retain.constants(ctx)
         # Which weights may move: all, the method's own (RMU), --params REGEX or saliency:P (at θ0, once).
         params = trained_parameters(model, method, cfg, sets.forget, sets.retain, device, autocast)

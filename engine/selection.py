@@ -60,13 +60,13 @@ def _mean_ce_gradients(model, chunks: Chunks, batch_size: int, device, autocast)
     from engine.methods.base import causal_labels
 
     model.zero_grad(set_to_none=True)
-    total = max(1, int((chunks.attention_mask[:, 1:] == 1).sum()))
+    total = max(1, int((chunks.loss_mask[:, 1:] == 1).sum()))  # scored tokens: a QA chunk's answers
     for start in range(0, len(chunks), batch_size):
         ids = chunks.input_ids[start:start + batch_size]
         mask = chunks.attention_mask[start:start + batch_size]
         width = int(mask.sum(1).max())
         ids, mask = ids[:, :width].to(device), mask[:, :width].to(device)
-        labels = causal_labels(ids, mask)
+        labels = causal_labels(ids, mask, chunks.loss_mask[start:start + batch_size, :width].to(device))
         n = int((labels[:, 1:] != -100).sum())
         if n == 0:
             continue

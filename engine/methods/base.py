@@ -4,7 +4,10 @@ A method = forget term + weight × retain term (design §3). Terms are small obj
 method is a new composition in one file, never a branch in the training loop.
 
 Conventions shared by every term: `labels` are aligned with `input_ids` (HF style: labels[t]
-is the token predicted from positions < t), -100 where nothing is predicted (pad, position 0).
+is the token predicted from positions < t), -100 where nothing is predicted (pad, position 0)
+or nothing is scored (the prompt of a question–answer chunk: its `loss_mask` is 0 there). Every
+loss reads which tokens count from `labels`, never from the attention mask, so a question–answer
+set trains and scores its answers only; for plain text the loss mask is the attention mask.
 
 Importing a method costs no torch: `unlearn methods` and the study spec read the registry on the
 CLI's light read path, so the few functions that need torch's own functions import it inside.
@@ -21,9 +24,11 @@ if TYPE_CHECKING:
 IGNORE = -100
 
 
-def causal_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Plain next-token labels: the input itself, pad positions ignored."""
-    return input_ids.masked_fill(attention_mask == 0, IGNORE)
+def causal_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain next-token labels: the input itself, pad positions ignored, and with a `loss_mask`
+    (Chunks.loss_mask) every position it leaves out ignored too (a QA chunk's prompt)."""
+    return input_ids.masked_fill((attention_mask if loss_mask is None else loss_mask) == 0, IGNORE)
 
 
 def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,8 +121,10 @@ class Term:
         """A new term of the same kind with some knobs changed (terms are shared: never mutated)."""
         return type(self)(**{**self.knob_values(), **values}) if values else self
 
-    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, ctx: PrepareContext) -> dict[str, torch.Tensor]:
-        return {"labels": causal_labels(input_ids, attention_mask)}
+    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, ctx: PrepareContext,
+                loss_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`loss_mask` (the chunks' own; None: the attention mask) says which tokens the labels score."""
+        return {"labels": causal_labels(input_ids, attention_mask, loss_mask)}
 
     def constants(self, ctx: PrepareContext) -> dict[str, torch.Tensor]:
         return {}

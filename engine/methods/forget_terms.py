@@ -23,10 +23,10 @@ class RandomLabelDescent(ForgetTerm):
     id = "random_label"
     formula = "CE(θ; U with random labels)"
 
-    def prepare(self, input_ids, attention_mask, ctx: PrepareContext):
+    def prepare(self, input_ids, attention_mask, ctx: PrepareContext, loss_mask=None):
         import torch
 
-        labels = causal_labels(input_ids, attention_mask)
+        labels = causal_labels(input_ids, attention_mask, loss_mask)
         specials = torch.tensor(special_ids(ctx.tokenizer), dtype=torch.long)
         vocab = len(ctx.tokenizer)
         allowed = torch.ones(vocab, dtype=torch.bool)
@@ -52,10 +52,10 @@ class AdversarialDescent(ForgetTerm):
     formula = "CE(θ; U with argmax_{a≠y} p_θ0 labels)"
     needs_reference = True
 
-    def prepare(self, input_ids, attention_mask, ctx: PrepareContext):
+    def prepare(self, input_ids, attention_mask, ctx: PrepareContext, loss_mask=None):
         import torch
 
-        labels = causal_labels(input_ids, attention_mask)
+        labels = causal_labels(input_ids, attention_mask, loss_mask)
         out = labels.clone()
         ref = ctx.reference
         for sl, ids, mask in chunk_batches(input_ids, attention_mask, ctx):

@@ -20,15 +20,15 @@ from engine.methods.retain_terms import RetainDescent, RetainKL
 NPO_BETA = 0.1
 
 
-def reference_logprobs(input_ids, attention_mask, ctx: PrepareContext):
-    """log π_θ0(y) of every chunk, summed over its predicted tokens, [N] float32."""
+def reference_logprobs(input_ids, attention_mask, ctx: PrepareContext, labels):
+    """log π_θ0(y) of every chunk, summed over its predicted (labelled) tokens, [N] float32."""
     import torch
 
     out = []
-    for _, ids, mask in chunk_batches(input_ids, attention_mask, ctx, trim=True):  # the training batches' trim
+    for sl, ids, mask in chunk_batches(input_ids, attention_mask, ctx, trim=True):  # the training batches' trim
         with torch.no_grad(), ctx.autocast():
             logits = ctx.reference(input_ids=ids, attention_mask=mask).logits
-        out.append(sequence_logprob(logits, causal_labels(ids, mask)).float().cpu())
+        out.append(sequence_logprob(logits, labels[sl, :ids.shape[1]].to(ids.device)).float().cpu())
     return torch.cat(out)
 
 
@@ -50,9 +50,9 @@ class NPOForget(ForgetTerm):
             raise UnlearnError(f"npo: beta must be above 0, not {beta:g}")
         self.beta = beta
 
-    def prepare(self, input_ids, attention_mask, ctx):
-        labels = causal_labels(input_ids, attention_mask)
-        return {"labels": labels, "ref_logprob": reference_logprobs(input_ids, attention_mask, ctx)}
+    def prepare(self, input_ids, attention_mask, ctx, loss_mask=None):
+        labels = causal_labels(input_ids, attention_mask, loss_mask)
+        return {"labels": labels, "ref_logprob": reference_logprobs(input_ids, attention_mask, ctx, labels)}
 
     def loss(self, logits, batch, reference_logits=None):
         import torch.nn.functional as F

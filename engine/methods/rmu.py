@@ -22,7 +22,7 @@ import re
 
 from engine.errors import UnlearnError
 from engine.methods import register
-from engine.methods.base import ForgetTerm, Method, RetainTerm, causal_labels, chunk_batches
+from engine.methods.base import IGNORE, ForgetTerm, Method, RetainTerm, causal_labels, chunk_batches
 
 RMU_STEERING = 6.5
 RMU_ALPHA = 100.0
@@ -80,9 +80,15 @@ def layer_output(model, batch):
     return out.hidden_states[rmu_layer(model) + 1]
 
 
-def masked_mse(h, target, attention_mask):
-    """Mean over real (non-pad) tokens of ‖h − target‖² / d."""
-    mask = attention_mask.float()
+def scored(batch):
+    """Where a batch is scored: its labelled positions (real tokens; a QA chunk's answer only), or
+    its real tokens when it carries no labels. For plain text the two are the same positions."""
+    return batch["labels"] != IGNORE if "labels" in batch else batch["attention_mask"]
+
+
+def masked_mse(h, target, mask):
+    """Mean over the scored tokens (`mask` 1) of ‖h − target‖² / d."""
+    mask = mask.float()
     per_token = (h.float() - target.float()).pow(2).mean(-1)
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
@@ -106,14 +112,14 @@ class MisdirectForget(ForgetTerm):
 
     def forward_loss(self, model, batch, reference=None):
         h = layer_output(model, batch)
-        return masked_mse(h, batch["rmu_control"].to(h.dtype), batch["attention_mask"])
+        return masked_mse(h, batch["rmu_control"].to(h.dtype), scored(batch))
 
 
 class KeepActivations(RetainTerm):
     id = "rmu_retain"
     formula = "mean ‖h_ℓ(θ; R) − h_ℓ(θ0; R)‖²/d"
 
-    def prepare(self, input_ids, attention_mask, ctx):
+    def prepare(self, input_ids, attention_mask, ctx, loss_mask=None):
         """θ0's layer-ℓ activations of every retain chunk, once ([N, L, d] float32 on the CPU)."""
         import torch
 
@@ -121,10 +127,10 @@ class KeepActivations(RetainTerm):
         for _, ids, mask in chunk_batches(input_ids, attention_mask, ctx):  # full width: the rows are concatenated
             with torch.no_grad(), ctx.autocast():
                 acts.append(layer_output(ctx.reference, {"input_ids": ids, "attention_mask": mask}).float().cpu())
-        return {"labels": causal_labels(input_ids, attention_mask), "rmu_frozen": torch.cat(acts)}
+        return {"labels": causal_labels(input_ids, attention_mask, loss_mask), "rmu_frozen": torch.cat(acts)}
 
     def forward_loss(self, model, batch, reference=None):
-        return masked_mse(layer_output(model, batch), batch["rmu_frozen"], batch["attention_mask"])
+        return masked_mse(layer_output(model, batch), batch["rmu_frozen"], scored(batch))
 
 
 register(Method("rmu", "Representation misdirection: scramble layer ℓ's activations on forget, keep them on retain; "

@@ -34,8 +34,8 @@ REINFORCE_STEPS = 50
 REINFORCE_LR = 3e-4
 
 
-def reinforced_model(input_ids, attention_mask, ctx: PrepareContext, steps: int):
-    """θ0 fine-tuned on U for `steps` steps, loaded from the cache when it was built before."""
+def reinforced_model(input_ids, attention_mask, ctx: PrepareContext, steps: int, loss_mask=None):
+    """θ0 fine-tuned on U (its scored tokens) for `steps` steps, loaded from the cache when it was built before."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -48,7 +48,7 @@ def reinforced_model(input_ids, attention_mask, ctx: PrepareContext, steps: int)
     model = copy.deepcopy(ctx.reference).train().requires_grad_(True)
     with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
         fine_tune(model, input_ids, attention_mask, steps, REINFORCE_LR, ctx.train_batch_size, ctx.seed, ctx.device,
-                  ctx.autocast)
+                  ctx.autocast, loss_mask=loss_mask)
     model.eval().requires_grad_(False)
     if folder is not None:  # whole or not at all: two runs building it at once each write their own
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -86,11 +86,11 @@ class GenericLabelDescent(ForgetTerm):
             raise UnlearnError(f"whp: reinforce_steps must be a whole number ≥ 1, not {reinforce_steps:g}")
         self.alpha, self.reinforce_steps = alpha, int(reinforce_steps)
 
-    def prepare(self, input_ids, attention_mask, ctx):
+    def prepare(self, input_ids, attention_mask, ctx, loss_mask=None):
         import torch
 
-        reinforced = reinforced_model(input_ids, attention_mask, ctx, self.reinforce_steps)
-        labels = causal_labels(input_ids, attention_mask)
+        reinforced = reinforced_model(input_ids, attention_mask, ctx, self.reinforce_steps, loss_mask)
+        labels = causal_labels(input_ids, attention_mask, loss_mask)
         out = labels.clone()
         for sl, ids, mask in chunk_batches(input_ids, attention_mask, ctx):
             with torch.no_grad(), ctx.autocast():
