@@ -47,6 +47,9 @@ class ForgetSet(SQLModel, table=True):
     counts: dict = Field(default_factory=dict, sa_column=Column(JSON))  # role -> documents
     chunks: Optional[dict] = Field(default=None, sa_column=Column(JSON))  # role -> chunks (with --tokenizer)
     created_at: dt.datetime = Field(default_factory=utcnow)
+    # v3: how the set was made beyond its sources: {"qa": {"prompt_field", "answer_field"}} for a
+    # question–answer set, {"preset": ..., "split": ..., "extras": {name: rows}} for a benchmark's
+    meta: Optional[dict] = Field(default=None, sa_column=Column(JSON))
 
 
 class Document(SQLModel, table=True):
@@ -56,9 +59,10 @@ class Document(SQLModel, table=True):
     __tablename__ = "ul_document"
     id: Optional[int] = Field(default=None, primary_key=True)
     forgetset_id: int = Field(foreign_key="ul_forgetset.id", index=True)
-    role: str
+    role: str  # a ROLES name, or "extra:NAME" for a benchmark's evaluation rows (JSON in text, not chunked)
     position: int
-    text: str = Field(sa_column=Column(Text))
+    text: str = Field(sa_column=Column(Text))  # a question–answer document's answer
+    prompt: Optional[str] = Field(default=None, sa_column=Column(Text))  # v3: its prompt (None: plain text)
 
 
 class Study(SQLModel, table=True):
@@ -134,8 +138,20 @@ def _v1_to_v2(session: Session) -> None:
     session.exec(text('ALTER TABLE ul_forgetset ADD COLUMN "column" VARCHAR'))
 
 
+def _v2_to_v3(session: Session) -> None:
+    """v3: question–answer documents keep their prompt; a forget set keeps how it was made (meta).
+    Existing rows are plain text (prompt NULL) with no meta, which is what they were."""
+    from sqlalchemy import inspect, text
+
+    have = {t: {c["name"] for c in inspect(session.connection()).get_columns(t)} for t in ("ul_document", "ul_forgetset")}
+    if "prompt" not in have["ul_document"]:
+        session.exec(text("ALTER TABLE ul_document ADD COLUMN prompt TEXT"))
+    if "meta" not in have["ul_forgetset"]:
+        session.exec(text("ALTER TABLE ul_forgetset ADD COLUMN meta JSON"))
+
+
 # Upgrades from an older schema version, in order: MIGRATIONS[v] takes a store at v to v + 1.
-MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1_to_v2}
+MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def _make_engine(url: str, immediate: bool):

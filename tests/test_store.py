@@ -297,7 +297,7 @@ def test_a_v1_store_is_upgraded_in_place_and_keeps_its_forget_sets(url, tmp_path
     with sqlite3.connect(path) as c:
         cols = [r[1] for r in c.execute("PRAGMA table_info(ul_forgetset)")]
         assert "column" in cols
-        assert c.execute("SELECT value FROM ul_meta").fetchone() == ("2",)
+        assert c.execute("SELECT value FROM ul_meta").fetchone() == (str(SCHEMA_VERSION),)  # v1 -> v2 -> ... now
     fs = upgraded.forget_set("fs")
     assert fs.column is None
     assert forget_set_texts(upgraded, fs).counts() == {"forget": 1, "retain": 1, "unseen": 1, "general": 0}

@@ -1,4 +1,4 @@
-"""`unlearn forgetset create|ls|show`."""
+"""`unlearn forgetset create|preset|ls|show`."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -6,6 +6,11 @@ from typing import List, Optional
 import typer
 
 from tui.cli.common import Json, Storage, lab
+
+# A question–answer source: both fields or neither (engine.data.check_qa_fields says so in one line).
+PROMPT_FIELD = typer.Option(None, "--prompt-field", help="field of the prompt (question) in .jsonl/.json/.csv/.parquet "
+                            "rows: the set is question–answer pairs, scored on the answers only (with --answer-field)")
+ANSWER_FIELD = typer.Option(None, "--answer-field", help="field of the answer (with --prompt-field)")
 
 
 def create_cmd(
@@ -19,19 +24,56 @@ def create_cmd(
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="model/tokenizer to count chunks with"),
     text_field: str = typer.Option("text", "--text-field", help="field of .jsonl/.json rows"),
     column: Optional[str] = typer.Option(None, "--column", help="column of .csv/.parquet (default: --text-field)"),
+    prompt_field: Optional[str] = PROMPT_FIELD,
+    answer_field: Optional[str] = ANSWER_FIELD,
     storage: Storage = None,
     as_json: Json = False,
 ):
     """Read the sources, hash the texts and store them (the set never changes after)."""
-    from studies.forgetsets import create_forget_set, describe
-    from tui.cli.console import emit_json, out
+    from studies.forgetsets import create_forget_set
 
     fs = create_forget_set(lab(ctx).store(create=True), name, forget, retain, unseen, general, text_field, column,
-                           seq_len, tokenizer)
+                           seq_len, tokenizer, prompt_field, answer_field)
+    _report(fs, as_json)
+
+
+def preset_cmd(
+    ctx: typer.Context,
+    preset: str = typer.Argument(..., help="tofu, muse-news, muse-books or yao (Yao et al.'s arXiv/GitHub splits)"),
+    split: Optional[str] = typer.Option(None, "--split", help="tofu: forget01, forget05 or forget10 (default); "
+                                        "yao: arxiv (default) or github; muse-*: forget"),
+    from_dir: Optional[str] = typer.Option(None, "--from", metavar="DIR",
+                                           help="a local snapshot of the dataset (huggingface-cli download "
+                                           "--repo-type dataset NAME --local-dir DIR), for boxes without internet"),
+    name: Optional[str] = typer.Option(None, "--as", metavar="NAME", help="the forget set's name (default: PRESET-SPLIT)"),
+    seq_len: int = typer.Option(512, "--seq-len", help="tokens per chunk for runs on this set"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="model/tokenizer to count chunks with"),
+    storage: Storage = None,
+    as_json: Json = False,
+):
+    """A benchmark's data as a named forget set with the benchmark's own roles (docs/data.md)."""
+    from engine.presets import load_preset
+    from studies.forgetsets import check_new_name, store_forget_set
+
+    store = lab(ctx).store(create=True)
+    data = load_preset(preset, split, from_dir)
+    name = name or f"{preset}-{data.meta['split']}"
+    check_new_name(store, name, seq_len)
+    fs = store_forget_set(store, name, data.texts, seq_len=seq_len, tokenizer=tokenizer, meta=data.meta,
+                          extras=data.extras)
+    _report(fs, as_json)
+
+
+def _report(fs, as_json: bool) -> None:
+    from studies.forgetsets import describe
+    from tui.cli.console import emit_json, out
+
     if as_json:
         return emit_json(describe(fs))
+    qa = " question–answer" if (fs.meta or {}).get("qa") else ""
     out.print(f"forget set [bold]{fs.name}[/] {fs.hash[:12]}: " + ", ".join(f"{k} {v}" for k, v in fs.counts.items())
-              + " documents" + (f"; chunks {fs.chunks}" if fs.chunks else ""))
+              + f"{qa} documents" + (f"; chunks {fs.chunks}" if fs.chunks else "")
+              + (f"; extras {(fs.meta or {})['extras']}" if (fs.meta or {}).get("extras") else ""))
 
 
 def ls_cmd(ctx: typer.Context, storage: Storage = None, as_json: Json = False):

@@ -39,6 +39,7 @@ app.command("sisa")(demo.sisa_cmd)
 
 forgetset_app = _group("Named, immutable, content-hashed forget sets (forget / retain / unseen / general).")
 forgetset_app.command("create")(forgetset.create_cmd)
+forgetset_app.command("preset")(forgetset.preset_cmd)
 forgetset_app.command("ls")(forgetset.ls_cmd)
 forgetset_app.command("show")(forgetset.show_cmd)
 app.add_typer(forgetset_app, name="forgetset")

@@ -7,6 +7,7 @@ from typing import List, Optional
 import typer
 
 from tui.cli.common import Json, run_settings_options
+from tui.cli.forgetset import ANSWER_FIELD, PROMPT_FIELD
 
 
 def methods_cmd(as_json: Json = False,
@@ -59,6 +60,8 @@ def run_cmd(
     steps: str = typer.Option(..., "--steps", help="milestones, e.g. 5,10,20: trains to the largest, evaluates at each"),
     text_field: str = typer.Option("text", "--text-field", help="field of .jsonl/.json rows"),
     column: Optional[str] = typer.Option(None, "--column", help="column of .csv/.parquet (default: --text-field)"),
+    prompt_field: Optional[str] = PROMPT_FIELD,
+    answer_field: Optional[str] = ANSWER_FIELD,
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow the model repo's own Python code"),
     save_model: Optional[Path] = typer.Option(None, "--save-model", help="save the unlearned model here (save_pretrained)"),
@@ -81,7 +84,8 @@ def run_cmd(
     base, in_id = parse_variant(method)
     method = variant_id(base, {**in_id, **{k: v[0] for k, v in knobs.items()}})
     cfg = RunConfig.of(method, parse_lr(lr), parse_steps(steps), RunSettings(**given_settings)).validate()
-    texts = load_forget_set(forget, retain, unseen, general or [], text_field=text_field, column=column)
+    texts = load_forget_set(forget, retain, unseen, general or [], text_field=text_field, column=column,
+                            prompt_field=prompt_field, answer_field=answer_field)
     with step_progress(f"{method} lr={cfg.lr:g}", cfg.milestones[-1]) as on_step:
         result = run_unlearning(model, texts, cfg, device=device, cache_dir=Settings().baseline_cache,
                                 trust_remote_code=trust_remote_code, on_step=on_step, save_to=save_model)
