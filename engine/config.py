@@ -17,10 +17,11 @@ from typing import Any, Optional
 from engine.errors import UnlearnError
 
 
-def knob(default: Any, flag: str, help: str, parse: Any = None) -> Any:
+def knob(default: Any, flag: str, help: str, parse: Any = None, default_text: str | None = None) -> Any:
     """A RunSettings field with its command-line flag and help text; a text field also names the
-    function that checks and normalizes its value (raising UnlearnError)."""
-    return field(default=default, metadata={"flag": flag, "help": help, "parse": parse})
+    function that checks and normalizes its value (raising UnlearnError); `default_text` says what
+    an unset (None) value means, where that is not "the method's own"."""
+    return field(default=default, metadata={"flag": flag, "help": help, "parse": parse, "default_text": default_text})
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,21 @@ class RunSettings:
                        "or saliency:P for the P % of weights whose gradient on U is largest relative to the "
                        "retain set's (default: the method's own choice, usually all)",
                        parse=lambda v: check_params(v))
+    # Memory options (engine/precision.py, engine/lora.py; `unlearn plan` sizes each of them).
+    dtype: str = knob("auto", "--dtype", "the weights' dtype: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32; "
+                      "bf16 weights are updated through an fp32 master copy, so small learning rates still move them",
+                      parse=lambda v: check_choice(v, "--dtype", DTYPES))
+    gradient_checkpointing: bool = knob(False, "--gradient-checkpointing",
+                                        "recompute each block's activations in the backward pass (non-reentrant): "
+                                        "less memory, about a third more compute")
+    optim: str = knob("adamw", "--optim", "adamw, adamw8bit or paged_adamw8bit (8-bit states: bitsandbytes, CUDA only; "
+                      "pip install 'unlearn-lab[gpu]')", parse=lambda v: check_choice(v, "--optim", OPTIMIZERS))
+    lora: int = knob(0, "--lora", "train a LoRA adapter of this rank instead of the weights (0: off); the reference "
+                     "model is the same model with the adapter disabled, so no second copy")
+    lora_alpha: Optional[float] = knob(None, "--lora-alpha", "LoRA's alpha (the adapter's scale is alpha/rank)",
+                                       default_text="2 × rank")
+    lora_targets: str = knob("", "--lora-targets", "modules that get an adapter: comma-separated names (q_proj,v_proj) "
+                             "(default: every linear layer of the blocks)", parse=lambda v: v.strip())
 
     def validate(self) -> "RunSettings":
         """A checked copy with plain int/float values; raises UnlearnError naming the flag at fault."""
@@ -50,8 +66,13 @@ class RunSettings:
         for f in fields(RunSettings):
             v = getattr(self, f.name)
             flag = f.metadata["flag"]
-            if f.name == "retain_weight" and v is None:
+            if f.name in ("retain_weight", "lora_alpha") and v is None:
                 values[f.name] = None
+                continue
+            if f.type in ("bool", bool):
+                if not isinstance(v, bool):
+                    raise UnlearnError(f"{flag} is on or off, not {v!r}")
+                values[f.name] = v
                 continue
             if f.type in ("str", str):
                 if not isinstance(v, str):
@@ -80,6 +101,14 @@ class RunSettings:
             raise UnlearnError("--tol-forget and --tol-retain must be 0 or more")
         if s.divergence_factor <= 1:
             raise UnlearnError("--divergence-factor must be above 1")
+        if s.lora < 0:
+            raise UnlearnError("--lora must be a rank of 1 or more (0: off)")
+        if s.lora_alpha is not None and s.lora_alpha <= 0:
+            raise UnlearnError("--lora-alpha must be above 0")
+        if not s.lora and (s.lora_alpha is not None or s.lora_targets):
+            raise UnlearnError("--lora-alpha and --lora-targets need --lora R")
+        if s.lora and s.params:
+            raise UnlearnError("--params chooses weights to train, --lora trains an adapter instead: give one of them")
         return s
 
     def to_dict(self) -> dict:
@@ -95,12 +124,23 @@ class RunSettings:
         out = []
         for f in fields(RunSettings):
             v = getattr(self, f.name)
-            if v is not None and v != "":
+            if isinstance(v, bool):
+                out += [f.metadata["flag"]] if v else []
+            elif v is not None and v != "":
                 out += [f.metadata["flag"], repr(float(v)) if isinstance(v, float) else str(v)]
         return out
 
 
 ROBUSTNESS_ATTACKS = ("relearn", "quant4", "quant8")  # engine.recovery runs them
+DTYPES = ("auto", "bf16", "fp32")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+
+
+def check_choice(text: str, flag: str, choices: tuple[str, ...]) -> str:
+    text = (text or "").strip()
+    if text not in choices:
+        raise UnlearnError(f"{flag} must be one of {', '.join(choices)}, not {text!r}")
+    return text
 
 
 def parse_attacks(text: str) -> tuple[str, ...]:
@@ -171,6 +211,10 @@ class RunConfig(RunSettings):
             raise UnlearnError(f"method {method.id} sets retain_weight as a knob: leave out --retain-weight")
         if self.params and method.saliency:
             raise UnlearnError(f"method {method.id} sets the saliency share as a knob: leave out --params")
+        if self.lora and method.saliency:
+            raise UnlearnError(f"method {method.id} chooses weights by saliency, --lora trains an adapter instead")
+        if self.lora and method.forget.edits_weights:
+            raise UnlearnError(f"method {method.id} negates the change of the full weights: it does not run with --lora")
         base = RunSettings.validate(self)
         cfg = replace(self, **{f.name: getattr(base, f.name) for f in fields(RunSettings)},
                       lr=float(lr), milestones=tuple(sorted({int(s) for s in steps})))

@@ -32,7 +32,9 @@ def fine_tune(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, step
     mode (train / eval) the caller left it. `loss_mask` (Chunks.loss_mask) limits the loss to a QA chunk's answers."""
     from engine.methods.base import causal_labels, token_ce
 
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    from engine.precision import make_optimizer
+
+    opt = make_optimizer("adamw", list(model.parameters()), lr, torch.device("cpu"))  # bf16 weights: fp32 masters
     for step in range(1, steps + 1):
         idx = batch_indices(len(input_ids), batch_size, seed, step)
         mask = attention_mask[idx]

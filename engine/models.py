@@ -64,8 +64,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(name_or_path: str, device: torch.device | str = "cpu", trust_remote_code: bool = False):
-    """Load a causal LM in fp32 master weights (bf16 autocast happens in the run on CUDA)."""
+def load_model(name_or_path: str, device: torch.device | str = "cpu", trust_remote_code: bool = False,
+               dtype: torch.dtype | None = None):
+    """Load a causal LM with weights in `dtype` (default fp32; a run picks it from --dtype, and
+    autocasts to bf16 on CUDA either way)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -73,7 +75,7 @@ def load_model(name_or_path: str, device: torch.device | str = "cpu", trust_remo
     check_local_model(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            os.path.expanduser(name_or_path), dtype=torch.float32, trust_remote_code=trust_remote_code
+            os.path.expanduser(name_or_path), dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as exc:
         raise UnlearnError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from None

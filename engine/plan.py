@@ -8,8 +8,9 @@ bf16 2):
     weights     P·w / N, + 2 × the largest FSDP unit (a block or the embedding matrix) in w when N > 1
                 (the all-gathered layer being computed and the prefetched next one);
                 LoRA: the frozen base P·w / N + the adapter A·4 (peft keeps adapters in fp32)
-    master      bf16 full training: an fp32 copy of the trained weights, 4·T / N (small learning rates
-                move it, then it is rounded into the bf16 weights); fp32 and LoRA: none
+    master      bf16 full training with AdamW: an fp32 copy of the trained weights, 4·T / N (small
+                learning rates move it, then it is rounded into the bf16 weights); fp32, LoRA and the
+                8-bit optimizers (bitsandbytes updates bf16 weights in place): none
     gradients   T·w / N (bf16 gradients with bf16 weights); LoRA: A·4
     optimizer   AdamW's two fp32 moments 8·T / N; 8-bit (bitsandbytes adamw8bit, paged_adamw8bit): 2·T / N
                 (its block statistics, < 0.5 %, left out; a paged state can spill to host memory under
@@ -157,7 +158,7 @@ def figures(shape: ModelShape, method, opts: Options, batch_size: int, seq_len: 
     if A:
         f["gradients"], f["optimizer"] = 4 * A, OPTIMS[opts.optim] * A
     else:
-        f["master"] = 4 * T // N if opts.dtype == "bf16" else 0
+        f["master"] = 4 * T // N if opts.dtype == "bf16" and opts.optim == "adamw" else 0  # engine/precision.py
         f["gradients"], f["optimizer"] = T * w // N, OPTIMS[opts.optim] * T // N
         if method.needs_reference or method.id == "whp":
             f["reference"] = P * w // N

@@ -30,6 +30,8 @@ from engine.files import write_json_atomic
 from engine.finetune import batch_indices
 from engine.methods import get_method
 from engine.methods.base import Method, PrepareContext, causal_labels
+from engine.lora import AdapterOff, apply_lora, save_lora
+from engine.precision import make_optimizer, resolve_dtype
 from engine.recovery import attack_milestone
 from engine.selection import trained_parameters
 from engine.models import count_parameters, load_model, load_tokenizer, model_key, read_pretraining_tokens, resolve_device
@@ -165,7 +167,7 @@ class _Run:
         set_seed(cfg.seed)
         autocast = autocast_for(device)
         reference = None
-        if method.needs_reference:  # a live frozen θ0 for terms that read its logits every step (KL, UNDIAL)
+        if method.needs_reference and not cfg.lora:  # a live frozen θ0 for terms that read its logits every step (KL, UNDIAL)
             reference = copy.deepcopy(model).eval().requires_grad_(False)
         # Prepared data comes from θ0 too, but once, before the first step: the model itself will do.
         model.eval()
@@ -182,9 +184,20 @@ class _Run:
             retain_extra = method.retain.prepare(retain_chunks.input_ids, retain_chunks.attention_mask, ctx,
                                                  retain_chunks.loss_mask)
             constants["retain"] = method.retain.constants(ctx)
-        # Which weights may move: all, the method's own (RMU), --params REGEX or saliency:P (at θ0, once).
-        params = trained_parameters(model, method, cfg, sets.forget, sets.retain, device, autocast)
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        if cfg.gradient_checkpointing:  # non-reentrant: works with frozen inputs, so with LoRA too
+            if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.2 on
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora:  # an adapter trains; θ0 is the model with it disabled (no second copy)
+            model = apply_lora(model, cfg.lora, cfg.lora_alpha, cfg.lora_targets)
+            params = [p for p in model.parameters() if p.requires_grad]
+            if method.needs_reference:
+                reference = AdapterOff(model)
+        else:
+            # Which weights may move: all, the method's own (RMU), --params REGEX or saliency:P (at θ0, once).
+            params = trained_parameters(model, method, cfg, sets.forget, sets.retain, device, autocast)
+        optimizer = make_optimizer(cfg.optim, params, cfg.lr, device)  # bf16 weights: through fp32 masters
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, constant_after_warmup(cfg.warmup_steps))
         theta0 = ({n: p.detach().clone() for n, p in model.named_parameters()}
                   if method.forget.edits_weights else None)
@@ -311,7 +324,9 @@ def _deterministic(on: bool):
 def baseline_metrics(model, model_name: str, sets: ForgetSetChunks, fs_hash: str, cfg: RunConfig,
                      cache_dir: Path | None, autocast=contextlib.nullcontext) -> tuple[dict, int]:
     """θ0's metrics, cached per (model, forget-set hash, seq_len, min_k). Returns (M, eval tokens spent)."""
-    key = f"{model_key(model_name)}-{fs_hash[:16]}-{cfg.seq_len}-{cfg.min_k}-{'g' if sets.general is not None else 'n'}"
+    dtype = next(model.parameters()).dtype
+    key = (f"{model_key(model_name)}-{fs_hash[:16]}-{cfg.seq_len}-{cfg.min_k}-{'g' if sets.general is not None else 'n'}"
+           + ("" if dtype == torch.float32 else f"-{str(dtype).removeprefix('torch.')}"))  # θ0 in bf16 is not θ0 in fp32
     path = cache_dir / f"{key}.json" if cache_dir else None
     if path and path.is_file():
         return json.loads(path.read_text()), 0
@@ -337,6 +352,7 @@ def run_unlearning(
     on_milestone: OnMilestone | None = None,
     save_to: Path | None = None,
     sets: ForgetSetChunks | None = None,
+    merge_lora: bool = False,
 ) -> dict:
     """Load, chunk, baseline, train, evaluate: the result object of `unlearn run --json`.
     In the non-main processes of `accelerate launch` it trains and returns no milestones."""
@@ -353,15 +369,22 @@ def run_unlearning(
     if sets is None:
         sets = chunk_forget_set(texts, tokenizer, cfg.seq_len)
     torch.manual_seed(cfg.seed)
-    model = load_model(model_name, dev, trust_remote_code)
+    dtype = resolve_dtype(cfg.dtype, dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    model = load_model(model_name, dev, trust_remote_code, dtype=dtype)
     baseline, baseline_tokens = ({}, 0)
     if main:
         baseline, baseline_tokens = baseline_metrics(model, model_name, sets, texts.hash, cfg, cache_dir, autocast_for(dev))
-    cache = (cache_dir.parent / "prepared", f"{model_key(model_name)}-{texts.hash[:16]}-{cfg.seq_len}") if cache_dir else None
+    cache = ((cache_dir.parent / "prepared", f"{model_key(model_name)}-{texts.hash[:16]}-{cfg.seq_len}"
+              + ("" if dtype == torch.float32 else "-bf16")) if cache_dir else None)
     out = train_to_milestones(model, tokenizer, sets, cfg, baseline, on_step, on_milestone, cache)
     wall = time.perf_counter() - t0
     if save_to is not None and main:
-        out.model.save_pretrained(save_to)
+        if cfg.lora:
+            save_lora(out.model, save_to, merge_lora)
+        else:
+            out.model.save_pretrained(save_to)
         tokenizer.save_pretrained(save_to)
     n_params = count_parameters(out.model)
     eval_tokens = out.eval_tokens + baseline_tokens
@@ -376,6 +399,9 @@ def run_unlearning(
         "forget_set": {"hash": texts.hash, "seq_len": cfg.seq_len, "documents": texts.counts(),
                        "chunks": {role: len(ch) for role, ch in sets.items()}},
         "config": {**asdict(cfg), "milestones": list(cfg.milestones)},
+        "memory": {"dtype": str(dtype).removeprefix("torch."), "master_copy": dtype != torch.float32 and cfg.optim == "adamw" and not cfg.lora,
+                   "gradient_checkpointing": cfg.gradient_checkpointing, "optim": cfg.optim, "lora": cfg.lora,
+                   "peak_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None},
         "baseline": baseline,
         "milestones": out.milestones,
         "diverged": out.diverged,

@@ -181,9 +181,10 @@ def model_card(entry: dict, reached: dict, result: dict) -> str:
 
 
 def save_model(store: Store, entry: dict, out_dir: Path, device: str = "auto",
-               on_step: Optional[Callable[[int, float], None]] = None) -> dict:
+               on_step: Optional[Callable[[int, float], None]] = None, merge: bool = False) -> dict:
     """Rerun an export entry from the stored forget-set texts and save the unlearned model, its tokenizer
-    and a README.md model card to out_dir/<method> (Pareto entries: <method>-lr<lr>-steps<steps>).
+    and a README.md model card to out_dir/<method> (Pareto entries: <method>-lr<lr>-steps<steps>). A
+    study run with --lora saves its adapter, or with `merge` the merged model.
     The folder appears whole or not at all. Returns {"path", "metrics", "score", "matches"}."""
     from engine.run import run_unlearning
     from engine.settings import get_settings
@@ -203,7 +204,8 @@ def save_model(store: Store, entry: dict, out_dir: Path, device: str = "auto",
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=out_dir))
     try:
         result = run_unlearning(study.model, texts, cfg, device=device, cache_dir=get_settings().baseline_cache,
-                                trust_remote_code=bool(spec.trust_remote_code), on_step=on_step, save_to=tmp)
+                                trust_remote_code=bool(spec.trust_remote_code), on_step=on_step, save_to=tmp,
+                                merge_lora=merge)
         reached = result["milestones"][-1]
         (tmp / "README.md").write_text(model_card(entry, reached, result), encoding="utf-8")
         (tmp / "unlearn_export.json").write_text(to_json([{**entry, "reached": reached, "device": result["device"]}]),

@@ -69,11 +69,21 @@ def run_one(store: Store, run_id: int, device: str) -> int:
         run.pid, run.heartbeat = os.getpid(), utcnow()
         s.add(run)
     spec = StudySpec.from_dict(study.spec)
+    cfg = spec.run_config(run.method, run.lr)
+    gpu_bytes = _gpu_bytes(device)
+    if gpu_bytes is not None:
+        refused = _does_not_fit(spec, cfg, gpu_bytes)
+        if refused:  # it would fail the same way at every attempt: failed at once, with the plan's reason
+            with store.write() as s:
+                r = s.get(Run, run_id)
+                r.state, r.last_error, r.finished_at = RunState.FAILED, f"attempt {r.attempts}: {refused}"[:2000], utcnow()
+                s.add(r)
+            store.log(RunState.FAILED, f"{run.method} lr={run.lr:g}: {refused}", study.id, run_id)
+            return 3
     heart = Heartbeat(store, run_id)
     heart.start()
     try:
         texts = forget_set_texts(store, fs)
-        cfg = spec.run_config(run.method, run.lr)
 
         def on_step(step: int, loss: float) -> None:
             heart.step = step
@@ -97,14 +107,41 @@ def run_one(store: Store, run_id: int, device: str) -> int:
         return 0
     except BaseException as exc:  # recorded for the pool, which decides whether to retry
         heart.stop()
-        kind = "out of memory" if "OutOfMemory" in type(exc).__name__ else type(exc).__name__
+        oom = "OutOfMemory" in type(exc).__name__
+        kind = "out of memory" if oom else type(exc).__name__
         message = f"{kind}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+        if oom:  # what the plan expected, and the option set that would fit
+            from engine.plan import describe_oom
+
+            message += " — " + describe_oom(spec.model, run.method, cfg, gpu_bytes, trust_remote_code=spec.trust_remote_code)
         traceback.print_exc()
         with store.write() as s:
             r = s.get(Run, run_id)
             r.last_error = f"attempt {r.attempts}: {message}"[:2000]
             s.add(r)
         return 1
+
+
+def _gpu_bytes(device: str) -> int | None:
+    """Free memory of this run's GPU before it loads anything (None on CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return int(torch.cuda.mem_get_info()[0]) if torch.cuda.is_available() else None
+
+
+def _does_not_fit(spec, cfg, gpu_bytes: int) -> str | None:
+    """`unlearn plan`'s verdict on this run (engine/plan.py), or None when it fits."""
+    from engine.errors import UnlearnError
+    from engine.plan import make_plan, options_from
+
+    try:
+        plan = make_plan(spec.model, cfg.method, options_from(cfg), cfg.batch_size, cfg.seq_len, gpu_bytes,
+                         bool(spec.trust_remote_code))
+    except UnlearnError:  # no plan for this model (its config cannot be read here): the run itself will say
+        return None
+    return None if plan.fits else f"model {spec.model}, method {plan.method}, {plan.asked.flags()}: {plan.verdict()}"
 
 
 def main(argv: list[str] | None = None) -> int:

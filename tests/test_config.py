@@ -21,7 +21,11 @@ from tui.cli import app
 # A value other than the default for every field (a new field without one here fails the test below).
 NON_DEFAULT = {"batch_size": 3, "seq_len": 96, "seed": 5, "warmup_steps": 2, "retain_weight": 2.5,
                "eval_batch_size": 5, "min_k": 0.3, "tol_forget": 0.2, "tol_retain": 0.1, "divergence_factor": 500.0,
-               "attacks": "relearn,quant4", "params": "mlp"}
+               "attacks": "relearn,quant4", "params": "mlp", "dtype": "bf16", "gradient_checkpointing": True,
+               "optim": "adamw8bit", "lora": 4, "lora_alpha": 16.0, "lora_targets": "q_proj,v_proj"}
+# Settings that exclude each other (--params chooses weights, --lora trains an adapter instead):
+# a study takes NON_DEFAULT without one group or the other.
+EXCLUSIVE = ({"params"}, {"lora", "lora_alpha", "lora_targets"})
 
 
 def command(*path: str):
@@ -39,15 +43,18 @@ def test_every_field_is_a_flag_of_run_and_study_create():
         assert missing == [], f"unlearn {' '.join(path)} lacks {missing}"
 
 
-def test_settings_round_trip_through_a_study_and_its_export(tmp_path, forget_set_files, tiny_model_dir):
+@pytest.mark.parametrize("left_out", EXCLUSIVE, ids=["lora", "params"])
+def test_settings_round_trip_through_a_study_and_its_export(tmp_path, forget_set_files, tiny_model_dir, left_out):
     url = f"sqlite:///{tmp_path / 'lab.db'}"
     make_forget_set(Store(url), "fs", forget_set_files)
-    flags = [a for f in settings_fields() for a in (f.metadata["flag"], str(NON_DEFAULT[f.name]))]
+    given = {k: v for k, v in NON_DEFAULT.items() if k not in left_out}
+    flags = [a for f in settings_fields() if f.name in given
+             for a in ((f.metadata["flag"],) if given[f.name] is True else (f.metadata["flag"], str(given[f.name])))]
     assert cli_main("study", "create", "S", "--model", tiny_model_dir, "--forget-set", "fs", "--methods", "ga,ga_gd",
                     "--lr", "1e-3", "--steps", "2,4", "--storage", url, *flags) == 0
     store = Store(url)
     spec = StudySpec.from_dict(store.study("S").spec)
-    assert spec.run == RunSettings(**NON_DEFAULT)  # stored whole
+    assert spec.run == RunSettings(**given)  # stored whole
 
     with store.write() as s:  # one computed cell per run, so each method has a best cell to export
         for run in s.exec(select(Run)).all():
@@ -55,12 +62,12 @@ def test_settings_round_trip_through_a_study_and_its_export(tmp_path, forget_set
             s.add(Milestone(run_id=run.id, step=2, metrics={"score": 0.5}, score=0.5))
     entries = {e["method"]: e for e in export_best(store, "S")}
     run_cmd = command("run")
-    for method, expected in (("ga_gd", RunSettings(**NON_DEFAULT)),
-                             ("ga", RunSettings(**{**NON_DEFAULT, "retain_weight": None}))):  # ga has no retain term
+    for method, expected in (("ga_gd", RunSettings(**given)),
+                             ("ga", RunSettings(**{**given, "retain_weight": None}))):  # ga has no retain term
         e = entries[method]
         assert e["hyperparameters"] == dataclasses.asdict(expected)
         params = run_cmd.make_context("run", shlex.split(e["command"])[2:]).params
-        carried = {f.name: params[f"rs_{f.name}"] for f in settings_fields()}
+        carried = {f.name: params[f"rs_{f.name}"] for f in settings_fields() if params[f"rs_{f.name}"] is not None}
         assert RunSettings(**carried) == expected, e["command"]
 
 

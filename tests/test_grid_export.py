@@ -317,7 +317,9 @@ def test_export_best_entries_and_command(lab):
     assert e["forget_set"] == {"name": "people", "hash": lab["fs"].hash}
     assert e["hyperparameters"] == {"batch_size": 2, "seq_len": 128, "seed": 7, "warmup_steps": 1, "retain_weight": None,
                                     "eval_batch_size": 3, "min_k": 0.25, "tol_forget": 0.10, "tol_retain": 0.05,
-                                    "divergence_factor": 1e4, "attacks": "", "params": ""}
+                                    "divergence_factor": 1e4, "attacks": "", "params": "", "dtype": "auto",
+                                    "gradient_checkpointing": False, "optim": "adamw", "lora": 0, "lora_alpha": None,
+                                    "lora_targets": ""}
     prefix, v, bare = flags(e["command"])
     d = lab["data"]
     assert prefix == ["unlearn", "run"] and bare == {"--json"}

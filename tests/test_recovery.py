@@ -76,7 +76,8 @@ def test_parse_attacks_and_the_setting():
     with pytest.raises(UnlearnError, match="unknown attack 'int4'"):
         parse_attacks("int4")
     s = RunSettings(attacks="quant8,relearn").validate()
-    assert s.attacks == "relearn,quant8" and s.to_flags()[-2:] == ["--attacks", "relearn,quant8"]
+    flags = s.to_flags()
+    assert s.attacks == "relearn,quant8" and flags[flags.index("--attacks") + 1] == "relearn,quant8"
     assert "--attacks" not in RunSettings().validate().to_flags()
 
 

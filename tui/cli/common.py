@@ -83,11 +83,13 @@ def run_settings_options(func):
     params = [p for p in sig.parameters.values() if p.name != "given_settings"]
     extra = []
     for f in settings_fields():
-        kind = int if f.type in ("int", int) else str if f.type in ("str", str) else float
-        default = "the method's own" if f.default is None else "none" if f.default == "" else repr(f.default)
+        kind = {"int": int, "str": str, "bool": bool}.get(f.type if isinstance(f.type, str) else f.type.__name__, float)
+        default = (f.metadata.get("default_text") or "the method's own" if f.default is None
+                   else "none" if f.default == "" else repr(f.default))
+        help_text = f.metadata["help"]
         extra.append(inspect.Parameter(
             f"rs_{f.name}", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
-            default=typer.Option(None, f.metadata["flag"], help=f"{f.metadata['help']}  [default: {default}]",
+            default=typer.Option(None, f.metadata["flag"], help=help_text if kind is bool else f"{help_text}  [default: {default}]",
                                  show_default=False)))
 
     @functools.wraps(func)

@@ -162,6 +162,8 @@ def export_cmd(
     out_file: Optional[Path] = typer.Option(None, "--out", help="write here (atomically) instead of stdout"),
     save_model: Optional[Path] = typer.Option(None, "--save-model", help="rerun each exported cell and save the model + card under DIR/<method>"),
     device: str = typer.Option("auto", "--device", help="device for --save-model: auto, cpu or cuda[:N]"),
+    merge: bool = typer.Option(False, "--merge", help="with --save-model, for a study run with --lora: save the "
+                               "merged full model instead of the adapter"),
     storage: Storage = None,
 ):
     """Export the best configuration per method (or the Pareto front) with the command that reproduces it."""
@@ -179,7 +181,7 @@ def export_cmd(
     if save_model is not None:
         for e in entries:
             with step_progress(f"{e['method']} lr={e['lr']:g}", int(e["steps"])) as on_step:
-                saved = save(store, e, save_model, device=device, on_step=on_step)
+                saved = save(store, e, save_model, device=device, on_step=on_step, merge=merge)
             note = "" if saved["matches"] else f" (score {saved['score']} differs from the study's {e['score']}: device {saved['device']})"
             err.print(f"saved {saved['path']}{note}", markup=False, highlight=False)
     if out_file is not None:

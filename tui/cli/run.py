@@ -64,7 +64,9 @@ def run_cmd(
     answer_field: Optional[str] = ANSWER_FIELD,
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow the model repo's own Python code"),
-    save_model: Optional[Path] = typer.Option(None, "--save-model", help="save the unlearned model here (save_pretrained)"),
+    save_model: Optional[Path] = typer.Option(None, "--save-model", help="save the unlearned model here (save_pretrained; "
+                                              "with --lora the adapter alone)"),
+    merge: bool = typer.Option(False, "--merge", help="with --lora and --save-model: save the merged full model"),
     as_json: Json = False,
     given_settings: dict = None,
 ):
@@ -88,7 +90,8 @@ def run_cmd(
                             prompt_field=prompt_field, answer_field=answer_field)
     with step_progress(f"{method} lr={cfg.lr:g}", cfg.milestones[-1]) as on_step:
         result = run_unlearning(model, texts, cfg, device=device, cache_dir=Settings().baseline_cache,
-                                trust_remote_code=trust_remote_code, on_step=on_step, save_to=save_model)
+                                trust_remote_code=trust_remote_code, on_step=on_step, save_to=save_model,
+                                merge_lora=merge)
     if not is_main_process():  # `accelerate launch`: one report, from the main process
         return
     if as_json:
