@@ -33,15 +33,22 @@ def hyperparameters(spec: StudySpec, method: str, lr: float) -> dict:
 
 def reproduce_command(model: str, fs: ForgetSet, spec: StudySpec, method: str, lr: float, steps: int) -> str:
     """`unlearn run ...` for one cell, every argument shell-quoted. Local sources are the forget set's
-    stored absolute paths; `hf:` specs are passed as they are. The run settings' flags come from
+    stored absolute paths; `hf:` specs are passed as they are; a question–answer set adds its fields;
+    a preset (built from a benchmark's tables) is named with --forget-set, read from the store. The run settings' flags come from
     RunSettings itself, so a new setting is carried without a change here."""
     args = ["unlearn", "run", "--model", model]
-    for role in ("forget", "retain", "unseen", "general"):
-        for src in (fs.sources or {}).get(role) or []:
-            args += [f"--{role}", src]
-    args += ["--text-field", fs.text_field or "text"]
-    if fs.column:
-        args += ["--column", fs.column]
+    meta = fs.meta or {}
+    if meta.get("preset"):  # built from a benchmark's tables, not from sources a run can read again
+        args += ["--forget-set", fs.name]
+    else:
+        for role in ("forget", "retain", "unseen", "general"):
+            for src in (fs.sources or {}).get(role) or []:
+                args += [f"--{role}", src]
+        args += ["--text-field", fs.text_field or "text"]
+        if fs.column:
+            args += ["--column", fs.column]
+        if meta.get("qa"):
+            args += ["--prompt-field", meta["qa"]["prompt_field"], "--answer-field", meta["qa"]["answer_field"]]
     base, knobs = parse_variant(method)  # a swept variant: its knobs as the flags that set them
     args += ["--method", base]
     for k, v in knobs.items():

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from tui.cli.common import Json, run_settings_options
+from tui.cli.common import Json, Storage, lab, run_settings_options
 from tui.cli.forgetset import ANSWER_FIELD, PROMPT_FIELD
 
 
@@ -47,10 +47,11 @@ def methods_cmd(as_json: Json = False,
 
 @run_settings_options
 def run_cmd(
+    ctx: typer.Context,
     model: str = typer.Option(..., "--model", help="local folder or Hugging Face id of a causal LM"),
-    forget: List[str] = typer.Option(..., "--forget", help="source(s) of the forget set U (repeat the flag)"),
-    retain: List[str] = typer.Option(..., "--retain", help="in-domain text the model must keep"),
-    unseen: List[str] = typer.Option(..., "--unseen", help="in-domain text the model never saw (the retraining reference)"),
+    forget: Optional[List[str]] = typer.Option(None, "--forget", help="source(s) of the forget set U (repeat the flag)"),
+    retain: Optional[List[str]] = typer.Option(None, "--retain", help="in-domain text the model must keep"),
+    unseen: Optional[List[str]] = typer.Option(None, "--unseen", help="in-domain text the model never saw (the retraining reference)"),
     general: Optional[List[str]] = typer.Option(None, "--general", help="out-of-domain text (for *_general methods)"),
     method: str = typer.Option(..., "--method", help="method id (see `unlearn methods`)"),
     param: Optional[List[str]] = typer.Option(None, "--param", metavar="NAME=VALUE",
@@ -67,10 +68,14 @@ def run_cmd(
     save_model: Optional[Path] = typer.Option(None, "--save-model", help="save the unlearned model here (save_pretrained; "
                                               "with --lora the adapter alone)"),
     merge: bool = typer.Option(False, "--merge", help="with --lora and --save-model: save the merged full model"),
+    forget_set: Optional[str] = typer.Option(None, "--forget-set", help="a stored forget set (instead of --forget, "
+                                             "--retain, --unseen...; e.g. a preset), read from --storage"),
+    storage: Storage = None,
     as_json: Json = False,
     given_settings: dict = None,
 ):
-    """Unlearn with one method at one learning rate; evaluate at every milestone of --steps."""
+    """Unlearn with one method at one learning rate; evaluate at every milestone of --steps. The sets
+    come from sources (--forget, --retain, --unseen [--general]) or from a stored forget set."""
     from engine.config import RunConfig, RunSettings
     from engine.data import load_forget_set
     from engine.errors import UnlearnError
@@ -86,8 +91,19 @@ def run_cmd(
     base, in_id = parse_variant(method)
     method = variant_id(base, {**in_id, **{k: v[0] for k, v in knobs.items()}})
     cfg = RunConfig.of(method, parse_lr(lr), parse_steps(steps), RunSettings(**given_settings)).validate()
-    texts = load_forget_set(forget, retain, unseen, general or [], text_field=text_field, column=column,
-                            prompt_field=prompt_field, answer_field=answer_field)
+    if forget_set is not None:
+        if forget or retain or unseen or general:
+            raise UnlearnError("give --forget-set or the sources (--forget, --retain, --unseen), not both")
+        from studies.forgetsets import forget_set_texts
+
+        store = lab(ctx).store()
+        texts = forget_set_texts(store, store.forget_set(forget_set))
+    else:
+        missing = [flag for flag, v in (("--forget", forget), ("--retain", retain), ("--unseen", unseen)) if not v]
+        if missing:
+            raise UnlearnError(f"give {', '.join(missing)} (sources of each set), or --forget-set NAME")
+        texts = load_forget_set(forget, retain, unseen, general or [], text_field=text_field, column=column,
+                                prompt_field=prompt_field, answer_field=answer_field)
     with step_progress(f"{method} lr={cfg.lr:g}", cfg.milestones[-1]) as on_step:
         result = run_unlearning(model, texts, cfg, device=device, cache_dir=Settings().baseline_cache,
                                 trust_remote_code=trust_remote_code, on_step=on_step, save_to=save_model,
