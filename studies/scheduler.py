@@ -37,8 +37,9 @@ class Child:
     proc: subprocess.Popen
     run_id: int | None  # None: the study's best-cell attack job (studies/attack.py)
     study_id: int
-    slot: str
+    slot: str  # the devices it runs on, comma-separated
     attempt: int
+    keys: tuple[str, ...] = ()  # the pool's slot keys it holds (a run of a study with --gpus-per-run N holds N)
 
 
 def log_dir_for(store: Store, study: str, create: bool = True) -> Path:
@@ -102,7 +103,7 @@ class WorkerPool:
         self.store, self.slots, self.study_names = store, slots, studies
         self.heartbeat_timeout = heartbeat_timeout or get_settings().heartbeat_timeout
         self.poll_s, self.on_tick = poll_s, on_tick
-        self.children: dict[str, Child] = {}  # slot key -> child
+        self.children: dict[str, Child] = {}  # its first slot key -> child
         self.host = hostname()
         self._stopping = False
         n_cpu = sum(1 for s in slots if s == "cpu")
@@ -119,12 +120,16 @@ class WorkerPool:
                 studies = self._studies()
                 self._stop_cancelled(studies)
                 if not self._stopping:
-                    for key in self._free_slots():
-                        run = self._claim(studies)
+                    free = self._free_slots()
+                    while free:
+                        run = self._claim(studies, width=len(free))
                         if run is not None:
-                            self._spawn(key, run)
+                            width = next(StudySpec.from_dict(st.spec).gpus_per_run for st in studies if st.id == run.study_id)
+                            self._spawn(free[:width], run)
+                            free = free[width:]
                         elif (study := self._claim_attack_job(studies)) is not None:
-                            self._spawn_attack_job(key, study)
+                            self._spawn_attack_job(free[0], study)
+                            free = free[1:]
                         else:
                             break
                 self._mark_done(studies)
@@ -147,7 +152,8 @@ class WorkerPool:
 
     def _free_slots(self) -> list[str]:
         keys = [f"{i}:{s}" for i, s in enumerate(self.slots)]
-        return [k for k in keys if k not in self.children]
+        held = {k for c in self.children.values() for k in c.keys}
+        return [k for k in keys if k not in held]
 
     # ------------------------------------------------------------------ studies
     def _studies(self) -> list[Study]:
@@ -163,6 +169,8 @@ class WorkerPool:
         if study.state in IDLE_STUDY_STATES:
             return False
         spec = StudySpec.from_dict(study.spec)
+        if spec.gpus_per_run > len(self.slots):  # this pool can never run it (`study run` refuses it up front)
+            return False
         with self.store.read() as s:
             active = s.exec(select(func.count()).select_from(Run).where(
                 Run.study_id == study.id, Run.state.in_(ACTIVE_RUN_STATES))).one()
@@ -201,8 +209,10 @@ class WorkerPool:
                 "states": {st.name: st.state for st in studies}}
 
     # ------------------------------------------------------------------ claiming
-    def _claim(self, studies: list[Study]) -> Run | None:
-        running = [st for st in studies if st.state == StudyState.RUNNING]
+    def _claim(self, studies: list[Study], width: int = 1) -> Run | None:
+        """A run of a running study that needs at most `width` devices, claimed for this pool."""
+        running = [st for st in studies if st.state == StudyState.RUNNING
+                   and StudySpec.from_dict(st.spec).gpus_per_run <= width]
         if not running:
             return None
 
@@ -318,25 +328,34 @@ class WorkerPool:
                 s.delete(row)
 
     # ------------------------------------------------------------------ children
-    def _spawn(self, key: str, run: Run) -> None:
-        slot = key.split(":", 1)[1]
+    def _spawn(self, keys: list[str], run: Run) -> None:
+        """The run's process on its slots: one worker, or with N slots N workers under `accelerate
+        launch` (data parallel: each process trains 1/N of every batch; the main one evaluates and
+        writes to the store)."""
+        slots = [k.split(":", 1)[1] for k in keys]
         env = child_env(self.store)
-        if slot.startswith("cuda"):
-            env["CUDA_VISIBLE_DEVICES"], device = slot.split(":")[1], "cuda"
+        if slots[0].startswith("cuda"):
+            env["CUDA_VISIBLE_DEVICES"], device = ",".join(s.split(":")[1] for s in slots), "cuda"
         else:
             env["CUDA_VISIBLE_DEVICES"], device = "", "cpu"
         with self.store.read() as s:
             study = s.get(Study, run.study_id)
         log = open(log_dir_for(self.store, study.name) / f"run{run.id}-{run.method}-attempt{run.attempts}.log", "ab")
-        cmd = [sys.executable, "-m", "studies.worker", "--run-id", str(run.id),
-               "--device", device, "--threads", str(self.threads if device == "cpu" else 0)]
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        worker = ["-m", "studies.worker", "--run-id", str(run.id),
+                  "--device", device, "--threads", str(self.threads if device == "cpu" else 0)]
+        if len(slots) > 1:
+            worker = ["-m", "accelerate.commands.launch", "--num_processes", str(len(slots)), "--num_machines", "1",
+                      "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                      *(["--cpu"] if device == "cpu" else []), *worker]
+        proc = subprocess.Popen([sys.executable, *worker], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
         log.close()
+        slot = ",".join(slots)
         with self.store.write() as s:
             row = s.get(Run, run.id)
             row.pid, row.device = proc.pid, slot
             s.add(row)
-        self.children[key] = Child(proc, run.id, run.study_id, slot, run.attempts)
+        self.children[keys[0]] = Child(proc, run.id, run.study_id, slot, run.attempts, tuple(keys))
         self.summary["spawned"] += 1
         self.store.log("started", f"{run.method} lr={run.lr:g} attempt {run.attempts} on {slot} (pid {proc.pid})", run.study_id, run.id)
 
@@ -350,7 +369,7 @@ class WorkerPool:
                "--device", device, "--threads", str(self.threads if device == "cpu" else 0)]
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.children[key] = Child(proc, None, study.id, slot, 1)
+        self.children[key] = Child(proc, None, study.id, slot, 1, (key,))
         self.store.log("started", f"best-cell attacks on {slot} (pid {proc.pid}); log {log_path}", study.id)
 
     def _settle_children(self) -> None:
@@ -469,6 +488,16 @@ class WorkerPool:
                     run.state, run.attempts, run.pid = RunState.PENDING, max(0, run.attempts - 1), None
                     s.add(run)
             del self.children[key]
+
+
+def free_port() -> int:
+    """A TCP port free now, for a multi-process run's rendezvous (two such runs on one box must not
+    share accelerate's default port)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def child_env(store: Store) -> dict:

@@ -129,6 +129,7 @@ class StudySpec:
     knobs: dict | None = None  # method hyperparameters swept: {name: [values]}; methods holds the expanded variants
     knob_ranges: dict | None = None  # TPE: knobs sampled per run, {name: {"low", "high", "log"}}
     attacks_at: str = "every"  # run.attacks at every cell, or only at each method's best cell once the runs are done
+    gpus_per_run: int = 1  # devices (worker slots) one run takes: N processes under `accelerate launch`
     max_attempts: int = 2
     trust_remote_code: bool = False
     has_general: bool = False
@@ -189,6 +190,8 @@ class StudySpec:
             lr_range, trials = (lo, hi), int(self.trials)
         if self.max_attempts < 1:
             raise UnlearnError("--max-attempts must be at least 1")
+        if isinstance(self.gpus_per_run, bool) or not isinstance(self.gpus_per_run, int) or self.gpus_per_run < 1:
+            raise UnlearnError(f"--gpus-per-run must be a whole number of 1 or more, not {self.gpus_per_run!r}")
         if self.run.retain_weight is not None and not any(get_method(m).retain for m in methods):
             raise UnlearnError("--retain-weight is given, but none of the methods has a retain term")
         spec = replace(self, methods=methods, steps=tuple(sorted({int(s) for s in self.steps})),

@@ -21,7 +21,7 @@ SETTING_NAMES = frozenset(f.name for f in fields(RunSettings))
 def create_study(store: Store, name: str, model: str, forget_set: str, *, methods, steps, lrs=None, lr_range=None,
                  sampler: str = "grid", trials: int | None = None, max_attempts: int = 2,
                  trust_remote_code: bool = False, knobs: dict | None = None, attacks_at: str = "every",
-                 **settings) -> Study:
+                 gpus_per_run: int = 1, **settings) -> Study:
     """Validate the spec, create the Optuna study and our row (with every grid run) together.
 
     `settings` are RunSettings fields given by the user (`batch_size=8, warmup_steps=3, ...`); the
@@ -49,7 +49,7 @@ def create_study(store: Store, name: str, model: str, forget_set: str, *, method
                      max_attempts=max_attempts, trust_remote_code=trust_remote_code,
                      knobs={k: v for k, v in (knobs or {}).items() if not isinstance(v, dict)} or None,
                      knob_ranges={k: v for k, v in (knobs or {}).items() if isinstance(v, dict)} or None,
-                     attacks_at=attacks_at,
+                     attacks_at=attacks_at, gpus_per_run=gpus_per_run,
                      has_general=bool(fs.counts.get("general"))).validate()
     with store.read() as s:
         if s.exec(select(Study).where(Study.name == name)).first():

@@ -56,12 +56,14 @@ class Heartbeat(threading.Thread):
 
 def run_one(store: Store, run_id: int, device: str) -> int:
     from engine.settings import get_settings
-    from engine.run import run_unlearning
+    from engine.run import is_main_process, run_unlearning
     from studies.forgetsets import forget_set_texts
     from studies.recorder import record_cell
     from studies.spec import StudySpec
     from studies.store import ForgetSet
 
+    if not is_main_process():
+        return _train_only(store, run_id, device)
     with store.write() as s:
         run = s.get(Run, run_id)
         study = s.get(Study, run.study_id)
@@ -120,6 +122,33 @@ def run_one(store: Store, run_id: int, device: str) -> int:
             r.last_error = f"attempt {r.attempts}: {message}"[:2000]
             s.add(r)
         return 1
+
+
+def _train_only(store: Store, run_id: int, device: str) -> int:
+    """A non-main process of a multi-device run (`accelerate launch`): it trains its slice of every
+    batch and writes nothing; the main process heartbeats, records the cells and settles the run."""
+    from engine.run import run_unlearning
+    from engine.settings import get_settings
+    from studies.forgetsets import forget_set_texts
+    from studies.spec import StudySpec
+    from studies.store import ForgetSet
+
+    with store.read() as s:
+        run = s.get(Run, run_id)
+        study = s.get(Study, run.study_id)
+        fs = s.get(ForgetSet, study.forgetset_id)
+    spec = StudySpec.from_dict(study.spec)
+    cfg = spec.run_config(run.method, run.lr)
+    gpu_bytes = _gpu_bytes(device)
+    if gpu_bytes is not None and _does_not_fit(spec, cfg, gpu_bytes):
+        return 3  # the main process records why; every process stops alike
+    try:
+        run_unlearning(spec.model, forget_set_texts(store, fs), cfg, device=device,
+                       cache_dir=get_settings().baseline_cache, trust_remote_code=spec.trust_remote_code)
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    return 0
 
 
 def _gpu_bytes(device: str) -> int | None:

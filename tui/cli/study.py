@@ -36,6 +36,8 @@ def create_cmd(
                                               "(repeat for several; `unlearn methods --json` lists each method's knobs); "
                                               "every combination is its own run. With tpe, NAME=LOW:HIGH (or "
                                               "LOW:HIGH:log) samples the knob per run"),
+    gpus_per_run: int = typer.Option(1, "--gpus-per-run", help="devices one run takes (N processes under accelerate "
+                                     "launch, data parallel: each holds the whole model and trains 1/N of every batch)"),
     attacks_at: str = typer.Option("every", "--attacks-at",
                                    help="every: the --attacks at every cell; best: only at each method's best "
                                    "cell, once the runs are done (far cheaper)"),
@@ -65,6 +67,7 @@ def create_cmd(
                          methods=[m.strip() for m in methods.split(",") if m.strip()], lrs=lrs, lr_range=rng,
                          sampler=sampler, trials=trials, steps=parse_steps(steps), max_attempts=max_attempts,
                          trust_remote_code=trust_remote_code, knobs=parse_knob_options(param), attacks_at=attacks_at,
+                         gpus_per_run=gpus_per_run,
                          **given_settings)
     spec = StudySpec.from_dict(study.spec)
     info = {"name": study.name, "runs": spec.total_runs, "cells": spec.total_runs * len(spec.steps), "spec": study.spec}
@@ -84,12 +87,18 @@ def run_cmd(
     storage: Storage = None,
 ):
     """Run (or resume) a study: a fresh subprocess per run, one per worker slot; finished cells are never recomputed."""
+    from engine.errors import UnlearnError
     from studies.scheduler import WorkerPool, parse_slots
+    from studies.spec import StudySpec
     from studies.studies import resume_study
     from tui.cli.console import err, out
 
     store = lab(ctx).store()
     slots = parse_slots(gpus, workers)
+    width = StudySpec.from_dict(store.study(name).spec).gpus_per_run
+    if width > len(slots):
+        raise UnlearnError(f"study {name} runs each run on {width} devices; this pool has {len(slots)} "
+                           f"({','.join(slots)}): give --gpus with {width} or more, or --workers {width}")
     if detach:  # the app's launch button starts a study through this same function
         from studies.launch import launch_detached
 
