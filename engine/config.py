@@ -59,6 +59,21 @@ class RunSettings:
                                        default_text="2 × rank")
     lora_targets: str = knob("", "--lora-targets", "modules that get an adapter: comma-separated names (q_proj,v_proj) "
                              "(default: every linear layer of the blocks)", parse=lambda v: v.strip())
+    # Benchmark metrics at each milestone, where the forget set is a TOFU or MUSE preset
+    # (engine/benchmarks/milestone.py, docs/benchmark-metrics.md).
+    bench_samples: int = knob(100, "--bench-samples", "benchmark metrics (TOFU, MUSE presets) score the first N items "
+                              "of each of their lists at each milestone (0: all)")
+    tofu_retain_truth_ratios: str = knob("", "--tofu-retain-truth-ratios", "a JSON file of a retain-only model's truth "
+                                         "ratios on the forget questions: adds TOFU's forget quality (KS p-value)",
+                                         parse=lambda v: check_file(v, "--tofu-retain-truth-ratios"))
+    muse_retrained_auc: Optional[float] = knob(None, "--muse-retrained-auc", "a retrained model's forget-vs-holdout "
+                                               "Min-40% AUC: adds MUSE's PrivLeak", default_text="none: no PrivLeak")
+    # Downstream tasks through lm-eval (engine/downstream.py; pip install 'unlearn-lab[eval]').
+    eval_tasks: str = knob("", "--eval-tasks", "lm-eval tasks evaluated at every milestone, comma-separated "
+                           "(arc_easy,piqa); reported as downstream.TASK", parse=lambda v: ",".join(parse_eval_tasks(v)))
+    eval_tasks_dir: str = knob("", "--eval-tasks-dir", "a folder of lm-eval task YAML files (tasks on local disk)",
+                               parse=lambda v: check_file(v, "--eval-tasks-dir", folder=True))
+    eval_tasks_limit: int = knob(0, "--eval-tasks-limit", "the first N examples of each --eval-tasks task (0: all)")
 
     def validate(self) -> "RunSettings":
         """A checked copy with plain int/float values; raises UnlearnError naming the flag at fault."""
@@ -66,7 +81,7 @@ class RunSettings:
         for f in fields(RunSettings):
             v = getattr(self, f.name)
             flag = f.metadata["flag"]
-            if f.name in ("retain_weight", "lora_alpha") and v is None:
+            if f.name in ("retain_weight", "lora_alpha", "muse_retrained_auc") and v is None:
                 values[f.name] = None
                 continue
             if f.type in ("bool", bool):
@@ -109,6 +124,12 @@ class RunSettings:
             raise UnlearnError("--lora-alpha and --lora-targets need --lora R")
         if s.lora and s.params:
             raise UnlearnError("--params chooses weights to train, --lora trains an adapter instead: give one of them")
+        if s.bench_samples < 0 or s.eval_tasks_limit < 0:
+            raise UnlearnError(f"{'--bench-samples' if s.bench_samples < 0 else '--eval-tasks-limit'} must be 0 (all) or more")
+        if s.muse_retrained_auc is not None and not 0 < s.muse_retrained_auc <= 1:
+            raise UnlearnError("--muse-retrained-auc must be an AUC in (0, 1]")
+        if (s.eval_tasks_dir or s.eval_tasks_limit) and not s.eval_tasks:
+            raise UnlearnError("--eval-tasks-dir and --eval-tasks-limit need --eval-tasks (which tasks to evaluate)")
         return s
 
     def to_dict(self) -> dict:
@@ -170,6 +191,26 @@ def check_params(text: str) -> str:
     except re.error as exc:
         raise UnlearnError(f"--params: not a regular expression: {text!r} ({exc})") from None
     return text
+
+
+def parse_eval_tasks(text: str) -> tuple[str, ...]:
+    """'arc_easy, piqa' -> ('arc_easy', 'piqa'): lm-eval task names, each once, in the order given."""
+    from engine.downstream import parse_tasks  # torch-free
+
+    return parse_tasks(text)
+
+
+def check_file(text: str, flag: str, folder: bool = False) -> str:
+    """'' or an existing file (folder) as an absolute path, so an exported command works anywhere."""
+    import os
+
+    text = (text or "").strip()
+    if not text:
+        return ""
+    path = os.path.abspath(os.path.expanduser(text))
+    if not (os.path.isdir(path) if folder else os.path.isfile(path)):
+        raise UnlearnError(f"{flag} {text}: no such {'folder' if folder else 'file'}")
+    return path
 
 
 def flag_of(name: str) -> str:

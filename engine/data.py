@@ -332,6 +332,9 @@ class ForgetSetTexts:
     general: list[str]  # may be []
     sources: dict[str, list[str]]  # role -> the source specs it came from
     prompts: dict[str, list[str | None]] = field(default_factory=dict)  # role -> a prompt per document
+    # A benchmark preset's evaluation rows, name -> JSON rows (TOFU's perturbed answers, MUSE's knowmem
+    # and verbmem: docs/data.md). Not documents of a role: not chunked, not trained on, not in the hash.
+    extras: dict[str, list[dict]] = field(default_factory=dict, compare=False)
 
     def prompts_of(self, role: str) -> list[str | None]:
         """A prompt (None: plain text) for every document of `role`."""

@@ -6,8 +6,9 @@ off, marked diverged. The schedule (`constant_after_warmup`) does not depend on 
 count and the batch at step s depends only on (seed, s), so the run to 40 steps passes through
 exactly the model of the run to 10 steps: one run yields every (lr, steps) cell (prefix sharing).
 
-Under `accelerate launch` every process trains its slice of each global batch; only the main
-process evaluates, reports and saves, and tells the others when a divergence stops the run.
+Under torchrun (or `accelerate launch` on GPUs) every process trains its slice of each global batch;
+only the main process evaluates, reports and saves, and tells the others when a divergence stops
+the run.
 """
 from __future__ import annotations
 
@@ -73,16 +74,18 @@ def empty_metrics() -> dict:
 
 def train_to_milestones(model, tokenizer, sets: ForgetSetChunks, cfg: RunConfig, baseline: dict,
                         on_step: OnStep | None = None, on_milestone: OnMilestone | None = None,
-                        cache: tuple[Path, str] | None = None) -> TrainResult:
+                        cache: tuple[Path, str] | None = None, extras=None) -> TrainResult:
     """`cache` = (folder, key of this model and forget set) for what a method builds once and reuses
-    across runs (WHP's reinforced model); None builds it in memory."""
+    across runs (WHP's reinforced model); None builds it in memory. `extras`: the benchmark metrics
+    and downstream tasks measured at each milestone (engine.benchmarks.milestone), or None."""
     cfg = cfg.validate()
     with _deterministic(next(model.parameters()).device.type == "cpu"):
-        return _train(model, tokenizer, sets, cfg, baseline, on_step, on_milestone, cache)
+        return _train(model, tokenizer, sets, cfg, baseline, on_step, on_milestone, cache, extras)
 
 
-def _train(model, tokenizer, sets, cfg: RunConfig, baseline, on_step, on_milestone, cache=None) -> TrainResult:
+def _train(model, tokenizer, sets, cfg: RunConfig, baseline, on_step, on_milestone, cache=None, extras=None) -> TrainResult:
     run = _Run.set_up(model, tokenizer, sets, cfg, cache)
+    run.extras = extras
     cells: list[dict] = []
     losses: list[float] = []
     train_tokens = eval_tokens = 0
@@ -143,6 +146,7 @@ class _Run:
     optimizer: Any
     schedule: Any
     theta0: dict | None = None  # θ0's weights (name -> tensor), for a method whose milestones report an edit
+    extras: Any = None  # engine.benchmarks.milestone.MilestoneExtras: bench.* and downstream.* of each cell
 
     @property
     def world(self) -> int:
@@ -274,6 +278,8 @@ class _Run:
                                          autocast=self.autocast)
             cell.update(fields)
             tokens += n
+        if self.extras is not None and bound is None:  # benchmark metrics, downstream tasks
+            cell.update(self.extras.cell_fields(self.extras.measure(model)))
         return cell, (f"{bound} at step {step}" if bound else None), tokens
 
     def agree_on(self, reason: str | None) -> str | None:
@@ -368,6 +374,9 @@ def run_unlearning(
     tokenizer = load_tokenizer(model_name, trust_remote_code)
     if sets is None:
         sets = chunk_forget_set(texts, tokenizer, cfg.seq_len)
+    from engine.benchmarks.milestone import MilestoneExtras
+
+    extras = MilestoneExtras.of(texts, tokenizer, cfg)  # None: no preset metrics, no --eval-tasks
     torch.manual_seed(cfg.seed)
     dtype = resolve_dtype(cfg.dtype, dev)
     if dev.type == "cuda":
@@ -376,9 +385,12 @@ def run_unlearning(
     baseline, baseline_tokens = ({}, 0)
     if main:
         baseline, baseline_tokens = baseline_metrics(model, model_name, sets, texts.hash, cfg, cache_dir, autocast_for(dev))
+        if extras is not None:  # θ0's, once (cached like the baseline)
+            key = f"{model_key(model_name)}-{texts.hash[:16]}-{str(dtype).removeprefix('torch.')}"
+            baseline = {**baseline, **extras.baseline_fields(model, cache_dir / key if cache_dir else None)}
     cache = ((cache_dir.parent / "prepared", f"{model_key(model_name)}-{texts.hash[:16]}-{cfg.seq_len}"
               + ("" if dtype == torch.float32 else "-bf16")) if cache_dir else None)
-    out = train_to_milestones(model, tokenizer, sets, cfg, baseline, on_step, on_milestone, cache)
+    out = train_to_milestones(model, tokenizer, sets, cfg, baseline, on_step, on_milestone, cache, extras)
     wall = time.perf_counter() - t0
     if save_to is not None and main:
         if cfg.lora:
@@ -396,6 +408,7 @@ def run_unlearning(
         "lr": cfg.lr,
         "seed": cfg.seed,
         "device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
+        "processes": int(os.environ.get("WORLD_SIZE", "1")),  # > 1 under torchrun / accelerate launch
         "forget_set": {"hash": texts.hash, "seq_len": cfg.seq_len, "documents": texts.counts(),
                        "chunks": {role: len(ch) for role, ch in sets.items()}},
         "config": {**asdict(cfg), "milestones": list(cfg.milestones)},

@@ -91,7 +91,8 @@ def _absolute(specs: list[str]) -> list[str]:
 
 
 def forget_set_texts(store: Store, fs: ForgetSet) -> ForgetSetTexts:
-    """The stored texts, checked against the stored hash (a damaged store is refused, not used)."""
+    """The stored texts, checked against the stored hash (a damaged store is refused, not used), with
+    the set's extras (a preset's evaluation rows), so a worker rebuilds a run from the store alone."""
     by_role: dict[str, list[str]] = {r: [] for r in ROLES}
     prompts: dict[str, list[str | None]] = {r: [] for r in ROLES}
     with store.read() as s:
@@ -101,7 +102,8 @@ def forget_set_texts(store: Store, fs: ForgetSet) -> ForgetSetTexts:
         by_role[d.role].append(d.text)
         prompts[d.role].append(d.prompt)
     qa = any(p is not None for ps in prompts.values() for p in ps)
-    texts = ForgetSetTexts(sources=fs.sources, **by_role, prompts=prompts if qa else {})
+    texts = ForgetSetTexts(sources=fs.sources, **by_role, prompts=prompts if qa else {},
+                           extras=forget_set_extras(store, fs) if (fs.meta or {}).get("extras") else {})
     if texts.hash != fs.hash:
         raise UnlearnError(f"forget set {fs.name!r}: stored texts do not match its hash {fs.hash[:12]}")
     return texts

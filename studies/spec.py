@@ -129,6 +129,7 @@ class StudySpec:
     knobs: dict | None = None  # method hyperparameters swept: {name: [values]}; methods holds the expanded variants
     knob_ranges: dict | None = None  # TPE: knobs sampled per run, {name: {"low", "high", "log"}}
     attacks_at: str = "every"  # run.attacks at every cell, or only at each method's best cell once the runs are done
+    eval_tasks_at: str = "best"  # run.eval_tasks (lm-eval) at each method's best cell once the runs are done, or every cell
     gpus_per_run: int = 1  # devices (worker slots) one run takes: N processes under `accelerate launch`
     max_attempts: int = 2
     trust_remote_code: bool = False
@@ -172,6 +173,8 @@ class StudySpec:
             raise UnlearnError(f"--attacks-at must be one of {', '.join(ATTACKS_AT)}, not {self.attacks_at!r}")
         if self.attacks_at == "best" and not self.run.attacks:
             raise UnlearnError("--attacks-at best needs --attacks (which attacks to run at the best cells)")
+        if self.eval_tasks_at not in ATTACKS_AT:
+            raise UnlearnError(f"--eval-tasks-at must be one of {', '.join(ATTACKS_AT)}, not {self.eval_tasks_at!r}")
         lrs, lr_range, trials = None, None, None
         if self.sampler == "grid":
             if not self.lrs:
@@ -209,6 +212,8 @@ class StudySpec:
             settings = replace(settings, retain_weight=None)
         if self.attacks_at == "best":
             settings = replace(settings, attacks="")
+        if self.eval_tasks_at == "best":  # downstream tasks, likewise
+            settings = replace(settings, eval_tasks="", eval_tasks_dir="", eval_tasks_limit=0)
         return RunConfig.of(method, lr, self.steps, settings)
 
     @property
@@ -222,8 +227,15 @@ class StudySpec:
 
     @property
     def wants_best_cell_attacks(self) -> bool:
-        """Whether the study runs its attacks at each method's best cell once its runs are done."""
-        return self.attacks_at == "best" and bool(self.run.attacks)
+        """Whether the study has a best-cell job once its runs are done: its attacks at each method's
+        best cell (--attacks-at best), its --eval-tasks there (--eval-tasks-at best), or both."""
+        return self.attacks_at == "best" and bool(self.run.attacks) or self.wants_best_cell_tasks
+
+    @property
+    def wants_best_cell_tasks(self) -> bool:
+        """Whether the study evaluates its --eval-tasks at each method's best cell (the same job as
+        the best-cell attacks: `wants_best_cell_attacks` is true for either)."""
+        return self.eval_tasks_at == "best" and bool(self.run.eval_tasks)
 
     def optuna_distributions(self) -> dict:
         """The trial parameters: method, lr, steps, and the knobs swept (a list: categorical; a

@@ -21,7 +21,7 @@ SETTING_NAMES = frozenset(f.name for f in fields(RunSettings))
 def create_study(store: Store, name: str, model: str, forget_set: str, *, methods, steps, lrs=None, lr_range=None,
                  sampler: str = "grid", trials: int | None = None, max_attempts: int = 2,
                  trust_remote_code: bool = False, knobs: dict | None = None, attacks_at: str = "every",
-                 gpus_per_run: int = 1, **settings) -> Study:
+                 gpus_per_run: int = 1, eval_tasks_at: str = "best", **settings) -> Study:
     """Validate the spec, create the Optuna study and our row (with every grid run) together.
 
     `settings` are RunSettings fields given by the user (`batch_size=8, warmup_steps=3, ...`); the
@@ -29,7 +29,8 @@ def create_study(store: Store, name: str, model: str, forget_set: str, *, method
     hyperparameters ({"beta": [0.05, 0.1]}): every method that has one runs once per combination; a
     TPE study may also give a knob a range ({"beta": {"low": 0.01, "high": 1, "log": True}}), sampled
     per run. `attacks_at="best"` runs the settings' attacks at each method's best cell once the runs
-    are done, instead of at every cell."""
+    are done, instead of at every cell; `eval_tasks_at="best"` (the default) does the same with the
+    settings' downstream --eval-tasks ("every": at every cell, with the runs)."""
     import optuna
 
     from engine.models import check_local_model
@@ -49,7 +50,7 @@ def create_study(store: Store, name: str, model: str, forget_set: str, *, method
                      max_attempts=max_attempts, trust_remote_code=trust_remote_code,
                      knobs={k: v for k, v in (knobs or {}).items() if not isinstance(v, dict)} or None,
                      knob_ranges={k: v for k, v in (knobs or {}).items() if isinstance(v, dict)} or None,
-                     attacks_at=attacks_at, gpus_per_run=gpus_per_run,
+                     attacks_at=attacks_at, gpus_per_run=gpus_per_run, eval_tasks_at=eval_tasks_at,
                      has_general=bool(fs.counts.get("general"))).validate()
     with store.read() as s:
         if s.exec(select(Study).where(Study.name == name)).first():

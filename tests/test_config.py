@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
+from pathlib import Path
 
 import pytest
 import typer
@@ -18,11 +19,15 @@ from studies.store import Milestone, Run, Store
 from studies_helpers import cli_main, make_forget_set
 from tui.cli import app
 
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # A value other than the default for every field (a new field without one here fails the test below).
 NON_DEFAULT = {"batch_size": 3, "seq_len": 96, "seed": 5, "warmup_steps": 2, "retain_weight": 2.5,
                "eval_batch_size": 5, "min_k": 0.3, "tol_forget": 0.2, "tol_retain": 0.1, "divergence_factor": 500.0,
                "attacks": "relearn,quant4", "params": "mlp", "dtype": "bf16", "gradient_checkpointing": True,
-               "optim": "adamw8bit", "lora": 4, "lora_alpha": 16.0, "lora_targets": "q_proj,v_proj"}
+               "optim": "adamw8bit", "lora": 4, "lora_alpha": 16.0, "lora_targets": "q_proj,v_proj",
+               "bench_samples": 20, "tofu_retain_truth_ratios": str(FIXTURES / "presets" / "tofu" / "forget01.json"),
+               "muse_retrained_auc": 0.48, "eval_tasks": "arc_easy,piqa", "eval_tasks_dir": str(FIXTURES),
+               "eval_tasks_limit": 10}
 # Settings that exclude each other (--params chooses weights, --lora trains an adapter instead):
 # a study takes NON_DEFAULT without one group or the other.
 EXCLUSIVE = ({"params"}, {"lora", "lora_alpha", "lora_targets"})
@@ -51,7 +56,7 @@ def test_settings_round_trip_through_a_study_and_its_export(tmp_path, forget_set
     flags = [a for f in settings_fields() if f.name in given
              for a in ((f.metadata["flag"],) if given[f.name] is True else (f.metadata["flag"], str(given[f.name])))]
     assert cli_main("study", "create", "S", "--model", tiny_model_dir, "--forget-set", "fs", "--methods", "ga,ga_gd",
-                    "--lr", "1e-3", "--steps", "2,4", "--storage", url, *flags) == 0
+                    "--lr", "1e-3", "--steps", "2,4", "--eval-tasks-at", "every", "--storage", url, *flags) == 0
     store = Store(url)
     spec = StudySpec.from_dict(store.study("S").spec)
     assert spec.run == RunSettings(**given)  # stored whole

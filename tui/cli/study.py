@@ -41,6 +41,9 @@ def create_cmd(
     attacks_at: str = typer.Option("every", "--attacks-at",
                                    help="every: the --attacks at every cell; best: only at each method's best "
                                    "cell, once the runs are done (far cheaper)"),
+    eval_tasks_at: str = typer.Option("best", "--eval-tasks-at",
+                                      help="best: the --eval-tasks (lm-eval) at each method's best cell, once the "
+                                      "runs are done; every: at every cell, with the runs"),
     storage: Storage = None,
     as_json: Json = False,
     given_settings: dict = None,
@@ -67,7 +70,7 @@ def create_cmd(
                          methods=[m.strip() for m in methods.split(",") if m.strip()], lrs=lrs, lr_range=rng,
                          sampler=sampler, trials=trials, steps=parse_steps(steps), max_attempts=max_attempts,
                          trust_remote_code=trust_remote_code, knobs=parse_knob_options(param), attacks_at=attacks_at,
-                         gpus_per_run=gpus_per_run,
+                         gpus_per_run=gpus_per_run, eval_tasks_at=eval_tasks_at,
                          **given_settings)
     spec = StudySpec.from_dict(study.spec)
     info = {"name": study.name, "runs": spec.total_runs, "cells": spec.total_runs * len(spec.steps), "spec": study.spec}

@@ -1,0 +1,111 @@
+"""Downstream tasks through lm-eval (`--eval-tasks`, `--eval-tasks-dir`): a multiple-choice task
+written here as a YAML file over a local JSONL, run on the tiny model through `unlearn run`; the
+accuracy it reports at θ0 and at the milestone equals the one counted by hand from an independent
+forward pass (the log-likelihood of each choice after the question). Skipped without lm-eval."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval", reason="lm-eval is not installed (the optional extra: pip install 'unlearn-lab[eval]')")
+
+TASK_YAML = """task: mytask
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: label
+doc_to_choice: choices
+metric_list:
+  - metric: acc
+"""
+
+
+def _task_rows() -> list[dict]:
+    """Questions about the tiny model's people-like records, each with 3 choices, the right one at a
+    random place (so neither always-first nor shortest wins by construction)."""
+    rng = random.Random(7)
+    rows = []
+    for i in range(12):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        choices = [f"born in {a}", f"lives at {b} Main Street", f"works as a {['baker', 'clerk', 'pilot'][i % 3]}"]
+        label = rng.randrange(3)
+        rows.append({"question": f"What about person {a}{b}?", "choices": choices, "label": label})
+    return rows
+
+
+def _write_task(folder) -> list[dict]:
+    rows = _task_rows()
+    folder.mkdir()
+    data = folder / "mytask.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (folder / "mytask.yaml").write_text(TASK_YAML.format(data=data), encoding="utf-8")
+    return rows
+
+
+def _ids(tok, text: str) -> list[int]:
+    """BOS + the text's tokens (the tiny tokenizer's template would also append </s>)."""
+    return [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+
+
+def hand_accuracy(model, tok, rows: list[dict]) -> tuple[float, list[list[float]]]:
+    """lm-eval's multiple-choice protocol written out: context = "Question: q\\nAnswer:", each choice
+    scored as Σ log p of the tokens of context + " " + choice past the context's own tokens, in a
+    float64 log_softmax; the prediction is the argmax."""
+    correct, table = 0, []
+    for r in rows:
+        context = f"Question: {r['question']}\nAnswer:"
+        ctx = _ids(tok, context)
+        scores = []
+        for choice in r["choices"]:
+            whole = _ids(tok, context + " " + choice)
+            assert whole[: len(ctx)] == ctx
+            x = torch.tensor([whole])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=x).logits[0].double(), -1)
+            scores.append(math.fsum(float(logp[i - 1, whole[i]]) for i in range(len(ctx), len(whole))))
+        table.append(scores)
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == r["label"])
+    return correct / len(rows), table
+
+
+def test_local_task_accuracy_equals_the_hand_count(tmp_path, capsys, tiny_model_dir, tiny_tokenizer, forget_set_files):
+    from engine.models import load_model
+    from studies_helpers import cli_in_process
+
+    rows = _write_task(tmp_path / "tasks")
+    f = forget_set_files
+    p = cli_in_process(capsys, "run", "--model", str(tiny_model_dir), "--forget", f["forget"], "--retain", f["retain"],
+                       "--unseen", f["unseen"], "--method", "ga", "--lr", "3e-3", "--steps", "2", "--batch-size", "2",
+                       "--seq-len", "128", "--device", "cpu", "--eval-tasks", "mytask",
+                       "--eval-tasks-dir", str(tmp_path / "tasks"), "--save-model", str(tmp_path / "out"), "--json")
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads(p.stdout)
+    theta0, _ = hand_accuracy(load_model(str(tiny_model_dir), "cpu").eval(), tiny_tokenizer, rows)
+    after, table = hand_accuracy(load_model(str(tmp_path / "out"), "cpu").eval(), tiny_tokenizer, rows)
+    print(f"mytask accuracy: θ0 lm-eval {result['baseline']['downstream']['mytask']} hand {theta0}; "
+          f"step 2 lm-eval {result['milestones'][0]['downstream']['mytask']} hand {after}")
+    assert result["baseline"]["downstream"] == {"mytask": pytest.approx(theta0, abs=1e-12)}
+    cell = result["milestones"][0]
+    assert cell["step"] == 2 and cell["downstream"] == {"mytask": pytest.approx(after, abs=1e-12)}
+    assert 0 < after < 1  # not a degenerate count: some right, some wrong
+    assert result["config"]["eval_tasks"] == "mytask"
+    assert "bench" not in cell  # plain files: no benchmark extras
+
+
+def test_unknown_task_is_one_line(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from engine.downstream import evaluate_tasks
+    from engine.errors import UnlearnError
+    from engine.models import load_model
+
+    _write_task(tmp_path / "tasks")
+    with pytest.raises(UnlearnError, match="knows no task 'nosuchtask'") as e:
+        evaluate_tasks(load_model(str(tiny_model_dir), "cpu"), tiny_tokenizer, "mytask,nosuchtask", str(tmp_path / "tasks"))
+    assert "\n" not in str(e.value)
