@@ -329,9 +329,9 @@ class WorkerPool:
 
     # ------------------------------------------------------------------ children
     def _spawn(self, keys: list[str], run: Run) -> None:
-        """The run's process on its slots: one worker, or with N slots N workers under `accelerate
-        launch` (data parallel: each process trains 1/N of every batch; the main one evaluates and
-        writes to the store)."""
+        """The run's process on its slots: one worker, or with N slots N workers under torchrun, each
+        an Accelerator process (data parallel: each trains 1/N of every batch; the main one evaluates
+        and writes to the store)."""
         slots = [k.split(":", 1)[1] for k in keys]
         env = child_env(self.store)
         if slots[0].startswith("cuda"):
@@ -343,10 +343,9 @@ class WorkerPool:
         log = open(log_dir_for(self.store, study.name) / f"run{run.id}-{run.method}-attempt{run.attempts}.log", "ab")
         worker = ["-m", "studies.worker", "--run-id", str(run.id),
                   "--device", device, "--threads", str(self.threads if device == "cpu" else 0)]
-        if len(slots) > 1:
-            worker = ["-m", "accelerate.commands.launch", "--num_processes", str(len(slots)), "--num_machines", "1",
-                      "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-                      *(["--cpu"] if device == "cpu" else []), *worker]
+        if len(slots) > 1:  # torchrun: `accelerate launch --cpu` would start one process, whatever --num_processes says
+            worker = ["-m", "torch.distributed.run", "--nproc_per_node", str(len(slots)), "--nnodes", "1",
+                      "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *worker]
         proc = subprocess.Popen([sys.executable, *worker], env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
         log.close()

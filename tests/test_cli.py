@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from studies.scheduler import free_port
 from studies_helpers import cli_in_process
 from tests.conftest import SEQ_LEN
 
@@ -185,18 +186,20 @@ def test_quick_demo_meets_the_outside_check(quick_demo):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lr, steps, diverges", [("1e-3", "2,4", False), ("10", "1,2,40", True)])
-def test_two_processes_under_accelerate_launch(tiny_model_dir, forget_set_files, tmp_path, lr, steps, diverges):
-    """`accelerate launch` with two CPU processes (gloo): each trains its slice of every batch, only
-    the main one evaluates and reports (one JSON document on stdout), and a divergence the main
-    process sees stops both (neither waits for the other for ever)."""
+def test_two_processes_under_torchrun(tiny_model_dir, forget_set_files, tmp_path, lr, steps, diverges):
+    """Two CPU processes under torchrun (gloo; `accelerate launch --cpu` starts one process whatever
+    --num_processes says): each trains its slice of every batch, only the main one evaluates and
+    reports (one JSON document on stdout), and a divergence the main process sees stops both
+    (neither waits for the other for ever)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", UNLEARN_HOME=str(tmp_path / "home"))
-    p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tui.cli",
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "tui.cli",
                         *run_args(tiny_model_dir, forget_set_files, "--method", "ga", "--lr", lr, "--steps", steps,
                                   "--batch-size", "2", "--json")],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(p.stdout)  # one document: the main process's
+    assert r["processes"] == 2
     assert [c["step"] for c in r["milestones"]] == [int(s) for s in steps.split(",")]
     assert r["diverged"] is diverges
     if diverges:

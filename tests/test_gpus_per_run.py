@@ -1,5 +1,5 @@
 """`study create --gpus-per-run N`: the pool hands one run N slots and starts it as N processes under
-`accelerate launch` (data parallel); only the main process writes to the store. On CPU the slots are
+torchrun (data parallel); only the main process writes to the store. On CPU the slots are
 worker slots and the processes talk over gloo, which is what this test runs."""
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from studies.scheduler import free_port
 from studies.spec import StudySpec
 from studies.store import Store
 from tests.studies_helpers import (assert_one_line_error, cli, cli_in_process, cli_main, events_of, make_forget_set,
@@ -44,15 +45,17 @@ def test_a_two_device_run_is_two_processes_and_records_each_cell_once(tmp_path, 
     cells = sorted((m.step, m.score) for m in milestones_of(store, "P"))
     assert [step for step, _ in cells] == [2, 4]  # once each, from the main process
 
-    # The same run by hand, two processes under accelerate launch: the same cells, bitwise.
+    # The same run by hand, two processes under torchrun: the same cells, bitwise.
     f = forget_set_files
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", UNLEARN_HOME=str(tmp_path / "home2"))
-    p = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tui.cli",
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "tui.cli",
                         "run", "--model", str(tiny_model_dir), "--forget", f["forget"], "--retain", f["retain"],
                         "--unseen", f["unseen"], "--general", f["general"], "--method", "ga", "--lr", "1e-3",
                         "--steps", "2,4", "--batch-size", "2", "--seq-len", str(StudySpec.from_dict(store.study("P").spec).run.seq_len),
                         "--json"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    by_hand = [(c["step"], c["score"]) for c in json.loads(p.stdout)["milestones"]]
+    result = json.loads(p.stdout)
+    assert result["processes"] == 2
+    by_hand = [(c["step"], c["score"]) for c in result["milestones"]]
     assert by_hand == cells
