@@ -4,8 +4,8 @@ heatmap's aggregation in process.
 
     python bench/store_scale.py [--sizes 1000,10000,100000] [--repeat 3] [--workdir DIR] [--json] [--quick]
 
-Each size is its own store holding one grid study (4 methods × lrs × 25 milestones; 10, 100 and
-1,000 lrs), made through the studies API: the forget set, the study and its runs by
+Each size is its own store holding one grid study (4 methods × lrs × 25 milestones; 11, 101 and
+1,001 lrs: room for 100 cells more, which bench/tui_scale.py records), made through the studies API: the forget set, the study and its runs by
 `create_study`, every cell a finished run's milestone with its Optuna trial, synthetic metrics
 (tests/app_stores.synthetic_cell; some runs diverge). `studies.recorder.record_cell` takes 40 ms a
 cell here (Optuna's ORM: one INSERT and one SELECT per user attribute), so 100,000 cells would take
@@ -41,6 +41,7 @@ from _common import CACHE, ROOT, finish, medians, spread, timed  # noqa: E402
 METHODS = ("ga", "ga_gd", "ga_kl", "npo")
 STEPS = tuple(range(5, 130, 5))  # 25 milestones
 STUDY = "scale"
+ROOM = 100  # cells the grid has beyond those written (bench/tui_scale.py records them in its refresh)
 AGG_TARGET_S = 0.2
 COMMANDS = ("study status", "study heatmap", "study ls", "export")
 
@@ -196,7 +197,7 @@ def cache_key() -> str:
 
 
 def cached_store(workdir: Path, trials: int) -> tuple[Path, dict]:
-    """The store of `trials` cells under `workdir`, built when it is not there."""
+    """The store of `trials` cells (its grid ROOM cells larger) under `workdir`, built when it is not there."""
     path = workdir / f"scale-{trials}-{cache_key()}.db"
     meta = path.with_suffix(".json")
     if path.is_file() and meta.is_file():
@@ -204,7 +205,7 @@ def cached_store(workdir: Path, trials: int) -> tuple[Path, dict]:
     for stale in workdir.glob(f"scale-{trials}-*"):
         stale.unlink()
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    info = make_store(tmp, trials, workdir / "inputs")
+    info = make_store(tmp, trials, workdir / "inputs", capacity=trials + ROOM)
     os.replace(tmp, path)
     meta.write_text(json.dumps(info))
     return path, {**info, "cached": False}
@@ -290,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             for cmd in COMMANDS:
                 times[n][cmd].append(run(n, cmd))
     med = {n: medians(t) for n, t in times.items()}
+    print("medians (s):", json.dumps({str(n): m for n, m in med.items()}), flush=True)
     inproc = {n: in_process(urls[n], repeat + 2) for n in sizes}
     inmed = {n: medians(t) for n, t in inproc.items()}
     problems = growth_problems(med)

@@ -5,8 +5,8 @@ tests/test_scale.py measures it): its first paint, and one refresh of the study'
     python bench/tui_scale.py [--sizes 10000,100000] [--repeat 3] [--workdir DIR] [--json] [--quick]
 
 The stores are bench/store_scale.py's (one grid study, 4 methods × lrs × 25 milestones, made
-through the studies API, cells written in bulk), with room for 100 more cells; each is built once
-and kept under --workdir. Per repetition the app opens a fresh copy: first paint is the time from
+through the studies API, cells written in bulk, room for 100 more cells), built once and kept under
+--workdir (the same folder by default: the two benches share them). Per repetition the app opens a fresh copy: first paint is the time from
 creating the app to its studies table filled; then the study's dashboard is opened (reported: to its
 heatmaps and first trial page); then 100 new cells are recorded through
 `studies.recorder.record_cell` (not timed) and one refresh is timed: from the dashboard's poll to
@@ -30,7 +30,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CACHE, finish, medians, spread  # noqa: E402
 
-NEW_CELLS = 100
 PAINT_TARGET_S = 1.0
 REFRESH_TARGET_S = 0.1
 TARGET_AT = 10_000
@@ -48,24 +47,8 @@ def verdict(med: dict[int, dict[str, float]]) -> tuple[bool, list[str]]:
     return not problems, problems
 
 
-def build(workdir: Path, trials: int) -> Path:
-    """store_scale's store of `trials` cells in a grid with room for NEW_CELLS more, cached."""
-    import store_scale
-
-    path = workdir / f"tui-{trials}-{store_scale.cache_key()}.db"
-    if not path.is_file():
-        for stale in workdir.glob(f"tui-{trials}-*"):
-            stale.unlink()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        t0 = time.perf_counter()
-        store_scale.make_store(tmp, trials, workdir / "inputs", capacity=trials + NEW_CELLS)
-        os.replace(tmp, path)
-        print(f"built the {trials:,}-trial store in {time.perf_counter() - t0:.1f} s")
-    return path
-
-
 def add_cells(url: str, trials: int) -> None:
-    """The next NEW_CELLS cells of the plan, through record_cell (what a worker does)."""
+    """The next store_scale.ROOM cells of the plan, through record_cell (what a worker does)."""
     from sqlmodel import select
 
     import store_scale
@@ -77,9 +60,9 @@ def add_cells(url: str, trials: int) -> None:
     spec = StudySpec.from_dict(store.study(store_scale.STUDY).spec)
     with store.read() as s:
         runs = list(s.exec(select(Run).order_by(Run.id)).all())
-    for run, cell in store_scale.planned_cells(runs, trials + NEW_CELLS)[trials:]:
+    for run, cell in store_scale.planned_cells(runs, trials + store_scale.ROOM)[trials:]:
         record_cell(store, store_scale.STUDY, spec, run, cell)
-    store_scale.finish_runs(store, store_scale.planned_cells(runs, trials + NEW_CELLS)[trials:])
+    store_scale.finish_runs(store, store_scale.planned_cells(runs, trials + store_scale.ROOM)[trials:])
 
 
 async def measure(url: str, trials: int) -> dict[str, float]:
@@ -137,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     repeat = 1 if a.quick else a.repeat
     a.workdir.mkdir(parents=True, exist_ok=True)
     os.environ["UNLEARN_HOME"] = str(a.workdir / "home")
-    stores = {n: build(a.workdir, n) for n in sizes}
+    import store_scale
+
+    stores = {n: store_scale.cached_store(a.workdir, n)[0] for n in sizes}
     work = Path(tempfile.mkdtemp(prefix="bench-tui-scale-"))
 
     def once(n: int) -> dict[str, float]:
