@@ -49,15 +49,51 @@ def check_local_model(name_or_path: str) -> None:
         raise UnlearnError(f"no such model folder: {name_or_path}")
 
 
+def hub_kwargs(name_or_path: str) -> dict:
+    """from_pretrained's keywords for where the files come from: a local folder as it is; a hub id
+    from the cache alone (local_files_only) when the hub cannot be reached, so a box without network
+    fails in a second with our line instead of half a minute of retries."""
+    if Path(name_or_path).expanduser().exists():
+        return {}
+    from engine.data import hub_offline_reason
+
+    return {"local_files_only": True} if hub_offline_reason() is not None else {}
+
+
+def describe_load_error(what: str, name: str, exc: BaseException) -> str:
+    """One line for a model or tokenizer that did not load, saying what to do. A hub id goes
+    through the Hugging Face cache (HF_HOME); a token comes from HF_TOKEN in the environment only,
+    never from a flag, so it cannot show up in a command line, a study or an export."""
+    chain, e = [], exc
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    kinds = {type(x).__name__ for x in chain}
+    text = " ".join(str(x) for x in chain).lower()
+    if "GatedRepoError" in kinds or "gated repo" in text:
+        return (f"{what} {name!r} is gated: accept its terms on https://huggingface.co/{name} and set HF_TOKEN "
+                f"in the environment (or .env)")
+    if "RepositoryNotFoundError" in kinds or "is not a valid model identifier" in text or "repository not found" in text:
+        return (f"no {what} {name!r}: not a local folder and not a model on the Hugging Face hub "
+                f"(a private one needs HF_TOKEN in the environment)")
+    if {"LocalEntryNotFoundError", "OfflineModeIsEnabled"} & kinds or "offline mode" in text or "cannot find the requested files in the" in text:
+        return (f"{what} {name!r} is not in the Hugging Face cache (HF_HOME) and the hub cannot be reached "
+                f"or HF_HUB_OFFLINE is set: download it where there is network (hf download {name}) "
+                f"and copy the cache, or give a local folder")
+    first = str(exc).strip().splitlines()
+    return f"cannot load {what} {name!r}: {first[0] if first else type(exc).__name__}"
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     quiet_transformers()
     check_local_model(name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path), trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path), trust_remote_code=trust_remote_code,
+                                            **hub_kwargs(name_or_path))
     except (OSError, ValueError) as exc:
-        raise UnlearnError(f"cannot load tokenizer {name_or_path!r}: {str(exc).splitlines()[0]}") from None
+        raise UnlearnError(describe_load_error("tokenizer", name_or_path, exc)) from None
     if tok.pad_token_id is None:
         # Pad positions never count in a loss or metric, so any id will do; eos is conventional.
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
@@ -75,10 +111,10 @@ def load_model(name_or_path: str, device: torch.device | str = "cpu", trust_remo
     check_local_model(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            os.path.expanduser(name_or_path), dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
-        )
+            os.path.expanduser(name_or_path), dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
+            **hub_kwargs(name_or_path))
     except (OSError, ValueError) as exc:
-        raise UnlearnError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from None
+        raise UnlearnError(describe_load_error("model", name_or_path, exc)) from None
     return model.to(device)
 
 
