@@ -1,4 +1,5 @@
-"""Attacks at each method's best cell, after a study: `unlearn study attack NAME --attacks ...`.
+"""Attacks and downstream tasks at each method's best cell, after a study: `unlearn study attack NAME
+--attacks ...` (and the study's --eval-tasks, when it was created with --eval-tasks-at best).
 
 Attacking every cell (`--attacks` on `study create`) costs a model copy and an evaluation per
 attack per milestone; most of the time a researcher wants to know whether the *best* forgetting a
@@ -8,7 +9,12 @@ into that cell's metrics in the store, so `study heatmap --metric relearn_recove
 exports show it there. The cell's Optuna trial keeps what it recorded when it finished: Optuna
 does not let a finished trial change, and this tool does not go around its API.
 
-A study created with `--attacks ... --attacks-at best` does this by itself: once its runs are done,
+The same rerun evaluates the study's lm-eval tasks (`--eval-tasks ...`, at the best cells by default:
+`--eval-tasks-at best`) and stores `downstream.{task}` in that cell, so one rerun per method serves
+both.
+
+A study created with `--attacks ... --attacks-at best` or `--eval-tasks ...` (at best) does this by
+itself: once its runs are done,
 the worker pool starts `python -m studies.attack --study NAME` in a free slot (its own process, like
 a run), and marks the study done when it ends. Where that job stands is kept as events of the study
 (ATTACK_EVENTS), so every pool on every node sees it and the job runs once.
@@ -23,7 +29,7 @@ from typing import Callable, Optional
 
 from sqlmodel import select
 
-from engine.config import parse_attacks
+from engine.config import parse_attacks, parse_eval_tasks
 from engine.errors import UnlearnError
 from studies.grid import best_cell, load_cells
 from studies.spec import StudySpec
@@ -36,10 +42,11 @@ ATTACK_EVENTS = ("attacks started", "attacks stopped", "attacks done", "attacks 
 
 
 def attack_best_cells(store: Store, name: str, attacks: Optional[str] = None, method: Optional[str] = None, device: str = "auto",
-                      on_cell: Optional[Callable[[dict], None]] = None) -> list[dict]:
+                      on_cell: Optional[Callable[[dict], None]] = None, eval_tasks: Optional[str] = None) -> list[dict]:
     """Per method (or only `method`): {"method", "lr", "steps", "score", "rerun_score", "reproduced",
-    "<attack>_recovery"...}; each cell's stored metrics gain "attacks" and the recoveries. `attacks`
-    None: the ones the study was created with."""
+    "<attack>_recovery"..., "downstream.<task>"...}; each cell's stored metrics gain "attacks" and the
+    recoveries, and "downstream". `attacks` None: the ones the study was created with; `eval_tasks`
+    None: the study's --eval-tasks when it evaluates them at the best cells ("" : none)."""
     from engine.run import run_unlearning
     from engine.settings import get_settings
     from studies.forgetsets import forget_set_texts
@@ -47,9 +54,11 @@ def attack_best_cells(store: Store, name: str, attacks: Optional[str] = None, me
     study = store.study(name)
     spec = StudySpec.from_dict(study.spec)
     names = parse_attacks(attacks if attacks is not None else spec.run.attacks)
-    if not names:
+    tasks = parse_eval_tasks(eval_tasks if eval_tasks is not None
+                             else spec.run.eval_tasks if spec.wants_best_cell_tasks else "")
+    if not names and not tasks:
         raise UnlearnError("--attacks: name at least one of relearn, quant4, quant8 "
-                           "(the study was not created with any)")
+                           "(the study was not created with any, nor with --eval-tasks at the best cells)")
     methods = list(spec.methods)
     if method is not None:
         if method not in methods:
@@ -65,19 +74,24 @@ def attack_best_cells(store: Store, name: str, attacks: Optional[str] = None, me
         if best is None:
             out.append({"method": m, "skipped": "no computed cell"})
             continue
-        cfg = replace(spec.run_config(best.method, best.lr), milestones=(best.steps,), attacks=",".join(names)).validate()
+        cfg = replace(spec.run_config(best.method, best.lr), milestones=(best.steps,), attacks=",".join(names),
+                      eval_tasks=",".join(tasks), eval_tasks_dir=spec.run.eval_tasks_dir if tasks else "",
+                      eval_tasks_limit=spec.run.eval_tasks_limit if tasks else 0).validate()
         result = run_unlearning(spec.model, texts, cfg, device=device, cache_dir=get_settings().baseline_cache,
                                 trust_remote_code=bool(spec.trust_remote_code))
         cell = result["milestones"][-1]
         found = {"attacks": cell.get("attacks", {}), **{f"{a}_recovery": cell.get(f"{a}_recovery") for a in names}}
+        downstream = {t: (cell.get("downstream") or {}).get(t) for t in tasks}
         with store.write() as s:
             ms = s.exec(select(Milestone).where(Milestone.run_id == best.run_id, Milestone.step == best.steps)).one()
-            ms.metrics = {**(ms.metrics or {}), **found,
-                          "attacks": {**(ms.metrics or {}).get("attacks", {}), **found["attacks"]}}
+            old = ms.metrics or {}
+            ms.metrics = {**old, **found, "attacks": {**old.get("attacks", {}), **found["attacks"]},
+                          **({"downstream": {**old.get("downstream", {}), **downstream}} if tasks else {})}
             s.add(ms)
         row = {"method": best.method, "lr": best.lr, "steps": best.steps, "score": best.score, "rerun_score": cell.get("score"),
                "reproduced": cell.get("score") == best.score, "device": result["device"],
-               **{f"{a}_recovery": found[f"{a}_recovery"] for a in names}}
+               **{f"{a}_recovery": found[f"{a}_recovery"] for a in names},
+               **{f"downstream.{t}": v for t, v in downstream.items()}}
         out.append(row)
         if on_cell:
             on_cell(row)
@@ -85,13 +99,15 @@ def attack_best_cells(store: Store, name: str, attacks: Optional[str] = None, me
 
 
 def describe_row(row: dict) -> str:
-    """One attacked best cell in words (the CLI's progress line and the job's log)."""
+    """One attacked (or evaluated) best cell in words (the CLI's progress line and the job's log)."""
     def num(v):
         return "—" if v is None else f"{v:.3g}"
 
     rec = "  ".join(f"{k.removesuffix('_recovery')} {num(v)}" for k, v in row.items() if k.endswith("_recovery"))
+    tasks = "  ".join(f"{k.removeprefix('downstream.')} {num(v)}" for k, v in row.items() if k.startswith("downstream."))
+    parts = ([f"recovery {rec}"] if rec else []) + ([f"downstream {tasks}"] if tasks else [])
     same = "" if row["reproduced"] else f"  (rerun score {num(row['rerun_score'])}, stored {num(row['score'])})"
-    return f"{row['method']} lr {row['lr']:g} × {row['steps']} steps: recovery {rec}{same}"
+    return f"{row['method']} lr {row['lr']:g} × {row['steps']} steps: {';  '.join(parts)}{same}"
 
 
 def attack_job_state(store: Store, study_id: int) -> tuple[str | None, Event | None]:
@@ -119,11 +135,13 @@ def claim_attack_job(store: Store, study: Study, owner_alive: Callable[[str], bo
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The pool's best-cell attack job: `python -m studies.attack --study NAME --device D`."""
+    """The pool's best-cell job: `python -m studies.attack --study NAME --device D`: the attacks saved
+    for the best cells (--attacks-at best) and the --eval-tasks saved for them (--eval-tasks-at best)."""
     from engine.settings import get_settings
 
-    p = argparse.ArgumentParser(description="Run a study's attacks at each method's best cell (started by a "
-                                            "worker pool); the store's URL comes from UNLEARN_STORAGE_URL.")
+    p = argparse.ArgumentParser(description="Run a study's attacks and/or downstream tasks at each method's best "
+                                            "cell (started by a worker pool); the store's URL comes from "
+                                            "UNLEARN_STORAGE_URL.")
     p.add_argument("--study", required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -135,9 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(get_settings().storage_url, create=False)
     study = store.study(a.study)
 
-    rows = attack_best_cells(store, a.study, device=a.device, on_cell=lambda row: print(describe_row(row), flush=True))
+    spec = StudySpec.from_dict(study.spec)
+    rows = attack_best_cells(store, a.study, attacks=spec.run.attacks if spec.attacks_at == "best" else "",
+                             device=a.device, on_cell=lambda row: print(describe_row(row), flush=True))
     done = sum(1 for r in rows if "skipped" not in r)
-    store.log("attacks done", f"best-cell attacks done: {done} of {len(rows)} methods attacked", study.id)
+    what = " and ".join(w for w, on in (("attacks", spec.attacks_at == "best" and spec.run.attacks),
+                                        ("downstream tasks", spec.wants_best_cell_tasks)) if on)
+    store.log("attacks done", f"best-cell {what} done: {done} of {len(rows)} methods", study.id)
     return 0
 
 

@@ -29,14 +29,45 @@ from studies.store import Milestone, Run, Store, Study
 CELL_METRICS = ("score", "forget_gap", "retain_drift", "ppl_forget", "ppl_retain", "ppl_unseen", "ppl_general",
                 "mia_auc.loss", "mia_auc.zlib", "mia_auc.min_k", "mia_auc.min_k_pp")
 RECOVERY_METRICS = ("relearn_recovery", "quant4_recovery", "quant8_recovery")
-METRICS = CELL_METRICS + RECOVERY_METRICS
+# A TOFU or MUSE preset's benchmark metrics (engine/benchmarks/milestone.py): only in cells of such a set.
+BENCH_METRICS = ("bench.tofu_truth_ratio", "bench.tofu_forget_quality", "bench.muse_verbmem_f", "bench.muse_knowmem_f",
+                 "bench.muse_knowmem_r", "bench.muse_auc", "bench.muse_privleak")
+METRICS = CELL_METRICS + RECOVERY_METRICS + BENCH_METRICS
+DOWNSTREAM = "downstream."  # + an lm-eval task name (--eval-tasks): any task is a metric path
+# Where a higher value is the better one (the heatmap's colours): TOFU's truth ratio on the forget set
+# (1: cannot tell right from wrong) and forget quality, knowledge kept on the retain QA, task accuracy.
+HIGHER_IS_BETTER = ("bench.tofu_truth_ratio", "bench.tofu_forget_quality", "bench.muse_knowmem_r")
 STATUSES = tuple(CellStatus)  # computed (done, diverged) or not yet (pending, running, failed, cancelled)
 
 
 def check_metric(metric: str) -> str:
-    if metric not in METRICS:
-        raise UnlearnError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    if metric not in METRICS and not (metric.startswith(DOWNSTREAM) and len(metric) > len(DOWNSTREAM)):
+        raise UnlearnError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}, {DOWNSTREAM}TASK")
     return metric
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric in HIGHER_IS_BETTER or metric.startswith(DOWNSTREAM)
+
+
+def study_metrics(spec: dict, cells: Iterable["Cell"] = ()) -> tuple[str, ...]:
+    """The metric paths a study can show: every cell's, its attacks' recoveries (--attacks), the
+    benchmark metrics its cells have (a TOFU/MUSE preset) and downstream.TASK for its --eval-tasks
+    (and any task its cells have)."""
+    from engine.config import parse_attacks, parse_eval_tasks
+
+    run = spec.get("run") or {}
+    try:
+        attacks, tasks = parse_attacks(run.get("attacks", "")), list(parse_eval_tasks(run.get("eval_tasks", "")))
+    except UnlearnError:  # a spec this version cannot read: the plain metrics
+        attacks, tasks = (), []
+    bench: set[str] = set()
+    for c in cells:
+        m = c.metrics or {}
+        bench |= {f"bench.{k}" for k in (m.get("bench") or {})}
+        tasks += [t for t in (m.get("downstream") or {}) if t not in tasks]
+    return (CELL_METRICS + tuple(f"{a}_recovery" for a in attacks) + tuple(b for b in BENCH_METRICS if b in bench)
+            + tuple(DOWNSTREAM + t for t in tasks))
 
 
 def _finite(x) -> Optional[float]:

@@ -101,3 +101,33 @@ def test_bench_settings_are_checked_in_one_line(tmp_path):
     s = RunSettings(eval_tasks=" arc_easy, piqa,arc_easy", eval_tasks_dir=str(tmp_path)).validate()
     assert s.eval_tasks == "arc_easy,piqa" and s.eval_tasks_dir == str(tmp_path)
     assert "--eval-tasks" in s.to_flags() and "--muse-retrained-auc" not in s.to_flags()
+
+
+def test_heatmap_and_picker_offer_bench_metrics_only_where_cells_have_them(tmp_path, capsys, tiny_model_dir,
+                                                                           forget_set_files):
+    from sqlmodel import select
+
+    from studies.grid import CELL_METRICS, load_cells, study_metrics
+    from studies.states import RunState
+    from studies.store import Milestone, Run, Store
+    from studies_helpers import cli_in_process, make_forget_set
+
+    url = f"sqlite:///{tmp_path / 'lab.db'}"
+    store = Store(url)
+    make_forget_set(store, "fs", forget_set_files)
+    p = cli_in_process(capsys, "study", "create", "S", "--model", str(tiny_model_dir), "--forget-set", "fs",
+                       "--methods", "ga", "--lr", "1e-3", "--steps", "1,2", "--storage", url)
+    assert p.returncode == 0, p.stderr
+    spec = store.study("S").spec
+    assert study_metrics(spec, load_cells(store, "S")) == CELL_METRICS  # a plain set: no bench.* offered
+    with store.write() as s:
+        run = s.exec(select(Run)).one()
+        run.state = RunState.DONE
+        s.add(Milestone(run_id=run.id, step=1, metrics={"score": 0.5, "bench": {"tofu_truth_ratio": 0.7}}, score=0.5))
+        s.add(Milestone(run_id=run.id, step=2, metrics={"score": 0.4, "bench": {"tofu_truth_ratio": 0.9}}, score=0.4))
+    assert study_metrics(spec, load_cells(store, "S")) == CELL_METRICS + ("bench.tofu_truth_ratio",)
+    p = cli_in_process(capsys, "study", "heatmap", "S", "--metric", "bench.tofu_truth_ratio", "--json", "--storage", url)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["ga"]["values"] == [[0.7, 0.9]]
+    p = cli_in_process(capsys, "study", "heatmap", "S", "--metric", "bench.tofu_truth_ratio", "--storage", url)
+    assert p.returncode == 0 and "higher = greener" in p.stdout, p.stdout

@@ -109,3 +109,57 @@ def test_unknown_task_is_one_line(tmp_path, tiny_model_dir, tiny_tokenizer):
     with pytest.raises(UnlearnError, match="knows no task 'nosuchtask'") as e:
         evaluate_tasks(load_model(str(tiny_model_dir), "cpu"), tiny_tokenizer, "mytask,nosuchtask", str(tmp_path / "tasks"))
     assert "\n" not in str(e.value)
+
+
+def test_best_cell_job_evaluates_the_tasks_and_the_heatmap_shows_them(tmp_path, capsys, tiny_model_dir,
+                                                                       tiny_tokenizer, forget_set_files):
+    """study create --eval-tasks mytask (at the best cells, the default): the runs skip the task; the
+    best-cell job reruns each method's best cell with it and stores downstream.mytask there, which
+    `study heatmap --metric downstream.mytask` and the app's picker then show."""
+    from sqlmodel import select
+
+    from engine.models import load_model
+    from studies.attack import attack_best_cells, describe_row
+    from studies.grid import load_cells, study_metrics
+    from studies.spec import StudySpec
+    from studies.states import RunState
+    from studies.store import Milestone, Run, Store
+    from studies_helpers import cli_in_process, make_forget_set
+
+    rows = _write_task(tmp_path / "tasks")
+    url = f"sqlite:///{tmp_path / 'lab.db'}"
+    store = Store(url)
+    make_forget_set(store, "fs", forget_set_files)
+    p = cli_in_process(capsys, "study", "create", "S", "--model", str(tiny_model_dir), "--forget-set", "fs",
+                       "--methods", "ga", "--lr", "3e-3", "--steps", "1", "--batch-size", "2", "--seq-len", "128",
+                       "--eval-tasks", "mytask", "--eval-tasks-dir", str(tmp_path / "tasks"), "--storage", url)
+    assert p.returncode == 0, p.stderr
+    spec = StudySpec.from_dict(store.study("S").spec)
+    assert spec.wants_best_cell_attacks and spec.run_config("ga", 3e-3).eval_tasks == ""  # the runs skip it
+    with store.write() as s:  # the run's one cell, as a finished run leaves it
+        run = s.exec(select(Run)).one()
+        run.state = RunState.DONE
+        s.add(Milestone(run_id=run.id, step=1, metrics={"score": 0.5}, score=0.5))
+    got = attack_best_cells(store, "S", device="cpu")
+    hand, _ = hand_accuracy(_trained(tmp_path, tiny_model_dir, forget_set_files), tiny_tokenizer, rows)
+    assert got[0]["downstream.mytask"] == pytest.approx(hand, abs=1e-12)
+    assert "downstream mytask" in describe_row(got[0]) and "recovery" not in describe_row(got[0])
+    cells = load_cells(store, "S")
+    assert cells[0].value("downstream.mytask") == pytest.approx(hand, abs=1e-12)
+    assert "downstream.mytask" in study_metrics(store.study("S").spec, cells)
+    p = cli_in_process(capsys, "study", "heatmap", "S", "--metric", "downstream.mytask", "--json", "--storage", url)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["ga"]["values"] == [[pytest.approx(hand, abs=1e-12)]]
+
+
+def _trained(tmp_path, model_dir, files):
+    """The best cell's model (ga, lr 3e-3, 1 step), trained again here and loaded back."""
+    from engine.config import RunConfig, RunSettings
+    from engine.data import load_forget_set
+    from engine.models import load_model
+    from engine.run import run_unlearning
+
+    texts = load_forget_set([files["forget"]], [files["retain"]], [files["unseen"]], [files["general"]])
+    cfg = RunConfig.of("ga", 3e-3, (1,), RunSettings(batch_size=2, seq_len=128))
+    run_unlearning(str(model_dir), texts, cfg, device="cpu", save_to=tmp_path / "best")
+    return load_model(str(tmp_path / "best"), "cpu").eval()

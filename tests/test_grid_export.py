@@ -319,7 +319,9 @@ def test_export_best_entries_and_command(lab):
                                     "eval_batch_size": 3, "min_k": 0.25, "tol_forget": 0.10, "tol_retain": 0.05,
                                     "divergence_factor": 1e4, "attacks": "", "params": "", "dtype": "auto",
                                     "gradient_checkpointing": False, "optim": "adamw", "lora": 0, "lora_alpha": None,
-                                    "lora_targets": ""}
+                                    "lora_targets": "", "bench_samples": 100, "tofu_retain_truth_ratios": "",
+                                    "muse_retrained_auc": None, "eval_tasks": "", "eval_tasks_dir": "",
+                                    "eval_tasks_limit": 0}
     prefix, v, bare = flags(e["command"])
     d = lab["data"]
     assert prefix == ["unlearn", "run"] and bare == {"--json"}

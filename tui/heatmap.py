@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from engine.errors import UnlearnError
-from studies.grid import Cell, Grid, check_metric, grids
+from studies.grid import Cell, Grid, check_metric, grids, higher_is_better
 from studies.states import CellStatus
 from tui.numbers import fmt_lr, fmt_value  # noqa: F401  (re-exported: the CLI and app import them here)
 
@@ -32,10 +32,12 @@ SUCCESS = "✓"
 
 def badness(metric: str, x: float) -> Optional[float]:
     """The quantity the colour scale runs over (lower = better / greener)."""
-    if metric == "retain_drift":
+    if metric in ("retain_drift", "bench.muse_privleak"):
         return abs(x)
-    if metric.startswith("mia_auc"):
+    if metric.startswith("mia_auc") or metric == "bench.muse_auc":
         return abs(x - 0.5)
+    if higher_is_better(metric):  # benchmark figures where more is better, downstream accuracy
+        return -x
     if metric.startswith("ppl"):
         return math.log(x) if x > 0 else None
     return x
@@ -115,7 +117,10 @@ class Heatmap:
         return t
 
     def legend_text(self) -> Text:
-        scale = ("lower = greener" if self.metric not in ("retain_drift",) and not self.metric.startswith(("mia", "ppl"))
+        scale = ("higher = greener" if higher_is_better(self.metric)
+                 else "|PrivLeak| lower = greener" if self.metric == "bench.muse_privleak"
+                 else "closer to 0.5 = greener" if self.metric == "bench.muse_auc"
+                 else "lower = greener" if self.metric not in ("retain_drift",) and not self.metric.startswith(("mia", "ppl"))
                  else "|drift| lower = greener" if self.metric == "retain_drift"
                  else "closer to 0.5 = greener" if self.metric.startswith("mia")
                  else "log scale, lower = greener" if self.metric == "ppl_retain" else "log scale")

@@ -11,7 +11,8 @@ import typer
 from tui.cli.common import Json, Storage, lab
 
 METRIC_HELP = ("score | forget_gap | retain_drift | ppl_forget | ppl_retain | ppl_unseen | ppl_general | "
-               "mia_auc.loss | mia_auc.zlib | mia_auc.min_k | mia_auc.min_k_pp")
+               "mia_auc.loss | mia_auc.zlib | mia_auc.min_k | mia_auc.min_k_pp | *_recovery | bench.* (TOFU/MUSE "
+               "presets) | downstream.TASK (--eval-tasks)")
 
 
 def _age(seconds: Optional[float]) -> str:

@@ -162,16 +162,20 @@ def attack_cmd(ctx: typer.Context, name: str = typer.Argument(..., help="study n
                                                      "default: those the study was created with)"),
                method: Optional[str] = typer.Option(None, "--method", help="only this method's best cell"),
                device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]"),
+               eval_tasks: Optional[str] = typer.Option(None, "--eval-tasks", help="lm-eval tasks to evaluate there too "
+                                                        "(default: the study's, when it has them at the best cells)"),
                storage: Storage = None, as_json: Json = False):
-    """Test whether forgetting holds at each method's best cell: rerun it with the attacks and store
-    what they find in that cell (see `study heatmap --metric relearn_recovery`)."""
+    """Test whether forgetting holds at each method's best cell: rerun it with the attacks (and the
+    downstream tasks) and store what they find in that cell (see `study heatmap --metric
+    relearn_recovery` or `--metric downstream.TASK`)."""
     from studies.attack import attack_best_cells, describe_row
     from tui.cli.console import emit_json, err, out
 
     def said(row: dict) -> None:
         err.print(describe_row(row), markup=False, soft_wrap=True, highlight=False)
 
-    rows = attack_best_cells(lab(ctx).store(), name, attacks, method=method, device=device, on_cell=said)
+    rows = attack_best_cells(lab(ctx).store(), name, attacks, method=method, device=device, on_cell=said,
+                             eval_tasks=eval_tasks)
     if as_json:
         return emit_json(rows)
     out.print(f"study {name}: attacked {sum('skipped' not in r for r in rows)} best cell(s)", markup=False)

@@ -21,8 +21,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Checkbox, DataTable, Footer, Header, Select, Static
 
-from engine.config import parse_attacks
-from studies.grid import CELL_METRICS, grids
+from studies.grid import CELL_METRICS, grids, study_metrics
 from tui.app.format import age, fmt_lr, fmt_value
 from tui.heatmap import badness
 from tui.app.messages import CellRef, CompareCells, ExportRequested, OpenTrial, StudyAction
@@ -92,7 +91,7 @@ class DashboardScreen(Screen):
         self.store = store
         self.study = study
         self.metric = "score"
-        self.metrics = CELL_METRICS  # what the picker offers (plus recoveries in a study with attacks)
+        self.metrics = CELL_METRICS  # what the picker offers (plus recoveries, bench.* and downstream.* where a study has them)
         self.sort, self.descending, self.success_only, self.method_filter = "score", False, False, None
         self.steps_total = 0
         self.state: Optional[str] = None
@@ -169,7 +168,7 @@ class DashboardScreen(Screen):
         self.query_one("#dash-head", Static).update(
             f"[b]{st.name}[/b] · {self.state} · model {Path(st.model).name or st.model} · "
             f"forget set {st.spec.get('forget_set', '?')} · cells {done}/{len(poll.cells)} · scheduler beat {beat}")
-        self._offer_recoveries(st.spec)
+        self._offer_recoveries(st.spec, poll.cells)
         self._update_heatmaps(by_method, poll.changed)
         self.query_one(RunningRuns).update_runs(self.study, poll.running, self.steps_total)
         if poll.new_milestones or poll.state_changed or not self._trial_rows:
@@ -177,13 +176,13 @@ class DashboardScreen(Screen):
         if poll.finished:
             self.notify(f"study {self.study} finished", title="done", timeout=10)
 
-    def _offer_recoveries(self, spec: dict) -> None:
-        """The picker offers an attack's recovery only in a study that runs that attack."""
+    def _offer_recoveries(self, spec: dict, cells=()) -> None:
+        """The picker offers an attack's recovery only in a study that runs that attack, a benchmark
+        metric only where its cells have it (a TOFU/MUSE preset) and downstream.TASK for its tasks."""
         try:
-            attacks = parse_attacks((spec.get("run") or {}).get("attacks", ""))
+            metrics = study_metrics(spec, cells)
         except Exception:  # noqa: BLE001 - a spec this version cannot read: the plain metrics
-            attacks = ()
-        metrics = CELL_METRICS + tuple(f"{a}_recovery" for a in attacks)
+            metrics = CELL_METRICS
         if metrics != self.metrics:
             self.metrics = metrics
             select = self.query_one("#metric", Select)
