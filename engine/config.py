@@ -59,6 +59,8 @@ class RunSettings:
                                        default_text="2 × rank")
     lora_targets: str = knob("", "--lora-targets", "modules that get an adapter: comma-separated names (q_proj,v_proj) "
                              "(default: every linear layer of the blocks)", parse=lambda v: v.strip())
+    fsdp: bool = knob(False, "--fsdp", "shard weights, gradients and optimizer states over the run's processes "
+                      "(FSDP2 full shard; with study create --gpus-per-run N, or under torchrun)")
     # Benchmark metrics at each milestone, where the forget set is a TOFU or MUSE preset
     # (engine/benchmarks/milestone.py, docs/benchmark-metrics.md).
     bench_samples: int = knob(100, "--bench-samples", "benchmark metrics (TOFU, MUSE presets) score the first N items "
@@ -124,6 +126,11 @@ class RunSettings:
             raise UnlearnError("--lora-alpha and --lora-targets need --lora R")
         if s.lora and s.params:
             raise UnlearnError("--params chooses weights to train, --lora trains an adapter instead: give one of them")
+        if s.fsdp:
+            clash = [flag for flag, on in (("--lora", s.lora), ("--attacks", s.attacks), ("--params", s.params),
+                                           ("--optim " + s.optim, s.optim != "adamw")) if on]
+            if clash:
+                raise UnlearnError(f"--fsdp does not run with {clash[0]} yet: it needs the whole model in one process")
         if s.bench_samples < 0 or s.eval_tasks_limit < 0:
             raise UnlearnError(f"{'--bench-samples' if s.bench_samples < 0 else '--eval-tasks-limit'} must be 0 (all) or more")
         if s.muse_retrained_auc is not None and not 0 < s.muse_retrained_auc <= 1:
@@ -256,6 +263,8 @@ class RunConfig(RunSettings):
             raise UnlearnError(f"method {method.id} chooses weights by saliency, --lora trains an adapter instead")
         if self.lora and method.forget.edits_weights:
             raise UnlearnError(f"method {method.id} negates the change of the full weights: it does not run with --lora")
+        if self.fsdp and (method.forget.edits_weights or method.saliency or method.trains is not None):
+            raise UnlearnError(f"method {method.id} does not run with --fsdp yet: it reads or chooses full weights")
         base = RunSettings.validate(self)
         cfg = replace(self, **{f.name: getattr(base, f.name) for f in fields(RunSettings)},
                       lr=float(lr), milestones=tuple(sorted({int(s) for s in steps})))

@@ -34,6 +34,7 @@ from engine.methods.base import Method, PrepareContext, causal_labels
 from engine.lora import AdapterOff, apply_lora, save_lora
 from engine.precision import make_optimizer, resolve_dtype
 from engine.recovery import attack_milestone
+from engine.sharding import shard
 from engine.selection import trained_parameters
 from engine.models import count_parameters, load_model, load_tokenizer, model_key, read_pretraining_tokens, resolve_device
 
@@ -167,12 +168,15 @@ class _Run:
 
         method: Method = get_method(cfg.method)
         device = next(model.parameters()).device
+        bf16 = device.type == "cuda" and cfg.dtype in ("auto", "bf16")  # FSDP's compute dtype (engine/sharding.py)
         accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")  # autocast is ours, below
         set_seed(cfg.seed)
         autocast = autocast_for(device)
         reference = None
         if method.needs_reference and not cfg.lora:  # a live frozen θ0 for terms that read its logits every step (KL, UNDIAL)
             reference = copy.deepcopy(model).eval().requires_grad_(False)
+            if cfg.fsdp:
+                reference = shard(reference, bf16)
         # Prepared data comes from θ0 too, but once, before the first step: the model itself will do.
         model.eval()
         ctx = PrepareContext(model, tokenizer, torch.Generator().manual_seed(cfg.seed), device,
@@ -201,11 +205,15 @@ class _Run:
         else:
             # Which weights may move: all, the method's own (RMU), --params REGEX or saliency:P (at θ0, once).
             params = trained_parameters(model, method, cfg, sets.forget, sets.retain, device, autocast)
+        if cfg.fsdp:  # each process keeps 1/N of every tensor; the optimizer sees only its shards
+            model = shard(model, bf16)
+            params = list(model.parameters())
         optimizer = make_optimizer(cfg.optim, params, cfg.lr, device)  # bf16 weights: through fp32 masters
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, constant_after_warmup(cfg.warmup_steps))
         theta0 = ({n: p.detach().clone() for n, p in model.named_parameters()}
                   if method.forget.edits_weights else None)
-        model, optimizer = accelerator.prepare(model, optimizer)
+        if not cfg.fsdp:  # data parallel (DDP) when there are several processes; FSDP is already in place
+            model, optimizer = accelerator.prepare(model, optimizer)
         model.train()
         return cls(cfg, sets, method, device, accelerator, autocast, reference, forget_extra, retain_chunks,
                    retain_extra, constants, method.retain_weight if cfg.retain_weight is None else cfg.retain_weight,
@@ -262,6 +270,8 @@ class _Run:
         """(the cell at `step`, why it counts as diverged or None, the tokens evaluated), on the main
         process; (None, None, 0) on the others, which learn the verdict from `agree_on`."""
         if not self.is_main:
+            if self.cfg.fsdp:  # each process holds a shard: every one takes part in the forward passes
+                evaluate(self.reported(), self.sets, self.cfg.eval_batch_size, self.device, self.autocast, self.cfg.min_k)
             return None, None, 0
         cfg = self.cfg
         model = self.reported()
@@ -342,6 +352,13 @@ def baseline_metrics(model, model_name: str, sets: ForgetSetChunks, fs_hash: str
     return metrics, n
 
 
+def local_share(model) -> float:
+    """The share of the model's parameters this process holds (1.0 unless sharded)."""
+    total = sum(p.numel() for p in model.parameters())
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+    return local / total if total else 1.0
+
+
 def is_main_process() -> bool:
     """False in the non-main processes of `accelerate launch` (torchrun sets RANK)."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -377,8 +394,10 @@ def run_unlearning(
     from engine.benchmarks.milestone import MilestoneExtras
 
     extras = MilestoneExtras.of(texts, tokenizer, cfg)  # None: no preset metrics, no --eval-tasks
+    if cfg.fsdp and (extras is not None or save_to is not None):  # they need the whole model in one process
+        raise UnlearnError("--fsdp does not run with --save-model, a preset's benchmark metrics or --eval-tasks yet")
     torch.manual_seed(cfg.seed)
-    dtype = resolve_dtype(cfg.dtype, dev)
+    dtype = torch.float32 if cfg.fsdp else resolve_dtype(cfg.dtype, dev)  # FSDP keeps fp32 shards, computes in bf16
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     model = load_model(model_name, dev, trust_remote_code, dtype=dtype)
@@ -414,6 +433,7 @@ def run_unlearning(
         "config": {**asdict(cfg), "milestones": list(cfg.milestones)},
         "memory": {"dtype": str(dtype).removeprefix("torch."), "master_copy": dtype != torch.float32 and cfg.optim == "adamw" and not cfg.lora,
                    "gradient_checkpointing": cfg.gradient_checkpointing, "optim": cfg.optim, "lora": cfg.lora,
+                   "fsdp": cfg.fsdp, "local_parameter_share": local_share(out.model),
                    "peak_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None},
         "baseline": baseline,
         "milestones": out.milestones,

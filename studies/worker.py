@@ -166,7 +166,8 @@ def _does_not_fit(spec, cfg, gpu_bytes: int) -> str | None:
     from engine.plan import make_plan, options_from
 
     try:
-        plan = make_plan(spec.model, cfg.method, options_from(cfg), cfg.batch_size, cfg.seq_len, gpu_bytes,
+        gpus = spec.gpus_per_run if cfg.fsdp else 1  # data parallel: every GPU holds the whole run
+        plan = make_plan(spec.model, cfg.method, options_from(cfg, gpus), cfg.batch_size, cfg.seq_len, gpu_bytes,
                          bool(spec.trust_remote_code))
     except UnlearnError:  # no plan for this model (its config cannot be read here): the run itself will say
         return None

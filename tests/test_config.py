@@ -27,10 +27,12 @@ NON_DEFAULT = {"batch_size": 3, "seq_len": 96, "seed": 5, "warmup_steps": 2, "re
                "optim": "adamw8bit", "lora": 4, "lora_alpha": 16.0, "lora_targets": "q_proj,v_proj",
                "bench_samples": 20, "tofu_retain_truth_ratios": str(FIXTURES / "presets" / "tofu" / "forget01.json"),
                "muse_retrained_auc": 0.48, "eval_tasks": "arc_easy,piqa", "eval_tasks_dir": str(FIXTURES),
-               "eval_tasks_limit": 10}
-# Settings that exclude each other (--params chooses weights, --lora trains an adapter instead):
-# a study takes NON_DEFAULT without one group or the other.
-EXCLUSIVE = ({"params"}, {"lora", "lora_alpha", "lora_targets"})
+               "eval_tasks_limit": 10, "fsdp": True}
+# Settings that exclude each other (--params chooses weights, --lora trains an adapter instead, and
+# --fsdp shards what those and the attacks and 8-bit states need whole): a study takes NON_DEFAULT
+# without the ones each case leaves out.
+LORA = {"lora", "lora_alpha", "lora_targets"}
+LEFT_OUT = {"lora": {"params", "fsdp"}, "params": LORA | {"fsdp"}, "fsdp": LORA | {"params", "attacks", "optim"}}
 
 
 def command(*path: str):
@@ -48,7 +50,7 @@ def test_every_field_is_a_flag_of_run_and_study_create():
         assert missing == [], f"unlearn {' '.join(path)} lacks {missing}"
 
 
-@pytest.mark.parametrize("left_out", EXCLUSIVE, ids=["lora", "params"])
+@pytest.mark.parametrize("left_out", LEFT_OUT.values(), ids=LEFT_OUT.keys())
 def test_settings_round_trip_through_a_study_and_its_export(tmp_path, forget_set_files, tiny_model_dir, left_out):
     url = f"sqlite:///{tmp_path / 'lab.db'}"
     make_forget_set(Store(url), "fs", forget_set_files)

@@ -321,7 +321,7 @@ def test_export_best_entries_and_command(lab):
                                     "gradient_checkpointing": False, "optim": "adamw", "lora": 0, "lora_alpha": None,
                                     "lora_targets": "", "bench_samples": 100, "tofu_retain_truth_ratios": "",
                                     "muse_retrained_auc": None, "eval_tasks": "", "eval_tasks_dir": "",
-                                    "eval_tasks_limit": 0}
+                                    "eval_tasks_limit": 0, "fsdp": False}
     prefix, v, bare = flags(e["command"])
     d = lab["data"]
     assert prefix == ["unlearn", "run"] and bare == {"--json"}
