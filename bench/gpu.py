@@ -19,6 +19,7 @@ With --json the last line is {"name", "ratio", "target", "pass", ...}; it exits 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         return go
 
     times = alternate({"engine": side("engine"), "trainer": side("trainer")}, a.repeat, warm=not a.tiny)
+    shutil.rmtree(folder, ignore_errors=True)  # the saved weights (4 GB in fp32 for 1B)
     med = medians(times)
     tps = {k: tokens_per_step / v for k, v in med.items()}
     util = {k: mfu(n_params, v, peak) for k, v in tps.items()}

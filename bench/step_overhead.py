@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shutil
 import sys
 import tempfile
 import time
@@ -211,6 +212,7 @@ def run_trainer(model_dir: Path, sets, method: str, lr: float, steps: int, bs: i
                              callbacks=[Stamp()], reference=reference)
     trainer.remove_callback(PrinterCallback)  # its end-of-training line would land on stdout, after nothing timed
     trainer.train()
+    shutil.rmtree(args.output_dir, ignore_errors=True)
     return per_step(stamps), losses
 
 
