@@ -315,7 +315,13 @@ async def test_new_study_bad_input_is_one_line_beside_each_field(store, forget_s
         screen.query_one("#attacks", Input).value = "quant4, relearn"
         screen.query_one("#attacks-at", Select).value = "best"
         await pilot.pause()
+        model = screen.query_one("#model", Input).value
+        earlier = screen.model_checks.pop(model, None)
+        screen.model_checks[model] = {"ok": True}  # as if the model had checked out: the form is read whole
         form = screen.read_form()  # what Launch hands to create_study
+        screen.model_checks.pop(model)
+        if earlier is not None:
+            screen.model_checks[model] = earlier
         assert form.knobs == {"retain_weight": [0.5, 1.0], "beta": {"low": 0.01, "high": 1.0, "log": True}}
         assert (form.attacks, form.attacks_at) == ("relearn,quant4", "best")
         screen.query_one("#knobs", Input).value = ""
