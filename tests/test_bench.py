@@ -1,6 +1,10 @@
 """The benchmarks' own checks can fail: bench/prefix_sharing.py matches cells by step (any order of
 --steps) and never counts two cells without a score as identical; bench/app_first_paint.py reports
-what it measured in the agreed JSON."""
+what it measured in the agreed JSON; each newer bench's verdict (ratios, targets, loss and figure
+agreement) is tested on hand-built figures; store_scale's bulk writer leaves the rows record_cell
+leaves; the evaluation's grouped statistics keep the per-row loop's figures; gpu.py skips without
+CUDA and runs its code on a tiny CPU model. The benches' --quick --json runs are here too (the
+heavier ones marked slow); no test asserts a time."""
 from __future__ import annotations
 
 import importlib.util
