@@ -80,8 +80,13 @@ def train_to_milestones(model, tokenizer, sets: ForgetSetChunks, cfg: RunConfig,
     across runs (WHP's reinforced model); None builds it in memory. `extras`: the benchmark metrics
     and downstream tasks measured at each milestone (engine.benchmarks.milestone), or None."""
     cfg = cfg.validate()
-    with _deterministic(next(model.parameters()).device.type == "cpu"):
-        return _train(model, tokenizer, sets, cfg, baseline, on_step, on_milestone, cache, extras)
+    use_cache = getattr(model.config, "use_cache", None)  # set_up turns it off; a saved model keeps its own
+    try:
+        with _deterministic(next(model.parameters()).device.type == "cpu"):
+            return _train(model, tokenizer, sets, cfg, baseline, on_step, on_milestone, cache, extras)
+    finally:
+        if use_cache is not None:
+            model.config.use_cache = use_cache
 
 
 def _train(model, tokenizer, sets, cfg: RunConfig, baseline, on_step, on_milestone, cache=None, extras=None) -> TrainResult:
@@ -168,6 +173,9 @@ class _Run:
 
         method: Method = get_method(cfg.method)
         device = next(model.parameters()).device
+        # No key/value cache: training and scoring read every position once, and building a cache
+        # nobody reads cost ~8 % a step (bench/step_overhead.py). Logits are the same either way.
+        model.config.use_cache = False
         bf16 = device.type == "cuda" and cfg.dtype in ("auto", "bf16")  # FSDP's compute dtype (engine/sharding.py)
         accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")  # autocast is ours, below
         set_seed(cfg.seed)
