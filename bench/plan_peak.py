@@ -28,14 +28,17 @@ TARGET = 0.15  # |measured / planned − 1|
 
 
 def settings_of(flags: str) -> dict:
-    """'--dtype bf16 --gradient-checkpointing --lora 16' -> RunSettings fields."""
+    """'--dtype bf16 --gradient-checkpointing --lora 16' -> RunSettings fields, by the flags and types
+    RunSettings declares for itself."""
+    from engine.config import settings_fields
+
+    by_flag = {f.metadata["flag"]: f for f in settings_fields()}
+    kinds = {"int": int, "bool": bool, "str": str}
     out, args = {}, shlex.split(flags)
-    for i, a in enumerate(args):
-        if a == "--gradient-checkpointing":
-            out["gradient_checkpointing"] = True
-        elif a.startswith("--") and i + 1 < len(args):
-            key = a[2:].replace("-", "_")
-            out[key] = int(args[i + 1]) if key == "lora" else args[i + 1]
+    while args:
+        f = by_flag[args.pop(0)]
+        kind = kinds.get(f.type, float)
+        out[f.name] = True if kind is bool else kind(args.pop(0))
     return out
 
 

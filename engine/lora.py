@@ -36,20 +36,9 @@ class AdapterOff:
     def __init__(self, model) -> None:
         self.model = model
 
-    @property
-    def config(self):
-        return self.model.config
-
     def __call__(self, *args, **kwargs):
         with self.model.disable_adapter(), torch.no_grad():
             return self.model(*args, **kwargs)
-
-    def eval(self):
-        return self
-
-
-def is_lora(model) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
 def save_lora(model, path, merge: bool) -> None:

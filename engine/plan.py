@@ -225,6 +225,10 @@ class Plan:
                     f"({self.batch_size}) or --seq-len ({self.seq_len}), or add GPUs")
         return f"{head}; would fit with: {rec[0].flags()}"
 
+    def refusal(self) -> str | None:
+        """The one line that refuses a run whose asked options do not fit (None when they do)."""
+        return None if self.fits else f"model {self.model}, method {self.method}, {self.asked.flags()}: {self.verdict()}"
+
     def to_json(self) -> dict:
         rec = self.recommended
         return {"model": self.model, "method": self.method, "model_type": self.shape.model_type,
@@ -277,8 +281,9 @@ def check_fits(model: str, method: str, settings, gpu_bytes: int, gpus: int = 1,
     would fit with: --dtype bf16 --gradient-checkpointing ..." (or what to lower when nothing fits)."""
     plan = make_plan(model, method, options_from(settings, gpus), settings.batch_size, settings.seq_len,
                      gpu_bytes, trust_remote_code)
-    if not plan.fits:
-        raise UnlearnError(f"model {model}, method {plan.method}, {plan.asked.flags()}: {plan.verdict()}")
+    refusal = plan.refusal()
+    if refusal:
+        raise UnlearnError(refusal)
 
 
 def describe_oom(model: str, method: str, settings, gpu_bytes: int | None, gpus: int = 1,

@@ -60,14 +60,11 @@ def run_one(store: Store, run_id: int, device: str) -> int:
     from studies.forgetsets import forget_set_texts
     from studies.recorder import record_cell
     from studies.spec import StudySpec
-    from studies.store import ForgetSet
 
     if not is_main_process():
         return _train_only(store, run_id, device)
     with store.write() as s:
-        run = s.get(Run, run_id)
-        study = s.get(Study, run.study_id)
-        fs = s.get(ForgetSet, study.forgetset_id)
+        run, study, fs = _run_rows(s, run_id)
         run.pid, run.heartbeat = os.getpid(), utcnow()
         s.add(run)
     spec = StudySpec.from_dict(study.spec)
@@ -131,12 +128,9 @@ def _train_only(store: Store, run_id: int, device: str) -> int:
     from engine.settings import get_settings
     from studies.forgetsets import forget_set_texts
     from studies.spec import StudySpec
-    from studies.store import ForgetSet
 
     with store.read() as s:
-        run = s.get(Run, run_id)
-        study = s.get(Study, run.study_id)
-        fs = s.get(ForgetSet, study.forgetset_id)
+        run, study, fs = _run_rows(s, run_id)
     spec = StudySpec.from_dict(study.spec)
     cfg = spec.run_config(run.method, run.lr)
     gpu_bytes = _gpu_bytes(device)
@@ -149,6 +143,15 @@ def _train_only(store: Store, run_id: int, device: str) -> int:
         traceback.print_exc()
         return 1
     return 0
+
+
+def _run_rows(session, run_id: int):
+    """The run, its study and its forget set."""
+    from studies.store import ForgetSet
+
+    run = session.get(Run, run_id)
+    study = session.get(Study, run.study_id)
+    return run, study, session.get(ForgetSet, study.forgetset_id)
 
 
 def _gpu_bytes(device: str) -> int | None:
@@ -171,7 +174,7 @@ def _does_not_fit(spec, cfg, gpu_bytes: int) -> str | None:
                          bool(spec.trust_remote_code))
     except UnlearnError:  # no plan for this model (its config cannot be read here): the run itself will say
         return None
-    return None if plan.fits else f"model {spec.model}, method {plan.method}, {plan.asked.flags()}: {plan.verdict()}"
+    return plan.refusal()
 
 
 def main(argv: list[str] | None = None) -> int:
