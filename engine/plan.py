@@ -5,18 +5,20 @@ RMU: the MLP output projections of its 3 layers), A adapter parameters with LoRA
 adapted linear layer per block), N GPUs (FSDP full shard when N > 1), w = bytes of a weight (fp32 4,
 bf16 2):
 
-    weights     P·w / N, + 2 × the largest FSDP unit (a block or the embedding matrix) in w when N > 1
-                (the all-gathered layer being computed and the prefetched next one);
-                LoRA: the frozen base P·w / N + the adapter A·4 (peft keeps adapters in fp32)
-    master      bf16 full training with AdamW: an fp32 copy of the trained weights, 4·T / N (small
-                learning rates move it, then it is rounded into the bf16 weights); fp32, LoRA and the
-                8-bit optimizers (bitsandbytes updates bf16 weights in place): none
-    gradients   T·w / N (bf16 gradients with bf16 weights); LoRA: A·4
+    weights     one GPU: P·w. N > 1 (FSDP, engine/sharding.py): fp32 shards, P·4 / N, + 2 × the largest
+                FSDP unit (a block or the embedding matrix) in w (the all-gathered layer being computed
+                and the prefetched next one). LoRA: the frozen base so + the adapter A·4 (peft keeps
+                adapters in fp32)
+    master      bf16 full training with AdamW on one GPU: an fp32 copy of the trained weights, 4·T
+                (small learning rates move it, then it is rounded into the bf16 weights); fp32, LoRA,
+                the 8-bit optimizers (bitsandbytes updates bf16 weights in place) and FSDP (its fp32
+                shards are the master): none
+    gradients   T·w (bf16 gradients with bf16 weights); FSDP: fp32, T·4 / N; LoRA: A·4
     optimizer   AdamW's two fp32 moments 8·T / N; 8-bit (bitsandbytes adamw8bit, paged_adamw8bit): 2·T / N
                 (its block statistics, < 0.5 %, left out; a paged state can spill to host memory under
                 pressure, the plan counts it resident); LoRA: 8·A or 2·A
     reference   a method whose loss reads θ0's logits every step (ga_kl, npo_kl, undial...): a live
-                frozen copy, P·w / N; LoRA: 0 (θ0 is the model with its adapter disabled). A method that
+                frozen copy, P·w (FSDP: sharded like the weights, P·4 / N); LoRA: 0 (θ0 is the model with its adapter disabled). A method that
                 reads θ0 once in `prepare` (npo, adversarial) keeps per-chunk numbers on the CPU: 0.
                 whp trains a reinforced copy in `prepare`: P·w / N more at that moment. task_vector
                 keeps θ0's trained weights: T·w / N. LoRA: 0 for all of them.
@@ -45,7 +47,8 @@ Option sets, ordered from the least to the most cost to fidelity (the search tak
 fp32 full (the weights, gradients and AdamW of the original loop) > bf16 with an fp32 master copy >
 + gradient checkpointing (recomputes, changes nothing) > + 8-bit AdamW (quantized moments) > LoRA r=16
 (an adapter instead of every weight) > LoRA r=16 + checkpointing > LoRA r=16 + checkpointing + 8-bit.
-`--gpus` is never changed by the search: the plan is for the GPUs at hand.
+`--gpus` is never changed by the search: the plan is for the GPUs at hand. Over several GPUs (a run
+sharded with --fsdp) the 8-bit sets are left out: FSDP does not run bitsandbytes' optimizers yet.
 """
 from __future__ import annotations
 
@@ -154,16 +157,17 @@ def figures(shape: ModelShape, method, opts: Options, batch_size: int, seq_len: 
     T = P if blocks == L and linears == shape.linears else blocks * sum(a * b for _, a, b in linears)
     A = adapter_params(shape, method, opts) if opts.lora else 0
     f = dict.fromkeys(ROWS, 0)
-    f["weights"] = P * w // N + (2 * shape.largest_unit * w if N > 1 else 0) + 4 * A
+    ws = 4 if N > 1 else w  # bytes a stored weight takes: FSDP keeps fp32 shards and computes in w
+    f["weights"] = P * ws // N + (2 * shape.largest_unit * w if N > 1 else 0) + 4 * A
     if A:
         f["gradients"], f["optimizer"] = 4 * A, OPTIMS[opts.optim] * A
-    else:
-        f["master"] = 4 * T // N if opts.dtype == "bf16" and opts.optim == "adamw" else 0  # engine/precision.py
-        f["gradients"], f["optimizer"] = T * w // N, OPTIMS[opts.optim] * T // N
+    else:  # an fp32 master copy for bf16 weights (engine/precision.py); FSDP's fp32 shards are their own
+        f["master"] = 4 * T if opts.dtype == "bf16" and opts.optim == "adamw" and N == 1 else 0
+        f["gradients"], f["optimizer"] = T * ws // N, OPTIMS[opts.optim] * T // N
         if method.needs_reference or method.id == "whp":
-            f["reference"] = P * w // N
+            f["reference"] = P * ws // N
         elif method.forget.edits_weights:
-            f["reference"] = T * w // N
+            f["reference"] = T * ws // N
     passes = len(_terms(method))
     tokens = batch_size * seq_len * passes
     fp32 = opts.dtype == "fp32"
@@ -257,9 +261,13 @@ def make_plan(model: str, method: str, opts: Options, batch_size: int = 4, seq_l
     if gpu_bytes is not None and gpu_bytes <= 0:
         raise UnlearnError(f"--gpu-mem must be above 0, not {gpu_bytes / GIB:g}")
     opts = opts.checked()
+    if opts.gpus > 1 and opts.optim != "adamw":  # as a run with --fsdp refuses it (engine/config.py)
+        raise UnlearnError(f"--optim {opts.optim} does not run sharded over --gpus {opts.gpus} (--fsdp) yet: "
+                           "plan it for one GPU, or with --optim adamw")
     shape = shape_of(read_config(model, trust_remote_code), trust_remote_code)
-    ladder = [(o, figures(shape, m, replace(o, gpus=opts.gpus), batch_size, seq_len)) for o in LADDER]
-    ladder = [(replace(o, gpus=opts.gpus), b) for o, b in ladder]
+    # Sharded over several GPUs (FSDP) the 8-bit optimizers do not run yet: those sets are left out.
+    ladder = [replace(o, gpus=opts.gpus) for o in LADDER if opts.gpus == 1 or o.optim == "adamw"]
+    ladder = [(o, figures(shape, m, o, batch_size, seq_len)) for o in ladder]
     return Plan(model, m.id, shape, batch_size, seq_len, gpu_bytes, opts,
                 figures(shape, m, opts, batch_size, seq_len), ladder)
 

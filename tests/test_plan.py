@@ -12,7 +12,7 @@ import transformers as T
 from engine.config import RunSettings
 from engine.errors import UnlearnError
 from engine.methods import get_method
-from engine.plan import GIB, OVERHEAD, Options, check_fits, describe_oom, figures, make_plan
+from engine.plan import GIB, OVERHEAD, Options, adapter_params, check_fits, describe_oom, figures, make_plan
 from engine.plan_shape import read_config, shape_of
 from tests.studies_helpers import cli_in_process
 
@@ -114,13 +114,27 @@ def test_7b_checkpointing_by_hand():
 
 
 def test_70b_fsdp_over_8_gpus_by_hand():
-    f = plan_bytes(L70B, "ga_kl", Options("bf16", True, "adamw8bit", gpus=8))
+    f = plan_bytes(L70B, "ga_kl", Options("bf16", True, gpus=8))
     embedding = 128256 * 8192
     block = 2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192
     assert embedding == 1_050_673_152 > block == 855_654_400  # the largest FSDP unit: the embedding
-    assert f["weights"] == 2 * P70B // 8 + 2 * embedding * 2 == 21_841_119_232
-    assert f["master"] == 0  # bitsandbytes' 8-bit AdamW updates the bf16 weights in place: no master copy
-    assert f["gradients"] == f["optimizer"] == f["reference"] == 2 * P70B // 8 == 17_638_426_624
+    # FSDP keeps fp32 shards (its own master copy) and gathers each unit in bf16 to compute
+    assert f["weights"] == 4 * P70B // 8 + 2 * embedding * 2 == 39_479_545_856
+    assert f["master"] == 0
+    assert f["gradients"] == f["reference"] == 4 * P70B // 8 == 35_276_853_248  # fp32 shards, θ0 sharded alike
+    assert f["optimizer"] == 8 * P70B // 8
+    lora = plan_bytes(L70B, "ga_kl", Options("bf16", True, lora=16, gpus=8))
+    A = adapter_params(shape_of(read_config(L70B)), get_method("ga_kl"), Options("bf16", True, lora=16, gpus=8))
+    assert lora["weights"] == 4 * P70B // 8 + 2 * embedding * 2 + 4 * A and lora["reference"] == 0
+
+
+def test_the_8bit_optimizers_are_not_planned_over_several_gpus():
+    """A run sharded with --fsdp refuses them, so the plan never recommends them there."""
+    plan = make_plan(str(L70B), "ga_kl", Options(gpus=8), 4, 512, 80 * GIB)
+    assert [o.optim for o, _ in plan.ladder] == ["adamw"] * 5
+    assert plan.recommended[0].flags() == "--dtype bf16 --gradient-checkpointing --lora 16 --gpus 8"
+    with pytest.raises(UnlearnError, match="--optim adamw8bit does not run sharded over --gpus 2"):
+        make_plan(str(L70B), "ga_kl", Options(optim="adamw8bit", gpus=2), 4, 512, 80 * GIB)
 
 
 def test_method_dependent_rows():
