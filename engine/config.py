@@ -127,7 +127,7 @@ class RunSettings:
         if s.lora and s.params:
             raise UnlearnError("--params chooses weights to train, --lora trains an adapter instead: give one of them")
         if s.fsdp:
-            clash = [flag for flag, on in (("--lora", s.lora), ("--attacks", s.attacks), ("--params", s.params),
+            clash = [flag for flag, on in (("--attacks", s.attacks), ("--params", s.params),
                                            ("--optim " + s.optim, s.optim != "adamw")) if on]
             if clash:
                 raise UnlearnError(f"--fsdp does not run with {clash[0]} yet: it needs the whole model in one process")

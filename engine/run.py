@@ -31,9 +31,10 @@ from engine.files import write_json_atomic
 from engine.finetune import batch_indices
 from engine.methods import get_method
 from engine.methods.base import Method, PrepareContext, causal_labels
-from engine.lora import AdapterOff, apply_lora, save_lora
+from engine.lora import AdapterOff, apply_lora
 from engine.precision import make_optimizer, resolve_dtype
 from engine.recovery import attack_milestone
+from engine.saving import save_model
 from engine.sharding import shard
 from engine.selection import trained_parameters
 from engine.models import count_parameters, load_model, load_tokenizer, model_key, read_pretraining_tokens, resolve_device
@@ -214,8 +215,8 @@ class _Run:
             # Which weights may move: all, the method's own (RMU), --params REGEX or saliency:P (at θ0, once).
             params = trained_parameters(model, method, cfg, sets.forget, sets.retain, device, autocast)
         if cfg.fsdp:  # each process keeps 1/N of every tensor; the optimizer sees only its shards
-            model = shard(model, bf16)
-            params = list(model.parameters())
+            model = shard(model, bf16)  # (with LoRA the adapter's weights too; the frozen base is sharded alike)
+            params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(cfg.optim, params, cfg.lr, device)  # bf16 weights: through fp32 masters
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, constant_after_warmup(cfg.warmup_steps))
         theta0 = ({n: p.detach().clone() for n, p in model.named_parameters()}
@@ -402,8 +403,8 @@ def run_unlearning(
     from engine.benchmarks.milestone import MilestoneExtras
 
     extras = MilestoneExtras.of(texts, tokenizer, cfg)  # None: no preset metrics, no --eval-tasks
-    if cfg.fsdp and (extras is not None or save_to is not None):  # they need the whole model in one process
-        raise UnlearnError("--fsdp does not run with --save-model, a preset's benchmark metrics or --eval-tasks yet")
+    if cfg.fsdp and extras is not None:  # they need the whole model in one process
+        raise UnlearnError("--fsdp does not run with a preset's benchmark metrics or --eval-tasks yet")
     torch.manual_seed(cfg.seed)
     dtype = torch.float32 if cfg.fsdp else resolve_dtype(cfg.dtype, dev)  # FSDP keeps fp32 shards, computes in bf16
     if dev.type == "cuda":
@@ -419,12 +420,10 @@ def run_unlearning(
               + ("" if dtype == torch.float32 else "-bf16")) if cache_dir else None)
     out = train_to_milestones(model, tokenizer, sets, cfg, baseline, on_step, on_milestone, cache, extras)
     wall = time.perf_counter() - t0
-    if save_to is not None and main:
-        if cfg.lora:
-            save_lora(out.model, save_to, merge_lora)
-        else:
-            out.model.save_pretrained(save_to)
-        tokenizer.save_pretrained(save_to)
+    if save_to is not None:
+        save_model(out.model, save_to, cfg, merge_lora, model_name, trust_remote_code, dev, main)
+        if main:
+            tokenizer.save_pretrained(save_to)
     n_params = count_parameters(out.model)
     eval_tokens = out.eval_tokens + baseline_tokens
     flops = 6 * n_params * out.train_tokens + 2 * n_params * eval_tokens

@@ -9,10 +9,12 @@ so no `MasterAdamW` is needed. A live reference θ0 (KL, UNDIAL) is sharded the 
 
 Every process holds 1/N of each tensor, so a forward pass needs them all: under FSDP every process
 evaluates each milestone (the main one reports), where data parallel runs evaluate on the main
-process alone. What needs the whole model in one process is refused with `--fsdp` for now: LoRA,
-the robustness attacks (a model copy each), task_vector (θ0's full weights), saliency masks,
-8-bit optimizers and --save-model (a gathered state dict). FSDP2 runs on CPU too (gloo), which is
-how the tests run it.
+process alone. With LoRA the frozen base and the adapter are sharded alike (FSDP2 takes frozen and
+trained parameters in one unit); `--save-model` gathers the shards (engine/saving.py). What needs
+the whole model in one process is refused with `--fsdp` for now: the robustness attacks (a model
+copy each), task_vector (θ0's full weights), saliency masks, 8-bit optimizers (bitsandbytes does
+not update sharded tensors), a preset's benchmark metrics and --eval-tasks. FSDP2 runs on CPU too
+(gloo), which is how the tests run it.
 """
 from __future__ import annotations
 
