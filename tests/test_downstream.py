@@ -163,3 +163,46 @@ def _trained(tmp_path, model_dir, files):
     cfg = RunConfig.of("ga", 3e-3, (1,), RunSettings(batch_size=2, seq_len=128))
     run_unlearning(str(model_dir), texts, cfg, device="cpu", save_to=tmp_path / "best")
     return load_model(str(tmp_path / "best"), "cpu").eval()
+
+
+
+
+def _digit_rows() -> list[dict]:
+    """Choices of one token each ("1" … "9"), so no choice wins by its length alone: which one a
+    model picks depends on its weights."""
+    rng = random.Random(11)
+    rows = []
+    for _ in range(24):
+        a = rng.randint(1000, 9999)
+        choices = [str(d) for d in rng.sample(range(1, 10), 3)]
+        rows.append({"question": f"What about person {a}?", "choices": choices, "label": rng.randrange(3)})
+    return rows
+
+
+def test_lm_eval_reads_a_lora_model_with_its_adapter_on(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """A LoRA run's model is a peft model: lm-eval scores it with its adapter on (the hand count on
+    the merged model), and with the adapter switched off it scores θ0 (the hand count on the base)."""
+    from engine.downstream import evaluate_tasks
+    from engine.lora import apply_lora
+    from engine.models import load_model
+
+    rows = _digit_rows()
+    assert all(len(tiny_tokenizer(c, add_special_tokens=False)["input_ids"]) == 1 for r in rows for c in r["choices"])
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "mytask.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (folder / "mytask.yaml").write_text(TASK_YAML.format(data=folder / "mytask.jsonl"), encoding="utf-8")
+    model = apply_lora(load_model(str(tiny_model_dir), "cpu"), 4, None, "")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # an adapter that moves the model a lot (peft starts B at zero: θ0 exactly)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    lm_eval_on = evaluate_tasks(model, tiny_tokenizer, "mytask", str(folder))["mytask"]
+    with model.disable_adapter():
+        lm_eval_off = evaluate_tasks(model, tiny_tokenizer, "mytask", str(folder))["mytask"]
+    on, table_on = hand_accuracy(model.merge_and_unload().eval(), tiny_tokenizer, rows)
+    off, table_off = hand_accuracy(load_model(str(tiny_model_dir), "cpu").eval(), tiny_tokenizer, rows)
+    print(f"mytask accuracy: adapter on lm-eval {lm_eval_on} hand {on}; off lm-eval {lm_eval_off} hand {off}")
+    assert table_on != table_off and on != off  # the two models are told apart by the task itself
+    assert lm_eval_on == pytest.approx(on, abs=1e-12) and lm_eval_off == pytest.approx(off, abs=1e-12)
