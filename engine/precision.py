@@ -66,7 +66,13 @@ def make_optimizer(name: str, params: list, lr: float, device: torch.device):
     rounding and keeps no master copy."""
     if name == "adamw":
         if all(p.dtype == torch.float32 for p in params):
-            return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            # On CPU torch's default is its per-parameter Python loop; the foreach form does the same
+            # tensor ops, grouped (bit for bit the same weights), in one call per op: ~0.3–1.6 ms less
+            # per step on bench/step_overhead.py's models. It holds one transient fp32 tensor per
+            # parameter during the step (4 bytes a trained parameter). Elsewhere torch's default stays
+            # (foreach already, on CUDA).
+            on_cpu = all(p.device.type == "cpu" for p in params)
+            return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True if on_cpu else None)
         return MasterAdamW(params, lr=lr)
     if device.type != "cuda":
         raise UnlearnError(f"--optim {name} keeps its 8-bit states on the GPU (bitsandbytes): it needs CUDA; "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -100,11 +101,12 @@ def _train(model, tokenizer, sets, cfg: RunConfig, baseline, on_step, on_milesto
     for step in range(1, cfg.milestones[-1] + 1):
         loss, tokens = run.step_loss(step)
         train_tokens += tokens
-        if not run.all_finite(loss):
+        value = float(loss.detach())  # the step's one host read of the loss
+        if not run.all_finite(loss, value):
             reason = f"non-finite loss at step {step}"
             break
         run.optimizer_step(loss)
-        losses.append(float(loss.detach()))
+        losses.append(value)
         if on_step and run.is_main:
             on_step(step, losses[-1])
         if step in cfg.milestones:
@@ -254,16 +256,18 @@ class _Run:
         if self.retain_chunks is not None:
             rb = self._batch(self.retain_chunks, self.retain_extra, self.constants["retain"], self.cfg.seed + 1, step)
             with self.autocast():
-                loss = loss + self.retain_weight * m.retain.forward_loss(self.model, rb, self.reference)
+                retain = m.retain.forward_loss(self.model, rb, self.reference)
+            loss = loss + (retain if self.retain_weight == 1.0 else self.retain_weight * retain)  # × 1.0 is exact
             tokens += int(rb["attention_mask"].sum())
         return loss, tokens
 
-    def all_finite(self, loss: torch.Tensor) -> bool:
-        """Finite on every process (they must agree, or one would stop while the others wait)."""
+    def all_finite(self, loss: torch.Tensor, value: float) -> bool:
+        """Finite on every process (they must agree, or one would stop while the others wait).
+        `value` is float(loss), already read: alone, no other tensor op or host read is needed."""
+        if self.world == 1:
+            return math.isfinite(value)
         ok = torch.isfinite(loss.detach()).float().reshape(1)
-        if self.world > 1:
-            ok = self.accelerator.reduce(ok, reduction="mean")
-        return bool(ok.item() == 1.0)
+        return bool(self.accelerator.reduce(ok, reduction="mean").item() == 1.0)
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
         if not loss.requires_grad:  # e.g. --params picked weights after the layer RMU reads
@@ -335,13 +339,23 @@ def beyond_bound(metrics: dict, baseline: dict, factor: float) -> str | None:
 @contextlib.contextmanager
 def _deterministic(on: bool):
     """Deterministic kernels on CPU (the prefix property is exact there), restored afterwards
-    so an embedding program keeps its own setting."""
-    before = torch.are_deterministic_algorithms_enabled()
+    so an embedding program keeps its own setting.
+
+    Without torch's NaN-filling of fresh memory (`torch.utils.deterministic.fill_uninitialized_memory`,
+    on by default with deterministic algorithms): it only shows up code that reads memory it never
+    wrote, and a program that does not stays deterministic without it (torch's docs), so results are
+    the same bit for bit. Filling cost ~300 extra fill_ calls (~12 MB written) per optimizer step of
+    bench/step_overhead.py's quick model, work the Trainer and a plain loop never do."""
+    import torch.utils.deterministic as det
+
+    before, fill = torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory
     torch.use_deterministic_algorithms(on or before)
+    det.fill_uninitialized_memory = False
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(before)
+        det.fill_uninitialized_memory = fill
 
 
 # ---------------------------------------------------------------- a whole run
