@@ -3,8 +3,11 @@ running runs and the devices, all live.
 
 Every tick starts one exclusive thread worker that polls a StudyWatch (the study row, its runs,
 and only the milestones newer than the last seen). What comes back updates only what changed:
-the heatmaps of the methods with changed cells, the running runs, and — when a cell was written
-— one page of the trial table, re-read in SQL and applied row by row.
+the heatmaps of the methods with changed cells (each redraws the rows that changed), the running
+runs, and — when a cell was written — one page of the trial table, re-read in SQL and applied row
+by row. The poll hands out its grids too, a method's the very same object while its cells do not
+change, so what is read from a grid (its value range, its written cells) is read again only for
+the methods that changed.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Checkbox, DataTable, Footer, Header, Select, Static
 
-from studies.grid import CELL_METRICS, grids, study_metrics
+from studies.grid import CELL_METRICS, grids
 from tui.app.format import age, fmt_lr, fmt_value
 from tui.heatmap import badness
 from tui.app.messages import CellRef, CompareCells, ExportRequested, OpenTrial, StudyAction
@@ -37,12 +40,37 @@ PAGE = 200  # rows of the trial table read at once: the rest stay in the databas
 WIDE = 140  # from this many columns, heatmaps and panels sit side by side
 
 
-def shared_scale(by_method: dict, metric: str) -> tuple[float, float] | None:
-    """One colour scale over every method's values, as `unlearn study heatmap` draws them: methods
-    compare at a glance."""
-    vals = [b for g in by_method.values() for row in g.value(metric) for v in row
+def grid_range(grid, metric: str) -> tuple[float, float] | None:
+    """The (lo, hi) of tui.heatmap.badness over one grid's values; None when it has none."""
+    vals = [b for row in grid.value(metric) for v in row
             if v is not None and (b := badness(metric, v)) is not None and math.isfinite(b)]
     return (min(vals), max(vals)) if vals else None
+
+
+def per_grid(cache: Optional[dict], method: str, grid, what: str, fn):
+    """fn(grid), kept in `cache` ((method, what) -> (grid, value)) while the method's Grid is the very
+    same object: a StudyWatch hands the unchanged methods' grids out again, never changed."""
+    if cache is None:
+        return fn(grid)
+    hit = cache.get((method, what))
+    if hit is not None and hit[0] is grid:
+        return hit[1]
+    value = fn(grid)
+    cache[(method, what)] = (grid, value)
+    return value
+
+
+def shared_scale(by_method: dict, metric: str, cache: Optional[dict] = None) -> tuple[float, float] | None:
+    """One colour scale over every method's values, as `unlearn study heatmap` draws them: methods
+    compare at a glance. With a `cache` (see per_grid), only the grids that are new are read."""
+    ranges = [r for method, g in by_method.items()
+              if (r := per_grid(cache, method, g, "range " + metric, lambda g: grid_range(g, metric))) is not None]
+    return (min(lo for lo, _ in ranges), max(hi for _, hi in ranges)) if ranges else None
+
+
+def _written(grid) -> int:
+    """Cells of a grid that were computed (done or diverged)."""
+    return sum(1 for c in grid.cells.values() if str(c.status) in ("done", "diverged"))
 
 
 def trial_cells(row: dict) -> dict[str, str]:
@@ -100,6 +128,7 @@ class DashboardScreen(Screen):
         self._ticks = 0
         self._methods: list[str] = []
         self._grids: dict = {}
+        self._per_grid: dict = {}  # what was drawn from each method's grid (per_grid)
 
     # ------------------------------------------------------------ layout
 
@@ -161,14 +190,14 @@ class DashboardScreen(Screen):
         poll = message.poll
         st = poll.study
         self.state = str(st.state)
-        by_method = grids(poll.cells)
+        by_method = poll.grids if poll.grids or not poll.cells else grids(poll.cells)
         self.steps_total = max((max(g.steps) for g in by_method.values() if g.steps), default=0)
-        done = sum(1 for c in poll.cells if str(c.status) in ("done", "diverged"))
+        done = sum(per_grid(self._per_grid, m, g, "written", _written) for m, g in by_method.items())
         beat = age(poll.scheduler_alive_s_ago) if self.state in ("running", "paused") else "—"
         self.query_one("#dash-head", Static).update(
             f"[b]{st.name}[/b] · {self.state} · model {Path(st.model).name or st.model} · "
             f"forget set {st.spec.get('forget_set', '?')} · cells {done}/{len(poll.cells)} · scheduler beat {beat}")
-        self._offer_recoveries(st.spec, poll.cells)
+        self._offer_metrics(poll.metrics)
         self._update_heatmaps(by_method, poll.changed)
         self.query_one(RunningRuns).update_runs(self.study, poll.running, self.steps_total)
         if poll.new_milestones or poll.state_changed or not self._trial_rows:
@@ -176,13 +205,10 @@ class DashboardScreen(Screen):
         if poll.finished:
             self.notify(f"study {self.study} finished", title="done", timeout=10)
 
-    def _offer_recoveries(self, spec: dict, cells=()) -> None:
-        """The picker offers an attack's recovery only in a study that runs that attack, a benchmark
-        metric only where its cells have it (a TOFU/MUSE preset) and downstream.TASK for its tasks."""
-        try:
-            metrics = study_metrics(spec, cells)
-        except Exception:  # noqa: BLE001 - a spec this version cannot read: the plain metrics
-            metrics = CELL_METRICS
+    def _offer_metrics(self, metrics: tuple[str, ...]) -> None:
+        """The picker offers what the poll's study_metrics found: an attack's recovery only in a study
+        that runs that attack, a benchmark metric only where its cells have it (a TOFU/MUSE preset)
+        and downstream.TASK for its tasks."""
         if metrics != self.metrics:
             self.metrics = metrics
             select = self.query_one("#metric", Select)
@@ -193,7 +219,7 @@ class DashboardScreen(Screen):
         box = self.query_one("#heatmaps", Vertical)
         existing = {w.grid.method: w for w in box.query(HeatmapGrid)}
         self._grids = by_method
-        scale = shared_scale(by_method, self.metric)
+        scale = shared_scale(by_method, self.metric, self._per_grid)
         rescaled = any(w.scale != scale for w in existing.values())
         parts = []
         for method, grid in by_method.items():
@@ -297,7 +323,7 @@ class DashboardScreen(Screen):
     @on(Select.Changed, "#metric")
     def _metric_changed(self, event: Select.Changed) -> None:
         self.metric = str(event.value)
-        scale = shared_scale(self._grids, self.metric)
+        scale = shared_scale(self._grids, self.metric, self._per_grid)
         for widget in self.query(HeatmapGrid):
             widget.scale = scale
             widget.metric = self.metric

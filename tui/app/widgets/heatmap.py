@@ -4,6 +4,12 @@ space marks it for compare.
 Colours and state marks come from tui/heatmap.py, so the app and `unlearn study heatmap` agree.
 Every cell also carries a glyph (✓ success, div, …, ·, ✗, –), so the grid reads without colour.
 The layout is fixed-width text (no table), so a click maps to a cell by arithmetic.
+
+Drawn line by line (Textual's line API): each line (the title, the steps, one per lr) is kept,
+as text and as the strip drawn from it, until something on it changes. A live study's new values
+(`update_grid`) redraw only the rows whose cells changed, and only the rows on screen are drawn at
+all: a 100-lr grid costs what its visible rows cost. Every line is drawn through the same Textual
+path as a whole-widget render() would be, so what shows is the same.
 """
 from __future__ import annotations
 
@@ -14,9 +20,11 @@ from rich.style import Style
 from rich.text import Text
 from textual.binding import Binding
 from textual.events import Click
-from textual.geometry import Size
+from textual.geometry import Region, Size
 from textual.message import Message
 from textual.reactive import reactive
+from textual.strip import Strip
+from textual.visual import Visual, visualize
 from textual.widget import Widget
 
 from studies.grid import Cell, Grid, best_cell, check_metric
@@ -30,6 +38,7 @@ VALUE_WIDTH = 7  # fmt_value's longest
 CELL_WIDTH = 1 + VALUE_WIDTH + 1 + 1 + 1
 HEADER_LINES = 2  # the title line and the steps line
 COMPARE_MARK = "◆"
+_JOIN = Text("\n", no_wrap=True)  # what render() joins the lines with (their wrap and overflow)
 
 
 class CellMessage(Message):
@@ -90,24 +99,55 @@ class HeatmapGrid(Widget, can_focus=True):
         super().__init__(id=id, classes=classes)
         self.grid = grid
         self.study = study
-        self.scale = scale
+        self._scale = scale
         self.cursor: tuple[int, int] = (0, 0)  # (row: lr index, column: steps index)
         self._marked: set[tuple[float, int]] = set()  # owners restore marks with mark()
+        self._texts: dict[int, Text] = {}  # content line -> its text, until something on it changes
+        self._strips: dict[int, Strip] = {}  # content line -> the strip drawn from its text
+        self._strips_key: tuple = ()  # (width, style) the strips were drawn at
+        self._range: Optional[tuple[float, float]] = None  # the grid's own value range (no shared scale)
         self.set_reactive(HeatmapGrid.metric, check_metric(metric))
+
+    @property
+    def scale(self) -> Optional[tuple[float, float]]:
+        return self._scale
+
+    @scale.setter
+    def scale(self, scale: Optional[tuple[float, float]]) -> None:
+        if scale != self._scale:
+            self._scale = scale
+            self._redraw()
 
     # ------------------------------------------------------------------ public API
     def update_grid(self, grid: Grid) -> None:
         """New values for the same method (a live study): the cursor stays on the same (lr, steps)
         when it still exists, marks on cells that still exist stay."""
+        old, before = self.grid, self.cursor
         current = self._key(*self.cursor)
-        resized = (len(grid.lrs), len(grid.steps)) != (len(self.grid.lrs), len(self.grid.steps))
+        resized = (len(grid.lrs), len(grid.steps)) != (len(old.lrs), len(old.steps))
         self.grid = grid
         if current is not None and current[0] in grid.lrs and current[1] in grid.steps:
             self.cursor = (grid.lrs.index(current[0]), grid.steps.index(current[1]))
         else:
             self.cursor = self._clamp(*self.cursor)
-        self._marked = {k for k in self._marked if k in grid.cells}
-        self.refresh(layout=resized)
+        marked = {k for k in self._marked if k in grid.cells}
+        unmarked, self._marked = self._marked - marked, marked
+        if grid.lrs != old.lrs or grid.steps != old.steps:
+            self._redraw(layout=resized)
+            return
+        rows = {r for r, lr in enumerate(grid.lrs)
+                if any((a := grid.cells.get((lr, s))) is not (b := old.cells.get((lr, s))) and a != b for s in grid.steps)}
+        if not rows and before == self.cursor and not unmarked:
+            return  # the same cells: nothing to draw
+        if self._scale is None and rows and self._range is not None:
+            drawn, self._range = self._range, self._value_range()
+            if self._range != drawn:  # the grid's own colour scale moved: every cell's colour
+                self._redraw()
+                return
+        rows |= {self.grid.lrs.index(lr) for lr, _ in unmarked if lr in self.grid.lrs}
+        if before != self.cursor:
+            rows |= {before[0], self.cursor[0]}
+        self._redraw(0, *(HEADER_LINES + r for r in rows))  # the title: robustness and best move too
 
     @property
     def cursor_cell(self) -> Optional[CellRef]:
@@ -117,9 +157,11 @@ class HeatmapGrid(Widget, can_focus=True):
     def mark(self, cells) -> None:
         """Show these cells (of this grid's study and method) as marked, e.g. when a dashboard
         reopens on cells marked earlier. Posts nothing."""
-        self._marked |= {(c.lr, c.steps) for c in cells if c.study == self.study and c.method == self.grid.method
-                         and (c.lr, c.steps) in self.grid.cells}
-        self.refresh()
+        new = {(c.lr, c.steps) for c in cells if c.study == self.study and c.method == self.grid.method
+               and (c.lr, c.steps) in self.grid.cells} - self._marked
+        self._marked |= new
+        if new:
+            self._redraw(*{HEADER_LINES + self.grid.lrs.index(lr) for lr, _ in new})
 
     @property
     def marked(self) -> list[CellRef]:
@@ -131,8 +173,9 @@ class HeatmapGrid(Widget, can_focus=True):
         target = self._clamp(row, column)
         if target == self.cursor or not self.grid.size:
             return
+        rows = {HEADER_LINES + self.cursor[0], HEADER_LINES + target[0]}
         self.cursor = target
-        self.refresh()
+        self._redraw(*rows)
         self.post_message(self.CellHighlighted(self, self.cursor_cell))
 
     # ------------------------------------------------------------------ actions
@@ -149,7 +192,7 @@ class HeatmapGrid(Widget, can_focus=True):
             return
         marked = key not in self._marked
         (self._marked.add if marked else self._marked.discard)(key)
-        self.refresh()
+        self._redraw(HEADER_LINES + self.cursor[0])
         self.post_message(self.MarkToggled(self, self._ref(key), marked))
 
     def on_click(self, event: Click) -> None:
@@ -165,14 +208,19 @@ class HeatmapGrid(Widget, can_focus=True):
         self.move_cursor(row, column)
 
     def on_focus(self) -> None:
-        self.refresh()
+        self._redraw()  # the widget's own style (its background) and the cursor's change
 
     def on_blur(self) -> None:
-        self.refresh()
+        self._redraw()
+
+    def watch_metric(self) -> None:
+        self._range = None
+        self._texts.clear()
+        self._strips.clear()
 
     # ------------------------------------------------------------------ rendering
     def get_content_width(self, container: Size, viewport: Size) -> int:
-        return max(LR_WIDTH + CELL_WIDTH * max(1, len(self.grid.steps)), min(self.title_line().cell_len, 78))
+        return max(LR_WIDTH + CELL_WIDTH * max(1, len(self.grid.steps)), min(self._line(0).cell_len, 78))
 
     def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
         return HEADER_LINES + max(1, len(self.grid.lrs))
@@ -191,21 +239,74 @@ class HeatmapGrid(Widget, can_focus=True):
         return text
 
     def render(self) -> Text:
+        """The whole grid as one text (what render_line draws, line by line)."""
+        return _JOIN.join([self._line(y) for y in range(HEADER_LINES + max(1, len(self.grid.lrs)))])
+
+    def render_line(self, y: int) -> Strip:
+        """One line, drawn as Textual draws that line of render(): only lines on screen are asked for."""
+        if self.text_selection is not None:  # a selection spans lines: Textual's whole-widget path
+            return super().render_line(y)
+        width, style = self.size.width, self.visual_style
+        if self._strips_key != (width, style):
+            self._strips.clear()
+            self._strips_key = (width, style)
+        strip = self._strips.get(y)
+        if strip is None:
+            if not 0 <= y < HEADER_LINES + max(1, len(self.grid.lrs)):
+                return Strip.blank(width, style.rich_style)
+            visual = visualize(self, _JOIN.join([self._line(y)]), markup=self._render_markup)
+            strips = Visual.to_strips(self, visual, width, 1, style)
+            strip = self._strips[y] = strips[0] if strips else Strip.blank(width, style.rich_style)
+        return strip
+
+    def _line(self, y: int) -> Text:
+        """Content line y: the title, the steps, then one per lr (or the no-cells line)."""
+        text = self._texts.get(y)
+        if text is None:
+            text = self._texts[y] = self._make_line(y)
+        return text
+
+    def _make_line(self, y: int) -> Text:
         g = self.grid
-        lines = [self.title_line()]
-        header = Text("lr\\steps".rjust(LR_WIDTH - 1) + " ", style="dim", no_wrap=True)
-        for s in g.steps:
-            header.append(str(s).rjust(1 + VALUE_WIDTH).ljust(CELL_WIDTH), style="bold")
-        lines.append(header)
+        if y == 0:
+            return self.title_line()
+        if y == 1:
+            header = Text("lr\\steps".rjust(LR_WIDTH - 1) + " ", style="dim", no_wrap=True)
+            for s in g.steps:
+                header.append(str(s).rjust(1 + VALUE_WIDTH).ljust(CELL_WIDTH), style="bold")
+            return header
         if not g.lrs:
-            lines.append(Text("no cells yet", style="dim"))
-        lo, hi = self.scale if self.scale is not None else self._value_range()
-        for r, lr in enumerate(g.lrs):
-            line = Text(fmt_lr(lr).rjust(LR_WIDTH - 1) + " ", style="bold", no_wrap=True)
-            for c, s in enumerate(g.steps):
-                line.append_text(self._cell_text(g.cell(lr, s), (r, c) == self.cursor, (lr, s) in self._marked, lo, hi))
-            lines.append(line)
-        return Text("\n", no_wrap=True).join(lines)
+            return Text("no cells yet", style="dim")
+        r = y - HEADER_LINES
+        lr = g.lrs[r]
+        lo, hi = self._drawn_range
+        line = Text(fmt_lr(lr).rjust(LR_WIDTH - 1) + " ", style="bold", no_wrap=True)
+        for c, s in enumerate(g.steps):
+            line.append_text(self._cell_text(g.cell(lr, s), (r, c) == self.cursor, (lr, s) in self._marked, lo, hi))
+        return line
+
+    @property
+    def _drawn_range(self) -> tuple[float, float]:
+        """The colour scale's (lo, hi): the shared one, or the grid's own."""
+        if self._scale is not None:
+            return self._scale
+        if self._range is None:
+            self._range = self._value_range()
+        return self._range
+
+    def _redraw(self, *lines: int, layout: bool = False) -> None:
+        """Draw these content lines again (every line when none is named)."""
+        if not lines:
+            self._range = None
+            self._texts.clear()
+            self._strips.clear()
+            self.refresh(layout=layout)
+            return
+        for y in lines:
+            self._texts.pop(y, None)
+            self._strips.pop(y, None)
+        width = self.size.width
+        self.refresh(*(Region(0, y, width, 1) for y in sorted(lines)), layout=layout)
 
     def _cell_text(self, cell: Optional[Cell], cursor: bool, marked: bool, lo: float, hi: float) -> Text:
         status = cell.status if cell is not None else CellStatus.PENDING
