@@ -11,7 +11,7 @@ from tui.cli.console import emit_json, err, out
 
 
 def demo_cmd(
-    quick: bool = typer.Option(False, "--quick", help="a smaller corpus, model and grid: ≤ 2 minutes on 2 CPU cores"),
+    quick: bool = typer.Option(False, "--quick", help="a smaller corpus, model and grid: about 2 minutes on 2 CPU cores"),
     workspace: Path = typer.Option(Path("unlearn-demo"), "--workspace", help="where data, tokenizer, models and the study store are built (and reused)"),
     workers: int = typer.Option(2, "--workers", help="CPU worker processes for the demo study"),
     as_json: Json = False,
