@@ -79,6 +79,7 @@ class StudyWatch:
     _runs: dict[int, Run] = field(default_factory=dict)  # the real runs, as rows of _RUN_COLUMNS
     _last_id: int = 0
     _ms_by_run: dict[int, dict[int, Milestone]] = field(default_factory=dict)  # run id -> step -> newest
+    _untold: set[int] = field(default_factory=set)  # ids of milestones seen without a trial number yet
     _runs_seen: dict[int, tuple] = field(default_factory=dict)  # run id -> (state, step, attempts)
     _spec_dict: Optional[dict] = None
     _spec: Optional[StudySpec] = None
@@ -108,9 +109,15 @@ class StudyWatch:
             fresh = s.exec(select(*_MILESTONE_COLUMNS).join(Run, Milestone.run_id == Run.id)
                            .where(Run.study_id == study.id, Milestone.id > self._last_id)
                            .order_by(Milestone.id)).all()
+            # record_cell writes a milestone, then its trial number a moment later: a row seen in
+            # between is read again (by id) until it has one, or its cell would never show its trial
+            told = (s.exec(select(*_MILESTONE_COLUMNS).where(Milestone.id.in_(self._untold)).order_by(Milestone.id)).all()
+                    if self._untold else [])
         old_runs = self._runs
         runs_now = {r.id: (r.state, r.step, r.attempts) for r in runs}
-        quiet = (not fresh and runs_now == self._runs_seen and study.spec == self._spec_dict
+        self._untold &= {m.id for m in told}  # (a row deleted since is not looked for again)
+        told = [m for m in told if m.trial_number is not None]
+        quiet = (not fresh and not told and runs_now == self._runs_seen and study.spec == self._spec_dict
                  and self._cells_list is not None)
         self._runs = {r.id: r for r in runs}
         # A run's row of cells reads its state (and id) only: a step or an attempt more redraws nothing
@@ -118,9 +125,17 @@ class StudyWatch:
                            if (seen := self._runs_seen.get(i)) is None or seen[0] != state}
         dirty |= {i for i in self._runs_seen if i not in runs_now}  # gone (its rows: run-less, or none)
         self._runs_seen = runs_now
+        for m in told:  # now with its trial number (unless a newer row of its (run, step) came since)
+            self._untold.discard(m.id)
+            by_step = self._ms_by_run.setdefault(m.run_id, {})
+            if (held := by_step.get(m.step)) is None or held.id == m.id:
+                by_step[m.step] = m
+                dirty.add(m.run_id)
         for m in fresh:  # in id order: the newest row of a (run, step) wins, as in cells_from_rows
             self._ms_by_run.setdefault(m.run_id, {})[m.step] = m
             self._last_id = max(self._last_id, m.id)
+            if m.trial_number is None:
+                self._untold.add(m.id)
             dirty.add(m.run_id)
         if quiet:  # nothing that draws a cell moved: skip rebuilding them (the common tick)
             changed: set[CellKey] = set()

@@ -162,6 +162,22 @@ def test_grid_study_polls_equal_a_rebuild(store):
     poll = w.poll()
     assert all(c.run_id is None for c in poll.cells if (c.method, c.lr) == (gone.method, gone.lr))
 
+    # a milestone seen before record_cell wrote its trial number (it writes the row first, the
+    # number a moment later): the next poll shows the number
+    live = next(r for r in runs_of(store, "grid") if r.state in (RunState.RUNNING, RunState.PENDING))
+    with store.write() as s:
+        cell = synthetic_cell(0, 1, 10)
+        s.add(Milestone(run_id=live.id, step=10, metrics=cell, score=cell["score"], success=cell["success"]))
+    poll = w.poll()
+    assert next(c for c in poll.cells if (c.method, c.lr, c.steps) == (live.method, live.lr, 10)).trial_number is None
+    with store.write() as s:
+        ms = s.exec(select(Milestone).where(Milestone.run_id == live.id, Milestone.step == 10)).one()
+        ms.trial_number = 999
+        s.add(ms)
+    poll = w.poll()
+    assert poll.changed == {(live.method, live.lr, 10)} and poll.new_milestones == 0
+    assert next(c for c in poll.cells if (c.method, c.lr, c.steps) == (live.method, live.lr, 10)).trial_number == 999
+
     # every run finishes, then the study: `finished` once
     for r in runs_of(store, "grid"):
         if r.state in (RunState.RUNNING, RunState.PENDING):
