@@ -7,8 +7,8 @@ bf16 2):
 
     weights     one GPU: P·w. N > 1 (FSDP, engine/sharding.py): fp32 shards, P·4 / N, + 2 × the largest
                 FSDP unit (a block or the embedding matrix) in w (the all-gathered layer being computed
-                and the prefetched next one). LoRA: the frozen base so + the adapter A·4 (peft keeps
-                adapters in fp32)
+                and the prefetched next one). LoRA: the frozen base as above + the adapter A·4 (peft
+                keeps adapters in fp32)
     master      bf16 full training with AdamW on one GPU: an fp32 copy of the trained weights, 4·T
                 (small learning rates move it, then it is rounded into the bf16 weights); fp32, LoRA,
                 the 8-bit optimizers (bitsandbytes updates bf16 weights in place) and FSDP (its fp32
@@ -18,8 +18,8 @@ bf16 2):
                 (its block statistics, < 0.5 %, left out; a paged state can spill to host memory under
                 pressure, the plan counts it resident); LoRA: 8·A or 2·A
     reference   a method whose loss reads θ0's logits every step (ga_kl, npo_kl, undial...): a live
-                frozen copy, P·w (FSDP: sharded like the weights, P·4 / N); LoRA: 0 (θ0 is the model with its adapter disabled). A method that
-                reads θ0 once in `prepare` (npo, adversarial) keeps per-chunk numbers on the CPU: 0.
+                frozen copy, P·w (FSDP: sharded like the weights, P·4 / N); LoRA: 0 (θ0 is the model
+                with its adapter disabled). A method that reads θ0 once in `prepare` (npo, adversarial) keeps per-chunk numbers on the CPU: 0.
                 whp trains a reinforced copy in `prepare`: P·w / N more at that moment. task_vector
                 keeps θ0's trained weights: T·w / N. LoRA: 0 for all of them.
     activations B·S·p tokens (B = --batch-size rows per GPU, S = --seq-len, p = 2 when the method has a
