@@ -19,9 +19,10 @@ bf16 2):
                 pressure, the plan counts it resident); LoRA: 8·A or 2·A
     reference   a method whose loss reads θ0's logits every step (ga_kl, npo_kl, undial...): a live
                 frozen copy, P·w (FSDP: sharded like the weights, P·4 / N); LoRA: 0 (θ0 is the model
-                with its adapter disabled). A method that reads θ0 once in `prepare` (npo, adversarial) keeps per-chunk numbers on the CPU: 0.
-                whp trains a reinforced copy in `prepare`: P·w / N more at that moment. task_vector
-                keeps θ0's trained weights: T·w / N. LoRA: 0 for all of them.
+                with its adapter disabled). A method that reads θ0 once in `prepare` (npo,
+                adversarial) keeps per-chunk numbers on the CPU: 0. whp trains a reinforced copy
+                in `prepare`: P·w / N more at that moment. task_vector keeps θ0's trained weights:
+                T·w / N. LoRA: 0 for all of them.
     activations B·S·p tokens (B = --batch-size rows per GPU, S = --seq-len, p = 2 when the method has a
                 retain term: its graph and the forget batch's are both alive at backward, else 1), per token:
                   no checkpointing:  L·a + e
