@@ -132,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     peak = peak_matmul_flops(device, 256 if a.tiny else 8192, torch.float32 if device.type == "cpu" else torch.bfloat16)
     memory: dict[str, list[float]] = {"engine": [], "trainer": []}
 
+    def clock() -> float:
+        """The wall clock once the GPU has finished what was queued: a step's end is when its
+        kernels end (step_overhead's default, the process's CPU time, would count only the host)."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     def side(name):
         run = step_overhead.run_engine if name == "engine" else step_overhead.run_trainer
 
@@ -139,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds, _ = run(folder, sets, "ga_gd", a.lr, a.steps, a.batch_size, 0, device=str(device))
+            seconds, _ = step_overhead.timed_run(run, folder, sets, "ga_gd", a.lr, a.steps, a.batch_size, 0,
+                                                 device=str(device), clock=clock)
             if device.type == "cuda":
                 memory[name].append(torch.cuda.max_memory_allocated(device) / 2 ** 30)
             return seconds

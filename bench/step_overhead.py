@@ -1,23 +1,33 @@
 """The engine's cost per optimizer step, measured against a minimal hand-written PyTorch loop and a
 `transformers.Trainer` subclass overriding `compute_loss` (the usual way peer tools do it).
 
-    python bench/step_overhead.py [--methods ga_gd,ga_kl] [--steps 30] [--repeat 5] [--json] [--quick]
+    python bench/step_overhead.py [--methods ga_gd,ga_kl] [--steps 20] [--repeat 5] [--mode lockstep|runs]
+                                  [--clock cpu|wall] [--json] [--quick]
 
 All three train the same model (a random-weight tiny Llama built from a config, saved and loaded
 with from_pretrained; no key/value cache, as the Trainer and the engine train) on the same batch
 stream (engine.finetune.batch_indices: forget rows with the run's seed, retain rows with seed + 1,
 all-pad columns trimmed) with the same loss (gradient ascent on forget plus descent, or KL to a
-frozen θ0, on retain), AdamW (weight decay 0, constant lr), gradients clipped to 1.0. Per side, the
-time per step is the time from the end of step 1 to the end of the last step over the steps between
-(model loading, set-up and the engine's evaluation at the milestone are outside it), read from the
+frozen θ0, on retain), AdamW (weight decay 0, constant lr), gradients clipped to 1.0. Model loading,
+set-up and the engine's evaluation at its milestone are never timed. Step times are read from the
 process's CPU time (`--clock cpu`, the default: one torch thread, so it is the step's work, whatever
-else the machine runs) or the wall clock (`--clock wall`). The sides run alternately, --repeat
-times; medians are compared.
+else the machine runs) or the wall clock (`--clock wall`).
 
-First the losses: the plain loop and the Trainer must compute the engine's losses at the first steps
-(|Δ| ≤ 1e-5 × max(1, |loss|)), or the comparison is not of the same work and the bench fails.
-Targets: engine / plain ≤ 1.05 and engine / Trainer ≤ 1.0 for every method. With --json the last
-line is {"name", "ratio" (the worst engine / plain), "target", "pass", ...}; it exits 1 on a miss.
+Two ways to alternate the sides (`--mode`):
+- lockstep (default): the three run in lockstep, one optimizer step each in turn, the order rotating
+  every round (bench/_lockstep.py); each step is timed on its own turn and divided by the other
+  sides' same step, and the ratios are the medians of those step-by-step ratios over --repeat runs
+  (step 1, which loads, left out), printed with a bootstrap 95 % interval. Neighbouring steps share
+  the machine's moment, so a busy second hits both sides of a ratio alike.
+- runs: whole runs alternate, --repeat times after one uncounted run each; each side's time per step
+  is (end of last step - end of step 1) / steps between, and the sides' medians are compared. On a
+  shared machine a side's runs spread by 10-20 %, wider than the differences measured here.
+
+First the losses: the plain loop and the Trainer must compute the engine's loss at every step
+(|Δ| ≤ 1e-5 × max(1, |loss|)), or the comparison is not of the same work (a skipped optimizer step
+would show at the next step's loss) and the bench fails. Targets: engine / plain ≤ 1.05 and
+engine / Trainer ≤ 1.0 for every method. With --json the last line is {"name", "ratio" (the worst
+engine / plain), "ratio_trainer", "target", "pass", ...}; it exits 1 on a miss.
 """
 from __future__ import annotations
 
@@ -28,9 +38,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CACHE, alternate, finish, medians, ratio_pass, spread, tiny_workspace  # noqa: E402
+from _lockstep import Lockstep, median_interval, paired_ratios  # noqa: E402
+from _lockstep import median as lockstep_median  # noqa: E402
 
 TARGET_PLAIN = 1.05
 TARGET_TRAINER = 1.0
@@ -61,11 +74,16 @@ def per_step(stamps: list[float]) -> float:
     return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
 
+def ratios_of_medians(seconds: dict[str, float]) -> dict[str, float]:
+    """Whole-run mode: engine / plain and engine / Trainer from each side's median seconds per step."""
+    return {"plain": seconds["engine"] / seconds["plain"], "trainer": seconds["engine"] / seconds["trainer"]}
+
+
 def verdict(per_method: dict[str, dict[str, float]], losses_ok: bool) -> dict:
     """The worst ratios over the methods and whether both targets hold (and the losses agreed).
-    `per_method` maps a method to its median seconds per step: {"engine", "plain", "trainer"}."""
-    plain = max(m["engine"] / m["plain"] for m in per_method.values())
-    trainer = max(m["engine"] / m["trainer"] for m in per_method.values())
+    `per_method` maps a method to its ratios {"plain": engine / plain, "trainer": engine / Trainer}."""
+    plain = max(m["plain"] for m in per_method.values())
+    trainer = max(m["trainer"] for m in per_method.values())
     ok = losses_ok and ratio_pass(plain, TARGET_PLAIN) and ratio_pass(trainer, TARGET_TRAINER)
     return {"ratio": plain, "ratio_trainer": trainer, "pass": ok}
 
@@ -113,23 +131,22 @@ def stream_batch(chunks, bs: int, seed: int, step: int) -> dict:
 
 
 def run_engine(model_dir: Path, sets, method: str, lr: float, steps: int, bs: int, seed: int,
-               device: str = "cpu") -> tuple[float, list[float]]:
+               tick: Callable[[], None], device: str = "cpu") -> list[float]:
     """engine.run.train_to_milestones to one milestone at the last step (its evaluation comes after
-    the last stamp). A folder without a tokenizer gets None (ga_gd and ga_kl never read it)."""
+    the last tick). A folder without a tokenizer gets None (ga_gd and ga_kl never read it)."""
     from engine.config import RunConfig
     from engine.models import load_model, load_tokenizer
     from engine.run import train_to_milestones
 
     model = load_model(str(model_dir), device)
     tok = load_tokenizer(str(model_dir)) if (model_dir / "tokenizer.json").is_file() else None
-    stamps: list[float] = []
     cfg = RunConfig(method=method, lr=lr, milestones=(steps,), batch_size=bs, seq_len=sets.forget.input_ids.shape[1],
                     seed=seed)
-    out = train_to_milestones(model, tok, sets, cfg, BASELINE, on_step=lambda s, loss: stamps.append(CLOCK()))
-    return per_step(stamps), out.losses
+    return train_to_milestones(model, tok, sets, cfg, BASELINE, on_step=lambda s, loss: tick()).losses
 
 
-def run_plain(model_dir: Path, sets, method: str, lr: float, steps: int, bs: int, seed: int) -> tuple[float, list[float]]:
+def run_plain(model_dir: Path, sets, method: str, lr: float, steps: int, bs: int, seed: int,
+              tick: Callable[[], None]) -> list[float]:
     import torch
 
     from engine.models import load_model
@@ -141,7 +158,7 @@ def run_plain(model_dir: Path, sets, method: str, lr: float, steps: int, bs: int
     reference = copy.deepcopy(model).eval().requires_grad_(False) if term == "kl" else None
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
-    stamps, losses = [], []
+    losses = []
     for step in range(1, steps + 1):
         loss = hand_loss(model, reference, stream_batch(sets.forget, bs, seed, step),
                          stream_batch(sets.retain, bs, seed + 1, step), term)
@@ -150,12 +167,12 @@ def run_plain(model_dir: Path, sets, method: str, lr: float, steps: int, bs: int
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        stamps.append(CLOCK())
-    return per_step(stamps), losses
+        tick()
+    return losses
 
 
 def run_trainer(model_dir: Path, sets, method: str, lr: float, steps: int, bs: int, seed: int,
-                device: str = "cpu") -> tuple[float, list[float]]:
+                tick: Callable[[], None], device: str = "cpu") -> list[float]:
     """A Trainer subclass whose compute_loss takes a forget and a retain batch, the dataset the batch
     stream unrolled row by row (read in order), and a callback stamping each step's end. On CUDA it
     trains as the engine does: fp32 master weights, bf16 autocast (bf16=True)."""
@@ -189,7 +206,6 @@ def run_trainer(model_dir: Path, sets, method: str, lr: float, steps: int, bs: i
         return out
 
     losses: list[float] = []
-    stamps: list[float] = []
 
     class UnlearnTrainer(Trainer):
         def __init__(self, *a, reference=None, **k):
@@ -205,9 +221,9 @@ def run_trainer(model_dir: Path, sets, method: str, lr: float, steps: int, bs: i
         def _get_train_sampler(self, *a, **k):
             return SequentialSampler(self.train_dataset)
 
-    class Stamp(TrainerCallback):
+    class Tick(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            stamps.append(CLOCK())
+            tick()
 
     torch.manual_seed(seed)
     model = load_model(str(model_dir), device)
@@ -220,14 +236,80 @@ def run_trainer(model_dir: Path, sets, method: str, lr: float, steps: int, bs: i
                              save_strategy="no", report_to=[], use_cpu=on_cpu, bf16=not on_cpu, dataloader_num_workers=0, seed=seed,
                              disable_tqdm=True, remove_unused_columns=False)
     trainer = UnlearnTrainer(model=model, args=args, train_dataset=Stream(), data_collator=collate,
-                             callbacks=[Stamp()], reference=reference)
+                             callbacks=[Tick()], reference=reference)
     trainer.remove_callback(PrinterCallback)  # its end-of-training line would land on stdout, after nothing timed
     trainer.train()
     shutil.rmtree(args.output_dir, ignore_errors=True)
-    return per_step(stamps), losses
+    return losses
 
 
 SIDES = {"engine": run_engine, "plain": run_plain, "trainer": run_trainer}
+
+
+def timed_run(side: Callable[..., list[float]], *args, clock: Callable[[], float] | None = None,
+              **kwargs) -> tuple[float, list[float]]:
+    """One whole run of a side, its steps stamped with `clock` (default: --clock's): (seconds per
+    step from the end of step 1 to the end of the last, its losses)."""
+    clock = clock or CLOCK
+    stamps: list[float] = []
+    losses = side(*args, tick=lambda: stamps.append(clock()), **kwargs)
+    return per_step(stamps), losses
+
+
+def measure_runs(model_dir: Path, sets, method: str, a) -> tuple[dict, dict, dict[str, list[float]]]:
+    """--mode runs: whole runs of the sides alternating, --repeat times (after one uncounted run of
+    each). Returns (ratios of the medians, seconds per step per side, the last losses per side)."""
+    last_losses: dict[str, list[float]] = {}
+
+    def side(name):
+        def go():
+            seconds, losses = timed_run(SIDES[name], model_dir, sets, method, a.lr, a.steps, a.batch_size, 0)
+            last_losses[name] = losses
+            return seconds
+        return go
+
+    times = alternate({name: side(name) for name in SIDES}, a.repeat)
+    for name, values in times.items():
+        print(spread(name, values, "ms/step", 1000))
+    med = medians(times)
+    return ratios_of_medians(med), med, last_losses
+
+
+def measure_lockstep(model_dir: Path, sets, method: str, a) -> tuple[dict, dict, dict[str, list[float]]]:
+    """--mode lockstep: the three sides in lockstep (bench/_lockstep.py), --repeat times, the first
+    side of each repetition rotating, after a short uncounted one. A step's time is its turn's clock;
+    the ratios are the medians of the step-by-step ratios (step 1, which loads, left out), pooled
+    over the repetitions. Returns (those ratios, each side's median seconds per step, the last
+    repetition's losses per side)."""
+    names = list(SIDES)
+
+    def once(order: list[str], steps: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+        lock = Lockstep(order, CLOCK)
+        losses = lock.run({n: (lambda tick, n=n: SIDES[n](model_dir, sets, method, a.lr, steps, a.batch_size, 0,
+                                                         tick=tick)) for n in order})
+        return lock.times, losses
+
+    once(names, 3)  # warm-up, uncounted
+    paired: dict[str, list[float]] = {"plain": [], "trainer": []}
+    per_side: dict[str, list[float]] = {n: [] for n in names}
+    last_losses: dict[str, list[float]] = {}
+    for r in range(a.repeat):
+        times, last_losses = once(names[r % 3:] + names[:r % 3], a.steps)
+        paired["plain"] += paired_ratios(times, "engine", "plain")
+        paired["trainer"] += paired_ratios(times, "engine", "trainer")
+        for n in names:
+            per_side[n] += times[n][1:]
+    for name, values in per_side.items():
+        print(spread(name, values, "ms/step", 1000))
+    intervals = {k: median_interval(v) for k, v in paired.items()}
+    for other, values in paired.items():
+        print(spread(f"engine / {other}, step by step", values, "", 1))
+        print(f"    95 % interval of that median (bootstrap): {intervals[other][0]:.3f} – {intervals[other][1]:.3f}")
+    a.intervals[method] = intervals
+    return {k: lockstep_median(v) for k, v in paired.items()}, {n: lockstep_median(v) for n, v in per_side.items()}, last_losses
+
+
+MODES = {"lockstep": measure_lockstep, "runs": measure_runs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,10 +325,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: two shared cores time steadily)")
     p.add_argument("--clock", choices=tuple(CLOCKS), default="cpu",
                    help="read step times from the process's CPU time (default) or the wall clock")
+    p.add_argument("--mode", choices=tuple(MODES), default="lockstep",
+                   help="lockstep (default): the sides take turns step by step and each step's time is paired "
+                        "with the other sides' same step; runs: whole runs alternate and their medians are compared")
     p.add_argument("--workdir", type=Path, default=CACHE / "step-overhead")
     p.add_argument("--quick", action="store_true", help="hidden 64, 2 layers, 10 steps, 3 repeats")
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     a = p.parse_args(argv)
+    a.intervals = {}  # lockstep: method -> {"plain"/"trainer": the bootstrap interval of the paired median}
     if a.quick:
         a.hidden, a.layers, a.steps, a.repeat = 64, 2, 10, 3
     global CLOCK
@@ -266,38 +352,28 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()} thread(s), CPU; step times from the {a.clock} clock")
 
     per_method: dict[str, dict[str, float]] = {}
+    seconds: dict[str, dict[str, float]] = {}
     loss_check: dict[str, dict] = {}
-    n_check = min(5, a.steps)
     for method in methods:
-        last_losses: dict[str, list[float]] = {}
-
-        def side(name, method=method, last_losses=last_losses):
-            def go():
-                seconds, losses = SIDES[name](model_dir, sets, method, a.lr, a.steps, a.batch_size, 0)
-                last_losses[name] = losses
-                return seconds
-            return go
-
-        times = alternate({name: side(name) for name in SIDES}, a.repeat)
-        med = medians(times)
-        per_method[method] = med
-        checks = {name: losses_agree(last_losses["engine"], last_losses[name], n_check) for name in ("plain", "trainer")}
-        loss_check[method] = {name: {"agree": ok, "max_abs_diff": worst} for name, (ok, worst) in checks.items()}
-        loss_check[method]["engine_first_losses"] = last_losses["engine"][:n_check]
         print(f"{method}:")
-        for name, values in times.items():
-            print(spread(name, values, "ms/step", 1000))
-        print(f"  engine / plain {med['engine'] / med['plain']:.3f} (target ≤ {TARGET_PLAIN}), "
-              f"engine / Trainer {med['engine'] / med['trainer']:.3f} (target ≤ {TARGET_TRAINER})")
+        ratios, seconds[method], last_losses = MODES[a.mode](model_dir, sets, method, a)
+        per_method[method] = ratios
+        # Every step's loss, not only the first: a side that skipped an optimizer step would read
+        # a different loss at the next one.
+        checks = {name: losses_agree(last_losses["engine"], last_losses[name], a.steps) for name in ("plain", "trainer")}
+        loss_check[method] = {name: {"agree": ok, "max_abs_diff": worst} for name, (ok, worst) in checks.items()}
+        loss_check[method]["engine_first_losses"] = last_losses["engine"][:5]
+        print(f"  engine / plain {ratios['plain']:.3f} (target ≤ {TARGET_PLAIN}), "
+              f"engine / Trainer {ratios['trainer']:.3f} (target ≤ {TARGET_TRAINER})")
         for name, (ok, worst) in checks.items():
-            print(f"  first {n_check} losses, {name} vs engine: {'agree' if ok else 'DIFFER'} (max |Δ| {worst:.2e})")
+            print(f"  all {a.steps} losses, {name} vs engine: {'agree' if ok else 'DIFFER'} (max |Δ| {worst:.2e})")
     losses_ok = all(c[n]["agree"] for c in loss_check.values() for n in ("plain", "trainer"))
     v = verdict(per_method, losses_ok)
     print(f"worst engine / plain {v['ratio']:.3f}, engine / Trainer {v['ratio_trainer']:.3f}; losses agree: "
           f"{losses_ok}: {'pass' if v['pass'] else 'MISSED'}")
     return finish({"name": "step_overhead", **v, "target": TARGET_PLAIN, "target_trainer": TARGET_TRAINER,
                    "target_is": "engine / plain seconds per step ≤ 1.05 and engine / Trainer ≤ 1.0, every method",
-                   "seconds_per_step": per_method, "losses": loss_check, "losses_agree": losses_ok,
+                   "mode": a.mode, "ratios": per_method, "ratio_intervals_95": a.intervals or None, "seconds_per_step": seconds, "losses": loss_check, "losses_agree": losses_ok,
                    "parameters": n_params, "steps": a.steps, "batch_size": a.batch_size, "repeat": a.repeat,
                    "threads": a.threads, "clock": a.clock, "quick": a.quick}, a.json)
 

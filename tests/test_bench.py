@@ -123,19 +123,64 @@ def test_common_verdict_and_exit_status():
         common.finish({"name": "x", "ratio": 1, "pass": True}, False)
 
 
+def test_lockstep_takes_turns_step_by_step_rotating_the_order():
+    lockstep = load("_lockstep")
+    import torch
+
+    seen: list[tuple[str, int]] = []
+    before = torch.are_deterministic_algorithms_enabled()
+
+    def side(name, steps, deterministic=None):
+        def go(tick):
+            if deterministic is not None:  # set once, as the engine does for its whole run
+                torch.use_deterministic_algorithms(deterministic)
+            for i in range(1, steps + 1):
+                # each side runs under its own switches, whatever the side before it set
+                assert torch.are_deterministic_algorithms_enabled() is (deterministic or before)
+                seen.append((name, i))
+                tick()
+            return name * steps
+        return go
+
+    lock = lockstep.Lockstep(["a", "b", "c"])
+    out = lock.run({"a": side("a", 3, deterministic=True), "b": side("b", 3), "c": side("c", 2)})
+    assert out == {"a": "aaa", "b": "bbb", "c": "cc"}
+    # round 1 a b c, round 2 rotated: b c a, round 3: c (which ends) a b
+    assert seen == [("a", 1), ("b", 1), ("c", 1), ("b", 2), ("c", 2), ("a", 2), ("a", 3), ("b", 3)]
+    assert [len(lock.times[n]) for n in "abc"] == [3, 3, 2] and all(t >= 0 for v in lock.times.values() for t in v)
+    assert lockstep.paired_ratios({"x": [9.0, 2.0, 3.0], "y": [1.0, 1.0, 2.0]}, "x", "y") == [2.0, 1.5]
+    torch.use_deterministic_algorithms(before)
+
+
+def test_lockstep_hands_a_side_error_back_without_hanging_the_others():
+    lockstep = load("_lockstep")
+
+    def ok(tick):
+        for _ in range(5):
+            tick()
+
+    def broken(tick):
+        tick()
+        raise ValueError("boom")
+
+    with pytest.raises(RuntimeError, match="side b failed in lockstep: boom"):
+        lockstep.Lockstep(["a", "b"]).run({"a": ok, "b": broken})
+
+
 def test_step_overhead_needs_the_same_losses_and_both_targets():
     so = load("step_overhead")
     assert so.losses_agree([1.0, 2.0, 3.0], [1.0, 2.0, 3.5], 2) == (True, 0.0)
     assert so.losses_agree([1.0, 2.0, 3.0], [1.0, 2.0, 3.5], 3)[0] is False
     assert so.losses_agree([1.0], [1.0, 2.0], 2)[0] is False  # too few losses never agree
     assert so.per_step([10.0, 10.5, 11.0, 11.5]) == 0.5
-    fast = {"ga_gd": {"engine": 1.0, "plain": 1.0, "trainer": 1.2}, "ga_kl": {"engine": 1.0, "plain": 0.99, "trainer": 1.1}}
+    assert so.ratios_of_medians({"engine": 1.0, "plain": 0.8, "trainer": 2.0}) == {"plain": 1.25, "trainer": 0.5}
+    fast = {"ga_gd": {"plain": 1.0, "trainer": 1 / 1.2}, "ga_kl": {"plain": 1 / 0.99, "trainer": 1 / 1.1}}
     assert so.verdict(fast, True)["pass"] is True
     assert so.verdict(fast, False)["pass"] is False
-    slow = {**fast, "ga_kl": {"engine": 1.1, "plain": 1.0, "trainer": 1.2}}  # 1.10 over the plain loop
+    slow = {**fast, "ga_kl": {"plain": 1.1, "trainer": 1.1 / 1.2}}  # 1.10 over the plain loop
     v = so.verdict(slow, True)
     assert v["pass"] is False and v["ratio"] == pytest.approx(1.1)
-    assert so.verdict({"ga_gd": {"engine": 1.0, "plain": 1.0, "trainer": 0.9}}, True)["pass"] is False
+    assert so.verdict({"ga_gd": {"plain": 1.0, "trainer": 1 / 0.9}}, True)["pass"] is False
 
 
 def test_eval_pass_compares_every_figure():
