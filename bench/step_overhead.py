@@ -8,7 +8,9 @@ All three train the same model (a random-weight tiny Llama built from a config, 
 with from_pretrained; no key/value cache, as the Trainer and the engine train) on the same batch
 stream (engine.finetune.batch_indices: forget rows with the run's seed, retain rows with seed + 1,
 all-pad columns trimmed) with the same loss (gradient ascent on forget plus descent, or KL to a
-frozen θ0, on retain), AdamW (weight decay 0, constant lr), gradients clipped to 1.0. Model loading,
+frozen θ0, on retain), AdamW (weight decay 0, constant lr), gradients clipped to 1.0. Each side's
+AdamW is its own default: the plain loop's `torch.optim.AdamW()` (on CPU torch's per-parameter loop),
+the Trainer's `optim` default (`adamw_torch_fused` from torch 2.8 on), the engine's (fused). Model loading,
 set-up and the engine's evaluation at its milestone are never timed. Step times are read from the
 process's CPU time (`--clock cpu`, the default: one torch thread, so it is the step's work, whatever
 else the machine runs) or the wall clock (`--clock wall`).
@@ -232,7 +234,7 @@ def run_trainer(model_dir: Path, sets, method: str, lr: float, steps: int, bs: i
     on_cpu = torch.device(device).type == "cpu"
     args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="bench-trainer-"), per_device_train_batch_size=bs,
                              max_steps=steps, learning_rate=lr, weight_decay=0.0, lr_scheduler_type="constant",
-                             warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch", logging_strategy="no",
+                             warmup_steps=0, max_grad_norm=1.0, logging_strategy="no",
                              save_strategy="no", report_to=[], use_cpu=on_cpu, bf16=not on_cpu, dataloader_num_workers=0, seed=seed,
                              disable_tqdm=True, remove_unused_columns=False)
     trainer = UnlearnTrainer(model=model, args=args, train_dataset=Stream(), data_collator=collate,
