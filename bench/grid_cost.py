@@ -6,10 +6,12 @@ wall time.
 
 The theoretical cost ratio shared / independent is max(steps) / Σ(steps) (0.516 for 5..80): the
 independent runs train every prefix again. Target: the measured ratios, of optimizer steps and of
-wall time, each within 10 % of it. Both sides run alternately, --repeat times; the wall times'
-medians are compared. It also checks what makes the comparison fair (bench/prefix_sharing.py's
-check): every cell has the same score both ways. θ0's baseline metrics are cached before timing, as
-in a study.
+wall time, each within 10 % of it. The sides are timed in pairs, one per lr: that lr's shared run
+and its independent runs back to back (which goes first alternates), --repeat times over the lrs,
+after one uncounted pair; the wall ratio is the median of the pairs' ratios (the process's CPU time
+and the whole grid's medians are printed beside it). It also checks what makes the comparison fair
+(bench/prefix_sharing.py's check): every cell has the same score both ways. θ0's baseline metrics
+are cached before timing, as in a study.
 
 Default: the quick demo model (built once under the temp folder, about a minute); --quick: a
 random-weight Llama of the demo's size, steps 2,4,6,8,10, one repeat. With --json the last line is
@@ -18,12 +20,15 @@ random-weight Llama of the demo's size, steps 2,4,6,8,10, one repeat. With --jso
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import CACHE, alternate, demo_workspace, finish, medians, spread, timed, tiny_workspace  # noqa: E402
+from _common import CACHE, demo_workspace, finish, medians, spread, tiny_workspace  # noqa: E402
 from prefix_sharing import compare_cells  # noqa: E402
 
 TOLERANCE = 0.10
@@ -37,6 +42,38 @@ def theoretical_ratio(steps: list[int]) -> float:
 def within(measured: float, theory: float, tolerance: float = TOLERANCE) -> bool:
     """Whether a measured cost ratio is within `tolerance` (relative) of the theoretical one."""
     return abs(measured - theory) <= tolerance * theory
+
+
+def measure_pairs(lrs: list[float], shared: Callable[[float], None], independent: Callable[[float], None],
+                  repeat: int, clocks: dict[str, Callable[[], float]] | None = None) -> list[dict]:
+    """For each repetition and each lr, the pair: the shared run of that lr and its independent runs,
+    back to back (which goes first alternates), timed by the wall clock and the process's CPU time.
+    A pair takes seconds, so a busy stretch of the machine falls on both of its sides; the whole
+    grid's sides, a minute apart, moved the ratio by ±0.07 from one bench run to the next. One pair
+    first, uncounted (a process's first runs pay one-time costs). Returns one dict per pair:
+    {"lr", "shared_s", "independent_s", "wall" (ratio), "cpu" (ratio)}."""
+    clocks = clocks or {"wall": time.perf_counter, "cpu": time.process_time}
+
+    def clocked(fn, lr) -> dict[str, float]:
+        start = {k: c() for k, c in clocks.items()}
+        fn(lr)
+        return {k: c() - start[k] for k, c in clocks.items()}
+
+    shared(lrs[0])
+    independent(lrs[0])
+    out, turn = [], 0
+    for _ in range(repeat):
+        for lr in lrs:
+            if turn % 2 == 0:
+                a = clocked(shared, lr)
+                b = clocked(independent, lr)
+            else:
+                b = clocked(independent, lr)
+                a = clocked(shared, lr)
+            turn += 1
+            out.append({"lr": lr, "shared_s": a["wall"], "independent_s": b["wall"],
+                        "wall": a["wall"] / b["wall"], "cpu": a["cpu"] / b["cpu"]})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,19 +112,23 @@ def main(argv: list[str] | None = None) -> int:
                         seq_len=QUICK.seq_len)
         return run_unlearning(str(model_dir), texts, cfg, device="cpu", cache_dir=cache, sets=sets)
 
-    last: dict[str, dict] = {}
+    last: dict[str, dict] = {"shared": {}, "independent": {}}
 
-    def shared():
-        last["shared"] = {lr: run(lr, steps) for lr in lrs}
+    def shared(lr):
+        last["shared"][lr] = run(lr, steps)
 
-    def independent():
-        last["independent"] = {(lr, s): run(lr, [s]) for lr in lrs for s in steps}
+    def independent(lr):
+        for s in steps:
+            last["independent"][(lr, s)] = run(lr, [s])
 
     run(lrs[0], [1])  # the baseline cache, as a study fills it once
-    times = alternate({"shared (a run per lr)": lambda: timed(shared),
-                       "independent (a run per cell)": lambda: timed(independent)}, repeat, warm=False)
+    pairs = measure_pairs(lrs, shared, independent, repeat)
+    wall_ratio = statistics.median(p["wall"] for p in pairs)
+    cpu_ratio = statistics.median(p["cpu"] for p in pairs)
+    totals = {side: [sum(p[side] for p in pairs[i:i + len(lrs)]) for i in range(0, len(pairs), len(lrs))]
+              for side in ("shared_s", "independent_s")}
+    times = {"shared (a run per lr)": totals["shared_s"], "independent (a run per cell)": totals["independent_s"]}
     med = medians(times)
-    wall_ratio = med["shared (a run per lr)"] / med["independent (a run per cell)"]
     steps_shared = sum(len(r["losses"]) for r in last["shared"].values())
     steps_indep = sum(len(r["losses"]) for r in last["independent"].values())
     step_ratio = steps_shared / steps_indep
@@ -100,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.method}, lrs {lrs} × steps {steps}, {'random-weight demo-size model' if a.quick else 'quick demo model'}, "
           f"{torch.get_num_threads()} thread(s), CPU")
     for name, values in times.items():
-        print(spread(name, values))
+        print(spread(name + ", whole grid", values))
+    print(spread("shared / independent, per lr (wall)", [p["wall"] for p in pairs], "", 1))
+    print(f"    (the grid's medians: {med['shared (a run per lr)'] / med['independent (a run per cell)']:.3f}; "
+          f"per lr, CPU time: {cpu_ratio:.3f})")
     print(f"  optimizer steps {steps_shared} vs {steps_indep}: ratio {step_ratio:.3f}; wall ratio {wall_ratio:.3f}; "
           f"theory max/Σ {theory:.3f} (target: each within {TOLERANCE:.0%} of it, so ≤ {theory * (1 + TOLERANCE):.3f})")
     for line in problems:
@@ -109,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     return finish({"name": "grid_cost", "ratio": wall_ratio, "target": theory,
                    "target_is": f"shared / independent cost within {TOLERANCE:.0%} of max(steps)/sum(steps)",
                    "tolerance": TOLERANCE, "pass": ok, "step_ratio": step_ratio, "optimizer_steps":
-                   {"shared": steps_shared, "independent": steps_indep}, "median_s": med, "lrs": lrs,
+                   {"shared": steps_shared, "independent": steps_indep}, "median_s": med, "cpu_ratio": cpu_ratio,
+                   "grid_medians_ratio": med["shared (a run per lr)"] / med["independent (a run per cell)"],
+                   "pairs": pairs, "lrs": lrs,
                    "steps": steps, "method": a.method, "problems": problems, "repeat": repeat, "quick": a.quick}, a.json)
 
 

@@ -194,6 +194,26 @@ def test_eval_pass_compares_every_figure():
     assert ep.passes(3.2, []) and not ep.passes(2.9, []) and not ep.passes(5.0, ["x"])
 
 
+def test_grid_cost_pairs_each_lr_and_alternates_which_side_goes_first():
+    gc = load("grid_cost")
+    order: list[tuple[str, float]] = []
+    ticks = iter(range(1000))
+    clock = {"wall": lambda: float(next(ticks)), "cpu": lambda: float(next(ticks))}
+
+    def shared(lr):
+        order.append(("shared", lr))
+
+    def independent(lr):
+        order.append(("independent", lr))
+
+    pairs = gc.measure_pairs([1.0, 2.0], shared, independent, 2, clock)
+    assert order[:2] == [("shared", 1.0), ("independent", 1.0)]  # the uncounted warm-up pair
+    assert order[2:] == [("shared", 1.0), ("independent", 1.0), ("independent", 2.0), ("shared", 2.0),
+                         ("shared", 1.0), ("independent", 1.0), ("independent", 2.0), ("shared", 2.0)]
+    assert [p["lr"] for p in pairs] == [1.0, 2.0, 1.0, 2.0]
+    assert all(p["wall"] == p["shared_s"] / p["independent_s"] for p in pairs)
+
+
 def test_grid_cost_theory_and_tolerance():
     gc = load("grid_cost")
     assert gc.theoretical_ratio([5, 10, 20, 40, 80]) == pytest.approx(80 / 155)
