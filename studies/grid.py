@@ -199,21 +199,32 @@ def cells_from_rows(study: Study, runs: list[Run], milestones: list[Milestone]) 
     run_ids = {r.id for r in runs}
     by_cell = {(m.run_id, m.step): m for m in milestones if m.run_id in run_ids}
     steps = sorted(set(int(s) for s in spec.steps) | {step for _, step in by_cell})
-    order = {m: i for i, m in enumerate(spec.methods)}
     runs_by_key = {(r.method, float(r.lr)): r for r in runs}
-    keys = set(runs_by_key)
-    if spec.sampler == "grid":
-        keys |= {(m, float(lr)) for m, lr in spec.grid_runs}
     cells = []
-    for method, lr in sorted(keys, key=lambda k: (order.get(k[0], len(order)), k[0], k[1])):
+    for method, lr in sorted(row_keys(spec, runs_by_key), key=row_order(spec)):
         run = runs_by_key.get((method, lr))
         for step in steps:
             ms = by_cell.get((run.id, step)) if run is not None else None
-            cells.append(_cell(method, lr, step, run, ms))
+            cells.append(cell_at(method, lr, step, run, ms))
     return cells
 
 
-def _cell(method: str, lr: float, step: int, run: Optional[Run], ms: Optional[Milestone]) -> Cell:
+def row_keys(spec: StudySpec, run_keys) -> set[tuple[str, float]]:
+    """The (method, lr) rows a study shows: every one with a run and, on a grid, every planned one."""
+    keys = set(run_keys)
+    if spec.sampler == "grid":
+        keys |= {(m, float(lr)) for m, lr in spec.grid_runs}
+    return keys
+
+
+def row_order(spec: StudySpec):
+    """Sort key of a (method, lr) row: methods in the spec's order (others after, by name), then lr."""
+    order = {m: i for i, m in enumerate(spec.methods)}
+    return lambda k: (order.get(k[0], len(order)), k[0], k[1])
+
+
+def cell_at(method: str, lr: float, step: int, run: Optional[Run], ms: Optional[Milestone]) -> Cell:
+    """The cell at (method, lr, step) from its run (None: not started) and its milestone row (None: not written)."""
     if ms is not None:
         diverged = bool(ms.diverged or (ms.metrics or {}).get("diverged"))
         score = ms.score if ms.score is not None else (ms.metrics or {}).get("score")

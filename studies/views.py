@@ -21,7 +21,7 @@ from sqlalchemy import cast as sa_cast
 from sqlmodel import select
 
 from engine.errors import UnlearnError
-from studies.grid import CELL_METRICS, Cell, Grid, _cell, check_metric, grids, study_metrics
+from studies.grid import CELL_METRICS, Cell, Grid, cell_at, check_metric, grids, row_keys, row_order, study_metrics
 from studies.spec import StudySpec
 from studies.states import REAL_RUN_STATES, RunState, StudyState
 from studies.clock import age_s
@@ -167,9 +167,7 @@ class StudyWatch:
         if steps != self._steps:
             self._steps, full = steps, True
         runs_by_key = {(r.method, float(r.lr)): r for r in self._runs.values()}
-        keys = set(runs_by_key)
-        if spec.sampler == "grid":
-            keys |= {(m, float(lr)) for m, lr in spec.grid_runs}
+        keys = row_keys(spec, runs_by_key)
         if full:
             todo = keys
         else:
@@ -190,7 +188,7 @@ class StudyWatch:
             method, lr = key
             run = runs_by_key.get(key)
             by_step = self._ms_by_run.get(run.id, {}) if run is not None else {}
-            row = [_cell(method, lr, step, run, by_step.get(step)) for step in self._steps]
+            row = [cell_at(method, lr, step, run, by_step.get(step)) for step in self._steps]
             self._rows[key] = row
             for c in row:
                 ck = (c.method, c.lr, c.steps)
@@ -204,8 +202,7 @@ class StudyWatch:
             for ck in [k for k in self._cells if k not in now]:
                 changed.add(ck)
                 del self._cells[ck]
-        order = {m: i for i, m in enumerate(spec.methods)}
-        ordered = sorted(self._rows, key=lambda k: (order.get(k[0], len(order)), k[0], k[1]))
+        ordered = sorted(self._rows, key=row_order(spec))
         self._cells_list = [c for k in ordered for c in self._rows[k]]
         touched = {k[0] for k in todo} | {k[0] for k in gone}
         methods = list(dict.fromkeys(k[0] for k in ordered))

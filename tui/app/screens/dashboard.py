@@ -24,7 +24,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Checkbox, DataTable, Footer, Header, Select, Static
 
-from studies.grid import CELL_METRICS, grids
+from studies.grid import CELL_METRICS
 from tui.app.format import age, fmt_lr, fmt_value
 from tui.heatmap import badness
 from tui.app.messages import CellRef, CompareCells, ExportRequested, OpenTrial, StudyAction
@@ -190,7 +190,7 @@ class DashboardScreen(Screen):
         poll = message.poll
         st = poll.study
         self.state = str(st.state)
-        by_method = poll.grids if poll.grids or not poll.cells else grids(poll.cells)
+        by_method = poll.grids
         self.steps_total = max((max(g.steps) for g in by_method.values() if g.steps), default=0)
         done = sum(per_grid(self._per_grid, m, g, "written", _written) for m, g in by_method.items())
         beat = age(poll.scheduler_alive_s_ago) if self.state in ("running", "paused") else "—"

@@ -214,9 +214,7 @@ class HeatmapGrid(Widget, can_focus=True):
         self._redraw()
 
     def watch_metric(self) -> None:
-        self._range = None
-        self._texts.clear()
-        self._strips.clear()
+        self._forget_lines()  # the reactive repaints
 
     # ------------------------------------------------------------------ rendering
     def get_content_width(self, container: Size, viewport: Size) -> int:
@@ -294,12 +292,16 @@ class HeatmapGrid(Widget, can_focus=True):
             self._range = self._value_range()
         return self._range
 
+    def _forget_lines(self) -> None:
+        """Drop every kept line (and the grid's own range): each is made again when drawn."""
+        self._range = None
+        self._texts.clear()
+        self._strips.clear()
+
     def _redraw(self, *lines: int, layout: bool = False) -> None:
         """Draw these content lines again (every line when none is named)."""
         if not lines:
-            self._range = None
-            self._texts.clear()
-            self._strips.clear()
+            self._forget_lines()
             self.refresh(layout=layout)
             return
         for y in lines:
