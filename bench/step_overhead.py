@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CACHE, alternate, finish, medians, ratio_pass, spread, tiny_workspace  # noqa: E402
@@ -258,9 +258,19 @@ def timed_run(side: Callable[..., list[float]], *args, clock: Callable[[], float
     return per_step(stamps), losses
 
 
-def measure_runs(model_dir: Path, sets, method: str, a) -> tuple[dict, dict, dict[str, list[float]]]:
+class Measured(NamedTuple):
+    """One method's measurement: engine / plain and engine / Trainer ("plain", "trainer"), each
+    side's seconds per step, the losses of its last run, and (lockstep) each ratio's 95 % interval."""
+
+    ratios: dict[str, float]
+    seconds: dict[str, float]
+    losses: dict[str, list[float]]
+    intervals: dict[str, tuple[float, float]] | None = None
+
+
+def measure_runs(model_dir: Path, sets, method: str, a) -> Measured:
     """--mode runs: whole runs of the sides alternating, --repeat times (after one uncounted run of
-    each). Returns (ratios of the medians, seconds per step per side, the last losses per side)."""
+    each); the ratios are those of the medians."""
     last_losses: dict[str, list[float]] = {}
 
     def side(name):
@@ -274,15 +284,14 @@ def measure_runs(model_dir: Path, sets, method: str, a) -> tuple[dict, dict, dic
     for name, values in times.items():
         print(spread(name, values, "ms/step", 1000))
     med = medians(times)
-    return ratios_of_medians(med), med, last_losses
+    return Measured(ratios_of_medians(med), med, last_losses)
 
 
-def measure_lockstep(model_dir: Path, sets, method: str, a) -> tuple[dict, dict, dict[str, list[float]]]:
+def measure_lockstep(model_dir: Path, sets, method: str, a) -> Measured:
     """--mode lockstep: the three sides in lockstep (bench/_lockstep.py), --repeat times, the first
     side of each repetition rotating, after a short uncounted one. A step's time is its turn's clock;
     the ratios are the medians of the step-by-step ratios (step 1, which loads, left out), pooled
-    over the repetitions. Returns (those ratios, each side's median seconds per step, the last
-    repetition's losses per side)."""
+    over the repetitions; each side's seconds per step are its steps' median."""
     names = list(SIDES)
 
     def once(order: list[str], steps: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
@@ -296,7 +305,7 @@ def measure_lockstep(model_dir: Path, sets, method: str, a) -> tuple[dict, dict,
     per_side: dict[str, list[float]] = {n: [] for n in names}
     last_losses: dict[str, list[float]] = {}
     for r in range(a.repeat):
-        times, last_losses = once(names[r % 3:] + names[:r % 3], a.steps)
+        times, last_losses = once(names[r % len(names):] + names[:r % len(names)], a.steps)
         paired["plain"] += paired_ratios(times, "engine", "plain")
         paired["trainer"] += paired_ratios(times, "engine", "trainer")
         for n in names:
@@ -307,8 +316,8 @@ def measure_lockstep(model_dir: Path, sets, method: str, a) -> tuple[dict, dict,
     for other, values in paired.items():
         print(spread(f"engine / {other}, step by step", values, "", 1))
         print(f"    95 % interval of that median (bootstrap): {intervals[other][0]:.3f} – {intervals[other][1]:.3f}")
-    a.intervals[method] = intervals
-    return {k: lockstep_median(v) for k, v in paired.items()}, {n: lockstep_median(v) for n, v in per_side.items()}, last_losses
+    return Measured({k: lockstep_median(v) for k, v in paired.items()}, {n: lockstep_median(v) for n, v in per_side.items()},
+                    last_losses, intervals)
 
 
 MODES = {"lockstep": measure_lockstep, "runs": measure_runs}
@@ -334,7 +343,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="hidden 64, 2 layers, 10 steps, 3 repeats")
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     a = p.parse_args(argv)
-    a.intervals = {}  # lockstep: method -> {"plain"/"trainer": the bootstrap interval of the paired median}
     if a.quick:
         a.hidden, a.layers, a.steps, a.repeat = 64, 2, 10, 3
     global CLOCK
@@ -356,10 +364,14 @@ def main(argv: list[str] | None = None) -> int:
     per_method: dict[str, dict[str, float]] = {}
     seconds: dict[str, dict[str, float]] = {}
     loss_check: dict[str, dict] = {}
+    intervals: dict[str, dict] = {}  # lockstep: method -> {"plain"/"trainer": the paired median's interval}
     for method in methods:
         print(f"{method}:")
-        ratios, seconds[method], last_losses = MODES[a.mode](model_dir, sets, method, a)
+        measured = MODES[a.mode](model_dir, sets, method, a)
+        ratios, seconds[method], last_losses = measured.ratios, measured.seconds, measured.losses
         per_method[method] = ratios
+        if measured.intervals:
+            intervals[method] = measured.intervals
         # Every step's loss, not only the first: a side that skipped an optimizer step would read
         # a different loss at the next one.
         checks = {name: losses_agree(last_losses["engine"], last_losses[name], a.steps) for name in ("plain", "trainer")}
@@ -375,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{losses_ok}: {'pass' if v['pass'] else 'MISSED'}")
     return finish({"name": "step_overhead", **v, "target": TARGET_PLAIN, "target_trainer": TARGET_TRAINER,
                    "target_is": "engine / plain seconds per step ≤ 1.05 and engine / Trainer ≤ 1.0, every method",
-                   "mode": a.mode, "ratios": per_method, "ratio_intervals_95": a.intervals or None, "seconds_per_step": seconds, "losses": loss_check, "losses_agree": losses_ok,
+                   "mode": a.mode, "ratios": per_method, "ratio_intervals_95": intervals or None, "seconds_per_step": seconds, "losses": loss_check, "losses_agree": losses_ok,
                    "parameters": n_params, "steps": a.steps, "batch_size": a.batch_size, "repeat": a.repeat,
                    "threads": a.threads, "clock": a.clock, "quick": a.quick}, a.json)
 
