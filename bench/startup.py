@@ -29,12 +29,12 @@ def write_store(url: str, trials: int, workdir: Path) -> int:
     """A grid study of `trials` cells (2 methods × lrs × 5 milestones), recorded cell by cell."""
     from sqlmodel import select
 
-    from studies.forgetsets import create_forget_set
-    from studies.recorder import record_cell
-    from studies.spec import StudySpec
-    from studies.states import RunState
-    from studies.store import Run, Store
-    from studies.studies import create_study
+    from studies.store.forgetsets import create_forget_set
+    from studies.running.recorder import record_cell
+    from studies.lifecycle.spec import StudySpec
+    from studies.store.states import RunState
+    from studies.store.db import Run, Store
+    from studies.lifecycle.study import create_study
 
     for role in ("forget", "retain", "unseen"):
         (workdir / f"{role}.txt").write_text(f"a {role} document, synthetic and long enough to be one " * 4)

@@ -7,10 +7,10 @@ heatmap's aggregation in process.
 Each size is its own store holding one grid study (4 methods × lrs × 25 milestones; 11, 101 and
 1,001 lrs: room for 100 cells more, which bench/tui_scale.py records), made through the studies API: the forget set, the study and its runs by
 `create_study`, every cell a finished run's milestone with its Optuna trial, synthetic metrics
-(tests/app_stores.synthetic_cell; some runs diverge). `studies.recorder.record_cell` takes 40 ms a
+(tests/app/app_stores.synthetic_cell; some runs diverge). `studies.running.recorder.record_cell` takes 40 ms a
 cell here (Optuna's ORM: one INSERT and one SELECT per user attribute), so 100,000 cells would take
 over an hour; the cells are written instead by `write_cells`, which inserts in bulk the very rows
-record_cell writes (tests/test_bench.py holds the two stores equal, table by table, row by row, but
+record_cell writes (tests/bench/test_bench.py holds the two stores equal, table by table, row by row, but
 for timestamps). Built stores are kept under --workdir (default: the temp folder) by size and by a
 hash of this file, the schemas and Optuna's version, so a second run does not build them again.
 
@@ -58,8 +58,7 @@ def diverge_after(run_index: int) -> int | None:
 
 def planned_cells(runs, trials: int) -> list[tuple]:
     """(run, cell) for the first `trials` cells, run by run in id order, step by step."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from app_stores import synthetic_cell
+    from tests.app.app_stores import synthetic_cell
 
     out = []
     for i, run in enumerate(runs):
@@ -78,7 +77,7 @@ def _stamp(t: dt.datetime) -> str:
 
 
 def write_cells(store, study_name: str, spec, cells: list[tuple]) -> None:
-    """The rows `studies.recorder.record_cell` writes for each (run, cell) of a fresh study, every cell
+    """The rows `studies.running.recorder.record_cell` writes for each (run, cell) of a fresh study, every cell
     new: our milestone row and its Optuna trial (params method, lr, steps; the value; the user
     attributes), inserted in one transaction. The trial itself is built as record_cell builds it
     (optuna.trial.create_trial), so its states, params and attributes are Optuna's own."""
@@ -87,9 +86,9 @@ def write_cells(store, study_name: str, spec, cells: list[tuple]) -> None:
     from optuna.trial import TrialState, create_trial
 
     from engine.methods.base import parse_variant
-    from studies.clock import utcnow
-    from studies.recorder import _user_attrs
-    from studies.sqlite_file import sqlite_path
+    from studies.store.clock import utcnow
+    from studies.running.recorder import _user_attrs
+    from studies.store.sqlite_file import sqlite_path
 
     db = sqlite3.connect(sqlite_path(store.url))
     try:
@@ -133,8 +132,8 @@ def write_cells(store, study_name: str, spec, cells: list[tuple]) -> None:
 
 def finish_runs(store, cells: list[tuple]) -> None:
     """Every run with a cell marked done (diverged when its last cell is), as the scheduler leaves it."""
-    from studies.states import RunState
-    from studies.store import Run
+    from studies.store.states import RunState
+    from studies.store.db import Run
 
     last: dict[int, dict] = {}
     for run, cell in cells:
@@ -153,11 +152,11 @@ def make_store(path: Path, trials: int, inputs: Path, bulk: bool = True, capacit
     the bulk writer is held to)."""
     from sqlmodel import select
 
-    from studies.forgetsets import create_forget_set
-    from studies.recorder import record_cell
-    from studies.spec import StudySpec
-    from studies.store import Run, Store
-    from studies.studies import create_study
+    from studies.store.forgetsets import create_forget_set
+    from studies.running.recorder import record_cell
+    from studies.lifecycle.spec import StudySpec
+    from studies.store.db import Run, Store
+    from studies.lifecycle.study import create_study
 
     inputs.mkdir(parents=True, exist_ok=True)
     for role in ("forget", "retain", "unseen"):
@@ -188,11 +187,11 @@ def cache_key() -> str:
     import optuna
     from optuna.storages._rdb.models import SCHEMA_VERSION as OPTUNA_SCHEMA
 
-    from studies.store import SCHEMA_VERSION
+    from studies.store.db import SCHEMA_VERSION
 
     h = hashlib.sha256(f"{SCHEMA_VERSION} {OPTUNA_SCHEMA} {optuna.__version__}".encode())
     h.update(Path(__file__).read_bytes())
-    h.update((ROOT / "tests" / "app_stores.py").read_bytes())
+    h.update((ROOT / "tests" / "app" / "app_stores.py").read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -228,15 +227,15 @@ def growth_problems(med: dict[int, dict[str, float]]) -> list[str]:
 
 def aggregate(cells, metric: str = "score") -> dict:
     """What the heatmap computes from the cells: per method, its grid's values, status and robustness."""
-    from studies.grid import grids
+    from studies.reading.grid import grids
 
     return {m: (g.value(metric), g.status(), g.robustness) for m, g in grids(cells).items()}
 
 
 def in_process(url: str, repeat: int) -> dict[str, list[float]]:
     """Seconds of load_cells (the store's rows to cells) and of the aggregation, `repeat` times each."""
-    from studies.grid import load_cells
-    from studies.store import Store
+    from studies.reading.grid import load_cells
+    from studies.store.db import Store
 
     store = Store(url, create=False)
     out: dict[str, list[float]] = {"load_cells": [], "aggregate": []}

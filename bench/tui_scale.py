@@ -1,5 +1,5 @@
 """The app on a study of 10,000 and of 100,000 trials (Textual Pilot, in process: imports done, as
-tests/test_scale.py measures it): its first paint, and one refresh of the study's dashboard after
+tests/lab/test_scale.py measures it): its first paint, and one refresh of the study's dashboard after
 100 new cells.
 
     python bench/tui_scale.py [--sizes 10000,100000] [--repeat 3] [--workdir DIR] [--json] [--quick]
@@ -9,7 +9,7 @@ through the studies API, cells written in bulk, room for 100 more cells), built 
 --workdir (the same folder by default: the two benches share them). Per repetition the app opens a fresh copy: first paint is the time from
 creating the app to its studies table filled; then the study's dashboard is opened (reported: to its
 heatmaps and first trial page); then 100 new cells are recorded through
-`studies.recorder.record_cell` (not timed) and one refresh is timed: from the dashboard's poll to
+`studies.running.recorder.record_cell` (not timed) and one refresh is timed: from the dashboard's poll to
 its header counting the new cells. Sizes alternate, --repeat times; medians are compared.
 
 Targets, at 10,000 trials: first paint ≤ 1 s and the refresh ≤ 100 ms (at 100,000, reported).
@@ -53,9 +53,9 @@ def add_cells(url: str, trials: int) -> None:
     from sqlmodel import select
 
     import store_scale
-    from studies.recorder import record_cell
-    from studies.spec import StudySpec
-    from studies.store import Run, Store
+    from studies.running.recorder import record_cell
+    from studies.lifecycle.spec import StudySpec
+    from studies.store.db import Run, Store
 
     store = Store(url, create=False)
     spec = StudySpec.from_dict(store.study(store_scale.STUDY).spec)

@@ -39,11 +39,11 @@ def main() -> None:
     from engine.demo import FULL, build_workspace, demo_sources, reference_metrics
     from engine.methods import list_methods
     from engine.run import run_unlearning
-    from studies.demo_study import demo_store
-    from studies.forgetsets import create_forget_set
-    from studies.grid import best_cell, grids, load_cells
-    from studies.scheduler import WorkerPool
-    from studies.studies import create_study, resume_study
+    from studies.lifecycle.demo import demo_store
+    from studies.store.forgetsets import create_forget_set
+    from studies.reading.grid import best_cell, grids, load_cells
+    from studies.running.pool import WorkerPool
+    from studies.lifecycle.study import create_study, resume_study
 
     ws = args.workspace.resolve()
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ Which data plays which role, and why, is in docs/data.md; in short:
 
 What a benchmark's own metrics need beyond the four roles (TOFU's paraphrased and perturbed
 answers, MUSE's knowmem QA and verbmem prompts) is kept with the set as "extras": named lists of
-the benchmark's rows, as they are (studies.forgetsets.forget_set_extras reads them back).
+the benchmark's rows, as they are (studies.store.forgetsets.forget_set_extras reads them back).
 """
 from __future__ import annotations
 

@@ -94,14 +94,14 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
 # ------------------------------------------------------------------ the store
 
 def make_forget_set(store, name: str, files: dict[str, str], general: bool = True, seq_len: int = SEQ_LEN):
-    from studies.forgetsets import create_forget_set
+    from studies.store.forgetsets import create_forget_set
 
     return create_forget_set(store, name, [files["forget"]], [files["retain"]], [files["unseen"]],
                              [files["general"]] if general else None, seq_len=seq_len)
 
 
 def runs_of(store, study: str) -> list:
-    from studies.store import Run
+    from studies.store.db import Run
 
     st = store.study(study)
     with store.read() as s:
@@ -109,7 +109,7 @@ def runs_of(store, study: str) -> list:
 
 
 def milestones_of(store, study: str) -> list:
-    from studies.store import Milestone, Run
+    from studies.store.db import Milestone, Run
 
     st = store.study(study)
     with store.read() as s:
@@ -119,7 +119,7 @@ def milestones_of(store, study: str) -> list:
 
 
 def events_of(store, study: str, kind: str | None = None) -> list:
-    from studies.store import Event
+    from studies.store.db import Event
 
     st = store.study(study)
     with store.read() as s:

@@ -70,10 +70,10 @@ def test_static_check_sees_forbidden_imports(tmp_path):
     """The checker itself: it flags the forms it claims to (so the two tests below can fail)."""
     (tmp_path / "bad.py").write_text(
         "import os\nimport textual.app\nfrom tui import cli\nimport importlib\n"
-        "def f():\n    from studies.grid import x\n    importlib.import_module('tui.screens')\n"
+        "def f():\n    from studies.reading.grid import x\n    importlib.import_module('tui.screens')\n"
         "import tuition\nfrom studies_helper import y\n")
     found = [mod for _, mod in imported_modules(tmp_path / "bad.py") if _hits([mod], ENGINE_FORBIDDEN)]
-    assert sorted(found) == ["studies.grid", "textual.app", "tui", "tui.screens"]
+    assert sorted(found) == ["studies.reading.grid", "textual.app", "tui", "tui.screens"]
 
 
 def test_engine_sources_never_import_ui_or_studies():
@@ -110,9 +110,9 @@ def read_store(tmp_path_factory):
     """A store with a forget set and a study with computed cells, made without loading a model."""
     from sqlmodel import select
 
-    from studies.forgetsets import create_forget_set
-    from studies.store import Milestone, Run, Store
-    from studies.studies import create_study
+    from studies.store.forgetsets import create_forget_set
+    from studies.store.db import Milestone, Run, Store
+    from studies.lifecycle.study import create_study
 
     d = tmp_path_factory.mktemp("read")
     for role in ("forget", "retain", "unseen"):

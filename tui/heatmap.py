@@ -20,8 +20,8 @@ from rich.table import Table
 from rich.text import Text
 
 from engine.errors import UnlearnError
-from studies.grid import Cell, Grid, check_metric, grids, higher_is_better
-from studies.states import CellStatus
+from studies.reading.grid import Cell, Grid, check_metric, grids, higher_is_better
+from studies.store.states import CellStatus
 from tui.numbers import fmt_lr, fmt_value  # noqa: F401  (re-exported: the CLI and app import them here)
 
 MARKS = {CellStatus.PENDING: ("·", "dim"), CellStatus.RUNNING: ("…", "bold yellow"),

@@ -76,7 +76,7 @@ class UnlearnApp(App):
     def open_store(self, url: Optional[str], create: bool = False) -> None:
         from engine.errors import UnlearnError
         from engine.settings import Settings
-        from studies.store import Store, StoreMissing, describe_url
+        from studies.store.db import Store, StoreMissing, describe_url
 
         try:
             settings = Settings(**({"storage_url": url} if url else {}))
@@ -238,7 +238,7 @@ class UnlearnApp(App):
     def apply_study_action(self, verb: str, name: str) -> None:
         """The same functions as `unlearn study pause|resume|cancel|rm`; the outcome is one line."""
         from engine.errors import UnlearnError
-        from studies.actions import study_action
+        from studies.lifecycle.actions import study_action
 
         try:
             line = study_action(self.store, verb, name, heartbeat_timeout_s=self.heartbeat_timeout_s)

@@ -16,7 +16,7 @@ from engine.config import settings_fields
 
 if TYPE_CHECKING:
     from engine.settings import Settings
-    from studies.store import Store
+    from studies.store.db import Store
 
 STORAGE_HELP = ("SQLAlchemy URL of the store (default: $UNLEARN_STORAGE_URL, then .env, then sqlite:///unlearn.db). "
                 "Put a password in UNLEARN_STORAGE_URL or .env, not on the command line")
@@ -48,7 +48,7 @@ class Lab:
 
     def store(self, create: bool = False) -> Store:
         """The store; `create` only for commands that may start a new one (`forgetset create`)."""
-        from studies.store import Store
+        from studies.store.db import Store
 
         return Store(self.settings.storage_url, create=create)
 

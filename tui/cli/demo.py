@@ -1,4 +1,4 @@
-"""`unlearn demo`: the offline end-to-end demo (engine/demo.py builds, studies/demo_study.py runs
+"""`unlearn demo`: the offline end-to-end demo (engine/demo.py builds, studies/lifecycle/demo.py runs
 the study, this draws it)."""
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ def demo_cmd(
 
     from engine.demo import FULL, QUICK
     from engine.errors import UnlearnError
-    from studies.demo_study import run_demo
-    from studies.grid import load_cells, robustness
+    from studies.lifecycle.demo import run_demo
+    from studies.reading.grid import load_cells, robustness
     from tui.heatmap import render_heatmaps
     from tui.render import fmt, metrics_table
 
@@ -51,13 +51,13 @@ def demo_cmd(
     if as_json:
         return emit_json(result)
     rows = [("original θ0", "", "0", result["original"]), ("retrained", "", "", result["retrained"])]
-    for run in result["runs"]:  # each method's best cell (studies.grid.best_cell), or its last if none counts
+    for run in result["runs"]:  # each method's best cell (studies.reading.grid.best_cell), or its last if none counts
         by_step = {c["step"]: c for c in run["milestones"]}
         c = by_step.get(run["best_step"]) or (run["milestones"][-1] if run["milestones"] else {})
         rows.append((run["method"], f"{run['lr']:.0e}", str(c.get("step", "—")), c))
     out.print(metrics_table(f"unlearn demo ({recipe.name}): best cell of each method", rows,
                             exact_forget_ppl=result["retrained"]["ppl_forget"]))
-    from studies.demo_study import demo_store
+    from studies.lifecycle.demo import demo_store
 
     cells = load_cells(demo_store(workspace), result["study"])
     out.print(render_heatmaps(cells, "score", title=f"study {result['study']}: score by lr × steps (✓ = success)"))

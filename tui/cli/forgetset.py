@@ -30,7 +30,7 @@ def create_cmd(
     as_json: Json = False,
 ):
     """Read the sources, hash the texts and store them (the set never changes after)."""
-    from studies.forgetsets import create_forget_set
+    from studies.store.forgetsets import create_forget_set
 
     fs = create_forget_set(lab(ctx).store(create=True), name, forget, retain, unseen, general, text_field, column,
                            seq_len, tokenizer, prompt_field, answer_field)
@@ -53,7 +53,7 @@ def preset_cmd(
 ):
     """A benchmark's data as a named forget set with the benchmark's own roles (docs/data.md)."""
     from engine.presets import load_preset
-    from studies.forgetsets import check_new_name, store_forget_set
+    from studies.store.forgetsets import check_new_name, store_forget_set
 
     store = lab(ctx).store(create=True)
     data = load_preset(preset, split, from_dir)
@@ -65,7 +65,7 @@ def preset_cmd(
 
 
 def _report(fs, as_json: bool) -> None:
-    from studies.forgetsets import describe
+    from studies.store.forgetsets import describe
     from tui.cli.console import emit_json, out
 
     if as_json:
@@ -80,8 +80,8 @@ def ls_cmd(ctx: typer.Context, storage: Storage = None, as_json: Json = False):
     """List forget sets."""
     from rich.table import Table
 
-    from studies.forgetsets import describe, list_forget_sets
-    from studies.store import StoreMissing
+    from studies.store.forgetsets import describe, list_forget_sets
+    from studies.store.db import StoreMissing
     from tui.cli.console import emit_json, out
 
     try:
@@ -101,7 +101,7 @@ def ls_cmd(ctx: typer.Context, storage: Storage = None, as_json: Json = False):
 
 def show_cmd(ctx: typer.Context, name: str = typer.Argument(...), storage: Storage = None, as_json: Json = False):
     """Show one forget set: hash, sources, document and chunk counts."""
-    from studies.forgetsets import describe
+    from studies.store.forgetsets import describe
     from tui.cli.console import emit_json, out
 
     info = describe(lab(ctx).store().forget_set(name))

@@ -28,7 +28,7 @@ def _age(seconds: Optional[float]) -> str:
 def status_cmd(ctx: typer.Context, name: str = typer.Argument(..., help="study name"), storage: Storage = None,
                as_json: Json = False):
     """Where a study stands: cells and runs, running runs, robustness and best cell per method, errors."""
-    from studies.status import study_status
+    from studies.reading.status import study_status
     from tui.cli.console import emit_json, out
 
     st = study_status(lab(ctx).store(), name)
@@ -101,7 +101,7 @@ def heatmap_cmd(
 ):
     """lr × steps heatmap of one metric per method, with success marks and robustness."""
     from engine.errors import UnlearnError
-    from studies.grid import check_metric, grids, load_cells
+    from studies.reading.grid import check_metric, grids, load_cells
     from tui.cli.console import emit_json, out
     from tui.heatmap import render_heatmaps
 
@@ -125,15 +125,15 @@ def ls_cmd(ctx: typer.Context, storage: Storage = None, as_json: Json = False):
     from rich import box
     from rich.table import Table
 
-    from studies.listing import list_studies_sqlite
+    from studies.reading.listing import list_studies_sqlite
     from tui.cli.console import emit_json, out
     from tui.numbers import fmt_value
 
     # A SQLite store this version reads as it is: the stdlib driver answers, no ORM imported.
     rows = list_studies_sqlite(lab(ctx).storage_url)
     if rows is None:
-        from studies.status import list_studies
-        from studies.store import StoreMissing
+        from studies.reading.status import list_studies
+        from studies.store.db import StoreMissing
 
         try:
             rows = list_studies(lab(ctx).store())
@@ -170,7 +170,7 @@ def export_cmd(
     """Export the best configuration per method (or the Pareto front) with the command that reproduces it."""
     from engine.errors import UnlearnError
     from engine.files import write_text_atomic
-    from studies.export import export_best, save_model as save, to_json, to_yaml
+    from studies.reading.export import export_best, save_model as save, to_json, to_yaml
     from tui.cli.console import err, step_progress
 
     fmt = fmt.lower()

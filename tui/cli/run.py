@@ -82,7 +82,7 @@ def run_cmd(
     from engine.methods.base import parse_variant, variant_id
     from engine.run import is_main_process, run_unlearning
     from engine.settings import Settings
-    from studies.spec import parse_knob_options
+    from studies.lifecycle.spec import parse_knob_options
     from tui.cli.console import emit_json, out, parse_lr, parse_steps, step_progress
 
     knobs = parse_knob_options(param) or {}
@@ -94,7 +94,7 @@ def run_cmd(
     if forget_set is not None:
         if forget or retain or unseen or general:
             raise UnlearnError("give --forget-set or the sources (--forget, --retain, --unseen), not both")
-        from studies.forgetsets import forget_set_texts
+        from studies.store.forgetsets import forget_set_texts
 
         store = lab(ctx).store()
         texts = forget_set_texts(store, store.forget_set(forget_set))

@@ -51,8 +51,8 @@ def create_cmd(
     """Create a study: the Optuna study and one run per (method, lr) in the store. Every run setting
     not given takes its default, except --seq-len, which defaults to the forget set's."""
     from engine.errors import UnlearnError
-    from studies.spec import StudySpec, parse_knob_options
-    from studies.studies import create_study
+    from studies.lifecycle.spec import StudySpec, parse_knob_options
+    from studies.lifecycle.study import create_study
     from tui.cli.console import emit_json, out, parse_steps
 
     lrs = _floats(lr, "--lr") if lr else None
@@ -91,9 +91,9 @@ def run_cmd(
 ):
     """Run (or resume) a study: a fresh subprocess per run, one per worker slot; finished cells are never recomputed."""
     from engine.errors import UnlearnError
-    from studies.scheduler import WorkerPool, parse_slots
-    from studies.spec import StudySpec
-    from studies.studies import resume_study
+    from studies.running.pool import WorkerPool, parse_slots
+    from studies.lifecycle.spec import StudySpec
+    from studies.lifecycle.study import resume_study
     from tui.cli.console import err, out
 
     store = lab(ctx).store()
@@ -103,7 +103,7 @@ def run_cmd(
         raise UnlearnError(f"study {name} runs each run on {width} devices; this pool has {len(slots)} "
                            f"({','.join(slots)}): give --gpus with {width} or more, or --workers {width}")
     if detach:  # the app's launch button starts a study through this same function
-        from studies.launch import launch_detached
+        from studies.running.launch import launch_detached
 
         message, _pid, _log = launch_detached(store, name, slots, retry_failed=retry_failed)
         out.print(message, markup=False, highlight=False)
@@ -168,7 +168,7 @@ def attack_cmd(ctx: typer.Context, name: str = typer.Argument(..., help="study n
     """Test whether forgetting holds at each method's best cell: rerun it with the attacks (and the
     downstream tasks) and store what they find in that cell (see `study heatmap --metric
     relearn_recovery` or `--metric downstream.TASK`)."""
-    from studies.attack import attack_best_cells, describe_row
+    from studies.running.attack import attack_best_cells, describe_row
     from tui.cli.console import emit_json, err, out
 
     def said(row: dict) -> None:
@@ -182,7 +182,7 @@ def attack_cmd(ctx: typer.Context, name: str = typer.Argument(..., help="study n
 
 
 def _act(ctx: typer.Context, verb: str, name: str, **kwargs) -> None:
-    from studies.actions import study_action
+    from studies.lifecycle.actions import study_action
     from tui.cli.console import out
 
     line = study_action(lab(ctx).store(), verb, name, heartbeat_timeout_s=lab(ctx).settings.heartbeat_timeout, **kwargs)
@@ -197,7 +197,7 @@ def worker_cmd(
     storage: Storage = None,
 ):
     """Join studies from this node: claim runs from the shared store until none is left (Optuna's shared-RDB pattern)."""
-    from studies.scheduler import WorkerPool, parse_slots
+    from studies.running.pool import WorkerPool, parse_slots
     from tui.cli.console import out
 
     store = lab(ctx).store()

@@ -1,7 +1,7 @@
 """Cells side by side: a table (rows = metrics, columns = cells, A, B, C, ...) and the Pareto
 scatter of forget_gap against retain_drift, with the front over the compared cells highlighted.
 
-Read in a thread worker (studies.trials.compare_cells), which refuses cells on different forget sets.
+Read in a thread worker (studies.reading.trials.compare_cells), which refuses cells on different forget sets.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from textual.widgets import DataTable, Footer, Static
 from textual.worker import get_current_worker
 
 from engine.errors import UnlearnError
-from studies.store import Store
-from studies.trials import compare_cells
+from studies.store.db import Store
+from studies.reading.trials import compare_cells
 from tui.app.messages import CellRef
 from tui.app.widgets.curves import Curves
 from tui.heatmap import SUCCESS, badness, diverging, fmt_lr, fmt_value

@@ -24,7 +24,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Checkbox, DataTable, Footer, Header, Select, Static
 
-from studies.grid import CELL_METRICS
+from studies.reading.grid import CELL_METRICS
 from tui.app.format import age, fmt_lr, fmt_value
 from tui.heatmap import badness
 from tui.app.messages import CellRef, CompareCells, ExportRequested, OpenTrial, StudyAction
@@ -133,7 +133,7 @@ class DashboardScreen(Screen):
     # ------------------------------------------------------------ layout
 
     def compose(self) -> ComposeResult:
-        from studies.views import StudyWatch
+        from studies.reading.views import StudyWatch
 
         self.watch_ = StudyWatch(self.store, self.study)
         yield Header()
@@ -244,7 +244,7 @@ class DashboardScreen(Screen):
 
     @work(thread=True, exclusive=True, group="dashboard-trials", name="read trials")
     def load_trials(self) -> None:
-        from studies.views import trial_page
+        from studies.reading.views import trial_page
 
         try:
             page = trial_page(self.store, self.study, sort=self.sort, descending=self.descending,

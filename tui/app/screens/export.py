@@ -1,7 +1,7 @@
 """The export dialog: a study's best configuration per method (or its Pareto fronts) to a YAML or
 JSON file, optionally with the unlearned models saved beside it.
 
-Writing the file is torch-free (studies.export + engine.files) and runs in a thread worker.
+Writing the file is torch-free (studies.reading.export + engine.files) and runs in a thread worker.
 Saving a model reruns the cell, which needs torch: that is `unlearn export ... --save-model DIR`
 in a subprocess, its store URL in the environment (UNLEARN_STORAGE_URL), never on its command
 line. Nothing is ever overwritten without asking first: the file, or a model folder it would replace.
@@ -27,7 +27,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, RadioButton, RadioSet, Static
 from textual.worker import get_current_worker
 
-from studies.store import Store
+from studies.store.db import Store
 from tui.app.messages import CellRef
 
 FORMATS = ("yaml", "json")
@@ -332,7 +332,7 @@ class ExportDialog(ModalScreen[Optional[str]]):
     @work(thread=True, exclusive=True, group="export", name="export-prepare")
     def _prepare(self, form: ExportForm) -> None:
         from engine.errors import UnlearnError
-        from studies.export import export_best, model_dir_name, to_json, to_yaml
+        from studies.reading.export import export_best, model_dir_name, to_json, to_yaml
 
         try:
             if form.path.is_dir():
@@ -366,7 +366,7 @@ class ExportDialog(ModalScreen[Optional[str]]):
     @work(thread=True, exclusive=True, group="export", name="export-save-models")
     def _save_models(self, form: ExportForm, count: int) -> None:
         """`unlearn export` in a subprocess (it needs torch); its last line of output is the progress."""
-        from studies.scheduler import child_env
+        from studies.running.pool import child_env
 
         cmd = [sys.executable, "-m", "tui.cli", "export", form.study, "--out", str(form.path), "--format", form.fmt,
                "--save-model", str(form.models_dir)]

@@ -1,12 +1,12 @@
 """The forget-set builder: pick sources (files, folders, globs from a tree or typed, `hf:` references),
 give each a role, see their documents, count them, and save the set under a name.
 
-Saving runs the code of `unlearn forgetset create` (studies.forgetsets.create_forget_set). It runs
+Saving runs the code of `unlearn forgetset create` (studies.store.forgetsets.create_forget_set). It runs
 here when that reads only local files without a tokenizer (engine.data's readers import no training
 library); with a tokenizer or an `hf:` source it would import transformers or datasets, so it runs
 as `python -m tui.cli forgetset create ... --json` in a subprocess, the store URL in its environment.
-Document counts and previews are read in a thread worker (hf: sources through studies.probe);
-tokens and chunks always come from studies.probe in a subprocess.
+Document counts and previews are read in a thread worker (hf: sources through studies.running.probe);
+tokens and chunks always come from studies.running.probe in a subprocess.
 """
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ from textual.worker import get_current_worker
 
 from engine.data import ROLES
 from engine.errors import UnlearnError
-from studies.forgetsets import check_name
-from studies.probe import count_tokens, needs_child, source_summary
-from studies.store import Store
+from studies.store.forgetsets import check_name
+from studies.running.probe import count_tokens, needs_child, source_summary
+from studies.store.db import Store
 
 REQUIRED_ROLES = ("forget", "retain", "unseen")  # general is optional
 FIELD_DEBOUNCE_S = 0.5
@@ -517,7 +517,7 @@ class ForgetSetBuilderScreen(Screen[str | None]):
 
 def save_here(store: Store, form: SaveForm) -> tuple[dict | None, str | None]:
     """create_forget_set in this process (local sources, no tokenizer: nothing heavy is imported)."""
-    from studies.forgetsets import create_forget_set, describe
+    from studies.store.forgetsets import create_forget_set, describe
 
     try:
         fs = create_forget_set(store, form.name, form.sources["forget"], form.sources["retain"],
@@ -532,7 +532,7 @@ def save_here(store: Store, form: SaveForm) -> tuple[dict | None, str | None]:
 
 def save_in_subprocess(store: Store, form: SaveForm, should_stop) -> tuple[dict | None, str | None]:
     """`unlearn forgetset create ... --json` in a child, its store URL in the environment."""
-    from studies.scheduler import child_env
+    from studies.running.pool import child_env
 
     args = [sys.executable, "-m", "tui.cli", "forgetset", "create", form.name]
     for role in ROLES:

@@ -1,8 +1,8 @@
 """The new-study form: name, model, forget set, methods, learning rates, milestones, sampler, the
-methods' knobs to sweep, attacks and devices; Launch creates the study (studies.studies.create_study) and starts its detached scheduler
-through studies.launch.launch_detached, the function `unlearn study run --detach` calls.
+methods' knobs to sweep, attacks and devices; Launch creates the study (studies.lifecycle.study.create_study) and starts its detached scheduler
+through studies.running.launch.launch_detached, the function `unlearn study run --detach` calls.
 
-The model is checked in a subprocess (studies.probe: config and tokenizer load), never here.
+The model is checked in a subprocess (studies.running.probe: config and tokenizer load), never here.
 Every problem is one line beside its field, and nothing is created until the whole form is good.
 """
 from __future__ import annotations
@@ -23,11 +23,11 @@ from textual.worker import get_current_worker
 from engine.config import parse_attacks
 from engine.errors import UnlearnError
 from engine.methods import list_methods
-from studies.forgetsets import check_name
-from studies.launch import device_slots, launch_detached, parse_learning_rates, parse_milestones
-from studies.probe import probe_model
-from studies.spec import parse_knob_options
-from studies.store import Store
+from studies.store.forgetsets import check_name
+from studies.running.launch import device_slots, launch_detached, parse_learning_rates, parse_milestones
+from studies.running.probe import probe_model
+from studies.lifecycle.spec import parse_knob_options
+from studies.store.db import Store
 from tui.app.widgets.devices import DevicesPanel
 
 MODEL_DEBOUNCE_S = 0.8
@@ -213,7 +213,7 @@ class NewStudyScreen(Screen[str | None]):
     # ------------------------------------------------------------------ forget sets
     @work(thread=True, exclusive=True, name="list forget sets", group="new-study-forgetsets")
     def load_forget_sets(self) -> None:
-        from studies.forgetsets import list_forget_sets
+        from studies.store.forgetsets import list_forget_sets
 
         try:
             sets = list_forget_sets(self.store)
@@ -387,7 +387,7 @@ class NewStudyScreen(Screen[str | None]):
     @work(thread=True, exclusive=True, name="launch study", group="new-study-launch")
     def launch(self, form: StudyForm, checked: dict | None) -> None:
         """Check the model (unless checked already), create the study, start its scheduler."""
-        from studies.studies import create_study
+        from studies.lifecycle.study import create_study
 
         worker = get_current_worker()
         if checked is None:

@@ -26,7 +26,7 @@ class StoreErrorScreen(Screen[tuple[str, bool] | None]):
         self.url, self.reason, self.missing = url, reason, missing
 
     def compose(self) -> ComposeResult:
-        from studies.store import describe_url
+        from studies.store.db import describe_url
 
         with Vertical():
             yield Static("The store cannot be opened", classes="title")

@@ -99,7 +99,7 @@ class StudiesScreen(Screen):
     @work(thread=True, exclusive=True, group="studies-poll", name="read studies")
     def load_studies(self) -> None:
         from engine.errors import UnlearnError
-        from studies.status import list_studies
+        from studies.reading.status import list_studies
 
         try:
             rows = list_studies(self.store)

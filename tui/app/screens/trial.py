@@ -2,7 +2,7 @@
 curves against the retraining target and the original model, losses, cost, attempts and failures,
 and the command that reproduces it (`y` copies it, `e` asks the app for the export dialog).
 
-Read in a thread worker (studies.trials.trial_detail); while the run is still going the screen
+Read in a thread worker (studies.reading.trials.trial_detail); while the run is still going the screen
 reads it again every few seconds.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ from textual.timer import Timer
 from textual.worker import get_current_worker
 
 from engine.errors import UnlearnError
-from studies.store import Store
-from studies.trials import trial_detail
+from studies.store.db import Store
+from studies.reading.trials import trial_detail
 from tui.app.messages import CellRef, ExportRequested
 from tui.app.widgets.curves import Curves
 from tui.heatmap import SUCCESS, fmt_lr, fmt_value

@@ -13,7 +13,7 @@ from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Static
 
-from studies.devices import DeviceReport, probe_devices
+from studies.running.devices import DeviceReport, probe_devices
 
 BAR_WIDTH = 16
 

@@ -27,8 +27,8 @@ from textual.strip import Strip
 from textual.visual import Visual, visualize
 from textual.widget import Widget
 
-from studies.grid import Cell, Grid, best_cell, check_metric
-from studies.states import CellStatus
+from studies.reading.grid import Cell, Grid, best_cell, check_metric
+from studies.store.states import CellStatus
 from tui.app.messages import CellRef
 from tui.heatmap import MARKS, SUCCESS, badness, colour, diverging, fmt_lr, fmt_value
 

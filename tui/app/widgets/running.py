@@ -1,7 +1,7 @@
 """The running runs of a study: one row per run (method, lr, attempt, step k/N with a bar, device,
 heartbeat age) and, on `l`, the tail of the highlighted run's log below the table.
 
-The owner (a screen polling `studies.status.study_status`) hands the rows down with
+The owner (a screen polling `studies.reading.status.study_status`) hands the rows down with
 `update_runs`; the table changes in place, so the cursor and the scroll position survive every
 refresh. The only thing this widget reads itself is a log tail, in a thread worker.
 """
@@ -18,7 +18,7 @@ from textual.widget import Widget
 from textual.widgets import DataTable, Log, Static
 from textual.worker import get_current_worker
 
-from studies.store import Store
+from studies.store.db import Store
 from tui.heatmap import fmt_lr
 
 COLUMNS = (("method", "method"), ("lr", "lr"), ("attempt", "try"), ("progress", "step"),
@@ -220,7 +220,7 @@ class RunningRuns(Widget):
     @work(thread=True, exclusive=True, group="running-tail", name="running-log-tail")
     def _read_tail(self, study: str, key: str, method: str, lr: float) -> None:
         from engine.errors import UnlearnError
-        from studies.logs import tail
+        from studies.running.logs import tail
 
         try:
             lines = tail(self.store, study, method, lr, self.tail_lines)

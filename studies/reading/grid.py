@@ -1,0 +1,325 @@
+"""Trials -> lr × steps grids, robustness, best cells and the Pareto front (design §3, §4).
+
+A *cell* is one (method, lr, steps) point of a study's search space. A grid study covers every
+(method, lr) of its spec × every milestone, so cells not computed yet are listed too (pending,
+running or failed) and the cells after a divergence are `diverged`, never missing. A TPE study
+covers the (method, lr) runs its sampler has asked for so far (a reservation made while the
+sampler is asked is not a run, and never shows).
+
+The best cell of a method is defined once, here (`best_cell`): every table, status and export
+that names a best cell uses it.
+
+Everything is read with one query per table (runs, milestones), never one per cell.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from sqlmodel import select
+
+from engine.errors import UnlearnError
+from studies.lifecycle.spec import StudySpec, without_ranged_knobs
+from studies.store.states import REAL_RUN_STATES, CellStatus, RunState
+from studies.store.db import Milestone, Run, Store, Study
+
+# Metric paths a grid can show: dotted paths into a milestone's metrics. Every cell has the first
+# group; the recoveries only where the study ran robustness attacks (`--attacks`), None elsewhere.
+CELL_METRICS = ("score", "forget_gap", "retain_drift", "ppl_forget", "ppl_retain", "ppl_unseen", "ppl_general",
+                "mia_auc.loss", "mia_auc.zlib", "mia_auc.min_k", "mia_auc.min_k_pp")
+RECOVERY_METRICS = ("relearn_recovery", "quant4_recovery", "quant8_recovery")
+# A TOFU or MUSE preset's benchmark metrics (engine/benchmarks/milestone.py): only in cells of such a set.
+BENCH_METRICS = ("bench.tofu_truth_ratio", "bench.tofu_forget_quality", "bench.muse_verbmem_f", "bench.muse_knowmem_f",
+                 "bench.muse_knowmem_r", "bench.muse_auc", "bench.muse_privleak")
+METRICS = CELL_METRICS + RECOVERY_METRICS + BENCH_METRICS
+DOWNSTREAM = "downstream."  # + an lm-eval task name (--eval-tasks): any task is a metric path
+# Where a higher value is the better one (the heatmap's colours): TOFU's truth ratio on the forget set
+# (1: cannot tell right from wrong) and forget quality, knowledge kept on the retain QA, task accuracy.
+HIGHER_IS_BETTER = ("bench.tofu_truth_ratio", "bench.tofu_forget_quality", "bench.muse_knowmem_r")
+STATUSES = tuple(CellStatus)  # computed (done, diverged) or not yet (pending, running, failed, cancelled)
+
+
+def check_metric(metric: str) -> str:
+    if metric not in METRICS and not (metric.startswith(DOWNSTREAM) and len(metric) > len(DOWNSTREAM)):
+        raise UnlearnError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}, {DOWNSTREAM}TASK")
+    return metric
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric in HIGHER_IS_BETTER or metric.startswith(DOWNSTREAM)
+
+
+def study_metrics(spec: dict, cells: Iterable["Cell"] = ()) -> tuple[str, ...]:
+    """The metric paths a study can show: every cell's, its attacks' recoveries (--attacks), the
+    benchmark metrics its cells have (a TOFU/MUSE preset) and downstream.TASK for its --eval-tasks
+    (and any task its cells have)."""
+    from engine.config import parse_attacks, parse_eval_tasks
+
+    run = spec.get("run") or {}
+    try:
+        attacks, tasks = parse_attacks(run.get("attacks", "")), list(parse_eval_tasks(run.get("eval_tasks", "")))
+    except UnlearnError:  # a spec this version cannot read: the plain metrics
+        attacks, tasks = (), []
+    bench: set[str] = set()
+    for c in cells:
+        m = c.metrics or {}
+        bench |= {f"bench.{k}" for k in (m.get("bench") or {})}
+        tasks += [t for t in (m.get("downstream") or {}) if t not in tasks]
+    return (CELL_METRICS + tuple(f"{a}_recovery" for a in attacks) + tuple(b for b in BENCH_METRICS if b in bench)
+            + tuple(DOWNSTREAM + t for t in tasks))
+
+
+def _finite(x) -> Optional[float]:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x) if math.isfinite(x) else None
+
+
+@dataclass
+class Cell:
+    method: str
+    lr: float
+    steps: int
+    status: CellStatus
+    metrics: Optional[dict] = None  # the engine's cell dict (None until computed)
+    score: Optional[float] = None
+    success: bool = False
+    diverged: bool = False
+    run_id: Optional[int] = None
+    run_state: Optional[str] = None
+    trial_number: Optional[int] = None
+
+    @property
+    def computed(self) -> bool:
+        """Evaluated and not diverged: a cell that can win."""
+        return self.status == CellStatus.DONE
+
+    def value(self, metric: str) -> Optional[float]:
+        """The metric at a dotted path (e.g. mia_auc.min_k); None when missing or not finite."""
+        if metric == "score" and self.score is not None:
+            return _finite(self.score)
+        node = self.metrics
+        for part in metric.split("."):
+            if not isinstance(node, dict):
+                return None
+            node = node.get(part)
+        return _finite(node)
+
+    def summary(self) -> dict:
+        """The numbers an export or a status line shows (flat, plus mia_auc)."""
+        m = self.metrics or {}
+        return {"lr": self.lr, "steps": self.steps, "score": self.value("score"),
+                "forget_gap": self.value("forget_gap"), "retain_drift": self.value("retain_drift"),
+                "success": bool(self.success),
+                **{k: self.value(k) for k in ("ppl_forget", "ppl_retain", "ppl_unseen", "ppl_general")},
+                "mia_auc": dict(m.get("mia_auc") or {}), "trial_number": self.trial_number}
+
+
+@dataclass
+class Grid:
+    """One method: sorted lrs (rows) × steps (columns)."""
+
+    method: str
+    lrs: list[float]
+    steps: list[int]
+    cells: dict[tuple[float, int], Cell] = field(default_factory=dict)
+
+    def cell(self, lr: float, steps: int) -> Optional[Cell]:
+        return self.cells.get((lr, steps))
+
+    def value(self, metric: str) -> list[list[Optional[float]]]:
+        """Rows (lrs) × columns (steps) of the metric; None where not computed, diverged or not finite."""
+        check_metric(metric)
+        # The heatmap of a 100,000-cell study calls this on every refresh: one dict lookup a cell,
+        # the metric's path split once, no method call per cell (Cell.value gives the same numbers).
+        get, steps, done = self.cells.get, self.steps, CellStatus.DONE
+        if metric == "score":
+            def read(c: Cell) -> Optional[float]:
+                return _finite(c.score) if c.score is not None else c.value(metric)
+        else:
+            read = _path_reader(metric)
+        return [[(read(c) if (c := get((lr, s))) is not None and c.status == done else None)
+                 for s in steps] for lr in self.lrs]
+
+    def status(self) -> list[list[str]]:
+        get, steps, pending = self.cells.get, self.steps, str(CellStatus.PENDING)
+        names = _STATUS_NAMES
+        return [[names[c.status] if (c := get((lr, s))) is not None else pending for s in steps] for lr in self.lrs]
+
+    @property
+    def size(self) -> int:
+        return len(self.lrs) * len(self.steps)
+
+    @property
+    def successes(self) -> int:
+        return sum(1 for c in self.cells.values() if c.success and c.computed)
+
+    @property
+    def robustness(self) -> float:
+        return self.successes / self.size if self.size else 0.0
+
+
+_STATUS_NAMES = {st: str(st) for st in CellStatus}
+
+
+def _path_reader(metric: str):
+    """A function reading a dotted metric path out of a cell, as Cell.value does."""
+    parts = metric.split(".")
+    if len(parts) == 1:
+        key = parts[0]
+        return lambda c: _finite(c.metrics.get(key)) if isinstance(c.metrics, dict) else None
+    return lambda c: c.value(metric)
+
+
+# ---------------------------------------------------------------- loading
+
+def _study_row(store: Store, study) -> Study:
+    return store.study(study) if isinstance(study, str) else study
+
+
+def fetch_rows(store: Store, study_ids: Iterable[int]) -> tuple[list[Run], list[Milestone]]:
+    """Every run (a real (method, lr) run: no TPE reservation) and milestone of these studies:
+    one query per table."""
+    ids = list(study_ids)
+    if not ids:
+        return [], []
+    real = Run.state.in_(REAL_RUN_STATES)
+    with store.read() as s:
+        runs = list(s.exec(select(Run).where(Run.study_id.in_(ids), real)).all())
+        milestones = list(s.exec(select(Milestone).join(Run, Milestone.run_id == Run.id)
+                                 .where(Run.study_id.in_(ids), real)).all())
+    return runs, milestones
+
+
+def cells_from_rows(study: Study, runs: list[Run], milestones: list[Milestone]) -> list[Cell]:
+    """The cells of one study from its rows (runs and milestones of other studies are ignored)."""
+    spec = StudySpec.from_dict(study.spec)
+    runs = [r for r in runs if r.study_id == study.id and r.state in REAL_RUN_STATES]
+    run_ids = {r.id for r in runs}
+    by_cell = {(m.run_id, m.step): m for m in milestones if m.run_id in run_ids}
+    steps = sorted(set(int(s) for s in spec.steps) | {step for _, step in by_cell})
+    runs_by_key = {(r.method, float(r.lr)): r for r in runs}
+    cells = []
+    for method, lr in sorted(row_keys(spec, runs_by_key), key=row_order(spec)):
+        run = runs_by_key.get((method, lr))
+        for step in steps:
+            ms = by_cell.get((run.id, step)) if run is not None else None
+            cells.append(cell_at(method, lr, step, run, ms))
+    return cells
+
+
+def row_keys(spec: StudySpec, run_keys) -> set[tuple[str, float]]:
+    """The (method, lr) rows a study shows: every one with a run and, on a grid, every planned one."""
+    keys = set(run_keys)
+    if spec.sampler == "grid":
+        keys |= {(m, float(lr)) for m, lr in spec.grid_runs}
+    return keys
+
+
+def row_order(spec: StudySpec):
+    """Sort key of a (method, lr) row: methods in the spec's order (others after, by name), then lr."""
+    order = {m: i for i, m in enumerate(spec.methods)}
+    return lambda k: (order.get(k[0], len(order)), k[0], k[1])
+
+
+def cell_at(method: str, lr: float, step: int, run: Optional[Run], ms: Optional[Milestone]) -> Cell:
+    """The cell at (method, lr, step) from its run (None: not started) and its milestone row (None: not written)."""
+    if ms is not None:
+        diverged = bool(ms.diverged or (ms.metrics or {}).get("diverged"))
+        score = ms.score if ms.score is not None else (ms.metrics or {}).get("score")
+        return Cell(method, lr, step, CellStatus.DIVERGED if diverged else CellStatus.DONE, metrics=dict(ms.metrics or {}),
+                    score=None if diverged else _finite(score), success=bool(ms.success) and not diverged,
+                    diverged=diverged, run_id=ms.run_id, run_state=run.state if run else None,
+                    trial_number=ms.trial_number)
+    if run is None:
+        return Cell(method, lr, step, CellStatus.PENDING)
+    status = _UNWRITTEN.get(run.state, CellStatus.PENDING)
+    return Cell(method, lr, step, status, diverged=status == CellStatus.DIVERGED, run_id=run.id, run_state=run.state)
+
+
+# A cell with no milestone row yet, by the state of its run.
+_UNWRITTEN = {
+    RunState.DIVERGED: CellStatus.DIVERGED,  # stopped before this milestone: diverged, never missing
+    RunState.RUNNING: CellStatus.RUNNING,
+    RunState.FAILED: CellStatus.FAILED,
+    RunState.DONE: CellStatus.FAILED,  # done without this milestone should not happen: shown as failed
+    RunState.CANCELLED: CellStatus.CANCELLED,
+}
+
+
+def load_cells(store: Store, study) -> list[Cell]:
+    """One Cell per (method, lr, steps) the study covers, ordered by method (spec order), lr, steps."""
+    row = _study_row(store, study)
+    runs, milestones = fetch_rows(store, [row.id])
+    return cells_from_rows(row, runs, milestones)
+
+
+# ---------------------------------------------------------------- queries over cells
+
+def methods_of(cells: list[Cell]) -> list[str]:
+    seen: dict[str, None] = {}
+    for c in cells:
+        seen.setdefault(c.method, None)
+    return list(seen)
+
+
+def grids(cells: list[Cell]) -> dict[str, Grid]:
+    """Per method, in the cells' order: its lrs × the study's steps."""
+    steps = sorted({c.steps for c in cells})
+    out: dict[str, Grid] = {}
+    for c in cells:
+        g = out.get(c.method)
+        if g is None:  # not setdefault: that would build a Grid for every cell
+            g = out[c.method] = Grid(c.method, [], steps)
+        g.cells[(c.lr, c.steps)] = c
+    for g in out.values():
+        g.lrs = sorted({lr for lr, _ in g.cells})
+    return out
+
+
+def robustness(cells: list[Cell]) -> dict[str, float]:
+    """Share of each method's cells (all of its search space: lrs × steps) that are a success."""
+    return {m: g.robustness for m, g in grids(cells).items()}
+
+
+def of_method(cells: list[Cell], method: str, ranges: dict | None = None) -> list[Cell]:
+    """A method's cells. In a TPE study that samples knobs from ranges (`ranges`: the spec's
+    knob_ranges), a method was run as many variants: their cells are all the method's."""
+    if not ranges:
+        return [c for c in cells if c.method == method]
+    return [c for c in cells if without_ranged_knobs(c.method, ranges) == method]
+
+
+def best_cell(cells: list[Cell], method: str, ranges: dict | None = None) -> Optional[Cell]:
+    """THE best cell of a method: among its computed, non-diverged cells, the lowest score;
+    ties go to fewer steps (cheaper), then to the lower lr (gentler). None when it has none."""
+    cand = [c for c in of_method(cells, method, ranges) if c.computed and c.value("score") is not None]
+    return min(cand, key=lambda c: (c.value("score"), c.steps, c.lr)) if cand else None
+
+
+def best(cells: list[Cell]) -> dict[str, dict]:
+    """Per method, the summary of its best cell; methods with none are left out."""
+    return {m: c.summary() for m in methods_of(cells) if (c := best_cell(cells, m)) is not None}
+
+
+def pareto(cells: list[Cell], method: str, ranges: dict | None = None) -> list[Cell]:
+    """The method's computed cells not dominated on (forget_gap, retain_drift), both minimized;
+    sorted by forget_gap. Cells with equal coordinates are all kept."""
+    pts = [c for c in of_method(cells, method, ranges) if c.computed
+           and c.value("forget_gap") is not None and c.value("retain_drift") is not None]
+    front = []
+    for c in pts:
+        g, d = c.value("forget_gap"), c.value("retain_drift")
+        dominated = any(o.value("forget_gap") <= g and o.value("retain_drift") <= d
+                        and (o.value("forget_gap") < g or o.value("retain_drift") < d) for o in pts)
+        if not dominated:
+            front.append(c)
+    return sorted(front, key=lambda c: (c.value("forget_gap"), c.value("retain_drift"), c.steps, c.lr))
+
+
+def count_status(cells: list[Cell]) -> dict[str, int]:
+    counts = {str(s): 0 for s in STATUSES}
+    for c in cells:
+        counts[str(c.status)] += 1
+    return counts

@@ -1,0 +1,176 @@
+"""One trial seen whole, and cells compared side by side: what the app's trial and compare screens
+show, as plain dicts (headless: no textual, no torch).
+
+A trial is one cell (method, lr, steps) of a study; its run is the (method, lr) run that passes
+through every milestone, so the detail of a cell also shows the curves of the whole run.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any, Iterable, Optional
+
+from sqlmodel import select
+
+from engine.errors import UnlearnError
+from studies.reading.export import reproduce_command
+from studies.reading.grid import Cell, cells_from_rows, load_cells, pareto
+from studies.lifecycle.spec import StudySpec
+from studies.store.states import REAL_RUN_STATES
+from studies.store.db import Event, ForgetSet, Milestone, Run, Store, Study
+
+# The approximate-retraining target of the membership attacks: members indistinguishable from non-members.
+MIA_TARGET = 0.5
+# Event kinds (written by the scheduler and the worker) that say why a run did not simply finish.
+FAILURE_KINDS = ("retry", "failed", "cancelled", "diverged")
+# The metrics the compare table shows, in order (dotted paths into a cell's metrics).
+COMPARE_METRICS = ("score", "forget_gap", "retain_drift", "ppl_forget", "ppl_retain", "ppl_unseen", "ppl_general",
+                   "mia_auc.loss", "mia_auc.zlib", "mia_auc.min_k", "mia_auc.min_k_pp")
+
+
+def _same_lr(a: float, b: float) -> bool:
+    # lrs come back from JSON and SQLite as floats; a value typed by hand may differ in the last bit.
+    return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+
+
+def _iso(when) -> Optional[str]:
+    return when.isoformat() if when is not None else None
+
+
+def _study_and_forget_set(store: Store, name: str) -> tuple[Study, StudySpec, ForgetSet]:
+    study = store.study(name)
+    with store.read() as s:
+        fs = s.get(ForgetSet, study.forgetset_id)
+    if fs is None:
+        raise UnlearnError(f"study {name!r}: its forget set (id {study.forgetset_id}) is missing from the store")
+    return study, StudySpec.from_dict(study.spec), fs
+
+
+def _baseline(runs: list[Run], run: Run) -> tuple[Optional[dict], Optional[int]]:
+    """The original model's metrics: the run's own, else those of a finished run of the same study
+    (same model, forget set and evaluation settings, so the same numbers) while this one still runs."""
+    for r in [run, *runs]:
+        base = (r.result or {}).get("baseline")
+        if base:
+            return dict(base), r.id
+    return None, None
+
+
+def _target(baseline: Optional[dict]) -> dict:
+    """Approximate retraining: the forget set looks like text never seen (forget_gap measures the
+    distance of ln ppl_forget to ln ppl_unseen of the original model), and the attacks guess."""
+    ppl_unseen = (baseline or {}).get("ppl_unseen")
+    return {"ppl_forget": ppl_unseen, "mia_auc": MIA_TARGET}
+
+
+def trial_detail(store: Store, study: str, method: str, lr: float, steps: int) -> dict:
+    """Everything about one cell of a study: params, run state and failures, every milestone of its
+    run, the original model's metrics and the retraining target, losses, cost and the command that
+    reproduces it. Raises UnlearnError (one line) for an unknown study, method, lr or steps."""
+    st, spec, fs = _study_and_forget_set(store, study)
+    if method not in spec.methods:
+        raise UnlearnError(f"study {study!r} has no method {method!r}; its methods: {', '.join(spec.methods)}")
+    with store.read() as s:
+        runs = list(s.exec(select(Run).where(Run.study_id == st.id, Run.state.in_(REAL_RUN_STATES))).all())
+    run = next((r for r in runs if r.method == method and _same_lr(r.lr, lr)), None)
+    if run is None:
+        known = sorted({r.lr for r in runs if r.method == method} | {x for m, x in spec.grid_runs if m == method})
+        raise UnlearnError(f"study {study!r}: method {method} has no run at lr {lr:g}"
+                           + (f"; its lrs: {', '.join(f'{x:g}' for x in known)}" if known else ""))
+    with store.read() as s:
+        milestones = list(s.exec(select(Milestone).where(Milestone.run_id == run.id).order_by(Milestone.step)).all())
+        events = list(s.exec(select(Event).where(Event.run_id == run.id).order_by(Event.at, Event.id)).all())
+    cells = {c.steps: c for c in cells_from_rows(st, [run], milestones) if c.method == method and c.run_id == run.id}
+    if int(steps) != steps or int(steps) not in cells:
+        raise UnlearnError(f"study {study!r} has no milestone at {steps} steps; its steps: "
+                           f"{', '.join(str(k) for k in sorted(cells))}")
+    cell = cells[int(steps)]
+    baseline, baseline_run = _baseline(runs, run)
+    result = run.result or {}
+    return {
+        "study": st.name,
+        "model": st.model,
+        "forget_set": {"name": fs.name, "hash": fs.hash},
+        "method": method,
+        "lr": float(run.lr),
+        "steps": int(steps),
+        "params": {"method": method, "lr": float(run.lr), "steps": int(steps),
+                   **spec.run_config(method, run.lr).settings.to_dict()},
+        "status": str(cell.status),
+        "cell": {**cell.summary(), "status": str(cell.status)},
+        "trial_number": cell.trial_number,
+        "state": str(run.state),
+        "attempts": int(run.attempts or 0),
+        "max_attempts": int(spec.max_attempts),
+        "last_error": run.last_error,
+        "device": run.device,
+        "host": run.host,
+        "run_step": int(run.step or 0),
+        "started_at": _iso(run.started_at),
+        "finished_at": _iso(run.finished_at),
+        "reason": result.get("reason"),
+        "events": [{"at": _iso(e.at), "kind": e.kind, "message": e.message} for e in events],
+        "failures": [{"at": _iso(e.at), "kind": e.kind, "message": e.message} for e in events
+                     if e.kind in FAILURE_KINDS],
+        "milestones": [{**dict(m.metrics or {}), "step": m.step, "trial_number": m.trial_number,
+                        "success": bool(m.success), "diverged": bool(m.diverged or (m.metrics or {}).get("diverged"))}
+                       for m in milestones],
+        "study_steps": sorted(cells),
+        "baseline": baseline,
+        "baseline_run": baseline_run,
+        "target": _target(baseline),
+        "losses": list(result.get("losses") or []),
+        "cost": dict(result.get("cost") or {}),
+        "command": reproduce_command(st.model, fs, spec, method, run.lr, int(steps)),
+    }
+
+
+# ---------------------------------------------------------------- compare
+
+def _ref(c: Any) -> tuple[str, str, float, int]:
+    """(study, method, lr, steps) of a CellRef-like object or a 4-tuple."""
+    if isinstance(c, (tuple, list)):
+        study, method, lr, steps = c
+    else:
+        study, method, lr, steps = c.study, c.method, c.lr, c.steps
+    return str(study), str(method), float(lr), int(steps)
+
+
+def _find(cells: list[Cell], method: str, lr: float, steps: int) -> Optional[Cell]:
+    return next((c for c in cells if c.method == method and c.steps == steps and _same_lr(c.lr, lr)), None)
+
+
+def compare_cells(store: Store, cells: Iterable[Any]) -> dict:
+    """Cells (CellRef-like: study, method, lr, steps) side by side, and the Pareto front of
+    forget_gap against retain_drift over them. Cells of studies on different forget sets are refused:
+    their metrics measure different things."""
+    refs = list(dict.fromkeys(_ref(c) for c in cells))  # in order, each once
+    if len(refs) < 2:
+        raise UnlearnError("compare needs at least two different cells")
+    studies: dict[str, tuple[Study, ForgetSet, list[Cell]]] = {}
+    for name in dict.fromkeys(r[0] for r in refs):
+        st, _spec, fs = _study_and_forget_set(store, name)
+        studies[name] = (st, fs, load_cells(store, st))
+    hashes = {fs.hash: (name, fs.name) for name, (_st, fs, _cells) in studies.items()}
+    if len(hashes) > 1:
+        (h1, (s1, f1)), (h2, (s2, f2)) = list(hashes.items())[:2]
+        raise UnlearnError(f"cannot compare cells on different forget sets: study {s1} uses {f1} ({h1[:12]}), "
+                           f"study {s2} uses {f2} ({h2[:12]})")
+    found: list[Cell] = []
+    for study, method, lr, steps in refs:
+        cell = _find(studies[study][2], method, lr, steps)
+        if cell is None:
+            raise UnlearnError(f"study {study!r} has no cell {method} lr={lr:g} steps={steps}")
+        found.append(cell)
+    # studies.reading.grid.pareto works within one method: the compared cells become one pseudo-method.
+    pooled = [replace(c, method="compare") for c in found]
+    index = {id(c): i for i, c in enumerate(pooled)}
+    front = [index[id(c)] for c in pareto(pooled, "compare")]
+    fs = next(iter(studies.values()))[1]
+    rows = []
+    for i, ((study, method, lr, steps), cell) in enumerate(zip(refs, found)):
+        rows.append({"study": study, "method": method, "lr": float(cell.lr), "steps": int(steps),
+                     "status": str(cell.status), "success": bool(cell.success), "trial_number": cell.trial_number,
+                     "values": {m: cell.value(m) for m in COMPARE_METRICS}, "pareto": i in front})
+    return {"forget_set": {"name": fs.name, "hash": fs.hash}, "metrics": list(COMPARE_METRICS),
+            "cells": rows, "front": front}

@@ -1,0 +1,102 @@
+"""Where the logs of a study live and the last lines of them, for the app's running-runs panel.
+
+The scheduler (studies/running/pool.py) writes each run attempt's stdout+stderr to
+`<log dir>/run<ID>-<METHOD>-attempt<N>.log` and a detached scheduler's own output to
+`<log dir>/../<STUDY>-scheduler.log`. A log can grow to gigabytes over a long run, so a tail
+seeks from the end and reads only the blocks it needs, never the whole file.
+
+Reading never creates anything: a study or run with no log yet has an empty tail.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+from sqlmodel import select
+
+from studies.store.db import Run, Store
+
+BLOCK = 64 * 1024
+MAX_TAIL_BYTES = 4 * 1024 * 1024  # a log with no newline for megabytes still answers quickly
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+
+
+def log_folder(store: Store, study: str) -> Path:
+    """The folder a study's run logs are written to, without creating it."""
+    from studies.running.pool import log_dir_for
+
+    return log_dir_for(store, study, create=False)
+
+
+def scheduler_log_path(store: Store, study: str) -> Path:
+    """The log of the detached scheduler of a study (`unlearn study run --detach`)."""
+    return log_folder(store, study).parent / f"{study}-scheduler.log"
+
+
+def _attempt_of(path: Path) -> int:
+    m = re.search(r"-attempt(\d+)\.log$", path.name)
+    return int(m.group(1)) if m else -1
+
+
+def run_log_path(store: Store, study: str, method: str, lr: float) -> Optional[Path]:
+    """The log of the run's current attempt; else of its latest attempt that has one; else None."""
+    st = store.study(study)
+    with store.read() as s:
+        runs = list(s.exec(select(Run).where(Run.study_id == st.id, Run.method == method)).all())
+    run = next((r for r in runs if r.lr == lr), None) or next(
+        (r for r in runs if abs(r.lr - lr) <= 1e-9 * abs(lr)), None)
+    if run is None:
+        return None
+    folder = log_folder(store, study)
+    current = folder / f"run{run.id}-{run.method}-attempt{run.attempts}.log"
+    if current.is_file():
+        return current
+    try:
+        earlier = [p for p in folder.glob(f"run{run.id}-{run.method}-attempt*.log") if p.is_file()]
+    except OSError:
+        return None
+    return max(earlier, key=_attempt_of) if earlier else None
+
+
+def tail_file(path: Path | str, lines: int = 40) -> list[str]:
+    """The last `lines` lines of a text file, read backwards in blocks from its end. Carriage-return
+    progress bars keep their last state only, and terminal colour codes are dropped."""
+    if lines <= 0:
+        return []
+    try:
+        f = open(path, "rb")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return []
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        pos, chunks, newlines = end, [], 0
+        while pos > 0 and newlines <= lines and end - pos < MAX_TAIL_BYTES:
+            size = min(BLOCK, pos)
+            pos -= size
+            f.seek(pos)
+            chunk = f.read(size)
+            chunks.append(chunk)
+            newlines += chunk.count(b"\n")
+    data = b"".join(reversed(chunks))
+    text = data.decode("utf-8", errors="replace")
+    out = text.split("\n")
+    if pos > 0:
+        out = out[1:]  # the first line is cut: it started before what we read
+    if out and out[-1] == "":
+        out = out[:-1]  # the file ends with a newline
+    out = [_ANSI.sub("", ln.rstrip("\r").rsplit("\r", 1)[-1]) for ln in out]
+    return out[-lines:]
+
+
+def tail(store: Store, study: str, method: str, lr: float, lines: int = 40) -> list[str]:
+    """The last lines of a run's log (its current attempt, else its latest one); [] when there is none yet."""
+    path = run_log_path(store, study, method, lr)
+    return tail_file(path, lines) if path is not None else []
+
+
+def scheduler_log_tail(store: Store, study: str, lines: int = 40) -> list[str]:
+    """The last lines of a study's detached scheduler log; [] when it has none."""
+    store.study(study)  # an unknown study is an error, not an empty log
+    return tail_file(scheduler_log_path(store, study), lines)

@@ -1,0 +1,197 @@
+"""One run in its own subprocess: `python -m studies.running.worker --run-id N --device D`, the store's URL in
+UNLEARN_STORAGE_URL (never on the command line, where `ps` would show a password to everyone).
+
+A fresh process per run means an out-of-memory error or a crash dies alone. The process
+heartbeats from a thread (so a long evaluation or a slow model load is not mistaken for a
+dead run), writes each milestone the moment it is reached, and leaves the retry decision
+to the pool that started it: it only records what happened."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import traceback
+
+from sqlalchemy import update
+
+from studies.store.states import RunState
+from studies.store.db import Run, Store, Study, utcnow
+
+HEARTBEAT_EVERY_S = 2.0
+
+
+class Heartbeat(threading.Thread):
+    """Writes run.heartbeat and run.step every few seconds until stopped."""
+
+    def __init__(self, store: Store, run_id: int, every_s: float = HEARTBEAT_EVERY_S):
+        super().__init__(daemon=True, name=f"heartbeat-{run_id}")
+        self.store, self.run_id, self.step, self.every_s = store, run_id, 0, every_s
+        self._halt = threading.Event()
+
+    def beat(self) -> None:
+        """One beat. It only touches a run still running, so a beat that lands after the run's
+        final write (stop() waits for the thread, this is the second guard) changes nothing."""
+        def write():
+            with self.store.write() as s:
+                s.exec(update(Run).where(Run.id == self.run_id, Run.state == RunState.RUNNING)
+                       .values(heartbeat=utcnow(), step=self.step))
+
+        self.store.retry(write)
+
+    def run(self) -> None:
+        while not self._halt.wait(self.every_s):
+            try:
+                self.beat()
+            except Exception:  # noqa: BLE001 - a missed beat is not worth killing the run for
+                pass
+
+    def stop(self) -> None:
+        """Stop beating and wait for a beat in flight to commit, so that it can never land after
+        the run's final write and move run.step backwards."""
+        self._halt.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join()
+
+
+def run_one(store: Store, run_id: int, device: str) -> int:
+    from engine.settings import get_settings
+    from engine.run import is_main_process, run_unlearning
+    from studies.store.forgetsets import forget_set_texts
+    from studies.running.recorder import record_cell
+    from studies.lifecycle.spec import StudySpec
+
+    if not is_main_process():
+        return _train_only(store, run_id, device)
+    with store.write() as s:
+        run, study, fs = _run_rows(s, run_id)
+        run.pid, run.heartbeat = os.getpid(), utcnow()
+        s.add(run)
+    spec = StudySpec.from_dict(study.spec)
+    cfg = spec.run_config(run.method, run.lr)
+    gpu_bytes = _gpu_bytes(device)
+    if gpu_bytes is not None:
+        refused = _does_not_fit(spec, cfg, gpu_bytes)
+        if refused:  # it would fail the same way at every attempt: failed at once, with the plan's reason
+            with store.write() as s:
+                r = s.get(Run, run_id)
+                r.state, r.last_error, r.finished_at = RunState.FAILED, f"attempt {r.attempts}: {refused}"[:2000], utcnow()
+                s.add(r)
+            store.log(RunState.FAILED, f"{run.method} lr={run.lr:g}: {refused}", study.id, run_id)
+            return 3
+    heart = Heartbeat(store, run_id)
+    heart.start()
+    try:
+        texts = forget_set_texts(store, fs)
+
+        def on_step(step: int, loss: float) -> None:
+            heart.step = step
+
+        def on_milestone(cell: dict) -> None:
+            record_cell(store, study.name, spec, run, cell)
+
+        result = run_unlearning(spec.model, texts, cfg, device=device, cache_dir=get_settings().baseline_cache,
+                                trust_remote_code=spec.trust_remote_code, on_step=on_step, on_milestone=on_milestone)
+        heart.stop()
+        with store.write() as s:
+            r = s.get(Run, run_id)
+            r.state = RunState.DIVERGED if result["diverged"] else RunState.DONE
+            r.step = max(c["step"] for c in result["milestones"])
+            r.finished_at = r.heartbeat = utcnow()
+            r.device = result["device"]
+            r.result = {k: result[k] for k in ("cost", "baseline", "losses", "reason", "device", "diverged")}
+            s.add(r)
+        store.log(r.state, f"{run.method} lr={run.lr:g}: {r.state}" + (f" ({result['reason']})" if result["reason"] else ""),
+                  study.id, run_id)
+        return 0
+    except BaseException as exc:  # recorded for the pool, which decides whether to retry
+        heart.stop()
+        oom = "OutOfMemory" in type(exc).__name__
+        kind = "out of memory" if oom else type(exc).__name__
+        message = f"{kind}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+        if oom:  # what the plan expected, and the option set that would fit
+            from engine.plan import describe_oom
+
+            message += " — " + describe_oom(spec.model, run.method, cfg, gpu_bytes, trust_remote_code=spec.trust_remote_code)
+        traceback.print_exc()
+        with store.write() as s:
+            r = s.get(Run, run_id)
+            r.last_error = f"attempt {r.attempts}: {message}"[:2000]
+            s.add(r)
+        return 1
+
+
+def _train_only(store: Store, run_id: int, device: str) -> int:
+    """A non-main process of a multi-device run (`accelerate launch`): it trains its slice of every
+    batch and writes nothing; the main process heartbeats, records the cells and settles the run."""
+    from engine.run import run_unlearning
+    from engine.settings import get_settings
+    from studies.store.forgetsets import forget_set_texts
+    from studies.lifecycle.spec import StudySpec
+
+    with store.read() as s:
+        run, study, fs = _run_rows(s, run_id)
+    spec = StudySpec.from_dict(study.spec)
+    cfg = spec.run_config(run.method, run.lr)
+    gpu_bytes = _gpu_bytes(device)
+    if gpu_bytes is not None and _does_not_fit(spec, cfg, gpu_bytes):
+        return 3  # the main process records why; every process stops alike
+    try:
+        run_unlearning(spec.model, forget_set_texts(store, fs), cfg, device=device,
+                       cache_dir=get_settings().baseline_cache, trust_remote_code=spec.trust_remote_code)
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def _run_rows(session, run_id: int):
+    """The run, its study and its forget set."""
+    from studies.store.db import ForgetSet
+
+    run = session.get(Run, run_id)
+    study = session.get(Study, run.study_id)
+    return run, study, session.get(ForgetSet, study.forgetset_id)
+
+
+def _gpu_bytes(device: str) -> int | None:
+    """Free memory of this run's GPU before it loads anything (None on CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return int(torch.cuda.mem_get_info()[0]) if torch.cuda.is_available() else None
+
+
+def _does_not_fit(spec, cfg, gpu_bytes: int) -> str | None:
+    """`unlearn plan`'s verdict on this run (engine/plan.py), or None when it fits."""
+    from engine.errors import UnlearnError
+    from engine.plan import make_plan, options_from
+
+    try:
+        gpus = spec.gpus_per_run if cfg.fsdp else 1  # data parallel: every GPU holds the whole run
+        plan = make_plan(spec.model, cfg.method, options_from(cfg, gpus), cfg.batch_size, cfg.seq_len, gpu_bytes,
+                         bool(spec.trust_remote_code))
+    except UnlearnError:  # no plan for this model (its config cannot be read here): the run itself will say
+        return None
+    return plan.refusal()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.settings import get_settings
+
+    p = argparse.ArgumentParser(description="Run one unlearn-lab run (started by a worker pool); "
+                                            "the store's URL comes from UNLEARN_STORAGE_URL.")
+    p.add_argument("--run-id", type=int, required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    a = p.parse_args(argv)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    return run_one(Store(get_settings().storage_url, create=False), a.run_id, a.device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""The store: the project's own tables (sqlmodel) in the same database as Optuna's RDB tables.
+
+Why one database: `optuna.load_study` and `optuna-dashboard` read every study as it is, while
+our tables keep what Optuna has no place for (forget-set texts, runs, heartbeats, events).
+Every write is one transaction; on SQLite writers take the lock up front (BEGIN IMMEDIATE) so
+concurrent workers wait in the busy timeout instead of failing with "database is locked".
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from sqlalchemy import JSON, Column, Text, UniqueConstraint, event
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
+from sqlmodel import Field, Session, SQLModel, create_engine, select
+
+from engine.errors import UnlearnError
+from studies.store.clock import utcnow  # noqa: F401 - re-exported
+from studies.store.sqlite_file import (  # noqa: F401 - SCHEMA_VERSION, StoreMissing, describe_url, sqlite_path re-exported
+    SCHEMA_VERSION, SQLITE_BUSY_MS, StoreMissing, check_sqlite_file, describe_url, is_sqlite, sqlite_path)
+from studies.store.states import RunState, StudyState
+
+CONNECT_TIMEOUT_S = 10
+
+
+class Meta(SQLModel, table=True):
+    __tablename__ = "ul_meta"
+    key: str = Field(primary_key=True)
+    value: str
+
+
+class ForgetSet(SQLModel, table=True):
+    __tablename__ = "ul_forgetset"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True)
+    hash: str = Field(index=True)
+    sources: dict = Field(default_factory=dict, sa_column=Column(JSON))  # role -> [source spec]
+    text_field: str = "text"
+    column: Optional[str] = None  # of .csv/.parquet sources, when not text_field
+    seq_len: int = 512
+    tokenizer: Optional[str] = None
+    counts: dict = Field(default_factory=dict, sa_column=Column(JSON))  # role -> documents
+    chunks: Optional[dict] = Field(default=None, sa_column=Column(JSON))  # role -> chunks (with --tokenizer)
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    # v3: how the set was made beyond its sources: {"qa": {"prompt_field", "answer_field"}} for a
+    # question–answer set, {"preset": ..., "split": ..., "extras": {name: rows}} for a benchmark's
+    meta: Optional[dict] = Field(default=None, sa_column=Column(JSON))
+
+
+class Document(SQLModel, table=True):
+    """The texts themselves, so a forget set stays immutable when its files change and a worker
+    on another node needs no shared file system."""
+
+    __tablename__ = "ul_document"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    forgetset_id: int = Field(foreign_key="ul_forgetset.id", index=True)
+    role: str  # a ROLES name, or "extra:NAME" for a benchmark's evaluation rows (JSON in text, not chunked)
+    position: int
+    text: str = Field(sa_column=Column(Text))  # a question–answer document's answer
+    prompt: Optional[str] = Field(default=None, sa_column=Column(Text))  # v3: its prompt (None: plain text)
+
+
+class Study(SQLModel, table=True):
+    __tablename__ = "ul_study"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True)
+    model: str
+    forgetset_id: int = Field(foreign_key="ul_forgetset.id")
+    spec: dict = Field(default_factory=dict, sa_column=Column(JSON))
+    state: str = StudyState.CREATED  # a studies.store.states.StudyState value
+    scheduler_pid: Optional[int] = None
+    scheduler_host: Optional[str] = None
+    scheduler_heartbeat: Optional[dt.datetime] = None
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    updated_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class Run(SQLModel, table=True):
+    """One method at one learning rate: covers every steps milestone of the study (prefix sharing)."""
+
+    __tablename__ = "ul_run"
+    __table_args__ = (UniqueConstraint("study_id", "method", "lr"),)
+    id: Optional[int] = Field(default=None, primary_key=True)
+    study_id: int = Field(foreign_key="ul_study.id", index=True)
+    method: str
+    lr: float
+    state: str = Field(default=RunState.PENDING, index=True)  # a studies.store.states.RunState value
+    device: Optional[str] = None
+    host: Optional[str] = None
+    pid: Optional[int] = None  # the run's own subprocess
+    heartbeat: Optional[dt.datetime] = None
+    step: int = 0
+    attempts: int = 0
+    last_error: Optional[str] = Field(default=None, sa_column=Column(Text))
+    result: Optional[dict] = Field(default=None, sa_column=Column(JSON))  # cost, baseline, losses
+    asked_trial: Optional[int] = None  # Optuna trial number a sampler asked for this run (TPE)
+    asked_steps: Optional[int] = None
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    started_at: Optional[dt.datetime] = None
+    finished_at: Optional[dt.datetime] = None
+
+
+class Milestone(SQLModel, table=True):
+    """One (method, lr, steps) cell: one Optuna trial."""
+
+    __tablename__ = "ul_milestone"
+    __table_args__ = (UniqueConstraint("run_id", "step"),)
+    id: Optional[int] = Field(default=None, primary_key=True)
+    run_id: int = Field(foreign_key="ul_run.id", index=True)
+    step: int
+    metrics: dict = Field(default_factory=dict, sa_column=Column(JSON))
+    score: Optional[float] = None
+    success: bool = False
+    diverged: bool = False
+    trial_number: Optional[int] = None
+    created_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class Event(SQLModel, table=True):
+    __tablename__ = "ul_event"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    study_id: Optional[int] = Field(default=None, index=True)
+    run_id: Optional[int] = None
+    at: dt.datetime = Field(default_factory=utcnow)
+    kind: str
+    message: str = Field(sa_column=Column(Text))
+
+
+def _v1_to_v2(session: Session) -> None:
+    """v2: forget sets remember the CSV/Parquet column they were read with."""
+    from sqlalchemy import text
+
+    session.exec(text('ALTER TABLE ul_forgetset ADD COLUMN "column" VARCHAR'))
+
+
+def _v2_to_v3(session: Session) -> None:
+    """v3: question–answer documents keep their prompt; a forget set keeps how it was made (meta).
+    Existing rows are plain text (prompt NULL) with no meta, which is what they were."""
+    from sqlalchemy import inspect, text
+
+    have = {t: {c["name"] for c in inspect(session.connection()).get_columns(t)} for t in ("ul_document", "ul_forgetset")}
+    if "prompt" not in have["ul_document"]:
+        session.exec(text("ALTER TABLE ul_document ADD COLUMN prompt TEXT"))
+    if "meta" not in have["ul_forgetset"]:
+        session.exec(text("ALTER TABLE ul_forgetset ADD COLUMN meta JSON"))
+
+
+# Upgrades from an older schema version, in order: MIGRATIONS[v] takes a store at v to v + 1.
+MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
+
+
+def _make_engine(url: str, immediate: bool):
+    if is_sqlite(url):
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record):
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (pysqlite's own is broken for this)
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+    kwargs = {"pool_pre_ping": True}
+    if url.startswith("postgres"):  # an unreachable server answers in seconds, not the OS's minutes
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    return create_engine(url, **kwargs)
+
+
+class Store:
+    """Sessions on our tables plus an Optuna RDBStorage on the same URL.
+
+    `create=False` (every command but `forgetset create`) refuses to make a new SQLite file."""
+
+    def __init__(self, url: str, create: bool = True):
+        self.url = url
+        self.safe_url = describe_url(url)  # the only form of the URL any message may show
+        try:
+            if is_sqlite(url):
+                check_sqlite_file(url, create)
+            self.engine = _make_engine(url, immediate=False)
+            self.write_engine = _make_engine(url, immediate=True) if is_sqlite(url) else self.engine
+            self._ensure_schema()
+        except UnlearnError as exc:
+            raise type(exc)(str(exc).replace(url, self.safe_url)) from None
+        except DBAPIError as exc:  # unreachable server, bad credentials, not a database, locked, ...
+            raise UnlearnError(f"cannot open store {self.safe_url}: {_first_line(exc.orig)}") from None
+        except (ModuleNotFoundError, NoSuchModuleError) as exc:
+            raise UnlearnError(f"cannot open store {self.safe_url}: missing database driver "
+                               f"({getattr(exc, 'name', None) or _first_line(exc)})") from None
+        except ArgumentError as exc:
+            raise UnlearnError(f"not a database URL: {self.safe_url} ({_first_line(exc)})") from None
+        self._optuna = None
+
+    # ------------------------------------------------------------------ schema
+    def _ensure_schema(self) -> None:
+        from sqlalchemy import inspect
+
+        tables = set(inspect(self.engine).get_table_names())
+        if "ul_meta" not in tables:
+            if tables & {"ul_study", "ul_run", "ul_forgetset"}:
+                raise UnlearnError(f"store {self.safe_url} has unlearn-lab tables but no schema version; refusing to touch it")
+            SQLModel.metadata.create_all(self.write_engine)
+            with self.write() as s:
+                s.merge(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+            return
+        with self.read() as s:
+            row = s.get(Meta, "schema_version")
+        version = int(row.value) if row else 0
+        if version > SCHEMA_VERSION:
+            raise UnlearnError(f"store {self.safe_url} has schema v{version}, newer than this unlearn-lab (v{SCHEMA_VERSION}); upgrade unlearn-lab")
+        while version < SCHEMA_VERSION:
+            if version not in MIGRATIONS:
+                raise UnlearnError(f"store {self.safe_url} has schema v{version} and no migration to v{version + 1}; export it with an older unlearn-lab")
+            with self.write() as s:
+                MIGRATIONS[version](s)
+                version += 1
+                s.merge(Meta(key="schema_version", value=str(version)))
+        SQLModel.metadata.create_all(self.write_engine)  # tables new in this version
+
+    # ------------------------------------------------------------------ sessions
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as s:
+            yield s
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Session]:
+        """One transaction: committed whole on exit, rolled back whole on error."""
+        with Session(self.write_engine, expire_on_commit=False) as s:
+            try:
+                yield s
+                s.commit()
+            except BaseException:
+                s.rollback()
+                raise
+
+    def retry(self, fn: Callable[[], Any], attempts: int = 30) -> Any:
+        """Run fn, retrying on lock/serialization errors (Optuna's own sessions are not IMMEDIATE)."""
+        from optuna.exceptions import StorageInternalError
+
+        for i in range(attempts):
+            try:
+                return fn()
+            except (OperationalError, StorageInternalError) as exc:
+                if i == attempts - 1 or not _is_transient(exc):
+                    raise
+                time.sleep(min(2.0, 0.05 * 2**i) * (0.5 + random.random()))
+
+    # ------------------------------------------------------------------ optuna
+    @property
+    def optuna(self):
+        """Optuna's RDBStorage on the same database (creates its tables on first use)."""
+        if self._optuna is None:
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            kwargs = {"connect_args": {"timeout": SQLITE_BUSY_MS / 1000}} if is_sqlite(self.url) else {"pool_pre_ping": True}
+            self._optuna = self.retry(lambda: optuna.storages.RDBStorage(self.url, engine_kwargs=kwargs))
+        return self._optuna
+
+    # ------------------------------------------------------------------ helpers
+    def log(self, kind: str, message: str, study_id: int | None = None, run_id: int | None = None) -> None:
+        with self.write() as s:
+            s.add(Event(study_id=study_id, run_id=run_id, kind=kind, message=message))
+
+    def study(self, name: str) -> Study:
+        return self._by_name(Study, name, "study")
+
+    def forget_set(self, name: str) -> ForgetSet:
+        return self._by_name(ForgetSet, name, "forget set")
+
+    def _by_name(self, table, name: str, what: str):
+        with self.read() as s:
+            row = s.exec(select(table).where(table.name == name)).first()
+        if row is None:
+            raise UnlearnError(f"no {what} named {name!r} in {self.safe_url}")
+        return row
+
+
+def _is_transient(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return any(k in text for k in ("locked", "busy", "deadlock", "could not serialize", "serialization"))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def hostname() -> str:
+    return os.uname().nodename

@@ -1,0 +1,133 @@
+"""The whole app flow, driven with Pilot on the quick demo's store: build a forget set from the
+demo's data → create a study → launch it with one CPU worker (a detached scheduler, real runs)
+→ heatmap cells appear while it runs → walk to a cell and open its trial → compare two cells →
+export writes its file. Slow: real runs of the demo's tiny model."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+
+import pytest
+import yaml
+
+from tests.app.pilot_helpers import wait_until
+from tests.studies_helpers import pid_alive, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+until = functools.partial(wait_until, timeout=30.0, interval=0.1)  # real runs: conditions take longer here
+
+
+def test_build_create_launch_watch_walk_compare_export(quick_demo, tmp_path, monkeypatch):
+    from textual.widgets import Input, Select, SelectionList
+
+    from studies.store.forgetsets import list_forget_sets
+    from studies.store.states import CellStatus, StudyState
+    from studies.store.db import Store
+    from studies.lifecycle.study import set_state
+    from tui.app.app import create_app
+    from tui.app.screens.compare import CompareScreen
+    from tui.app.screens.dashboard import DashboardScreen
+    from tui.app.screens.export import ExportDialog
+    from tui.app.screens.forgetset_builder import ForgetSetBuilderScreen
+    from tui.app.screens.new_study import NewStudyScreen
+    from tui.app.screens.studies import StudiesScreen
+    from tui.app.screens.trial import TrialScreen
+    from tui.app.widgets.heatmap import HeatmapGrid
+
+    ws, _, _ = quick_demo
+    url = f"sqlite:///{ws / 'unlearn.db'}"
+    monkeypatch.setenv("UNLEARN_STORAGE_URL", url)  # the scheduler the form starts reads it
+    monkeypatch.chdir(tmp_path)
+    store = Store(url, create=False)
+    study = f"flow-{int(time.time())}"
+
+    async def go():
+        app = create_app(url, refresh_s=0.3)
+        async with app.run_test(size=(100, 40)) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, StudiesScreen), what="the studies screen")
+            # 1. a forget set from the demo's files, typed in with their roles
+            await pilot.press("f")
+            await until(pilot, lambda: isinstance(app.screen, ForgetSetBuilderScreen), what="the builder")
+            builder = app.screen
+            for role in ("forget", "retain", "unseen"):
+                builder.query_one("#role", Select).value = role
+                field = builder.query_one("#source-input", Input)
+                field.value = str(ws / "data" / f"{role}.jsonl")
+                field.focus()
+                await pilot.press("enter")
+                await until(pilot, lambda role=role: builder.doc_counts().get(role), what=f"the {role} count")
+            builder.query_one("#name", Input).value = f"{study}-set"
+            await pilot.press("ctrl+s")
+            await until(pilot, lambda: isinstance(app.screen, StudiesScreen), what="the builder to save and close")
+            fs = {f.name: f for f in list_forget_sets(store)}[f"{study}-set"]
+            assert fs.counts["forget"] == 24 and fs.counts["retain"] == 72
+            # 2. a study on it, launched with one CPU worker
+            await pilot.press("n")
+            await until(pilot, lambda: isinstance(app.screen, NewStudyScreen), what="the new-study form")
+            form = app.screen
+            form.query_one("#name", Input).value = study
+            form.query_one("#model", Input).value = str(ws / "model")
+            await until(pilot, lambda: f"{study}-set" in [v for _, v in form.query_one("#forget-set", Select)._options],
+                        what="the forget sets in the form")
+            form.query_one("#forget-set", Select).value = f"{study}-set"
+            methods = form.query_one("#methods", SelectionList)
+            methods.select("ga_gd")
+            methods.select("ga")
+            form.query_one("#lrs", Input).value = "2e-4,5e-4"
+            form.query_one("#steps", Input).value = "2,4"
+            form.query_one("#workers", Input).value = "1"
+            await pilot.press("ctrl+l")
+            await until(pilot, lambda: isinstance(app.screen, DashboardScreen), timeout=60, what="the dashboard")
+            dash = app.screen
+            assert dash.study == study
+            # 3. cells appear while it runs
+            await until(pilot, lambda: any(c.status == CellStatus.DONE for w in dash.query(HeatmapGrid)
+                                           for c in w.grid.cells.values()), timeout=240, what="a computed cell")
+            assert store.study(study).state == StudyState.RUNNING
+            # 4. walk to a computed cell and open its trial
+            heat = next(w for w in dash.query(HeatmapGrid) if any(c.status == CellStatus.DONE for c in w.grid.cells.values()))
+            heat.focus()
+            row, col = next((r, c) for r, lr in enumerate(heat.grid.lrs) for c, s in enumerate(heat.grid.steps)
+                            if heat.grid.cell(lr, s).status == CellStatus.DONE)
+            for _ in range(row):
+                await pilot.press("down")
+            for _ in range(col):
+                await pilot.press("right")
+            await pilot.press("enter")
+            await until(pilot, lambda: isinstance(app.screen, TrialScreen) and app.screen.detail is not None,
+                        what="the trial detail")
+            assert app.screen.detail["milestones"]
+            await pilot.press("escape")
+            # 5. compare two cells once both are computed
+            await until(pilot, lambda: sum(c.status == CellStatus.DONE for c in heat.grid.cells.values()) >= 2,
+                        timeout=240, what="two computed cells")
+            done = [(r, c) for r, lr in enumerate(heat.grid.lrs) for c, s in enumerate(heat.grid.steps)
+                    if heat.grid.cell(lr, s).status == CellStatus.DONE][:2]
+            heat.focus()
+            for r, c in done:
+                heat.move_cursor(r, c)
+                await pilot.press("space")
+            await pilot.press("C")
+            await until(pilot, lambda: isinstance(app.screen, CompareScreen), what="the compare screen")
+            await pilot.pause(1.0)
+            await pilot.press("escape")
+            # 6. export the best cells
+            await pilot.press("e")
+            await until(pilot, lambda: isinstance(app.screen, ExportDialog), what="the export dialog")
+            out = tmp_path / "best.yaml"
+            app.screen.query_one("#export-path", Input).value = str(out)
+            await pilot.click("#export-go")
+            await until(pilot, lambda: out.exists(), what="the export file")
+            entries = yaml.safe_load(out.read_text())
+            assert entries and {e["method"] for e in entries} <= {"ga", "ga_gd"}
+
+    try:
+        asyncio.run(go())
+    finally:
+        try:
+            set_state(store, study, StudyState.CANCELLED)
+            pid = store.study(study).scheduler_pid
+            wait_for(lambda: pid is None or not pid_alive(pid), 60, "the scheduler to exit")
+        except Exception:
+            pass
