@@ -62,7 +62,7 @@ class RunSettings:
     fsdp: bool = knob(False, "--fsdp", "shard weights, gradients and optimizer states over the run's processes "
                       "(FSDP2 full shard; with study create --gpus-per-run N, or under torchrun)")
     # Benchmark metrics at each milestone, where the forget set is a TOFU or MUSE preset
-    # (engine/benchmarks/milestone.py, docs/benchmark-metrics.md).
+    # (engine/benchmark_metrics/milestone.py, docs/benchmark-metrics.md).
     bench_samples: int = knob(100, "--bench-samples", "benchmark metrics (TOFU, MUSE presets) score the first N items "
                               "of each of their lists at each milestone (0: all)")
     tofu_retain_truth_ratios: str = knob("", "--tofu-retain-truth-ratios", "a JSON file of a retain-only model's truth "

@@ -80,7 +80,7 @@ def _lm_class(HFLM):
     """HFLM whose encodings never end with an EOS the tokenizer appends to every text (a template
     like "<s> $A </s>"): lm-eval takes a continuation's tokens as those of context + continuation
     past len(context's tokens), which a trailing EOS would shift by one. Texts start as documents
-    do (BOS where the tokenizer adds one), as in engine.benchmarks.lm.encode_prefix."""
+    do (BOS where the tokenizer adds one), as in engine.benchmark_metrics.lm.encode_prefix."""
 
     class LiveHFLM(HFLM):
         def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):

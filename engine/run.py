@@ -80,7 +80,7 @@ def train_to_milestones(model, tokenizer, sets: ForgetSetChunks, cfg: RunConfig,
                         cache: tuple[Path, str] | None = None, extras=None) -> TrainResult:
     """`cache` = (folder, key of this model and forget set) for what a method builds once and reuses
     across runs (WHP's reinforced model); None builds it in memory. `extras`: the benchmark metrics
-    and downstream tasks measured at each milestone (engine.benchmarks.milestone), or None."""
+    and downstream tasks measured at each milestone (engine.benchmark_metrics.milestone), or None."""
     cfg = cfg.validate()
     use_cache = getattr(model.config, "use_cache", None)  # set_up turns it off; a saved model keeps its own
     try:
@@ -155,7 +155,7 @@ class _Run:
     optimizer: Any
     schedule: Any
     theta0: dict | None = None  # θ0's weights (name -> tensor), for a method whose milestones report an edit
-    extras: Any = None  # engine.benchmarks.milestone.MilestoneExtras: bench.* and downstream.* of each cell
+    extras: Any = None  # engine.benchmark_metrics.milestone.MilestoneExtras: bench.* and downstream.* of each cell
 
     @property
     def world(self) -> int:
@@ -414,7 +414,7 @@ def run_unlearning(
     tokenizer = load_tokenizer(model_name, trust_remote_code)
     if sets is None:
         sets = chunk_forget_set(texts, tokenizer, cfg.seq_len)
-    from engine.benchmarks.milestone import MilestoneExtras
+    from engine.benchmark_metrics.milestone import MilestoneExtras
 
     extras = MilestoneExtras.of(texts, tokenizer, cfg)  # None: no preset metrics, no --eval-tasks
     if cfg.fsdp and extras is not None:  # they need the whole model in one process

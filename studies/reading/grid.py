@@ -29,7 +29,7 @@ from studies.store.db import Milestone, Run, Store, Study
 CELL_METRICS = ("score", "forget_gap", "retain_drift", "ppl_forget", "ppl_retain", "ppl_unseen", "ppl_general",
                 "mia_auc.loss", "mia_auc.zlib", "mia_auc.min_k", "mia_auc.min_k_pp")
 RECOVERY_METRICS = ("relearn_recovery", "quant4_recovery", "quant8_recovery")
-# A TOFU or MUSE preset's benchmark metrics (engine/benchmarks/milestone.py): only in cells of such a set.
+# A TOFU or MUSE preset's benchmark metrics (engine/benchmark_metrics/milestone.py): only in cells of such a set.
 BENCH_METRICS = ("bench.tofu_truth_ratio", "bench.tofu_forget_quality", "bench.muse_verbmem_f", "bench.muse_knowmem_f",
                  "bench.muse_knowmem_r", "bench.muse_auc", "bench.muse_privleak")
 METRICS = CELL_METRICS + RECOVERY_METRICS + BENCH_METRICS

@@ -1,4 +1,4 @@
-"""TOFU and MUSE metrics (engine/benchmarks) against hand computations: hand-counted LCS, log-probs
+"""TOFU and MUSE metrics (engine/benchmark_metrics) against hand computations: hand-counted LCS, log-probs
 summed by hand from an independent float64 forward pass, greedy decoding by hand, KS p-values and
 Mann-Whitney AUCs counted by hand. The tiny model of conftest, nothing mocked."""
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import torch
 from scipy.stats import ks_2samp
 
-from engine.benchmarks.muse import cut_at_stops, knowmem, knowmem_prompt, min_k_auc, privleak, verbmem
-from engine.benchmarks.rouge import lcs_length, rouge_l, rouge_l_scores, rouge_tokens
-from engine.benchmarks.tofu import answer_logprob, forget_quality, load_truth_ratios, truth_ratio
+from engine.benchmark_metrics.muse import cut_at_stops, knowmem, knowmem_prompt, min_k_auc, privleak, verbmem
+from engine.benchmark_metrics.rouge import lcs_length, rouge_l, rouge_l_scores, rouge_tokens
+from engine.benchmark_metrics.tofu import answer_logprob, forget_quality, load_truth_ratios, truth_ratio
 from engine.errors import UnlearnError
 
 # ---------------------------------------------------------------- ROUGE-L

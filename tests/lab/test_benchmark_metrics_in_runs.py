@@ -1,6 +1,6 @@
 """Benchmark metrics at a run's milestones, on the TOFU and MUSE fixture folders (shaped like the
 real datasets): the preset goes into a store, the run is rebuilt from the store alone (extras
-included), and θ0's figures equal the engine.benchmarks functions called directly on the model,
+included), and θ0's figures equal the engine.benchmark_metrics functions called directly on the model,
 with the aggregates (TOFU's min(R, 1/R) mean, forget quality, PrivLeak) written out here."""
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _stored(tmp_path, preset: str, split: str | None):
 
 
 def test_tofu_truth_ratio_and_forget_quality_at_milestones(tmp_path, tiny_model_dir, tiny_tokenizer):
-    from engine.benchmarks.tofu import truth_ratio
+    from engine.benchmark_metrics.tofu import truth_ratio
     from engine.config import RunConfig, RunSettings
     from engine.models import load_model
     from engine.run import run_unlearning
@@ -61,7 +61,7 @@ def test_tofu_truth_ratio_and_forget_quality_at_milestones(tmp_path, tiny_model_
 
 
 def test_muse_verbmem_knowmem_privleak_at_milestones(tmp_path, tiny_model_dir, tiny_tokenizer):
-    from engine.benchmarks.muse import knowmem, min_k_auc, verbmem
+    from engine.benchmark_metrics.muse import knowmem, min_k_auc, verbmem
     from engine.config import RunConfig, RunSettings
     from engine.models import load_model
     from engine.run import run_unlearning

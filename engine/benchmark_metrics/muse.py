@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.benchmarks.rouge import rouge_l
+from engine.benchmark_metrics.rouge import rouge_l
 from engine.errors import UnlearnError
 
 VERBMEM_MAX_NEW_TOKENS = 128
@@ -36,7 +36,7 @@ def verbmem(model, tokenizer, prompts: Sequence[str], continuations: Sequence[st
             max_new_tokens: int = VERBMEM_MAX_NEW_TOKENS, measure: str = "f1") -> float:
     """Mean ROUGE-L of the model's greedy continuation of each prompt against the true
     continuation, cut (like MUSE) to its first max_new_tokens tokens."""
-    from engine.benchmarks.lm import greedy_continuation
+    from engine.benchmark_metrics.lm import greedy_continuation
 
     _same_length(prompts, continuations, "prompts", "continuations")
     scores = []
@@ -66,7 +66,7 @@ def knowmem(model, tokenizer, questions: Sequence[str], answers: Sequence[str],
             template: str = KNOWMEM_TEMPLATE, measure: str = "f1") -> float:
     """Mean ROUGE-L of the model's greedy answer (cut at the stop strings) against the true answer.
     `few_shot`: (question, answer) examples put before each question (MUSE: its *_qa_icl.json)."""
-    from engine.benchmarks.lm import greedy_continuation
+    from engine.benchmark_metrics.lm import greedy_continuation
 
     _same_length(questions, answers, "questions", "answers")
     scores = [rouge_l(cut_at_stops(greedy_continuation(model, tokenizer, knowmem_prompt(q, few_shot, template), max_new_tokens)),

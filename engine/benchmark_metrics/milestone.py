@@ -54,7 +54,7 @@ class MilestoneExtras:
     @classmethod
     def of(cls, texts, tokenizer, cfg) -> "MilestoneExtras | None":
         """None when the run has nothing to measure here (no preset extras, no --eval-tasks)."""
-        from engine.benchmarks.tofu import load_truth_ratios
+        from engine.benchmark_metrics.tofu import load_truth_ratios
         from engine.downstream import parse_tasks, require_lm_eval
 
         extras = dict(getattr(texts, "extras", None) or {})
@@ -80,20 +80,20 @@ class MilestoneExtras:
         if _is_tofu(self.extras):
             bench["tofu_truth_ratios"] = tofu_truth_ratios(model, self.tokenizer, self._first(self.extras["forget_perturbed"]))
         if "verbmem_forget" in self.extras:
-            from engine.benchmarks.muse import verbmem
+            from engine.benchmark_metrics.muse import verbmem
 
             rows = self._first(self.extras["verbmem_forget"])
             bench["muse_verbmem_f"] = verbmem(model, self.tokenizer, [r["prompt"] for r in rows], [r["gt"] for r in rows])
         for role, short in (("forget", "f"), ("retain", "r")):
             if f"knowmem_{role}_qa" in self.extras:
-                from engine.benchmarks.muse import knowmem
+                from engine.benchmark_metrics.muse import knowmem
 
                 rows = self._first(self.extras[f"knowmem_{role}_qa"])
                 shots = [(r["question"], r["answer"]) for r in self.extras.get(f"knowmem_{role}_qa_icl", [])]
                 bench[f"muse_knowmem_{short}"] = knowmem(model, self.tokenizer, [r["question"] for r in rows],
                                                          [r["answer"] for r in rows], few_shot=shots)
         if _is_muse(self.extras) and self.forget and self.unseen:
-            from engine.benchmarks.muse import min_k_auc
+            from engine.benchmark_metrics.muse import min_k_auc
 
             bench["muse_auc"] = min_k_auc(model, self.tokenizer, self._first(self.forget), self._first(self.unseen),
                                           max_tokens=self.seq_len, batch_size=self.batch_size)
@@ -109,8 +109,8 @@ class MilestoneExtras:
     def cell_fields(self, raw: dict) -> dict:
         """A cell's fields from measure()'s figures: the scalars, with forget quality and PrivLeak
         derived where their reference is given."""
-        from engine.benchmarks.muse import privleak
-        from engine.benchmarks.tofu import forget_quality
+        from engine.benchmark_metrics.muse import privleak
+        from engine.benchmark_metrics.tofu import forget_quality
 
         out = {k: dict(v) for k, v in raw.items()}
         bench = out.get("bench")
@@ -150,7 +150,7 @@ class MilestoneExtras:
 def tofu_truth_ratios(model, tokenizer, rows: list[dict]) -> list[float]:
     """TOFU's truth ratio of each forget question (geometric mean over its perturbed answers, as in
     TOFU's code), from the rows of forgetXX_perturbed."""
-    from engine.benchmarks.tofu import truth_ratio
+    from engine.benchmark_metrics.tofu import truth_ratio
 
     out = []
     for row in rows:

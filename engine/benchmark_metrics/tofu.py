@@ -35,7 +35,7 @@ QA_TEMPLATE = "Question: {question}\nAnswer: {answer}"
 def answer_logprob(model, tokenizer, question: str, answer: str, template: str = QA_TEMPLATE) -> tuple[float, int]:
     """(Σ log p, number of tokens) over the answer's tokens of template(question, answer), given
     everything before them (see lm.continuation_logprobs for where the answer's tokens start)."""
-    from engine.benchmarks.lm import continuation_logprobs
+    from engine.benchmark_metrics.lm import continuation_logprobs
 
     prompt, _, tail = template.partition("{answer}")
     prompt = prompt.format(question=question)
