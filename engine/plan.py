@@ -165,7 +165,7 @@ def figures(shape: ModelShape, method, opts: Options, batch_size: int, seq_len: 
     else:  # an fp32 master copy for bf16 weights (engine/precision.py); FSDP's fp32 shards are their own
         f["master"] = 4 * T if opts.dtype == "bf16" and opts.optim == "adamw" and N == 1 else 0
         f["gradients"], f["optimizer"] = T * ws // N, OPTIMS[opts.optim] * T // N
-        if method.needs_reference or method.id == "whp":
+        if method.needs_reference_logits or method.id == "whp":
             f["reference"] = P * ws // N
         elif method.forget.edits_weights:
             f["reference"] = T * ws // N

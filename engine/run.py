@@ -184,7 +184,7 @@ class _Run:
         set_seed(cfg.seed)
         autocast = autocast_for(device)
         reference = None
-        if method.needs_reference and not cfg.lora:  # a live frozen θ0 for terms that read its logits every step (KL, UNDIAL)
+        if method.needs_reference_logits and not cfg.lora:  # a live frozen θ0 for terms that read its logits every step (KL, UNDIAL)
             reference = copy.deepcopy(model).eval().requires_grad_(False)
             if cfg.fsdp:
                 reference = shard(reference, bf16)
@@ -211,7 +211,7 @@ class _Run:
         if cfg.lora:  # an adapter trains; θ0 is the model with it disabled (no second copy)
             model = apply_lora(model, cfg.lora, cfg.lora_alpha, cfg.lora_targets)
             params = [p for p in model.parameters() if p.requires_grad]
-            if method.needs_reference:
+            if method.needs_reference_logits:
                 reference = AdapterOff(model)
         else:
             # Which weights may move: all, the method's own (RMU), --params REGEX or saliency:P (at θ0, once).

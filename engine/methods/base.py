@@ -145,7 +145,7 @@ class Term:
 class ForgetTerm(Term):
     """Loss on a forget batch."""
 
-    needs_reference: ClassVar[bool] = False  # `prepare` reads θ0 (labels or log-probs computed once)
+    prepare_reads_reference: ClassVar[bool] = False  # `prepare` reads θ0 (labels or log-probs computed once)
     # A term whose milestones report an edit of the trained weights rather than the weights
     # themselves (task arithmetic): the run keeps θ0's weights and asks `edited` at each milestone.
     edits_weights: ClassVar[bool] = False
@@ -238,8 +238,9 @@ class Method:
                        saliency=float(values.get("saliency", self.saliency)))
 
     @property
-    def needs_reference(self) -> bool:
-        """Whether a run keeps a live frozen copy of θ0 beside the model it trains."""
+    def needs_reference_logits(self) -> bool:
+        """Whether a term reads θ0's logits at every step, so a run keeps a live frozen θ0 beside the
+        model it trains (with LoRA: the model with its adapter switched off)."""
         return self.forget.needs_reference_logits or bool(self.retain and self.retain.needs_reference_logits)
 
     def describe(self) -> dict:

@@ -50,7 +50,7 @@ class AdversarialDescent(ForgetTerm):
 
     id = "adversarial"
     formula = "CE(θ; U with argmax_{a≠y} p_θ0 labels)"
-    needs_reference = True
+    prepare_reads_reference = True
 
     def prepare(self, input_ids, attention_mask, ctx: PrepareContext, loss_mask=None):
         import torch

@@ -43,7 +43,7 @@ class NPOForget(ForgetTerm):
     id = "npo"
     formula = "−(2/β)·mean log σ(−β·(log π_θ(y) − log π_θ0(y))); U, β=0.1"
     knobs = ("beta",)  # hyperparameters a study may sweep (`--param NAME=V1,V2`)
-    needs_reference = True
+    prepare_reads_reference = True
 
     def __init__(self, beta: float = NPO_BETA):
         if not beta > 0:

@@ -77,7 +77,7 @@ class GenericLabelDescent(ForgetTerm):
     id = "whp"
     formula = "CE(θ; U with argmax(v_θ0 − α·ReLU(v_θr − v_θ0)) labels), θr reinforced on U; α=1"
     knobs = ("alpha", "reinforce_steps")  # hyperparameters a study may sweep (`--param NAME=V1,V2`)
-    needs_reference = True
+    prepare_reads_reference = True
 
     def __init__(self, alpha: float = WHP_ALPHA, reinforce_steps: float = REINFORCE_STEPS):
         if not alpha >= 0:

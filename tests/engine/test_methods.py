@@ -322,8 +322,8 @@ def test_adversarial_labels_on_real_model(tiny_model_dir, tiny_tokenizer, tiny_s
 
 def test_adversarial_reads_theta0_once_and_kl_keeps_a_live_copy():
     paper = [get_method(m) for m in PAPER_METHODS]
-    assert {m.id for m in paper if m.forget.needs_reference} == {"adversarial"}  # in prepare, once
-    assert {m.id for m in paper if m.needs_reference} == {"ga_kl", "ga_kl_general"}  # at every step
+    assert {m.id for m in paper if m.forget.prepare_reads_reference} == {"adversarial"}  # in prepare, once
+    assert {m.id for m in paper if m.needs_reference_logits} == {"ga_kl", "ga_kl_general"}  # at every step
 
 
 # ------------------------------------------------------------------ random labels

@@ -272,7 +272,7 @@ def test_the_new_methods_are_registered_after_the_paper_seven():
     assert get_method("simnpo_gd").forget_weight == 0.125 and get_method("simnpo_gd").retain_weight == 1.0
     assert get_method("rmu").retain_weight == 100.0
     # a live θ0 copy only where a loss reads θ0's logits at every step
-    assert {m.id for m in list_methods() if m.needs_reference} == {"ga_kl", "ga_kl_general", "npo_kl", "undial"}
+    assert {m.id for m in list_methods() if m.needs_reference_logits} == {"ga_kl", "ga_kl_general", "npo_kl", "undial"}
 
 
 @pytest.mark.parametrize("method_id", NEW_METHODS)
