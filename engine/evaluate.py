@@ -1,4 +1,4 @@
-"""One forward pass per set -> every metric of design §3.
+"""One forward pass per set -> every metric of docs/concepts.md#metrics.
 
 From one pass we keep, per predicted token, log p(token) and the mean/std of log p under the
 model's own next-token distribution; per-chunk MIA scores and set perplexities all derive from

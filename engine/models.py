@@ -1,7 +1,7 @@
 """Loading causal LMs and tokenizers the way a user's model loads, plus tiny configs for tests.
 
 Everything goes through `from_pretrained`, so a local folder (tests, the demo) and a hub id
-(a user's GPU box) take the same path. Safety (design §7): no remote code unless asked,
+(a user's GPU box) take the same path. Safety: no remote code unless asked,
 safetensors preferred, nothing unpickled.
 
 torch and transformers are imported where a model is loaded, so that checking a model path

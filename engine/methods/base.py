@@ -1,6 +1,6 @@
 """The parts a method is made of: a forget term, an optional retain term, and a retain source.
 
-A method = forget term + weight × retain term (design §3). Terms are small objects, so a new
+A method = forget term + weight × retain term (docs/concepts.md#methods). Terms are small objects, so a new
 method is a new composition in one file, never a branch in the training loop.
 
 Conventions shared by every term: `labels` are aligned with `input_ids` (HF style: labels[t]

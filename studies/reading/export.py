@@ -1,6 +1,6 @@
 """Export: per method the best configuration (or its Pareto front of forget_gap × retain_drift),
 with the model, the forget set's hash, every hyperparameter, the metrics reached and the exact
-`unlearn run ...` command that reproduces the cell (design §4).
+`unlearn run ...` command that reproduces the cell.
 
 The command trains to the cell's step count only: by the prefix property (engine/run.py) the run
 to `steps` passes through the same model as the study's run that went on to later milestones,

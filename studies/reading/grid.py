@@ -1,4 +1,4 @@
-"""Trials -> lr × steps grids, robustness, best cells and the Pareto front (design §3, §4).
+"""Trials -> lr × steps grids, robustness, best cells and the Pareto front (docs/concepts.md#studies).
 
 A *cell* is one (method, lr, steps) point of a study's search space. A grid study covers every
 (method, lr) of its spec × every milestone, so cells not computed yet are listed too (pending,

@@ -1,5 +1,5 @@
 """engine.evaluate against a plain NumPy reference computed from the real model's logits, the
-orientation of the membership-inference AUCs, and compare()'s definitions (design §3)."""
+orientation of the membership-inference AUCs, and compare()'s definitions (docs/concepts.md#metrics)."""
 from __future__ import annotations
 
 import math

@@ -24,7 +24,7 @@ from engine.config import RunConfig
 from engine.run import train_to_milestones
 
 PAPER_METHODS = ["ga", "random_label", "adversarial", "ga_gd", "ga_kl", "ga_gd_general", "ga_kl_general"]
-# design §3's table: forget term, retain term, retain source
+# docs/concepts.md#methods' table: forget term, retain term, retain source
 TABLE = {
     "ga": ("ascent", None, None),
     "random_label": ("random", None, None),
@@ -142,7 +142,7 @@ def test_causal_labels_ignore_pads_only():
 # ------------------------------------------------------------------ total loss of each method
 
 def method_loss(method, f_logits, f_labels, r_logits=None, r_labels=None, r_ref_logits=None):
-    """Forget term + weight × retain term, composed as design §3 defines a method."""
+    """Forget term + weight × retain term, composed as docs/concepts.md#methods defines a method."""
     loss = method.forget.loss(f_logits, {"labels": f_labels})
     if method.retain is not None:
         loss = loss + method.retain_weight * method.retain.loss(r_logits, {"labels": r_labels}, r_ref_logits)

@@ -19,8 +19,8 @@ SEQ_LEN = 128
 
 @pytest.fixture(autouse=True)
 def restore_determinism():
-    """A run turns deterministic algorithms on (design §3: deterministic on CPU); keep that
-    global switch from leaking into other test modules."""
+    """A run turns deterministic algorithms on (fp32 and deterministic on CPU: docs/concepts.md, Runs);
+    keep that global switch from leaking into other test modules."""
     before = torch.are_deterministic_algorithms_enabled()
     yield
     torch.use_deterministic_algorithms(before)
