@@ -119,9 +119,9 @@ def _as_text(value, where: str, field: str) -> str:
 
 
 def _pick(row: dict, fields: tuple[str, ...], where: str) -> tuple[str, ...]:
-    for field in fields:
-        if field not in row:
-            raise DataError(f"{where}: no field {field!r}")
+    for name in fields:
+        if name not in row:
+            raise DataError(f"{where}: no field {name!r}")
     return tuple(_as_text(row[f], where, f) for f in fields)
 
 

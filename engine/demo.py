@@ -158,7 +158,9 @@ def pretrain(texts: list[str], tokenizer, recipe: DemoRecipe, out_dir: Path, pro
             loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
             tokens += int(mask.sum())
             step += 1
             if progress:

@@ -373,7 +373,7 @@ async def test_both_screens_fit_small_and_large_terminals(store, size):
             if size == (80, 24):
                 assert body.max_scroll_y > 0  # what does not fit scrolls, never clips
             await pilot.press("escape")
-            await until(pilot, lambda: app.result is not UNSET, "escape to go back")
+            await until(pilot, lambda app=app: app.result is not UNSET, "escape to go back")
         assert app.result is None
 
 

@@ -63,7 +63,7 @@ def test_master_adamw_is_torchs_adamw():
     a, b = torch.nn.Parameter(torch.randn(64)), torch.nn.Parameter(torch.randn(64))
     b.data.copy_(a.data)
     ours, torchs = MasterAdamW([a], lr=1e-2), torch.optim.AdamW([b], lr=1e-2, weight_decay=0.0)
-    for step in range(20):
+    for _ in range(20):
         g = torch.randn(64)
         for p, o in ((a, ours), (b, torchs)):
             p.grad = g.clone()
