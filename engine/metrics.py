@@ -1,0 +1,246 @@
+"""Every metric a milestone cell carries, declared once.
+
+A metric is a dotted path into a cell, the dict the engine returns per milestone and the lab stores
+as it is (Milestone.metrics): "score", "mia_auc.loss", "bench.muse_auc", "downstream.hellaswag".
+Each entry says how to show it: a short label, its unit, which direction is better (the heatmap's
+colours), log scale or not, its group, a help line and which runs have it. The heatmap's metric
+picker and colours, `--metric` and its help, the trial, compare and dashboard tables and the
+export's model card all read this registry: a new metric is one `register(Metric(...))` below, plus
+the code that computes it (engine/evaluate.py, engine/recovery.py, engine/benchmark_metrics/).
+
+docs/concepts.md defines the figures. Never imports torch: the app process reads it.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional, TypedDict
+
+from engine.errors import UnlearnError
+
+# Which direction is better: the heatmap colours green → red along it.
+LOWER, HIGHER = "lower", "higher"
+CLOSER = "closer"  # closer to the metric's `target` (an AUC to 0.5, a drift to 0)
+NEUTRAL = "neutral"  # neither: a neutral blue scale (a forget perplexity is not better lower or higher)
+
+# Groups, in the order the tables show them.
+OBJECTIVE, PERPLEXITY, MIA, RECOVERY, BENCH, DOWNSTREAM = (
+    "objective", "perplexity", "mia", "recovery", "bench", "downstream")
+
+EVERY_RUN = "every run"  # `runs` of a metric every computed cell has
+
+MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")  # engine.evaluate scores each: mia_auc.<attack>
+ROBUSTNESS_ATTACKS = ("relearn", "quant4", "quant8")  # --attacks; engine.recovery runs them: <attack>_recovery
+ROLES = ("forget", "retain", "unseen", "general")  # the forget set's roles: ppl_<role>
+DOWNSTREAM_PREFIX = DOWNSTREAM + "."  # + an lm-eval task name (--eval-tasks): any task is a metric path
+
+# The paths the code reads by name (the study objective and its parts).
+SCORE, FORGET_GAP, RETAIN_DRIFT = "score", "forget_gap", "retain_drift"
+MIA_AUC = "mia_auc"
+
+
+def ppl(role: str) -> str:
+    return f"ppl_{role}"
+
+
+def mia_auc(attack: str) -> str:
+    return f"{MIA_AUC}.{attack}"
+
+
+def recovery(attack: str) -> str:
+    return f"{attack}_recovery"
+
+
+@dataclass(frozen=True)
+class Metric:
+    path: str  # dotted path into a cell
+    label: str  # a short column header
+    unit: str  # what a value counts: "nats", "perplexity", "AUC", "share", "%", ...
+    better: str  # LOWER, HIGHER, CLOSER (to `target`) or NEUTRAL
+    group: str
+    help: str
+    runs: str = EVERY_RUN  # which runs have it: EVERY_RUN, or the flag or preset that adds it
+    log: bool = False  # coloured on a log scale
+    target: Optional[float] = None  # what CLOSER is closer to
+    # 1: a headline figure (the dashboard sorts by it); 2: in the dashboard's trial table too;
+    # 3: only in the full tables (the trial screen, compare, the export)
+    tier: int = 3
+
+    def badness(self, x: float) -> Optional[float]:
+        """The quantity a colour scale runs over, lower = better (NEUTRAL: only the position)."""
+        if self.log:
+            return math.log(x) if x > 0 else None
+        if self.better == CLOSER:
+            return abs(x - self.target)
+        return -x if self.better == HIGHER else x
+
+    @property
+    def good_bad(self) -> bool:
+        """True where one direction is better (a green → red scale); False for a neutral one."""
+        return self.better != NEUTRAL
+
+    @property
+    def scale(self) -> str:
+        """The heatmap legend's words for the colour scale."""
+        if self.log:
+            return "log scale, lower = greener" if self.better == LOWER else "log scale"
+        if self.better == CLOSER:
+            return f"|{self.label}| lower = greener" if self.target == 0 else f"closer to {self.target:g} = greener"
+        return {HIGHER: "higher = greener", LOWER: "lower = greener"}.get(self.better, "neutral scale")
+
+
+_REGISTRY: dict[str, Metric] = {}
+
+
+def register(m: Metric) -> Metric:
+    if m.path in _REGISTRY or m.path.startswith(DOWNSTREAM_PREFIX):
+        raise ValueError(f"metric {m.path!r} is already known")
+    _REGISTRY[m.path] = m
+    return m
+
+
+def unregister(path: str) -> None:
+    """For tests that register a metric for a while."""
+    del _REGISTRY[path]
+
+
+def every() -> tuple[Metric, ...]:
+    """Every registered metric, in table order (downstream.TASK is open: see `get`)."""
+    return tuple(_REGISTRY.values())
+
+
+def paths(group: Optional[str] = None) -> tuple[str, ...]:
+    return tuple(m.path for m in _REGISTRY.values() if group is None or m.group == group)
+
+
+def every_run(max_tier: int = 3) -> tuple[Metric, ...]:
+    """The metrics every computed cell has, in table order; `max_tier` keeps the more important ones."""
+    return tuple(m for m in _REGISTRY.values() if m.runs == EVERY_RUN and m.tier <= max_tier)
+
+
+def every_run_paths(max_tier: int = 3) -> tuple[str, ...]:
+    return tuple(m.path for m in every_run(max_tier))
+
+
+def _downstream(path: str) -> Metric:
+    task = path[len(DOWNSTREAM_PREFIX):]
+    return Metric(path, task, "accuracy", HIGHER, DOWNSTREAM, f"the lm-eval task {task}'s acc_norm, else acc",
+                  runs="--eval-tasks")
+
+
+def find(path: str) -> Optional[Metric]:
+    """The metric at a path, or None."""
+    m = _REGISTRY.get(path)
+    if m is None and path.startswith(DOWNSTREAM_PREFIX) and len(path) > len(DOWNSTREAM_PREFIX):
+        return _downstream(path)
+    return m
+
+
+def get(path: str) -> Metric:
+    """The metric at a path; an unknown one is one line naming the known ones."""
+    m = find(path)
+    if m is None:
+        raise UnlearnError(f"unknown metric {path!r}; known: {', '.join(_REGISTRY)}, {DOWNSTREAM_PREFIX}TASK")
+    return m
+
+
+def read(cell: Optional[dict], path: str):
+    """The value at a dotted path of a cell (None where a part is missing); not checked for finiteness."""
+    node = cell
+    for part in path.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def blank(*groups: str) -> dict:
+    """A cell's metrics of these groups, every value None, nested as a cell nests them (what a
+    diverged cell records: every field present, none measured)."""
+    out: dict = {}
+    for m in _REGISTRY.values():
+        if m.group in groups:
+            *parents, leaf = m.path.split(".")
+            node = out
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = None
+    return out
+
+
+# Families written as one entry in `--metric`'s help.
+_FAMILY_HELP = {RECOVERY: "*_recovery", BENCH: "bench.* (TOFU/MUSE presets)"}
+
+
+def metric_help() -> str:
+    """`--metric`'s help: every plain metric by name, the families by pattern."""
+    families = list(dict.fromkeys(_FAMILY_HELP[m.group] for m in every() if m.group in _FAMILY_HELP))
+    return " | ".join([*every_run_paths(), *families, f"{DOWNSTREAM_PREFIX}TASK (--eval-tasks)"])
+
+
+# ---------------------------------------------------------------- the metrics
+
+_GAP_HELP = "|ln ppl_forget(θ) − ln ppl_unseen(θ0)|: distance from the approximate-retraining target"
+register(Metric(SCORE, "score", "nats", LOWER, OBJECTIVE, "forget_gap + max(0, retain_drift): the study objective",
+                tier=1))
+register(Metric(FORGET_GAP, "gap", "nats", LOWER, OBJECTIVE, _GAP_HELP, tier=1))
+register(Metric(RETAIN_DRIFT, "drift", "nats", CLOSER, OBJECTIVE,
+                "ln ppl_retain(θ) − ln ppl_retain(θ0): utility lost (negative = improved)", target=0.0, tier=1))
+for _role in ROLES:
+    # Only the retain perplexity is better lower; the forget (and unseen, general) ones are judged
+    # against a target, so their heatmap is a neutral scale.
+    register(Metric(ppl(_role), _role, "perplexity", LOWER if _role == "retain" else NEUTRAL, PERPLEXITY,
+                    f"perplexity of the {_role} set (token-weighted)", log=True,
+                    tier=1 if _role in ("forget", "retain") else 2))
+for _attack in MIA_ATTACKS:
+    register(Metric(mia_auc(_attack), f"mia.{_attack}", "AUC", CLOSER, MIA,
+                    f"ROC AUC of the {_attack} attack, forget vs unseen: 1 = remembered, 0.5 = looks unseen, "
+                    "< 0.5 over-unlearned", target=0.5, tier=1 if _attack in ("loss", "min_k") else 3))
+for _attack in ROBUSTNESS_ATTACKS:
+    register(Metric(recovery(_attack), f"{_attack} rec.", "share", LOWER, RECOVERY,
+                    f"share of the forgetting the {_attack} attack undoes (0 = none, 1 = all)",
+                    runs=f"--attacks {_attack}"))
+for _name, _label, _better, _help, _runs in (
+    ("tofu_truth_ratio", "truth ratio", HIGHER, "mean min(R, 1/R) of the forget questions' truth ratios", "TOFU"),
+    ("tofu_forget_quality", "forget quality", HIGHER, "KS p-value of the truth ratios against the retain-only "
+     "model's", "TOFU with --tofu-retain-truth-ratios"),
+    ("muse_verbmem_f", "VerbMem", LOWER, "ROUGE-L F1 of continuations of the forget excerpts", "MUSE"),
+    ("muse_knowmem_f", "KnowMem forget", LOWER, "ROUGE-L F1 of answers to the forget QA", "MUSE"),
+    ("muse_knowmem_r", "KnowMem retain", HIGHER, "ROUGE-L F1 of answers to the retain QA", "MUSE"),
+):
+    register(Metric(f"{BENCH}.{_name}", _label, "", _better, BENCH, _help, runs=f"a {_runs} preset"))
+register(Metric(f"{BENCH}.muse_auc", "MUSE AUC", "AUC", CLOSER, BENCH, "forget-vs-holdout Min-40% AUC",
+                runs="a MUSE preset", target=0.5))
+register(Metric(f"{BENCH}.muse_privleak", "PrivLeak", "%", CLOSER, BENCH, "(auc − retrained auc) / retrained auc × 100",
+                runs="a MUSE preset with --muse-retrained-auc", target=0.0))
+
+
+# ---------------------------------------------------------------- the cell
+
+def cell_fields() -> dict[str, object]:
+    """A milestone cell's keys and their types: the registry's metrics (a dotted path's first part
+    holds a dict), then what every cell records besides."""
+    fields: dict[str, object] = {"step": int}
+    for m in every():
+        top = m.path.split(".")[0]
+        fields[top] = dict[str, Optional[float]] if "." in m.path else Optional[float]
+    fields[DOWNSTREAM] = dict[str, Optional[float]]
+    fields.update(success=bool, diverged=bool, train_loss=Optional[float],
+                  attacks=dict[str, dict])  # per --attacks name: the attacked model's metrics and its recovery
+    return fields
+
+
+# The engine's cell, as stored (Milestone.metrics) and as every screen reads it. Keys outside
+# EVERY_RUN are there only in the runs that have them (total=False).
+MilestoneCell = TypedDict("MilestoneCell", cell_fields(), total=False)  # type: ignore[misc]
+
+
+@contextmanager
+def registered(m: Metric) -> Iterator[Metric]:
+    """`m` registered for the duration of a `with`: a test's metric, gone afterwards."""
+    register(m)
+    try:
+        yield m
+    finally:
+        unregister(m.path)

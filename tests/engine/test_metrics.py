@@ -1,0 +1,69 @@
+"""engine/metrics.py, the metric registry: torch-free, and what it says of each metric."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from engine import metrics as M
+from engine.errors import UnlearnError
+
+
+def test_the_registry_never_imports_torch():
+    code = "import engine.metrics, sys; assert 'torch' not in sys.modules, 'torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_run_metrics_are_the_plain_cell_metrics_in_table_order():
+    assert M.every_run_paths() == ("score", "forget_gap", "retain_drift", "ppl_forget", "ppl_retain", "ppl_unseen",
+                                   "ppl_general", "mia_auc.loss", "mia_auc.zlib", "mia_auc.min_k", "mia_auc.min_k_pp")
+    assert M.every_run_paths(max_tier=1) == ("score", "forget_gap", "retain_drift", "ppl_forget", "ppl_retain",
+                                             "mia_auc.loss", "mia_auc.min_k")
+    assert M.paths(M.RECOVERY) == tuple(f"{a}_recovery" for a in M.ROBUSTNESS_ATTACKS)
+
+
+@pytest.mark.parametrize("path, x, want", [
+    ("score", 0.3, 0.3), ("retain_drift", -0.2, 0.2), ("bench.muse_privleak", -4.0, 4.0),
+    ("mia_auc.min_k_pp", 0.3, 0.2), ("bench.muse_auc", 0.9, 0.4), ("bench.tofu_truth_ratio", 0.7, -0.7),
+    ("downstream.hellaswag", 0.4, -0.4), ("ppl_forget", math.e, 1.0), ("ppl_retain", 0.0, None),
+    ("relearn_recovery", 0.25, 0.25),
+])
+def test_badness_runs_lower_is_better(path, x, want):
+    got = M.get(path).badness(x)
+    assert (got is None and want is None) or math.isclose(got, want, abs_tol=1e-12)
+
+
+def test_only_the_forget_side_perplexities_have_no_better_direction():
+    assert [m.path for m in M.every() if not m.good_bad] == ["ppl_forget", "ppl_unseen", "ppl_general"]
+    assert M.get("retain_drift").scale == "|drift| lower = greener"
+    assert M.get("mia_auc.loss").scale == "closer to 0.5 = greener"
+    assert M.get("ppl_retain").scale == "log scale, lower = greener"
+
+
+def test_unknown_paths_are_one_line_errors():
+    for bad in ("nope", "downstream.", "mia_auc"):
+        with pytest.raises(UnlearnError, match="unknown metric"):
+            M.get(bad)
+    assert M.get("downstream.arc_easy").better == M.HIGHER
+
+
+def test_a_blank_cell_has_every_measured_field_nested_as_a_cell_nests_them():
+    assert M.blank(M.PERPLEXITY, M.MIA) == {
+        "ppl_forget": None, "ppl_retain": None, "ppl_unseen": None, "ppl_general": None,
+        "mia_auc": {"loss": None, "zlib": None, "min_k": None, "min_k_pp": None}}
+
+
+def test_the_cell_type_has_a_key_for_every_metric():
+    keys = set(M.MilestoneCell.__annotations__)
+    assert {m.path.split(".")[0] for m in M.every()} <= keys
+    assert {"step", "success", "diverged", "train_loss", "attacks", "downstream"} <= keys
+
+
+def test_registered_is_gone_after_its_with():
+    with M.registered(M.Metric("edit_norm", "edit", "", M.LOWER, M.OBJECTIVE, "a test's")):
+        assert "edit_norm" in M.every_run_paths()
+        with pytest.raises(ValueError):
+            M.register(M.Metric("edit_norm", "edit", "", M.LOWER, M.OBJECTIVE, "twice"))
+    assert M.find("edit_norm") is None
