@@ -4,7 +4,7 @@ processes, against a bare `python -c pass`.
     python bench/startup.py [--trials 1000] [--repeat 7] [--json] [--quick]
 
 The store is written through the studies API (a forget set, a grid study, and one cell per trial
-recorded as the scheduler records it: our milestone row plus its Optuna trial), with synthetic
+recorded as the pool records it: the cell's row plus its Optuna trial), with synthetic
 metrics: no model is trained, since only reading it is timed. The three commands run alternately,
 `--repeat` times each, and the medians are compared. Target: `unlearn study ls` within 0.5 s of the
 bare interpreter. With --json the last line is {"name", "ratio", "target", "pass", ...}; it exits 1

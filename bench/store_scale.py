@@ -6,7 +6,7 @@ heatmap's aggregation in process.
 
 Each size is its own store holding one grid study (4 methods × lrs × 25 milestones; 11, 101 and
 1,001 lrs: room for 100 cells more, which bench/tui_scale.py records), made through the studies API: the forget set, the study and its runs by
-`create_study`, every cell a finished run's milestone with its Optuna trial, synthetic metrics
+`create_study`, every cell a finished run's row at one milestone with its Optuna trial, synthetic metrics
 (tests/app/app_stores.synthetic_cell; some runs diverge). `studies.running.recorder.record_cell` takes 40 ms a
 cell here (Optuna's ORM: one INSERT and one SELECT per user attribute), so 100,000 cells would take
 over an hour; the cells are written instead by `write_cells`, which inserts in bulk the very rows
@@ -78,7 +78,7 @@ def _stamp(t: dt.datetime) -> str:
 
 def write_cells(store, study_name: str, spec, cells: list[tuple]) -> None:
     """The rows `studies.running.recorder.record_cell` writes for each (run, cell) of a fresh study, every cell
-    new: our milestone row and its Optuna trial (params method, lr, steps; the value; the user
+    new: the cell's row and its Optuna trial (params method, lr, steps; the value; the user
     attributes), inserted in one transaction. The trial itself is built as record_cell builds it
     (optuna.trial.create_trial), so its states, params and attributes are Optuna's own."""
     from optuna.distributions import distribution_to_json
@@ -131,7 +131,7 @@ def write_cells(store, study_name: str, spec, cells: list[tuple]) -> None:
 
 
 def finish_runs(store, cells: list[tuple]) -> None:
-    """Every run with a cell marked done (diverged when its last cell is), as the scheduler leaves it."""
+    """Every run with a cell marked done (diverged when its last cell is), as the pool leaves it."""
     from studies.store.states import RunState
     from studies.store.db import Run
 

@@ -283,7 +283,7 @@ def detect_gpu_bytes() -> int | None:
 
 
 def check_fits(model: str, method: str, settings, gpu_bytes: int, gpus: int = 1, trust_remote_code: bool = False) -> None:
-    """For the scheduler, before it starts a run: returns None when the run's options (read from
+    """For a run's worker, before it loads anything on a GPU: returns None when the run's options (read from
     `settings`, a RunSettings or RunConfig, with `options_from`) fit in `gpu_bytes` per GPU on
     `gpus` GPUs at settings.batch_size × settings.seq_len; otherwise raises UnlearnError with one
     line: "model M, method X, --dtype bf16 ...: does not fit: needs A GiB per GPU, the GPU has B GiB;

@@ -1,7 +1,7 @@
 """Attacks that test whether forgetting holds: does the forgotten text come back after a little
 fine-tuning (`relearn`) or after quantizing the weights (`quant4`, `quant8`)?
 
-Each attack works on a copy of a milestone's model, which it never changes (the run goes on from
+Each attack works on a copy of the model at a milestone, which it never changes (the run goes on from
 the model as it was, so prefix sharing still holds), and reports the metrics of the attacked model
 and its **recovery**: the share of what unlearning removed from the forget set that the attack
 brings back, in log-perplexity on U,
@@ -9,7 +9,7 @@ brings back, in log-perplexity on U,
     recovery = (log ppl_U(θ) − log ppl_U(attacked θ)) / (log ppl_U(θ) − log ppl_U(θ0))
 
 0 when the attack brings nothing back, 1 when the forget set is as likely as under the original
-model θ0 (it may fall outside [0, 1]: reported as measured). When the milestone forgot nothing
+model θ0 (it may fall outside [0, 1]: reported as measured). When the cell forgot nothing
 measurable — its forget perplexity within the success tolerance (`--tol-forget`) of θ0's — there
 is nothing to recover and the recovery is None.
 
@@ -109,7 +109,7 @@ def attack_milestone(model, sets: ForgetSetChunks, attacks: tuple[str, ...], met
                      lr: float, batch_size: int, seed: int, eval_batch_size: int, min_k: float, tol_forget: float,
                      device=None, autocast=contextlib.nullcontext) -> tuple[dict, int]:
     """The cell's attack fields — {"attacks": {name: metrics + recovery}, "<name>_recovery": ...} —
-    and the tokens they evaluated. `metrics` are the milestone's own, `baseline` θ0's."""
+    and the tokens they evaluated. `metrics` are the cell's own, `baseline` θ0's."""
     device = device or next(model.parameters()).device
     was_training = model.training
     results, tokens = {}, 0

@@ -1,2 +1,2 @@
 """The lab: the SQLite/SQLAlchemy store beside Optuna's tables, forget sets, study specs, the
-scheduler and its workers, grids and export. Never imports textual (a test proves it)."""
+worker pool and its workers, grids and export. Never imports textual (a test proves it)."""

@@ -1,7 +1,7 @@
 """Benchmark metrics and downstream tasks at a run's milestones (and once at θ0).
 
 A forget set built by `unlearn forgetset preset` carries the rows its benchmark's own metrics need
-(ForgetSetTexts.extras). When it does, every milestone cell gets a `bench` dict, and with
+(ForgetSetTexts.extras). When it does, every cell gets a `bench` dict, and with
 `--eval-tasks` a `downstream` dict:
 
     bench.tofu_truth_ratio      TOFU preset: mean over the forget questions of min(R, 1/R), R the
@@ -16,8 +16,8 @@ A forget set built by `unlearn forgetset preset` carries the rows its benchmark'
     bench.muse_privleak         with --muse-retrained-auc X: (auc - X) / X × 100
     downstream.TASK             with --eval-tasks: the lm-eval task's acc_norm, else acc
 
-Each list is cut to its first --bench-samples items (default 100), so a milestone on a 7B model is
-not all generation. θ0's figures go in the result's baseline (with the per-question truth ratios,
+Each list is cut to its first --bench-samples items (default 100), so a milestone's evaluation on a 7B
+model is not all generation. θ0's figures go in the result's baseline (with the per-question truth ratios,
 `baseline.bench.tofu_truth_ratios`: the file --tofu-retain-truth-ratios reads, when θ0 is a
 retain-only model), cached like the baseline. docs/benchmark-metrics.md has the details.
 """

@@ -146,12 +146,12 @@ class ForgetTerm(Term):
     """Loss on a forget batch."""
 
     prepare_reads_reference: ClassVar[bool] = False  # `prepare` reads θ0 (labels or log-probs computed once)
-    # A term whose milestones report an edit of the trained weights rather than the weights
+    # A term whose cells report an edit of the trained weights rather than the weights
     # themselves (task arithmetic): the run keeps θ0's weights and asks `edited` at each milestone.
     edits_weights: ClassVar[bool] = False
 
     def edited(self, model, theta0: dict):
-        """The model a milestone reports, built from the trained `model` and θ0's weights."""
+        """The model a cell reports, built from the trained `model` and θ0's weights."""
         return model
 
 

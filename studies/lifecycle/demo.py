@@ -66,9 +66,9 @@ def best_runs(store: Store, name: str, cells) -> list[dict]:
     with store.read() as s:
         runs = {r.id: r for r in s.exec(select(Run).where(Run.study_id == study.id,
                                                           Run.state.in_(REAL_RUN_STATES))).all()}
-        milestones = s.exec(select(Milestone).where(Milestone.run_id.in_(list(runs)))).all()
+        rows = s.exec(select(Milestone).where(Milestone.run_id.in_(list(runs)))).all()  # the cells
     by_run: dict[int, list[dict]] = {}
-    for m in milestones:
+    for m in rows:
         by_run.setdefault(m.run_id, []).append(m.metrics)
     out = []
     for method in spec.methods:

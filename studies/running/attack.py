@@ -2,7 +2,7 @@
 --attacks ...` (and the study's --eval-tasks, when it was created with --eval-tasks-at best).
 
 Attacking every cell (`--attacks` on `study create`) costs a model copy and an evaluation per
-attack per milestone; most of the time a researcher wants to know whether the *best* forgetting a
+attack per cell; most of the time a researcher wants to know whether the *best* forgetting a
 method found holds. This reruns each method's best cell (the same run settings: on CPU the rerun
 is bitwise the stored cell, which the result says) with the attacks, and writes what they found
 into that cell's metrics in the store, so `study heatmap --metric relearn_recovery`, the app and

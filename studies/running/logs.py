@@ -1,8 +1,8 @@
 """Where the logs of a study live and the last lines of them, for the app's running-runs panel.
 
-The scheduler (studies/running/pool.py) writes each run attempt's stdout+stderr to
-`<log dir>/run<ID>-<METHOD>-attempt<N>.log` and a detached scheduler's own output to
-`<log dir>/../<STUDY>-scheduler.log`. A log can grow to gigabytes over a long run, so a tail
+The worker pool (studies/running/pool.py) writes each run attempt's stdout+stderr to
+`<log dir>/run<ID>-<METHOD>-attempt<N>.log` and a detached pool's own output to
+`<log dir>/../<STUDY>-scheduler.log` (the file keeps its name). A log can grow to gigabytes over a long run, so a tail
 seeks from the end and reads only the blocks it needs, never the whole file.
 
 Reading never creates anything: a study or run with no log yet has an empty tail.

@@ -1,4 +1,4 @@
-"""Writing one cell: our Milestone row and its Optuna trial (params method, lr, steps; value score).
+"""Writing one cell: its row (Milestone) and its Optuna trial (params method, lr, steps; value score).
 
 Idempotent, because a retried run passes its milestones again: a cell already written stays
 as it is, and a trial already in Optuna for (run, step) is found instead of added twice."""
@@ -28,7 +28,7 @@ def _find_trial(ostudy: optuna.Study, run_id: int, step: int) -> int | None:
 
 
 def record_cell(store: Store, study_name: str, spec: StudySpec, run: Run, cell: dict) -> int:
-    """Store one milestone and its Optuna trial. Returns the trial number."""
+    """Store one cell and its Optuna trial. Returns the trial number."""
     step = cell["step"]
     with store.write() as s:
         ms = s.exec(select(Milestone).where(Milestone.run_id == run.id, Milestone.step == step)).first()
@@ -42,7 +42,7 @@ def record_cell(store: Store, study_name: str, spec: StudySpec, run: Run, cell: 
             return ms.trial_number
         ms_id, cell = ms.id, ms.metrics  # the first written values win
     ostudy = store.retry(lambda: optuna.load_study(study_name=study_name, storage=store.optuna))
-    # The trial is added only after its milestone row commits, so a row made just now has none
+    # The trial is added only after the cell's row commits, so a row made just now has none
     # yet: only a retried cell needs the (whole-study) search for a trial an earlier attempt added.
     number = None if created else store.retry(lambda: _find_trial(ostudy, run.id, step))
     value = cell.get("score")

@@ -3,7 +3,7 @@ UNLEARN_STORAGE_URL (never on the command line, where `ps` would show a password
 
 A fresh process per run means an out-of-memory error or a crash dies alone. The process
 heartbeats from a thread (so a long evaluation or a slow model load is not mistaken for a
-dead run), writes each milestone the moment it is reached, and leaves the retry decision
+dead run), writes each cell the moment its milestone is reached, and leaves the retry decision
 to the pool that started it: it only records what happened."""
 from __future__ import annotations
 

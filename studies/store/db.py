@@ -106,7 +106,8 @@ class Run(SQLModel, table=True):
 
 
 class Milestone(SQLModel, table=True):
-    """One (method, lr, steps) cell: one Optuna trial."""
+    """One cell: a run's metrics at one milestone, recorded in one Optuna trial (`trial_number`).
+    The class and its table keep the name milestone (stores read `ul_milestone`)."""
 
     __tablename__ = "ul_milestone"
     __table_args__ = (UniqueConstraint("run_id", "step"),)

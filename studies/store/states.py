@@ -17,7 +17,7 @@ class _State(str, Enum):
 
 class StudyState(_State):
     CREATED = "created"  # made, never started
-    RUNNING = "running"  # hands out runs (a scheduler or `unlearn worker` serves it)
+    RUNNING = "running"  # hands out runs (a pool serves it: `unlearn study run` or `unlearn worker`)
     PAUSED = "paused"  # hands out nothing new; running runs finish
     CANCELLED = "cancelled"  # stopped for good; written cells stay
     DONE = "done"  # every run finished (done, diverged or failed)
