@@ -1,8 +1,8 @@
-"""What the benchmarks share: alternating repetitions, medians and the verdict, the JSON last line,
+"""What the bench scripts share: alternating repetitions, medians and the verdict, the JSON last line,
 and a tiny Llama (random weights, built from a config, saved and loaded with from_pretrained) with
 the demo's kind of forget set, for benches that time steps rather than what a model learned.
 
-Not a benchmark itself (the leading underscore): `python bench/NAME.py` imports it from beside it.
+Not a bench script itself (the leading underscore): `python bench/NAME.py` imports it from beside it.
 """
 from __future__ import annotations
 

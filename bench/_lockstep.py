@@ -13,7 +13,7 @@ Torch's process-wide switches that a side may set for itself (deterministic algo
 NaN-filling of fresh memory, which the engine sets while it runs) are saved at the end of each
 turn and given back at the start of that side's next one, so no side runs under another's.
 
-Not a benchmark itself (the leading underscore): bench/step_overhead.py uses it.
+Not a bench script itself (the leading underscore): bench/step_overhead.py uses it.
 """
 from __future__ import annotations
 

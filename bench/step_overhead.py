@@ -54,7 +54,7 @@ BASELINE = {"ppl_forget": 1.0, "ppl_retain": 1.0, "ppl_unseen": 1.0}  # compare(
 # What a step's time is read from (--clock): the process's CPU time by default. The sides train on
 # the CPU with one torch thread, so a step's CPU time is its work; the wall clock also counts the
 # time the process waited for a core, which on a shared 2-core box swings a side by 20 % from one
-# repetition to the next (docs/benchmarks.md). On a GPU the wall clock would be the one to read.
+# repetition to the next (docs/bench.md). On a GPU the wall clock would be the one to read.
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 CLOCK = CLOCKS["cpu"]
 

@@ -1,4 +1,4 @@
-"""The benchmarks' own checks can fail: bench/prefix_sharing.py matches cells by step (any order of
+"""The bench scripts' own checks can fail: bench/prefix_sharing.py matches cells by step (any order of
 --steps) and never counts two cells without a score as identical; bench/app_first_paint.py reports
 what it measured in the agreed JSON; each newer bench's verdict (ratios, targets, loss and figure
 agreement) is tested on hand-built figures; store_scale's bulk writer leaves the rows record_cell
@@ -50,8 +50,8 @@ def test_prefix_sharing_never_calls_diverged_cells_identical():
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/run installs it)")
 def test_app_first_paint_reports_every_command_and_the_target():
     """bench/app_first_paint.py on the 10,250-trial test store: the JSON names the three commands
-    measured side by side and the 1 s target; whether it passes is the benchmark's call, not this
-    test's (timings belong in benchmarks)."""
+    measured side by side and the 1 s target; whether it passes is the bench script's call, not
+    this test's (timings belong in bench/)."""
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "app_first_paint.py"), "--repeat", "1", "--json"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode in (0, 1), proc.stderr
