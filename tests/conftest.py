@@ -112,6 +112,25 @@ def tiny_sets(forget_set_texts, tiny_tokenizer):
     return chunk_forget_set(forget_set_texts, tiny_tokenizer, SEQ_LEN)
 
 
+@pytest.fixture(scope="module")
+def sweeps_store(tmp_path_factory, tiny_model_dir, forget_set_files):
+    """tests/app/app_stores.py's store (a finished two-method sweep with a diverged run, a running
+    sweep), one per test module: the app's screens and the lab's trial views read it, and a module
+    may add studies to its own copy."""
+    from tests.app.app_stores import app_store
+
+    return app_store(tmp_path_factory.mktemp("sweeps") / "lab.db", tiny_model_dir, forget_set_files)
+
+
+@pytest.fixture(autouse=True)
+def restore_determinism():
+    """A run turns torch's deterministic algorithms on (fp32 and deterministic on CPU:
+    docs/concepts.md, Runs): keep that global switch from leaking out of the test that ran it."""
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
 @pytest.fixture
 def tiny_model(tiny_model_dir):
     """A fresh copy of the tiny model, loaded the user's way (tests may train it)."""

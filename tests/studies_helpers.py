@@ -47,7 +47,9 @@ def spawn(*args: str, home: Path, cwd: Path | None = None, env: dict | None = No
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """Bad input: exit code 2, exactly one line on stderr (no traceback), naming the problem."""
+    """Bad input, as the one error boundary reports it: exit code 2, exactly one line on stderr,
+    `error: ...`, no traceback on either stream, and every needle in that line as written (case
+    included). Returns the line. `proc` is a real process's or cli_in_process's."""
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2, f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{proc.stderr}"
@@ -55,7 +57,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     line = lines[0]
     assert line.startswith("error: "), line
     for n in needles:
-        assert n.lower() in line.lower(), f"{n!r} not in {line!r}"
+        assert n in line, f"{n!r} not in {line!r}"
     return line
 
 
@@ -98,6 +100,17 @@ def make_forget_set(store, name: str, files: dict[str, str], general: bool = Tru
 
     return create_forget_set(store, name, [files["forget"]], [files["retain"]], [files["unseen"]],
                              [files["general"]] if general else None, seq_len=seq_len)
+
+
+def set_run(store, run_id: int, **values) -> None:
+    """Write fields of one run, as the pool and the run process do."""
+    from studies.store.db import Run
+
+    with store.write() as s:
+        run = s.get(Run, run_id)
+        for k, v in values.items():
+            setattr(run, k, v)
+        s.add(run)
 
 
 def runs_of(store, study: str) -> list:

@@ -12,19 +12,18 @@ import pytest
 import yaml
 from sqlmodel import select
 
-from tests.app.app_stores import app_store, make_study
+from tests.app.app_stores import make_study
 from tests.app.pilot_helpers import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_model_dir, forget_set_files):
-    """app_store's two studies plus "sweep-empty": a running study with no cell computed yet."""
-    path = tmp_path_factory.mktemp("app_export") / "lab.db"
-    st = app_store(path, tiny_model_dir, forget_set_files)
-    make_study(st, "sweep-empty", str(tiny_model_dir), "people", methods=("ga",), lrs=(1e-4,), steps=(5,), fill=0.0)
-    return st
+def store(store, tiny_model_dir):
+    """The app's store (tests/app/conftest.py: app_store's two studies) plus "sweep-empty": a
+    running study with no cell computed yet."""
+    make_study(store, "sweep-empty", str(tiny_model_dir), "people", methods=("ga",), lrs=(1e-4,), steps=(5,), fill=0.0)
+    return store
 
 
 def dialog_app(store, study: str, cell=None):

@@ -9,7 +9,6 @@ import pytest
 from textual.app import App, ComposeResult
 from textual.widgets import DataTable, Static
 
-from tests.app.app_stores import app_store
 from studies.reading.grid import Cell, Grid, grids, load_cells
 from studies.store.states import CellStatus
 from tui.app.messages import CellRef, ExportRequested
@@ -17,11 +16,6 @@ from tui.app.screens.compare import CompareScreen
 from tui.app.screens.trial import TrialScreen
 from tui.app.widgets.curves import Curves
 from tui.app.widgets.heatmap import CELL_WIDTH, COMPARE_MARK, HEADER_LINES, LR_WIDTH, HeatmapGrid
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_model_dir, forget_set_files):
-    return app_store(tmp_path_factory.mktemp("app_trial") / "lab.db", tiny_model_dir, forget_set_files)
 
 
 @pytest.fixture(scope="module")

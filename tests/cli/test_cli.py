@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from studies.running.pool import free_port
-from tests.studies_helpers import cli_in_process
+from tests.studies_helpers import assert_one_line_error, cli_in_process
 from tests.conftest import SEQ_LEN
 
 SEVEN = ["ga", "random_label", "adversarial", "ga_gd", "ga_kl", "ga_gd_general", "ga_kl_general"]
@@ -25,15 +25,6 @@ def unlearn(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     return subprocess.run([sys.executable, "-m", "tui.cli", *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=timeout)
-
-
-def assert_one_line_error(p: subprocess.CompletedProcess, *needles: str) -> None:
-    assert p.returncode == 2, (p.returncode, p.stderr)
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, p.stderr
-    assert "Traceback" not in p.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def run_args(model: Path, f: dict, *extra: str) -> list[str]:

@@ -27,11 +27,6 @@ from tests.studies_helpers import assert_one_line_error, cli_in_process
 BF16_LN_PPL_TOLERANCE = 0.02
 
 
-@pytest.fixture(scope="module")
-def baseline(tiny_model_dir, tiny_sets):
-    return evaluate(load_model(str(tiny_model_dir)), tiny_sets)[0]
-
-
 def run(tiny_model_dir, tiny_tokenizer, tiny_sets, baseline, method="ga_kl", dtype=torch.float32, lr=3e-3, **settings):
     cfg = RunConfig(method=method, lr=lr, milestones=(2,), batch_size=4, seq_len=128, **settings)
     model = load_model(str(tiny_model_dir), dtype=dtype)

@@ -14,7 +14,6 @@ import torch
 
 from engine.data import ForgetSetChunks
 from engine.errors import UnlearnError
-from engine.evaluate import evaluate
 from engine.methods import get_method, list_methods
 from engine.methods.base import IGNORE, PrepareContext, causal_labels, sequence_logprob, token_ce
 from engine.methods.forget_terms import AdversarialDescent, GradientAscent, RandomLabelDescent
@@ -187,11 +186,6 @@ def test_kl_is_zero_against_itself_and_positive_otherwise():
     assert float(RetainKL().loss(logits, {"labels": labels}, logits.detach())) == pytest.approx(0.0, abs=1e-6)
     other = hand_batch(31)[0].detach()
     assert float(RetainKL().loss(logits, {"labels": labels}, other)) > 0.01
-
-
-@pytest.fixture(scope="module")
-def baseline(tiny_model_dir, tiny_sets):
-    return evaluate(load_model(str(tiny_model_dir)), tiny_sets)[0]
 
 
 @pytest.fixture(scope="module")

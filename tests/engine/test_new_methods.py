@@ -165,11 +165,6 @@ def test_pads_do_not_count_in_the_new_losses():
 
 # ------------------------------------------------------------------ on the real (tiny) model
 
-@pytest.fixture(scope="module")
-def baseline(tiny_model_dir, tiny_sets):
-    return evaluate(load_model(str(tiny_model_dir)), tiny_sets)[0]
-
-
 def test_npo_cached_reference_logprobs_equal_a_live_reference(tiny_model_dir, tiny_tokenizer, tiny_sets):
     theta0 = load_model(str(tiny_model_dir)).eval()
     ch = tiny_sets.forget

@@ -81,11 +81,6 @@ def test_parse_attacks_and_the_setting():
     assert "--attacks" not in RunSettings().validate().to_flags()
 
 
-@pytest.fixture(scope="module")
-def baseline(tiny_model_dir, tiny_sets):
-    return evaluate(load_model(str(tiny_model_dir)), tiny_sets)[0]
-
-
 def attack_all(model, sets, metrics, baseline, lr=3e-3):
     return attack_milestone(model, sets, ("relearn", "quant4", "quant8"), metrics, baseline, lr=lr, batch_size=4,
                             seed=0, eval_batch_size=8, min_k=0.2, tol_forget=0.1)[0]

@@ -17,15 +17,6 @@ from engine.run import batch_indices, run_unlearning, train_to_milestones
 SEQ_LEN = 128
 
 
-@pytest.fixture(autouse=True)
-def restore_determinism():
-    """A run turns deterministic algorithms on (fp32 and deterministic on CPU: docs/concepts.md, Runs);
-    keep that global switch from leaking into other test modules."""
-    before = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
 def run(model_dir, texts, cache_dir, method, milestones, lr=1e-3, **kw):
     cfg = RunConfig(method=method, lr=lr, milestones=tuple(milestones), batch_size=4, seq_len=SEQ_LEN, **kw)
     return run_unlearning(str(model_dir), texts, cfg, device="cpu", cache_dir=cache_dir)

@@ -10,15 +10,9 @@ import torch
 
 from engine.config import RunConfig
 from engine.errors import UnlearnError
-from engine.evaluate import evaluate
 from engine.models import load_model
 from engine.run import train_to_milestones
 from engine.selection import saliency_masks
-
-
-@pytest.fixture(scope="module")
-def baseline(tiny_model_dir, tiny_sets):
-    return evaluate(load_model(str(tiny_model_dir)), tiny_sets)[0]
 
 
 def train(tiny_model_dir, tiny_tokenizer, tiny_sets, baseline, params, milestones=(3,), method="ga_gd"):

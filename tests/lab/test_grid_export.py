@@ -426,15 +426,6 @@ def test_report_commands(lab, tmp_path):
 
 # ------------------------------------------------------------------ end to end
 
-@pytest.fixture
-def restore_determinism():
-    import torch
-
-    before = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
 @pytest.mark.slow
 def test_exported_command_reproduces_the_score(tiny_model_dir, forget_set_files, tmp_path, monkeypatch, restore_determinism):
     """A real run's milestones in the store → export → the command, run as a user would, gives the same score;

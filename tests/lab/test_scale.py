@@ -7,7 +7,6 @@ again and every test here counts as slow until the fixture is refreshed."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import time
 import pytest
 
 from tests.lab.scale_store import available, cached_scale_store
+from tests.studies_helpers import cli_env
 
 pytestmark = [pytest.mark.timeout(1200)] + ([] if available() else [pytest.mark.slow])
 
@@ -31,12 +31,6 @@ def scale_store(tmp_path_factory) -> dict:
     print(f"\nscale store: {manifest['trials']} trials in {len(manifest['studies'])} studies, "
           f"{how} ({time.perf_counter() - t:.1f} s)")
     return {**manifest, "path": path, "url": f"sqlite:///{path}"}
-
-
-def cli_env(home) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UNLEARN_")}
-    env.update(UNLEARN_HOME=str(home), PYTHONUNBUFFERED="1")
-    return env
 
 
 def timed_cli(*args, home) -> tuple[subprocess.CompletedProcess, float]:

@@ -16,27 +16,12 @@ from sqlmodel import select
 
 from studies.running.pool import Child, WorkerPool
 from studies.store.states import RunState, StudyState
-from studies.store.db import Run, Store, Study, hostname, utcnow
+from studies.store.db import Run, Study, hostname, utcnow
 from studies.lifecycle.study import create_study, resume_study, set_state
 from studies.running.worker import Heartbeat
-from tests.studies_helpers import cli_main, make_forget_set, runs_of, study_state
+from tests.studies_helpers import cli_main, runs_of, set_run, study_state
 
 HUB_MODEL = "EleutherAI/pythia-14m"  # stored, never loaded
-
-
-@pytest.fixture
-def store(tmp_path, forget_set_files):
-    store = Store(f"sqlite:///{tmp_path / 'lab.db'}")
-    make_forget_set(store, "fs", forget_set_files)
-    return store
-
-
-def set_run(store, run_id: int, **values) -> None:
-    with store.write() as s:
-        run = s.get(Run, run_id)
-        for k, v in values.items():
-            setattr(run, k, v)
-        s.add(run)
 
 
 def dead_pid() -> int:

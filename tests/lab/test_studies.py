@@ -37,14 +37,12 @@ FINISHED = ("done", "diverged")
 
 
 @pytest.fixture
-def lab(tmp_path, forget_set_files):
-    """A fresh SQLite store with the forget set `fs` (all four roles), and a home for the CLI."""
+def lab(tmp_path, store):
+    """The lab's store (tests/lab/conftest.py: a fresh SQLite store with the forget set `fs`, all
+    four roles), its URL, and a home for the CLI."""
     home = tmp_path / "home"
     home.mkdir()
-    url = f"sqlite:///{tmp_path / 'lab.db'}"
-    store = Store(url)
-    make_forget_set(store, "fs", forget_set_files)
-    return types.SimpleNamespace(url=url, store=store, home=home, dir=tmp_path)
+    return types.SimpleNamespace(url=store.url, store=store, home=home, dir=tmp_path)
 
 
 def fs_args(files: dict, general: bool = False) -> list[str]:

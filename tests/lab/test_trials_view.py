@@ -14,7 +14,7 @@ import optuna
 import pytest
 from sqlmodel import select
 
-from tests.app.app_stores import BASELINE, app_store, make_study
+from tests.app.app_stores import BASELINE, make_study
 from engine.errors import UnlearnError
 from studies.reading.grid import load_cells
 from studies.store.states import RunState
@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_model_dir, forget_set_files):
-    return app_store(tmp_path_factory.mktemp("trials_view") / "lab.db", tiny_model_dir, forget_set_files)
+def store(sweeps_store):
+    """Not the lab's store (tests/lab/conftest.py): app_store's two sweeps, one for the module."""
+    return sweeps_store
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import datetime as dt
 
-import pytest
 from sqlmodel import select
 
 from tests.app.app_stores import make_study, synthetic_cell
@@ -23,16 +22,9 @@ from studies.store.states import RunState, StudyState
 from studies.store.db import Milestone, Run, Store, Study
 from studies.lifecycle.study import create_study, resume_study
 from studies.reading.views import StudyWatch, _signature
-from tests.studies_helpers import make_forget_set, runs_of
+from tests.studies_helpers import runs_of, set_run
 
 MODEL = "test-org/tiny-model"  # a hub-style id: nothing here loads a model
-
-
-@pytest.fixture
-def store(tmp_path, forget_set_files):
-    store = Store(f"sqlite:///{tmp_path / 'lab.db'}")
-    make_forget_set(store, "people", forget_set_files)
-    return store
 
 
 class Checked:
@@ -66,14 +58,6 @@ class Checked:
         return poll
 
 
-def set_run(store: Store, run_id: int, **values) -> None:
-    with store.write() as s:
-        run = s.get(Run, run_id)
-        for k, v in values.items():
-            setattr(run, k, v)
-        s.add(run)
-
-
 def set_study_state(store: Store, name: str, state: StudyState) -> None:
     with store.write() as s:
         st = s.exec(select(Study).where(Study.name == name)).one()
@@ -94,7 +78,7 @@ def run_at(store: Store, name: str, method: str, lr: float) -> Run:
 
 
 def test_grid_study_polls_equal_a_rebuild(store):
-    make_study(store, "grid", MODEL, "people", methods=("ga", "ga_gd"), lrs=(1e-5, 1e-4, 1e-3),
+    make_study(store, "grid", MODEL, "fs", methods=("ga", "ga_gd"), lrs=(1e-5, 1e-4, 1e-3),
                steps=(5, 10, 20), fill=0.34, running=1)
     w = Checked(store, "grid")
     first = w.poll()
@@ -189,7 +173,7 @@ def test_grid_study_polls_equal_a_rebuild(store):
 
 
 def test_tpe_study_polls_equal_a_rebuild(store):
-    create_study(store, "tpe", MODEL, "people", methods=["ga", "npo"], steps=[5, 10], lr_range=(1e-5, 1e-2),
+    create_study(store, "tpe", MODEL, "fs", methods=["ga", "npo"], steps=[5, 10], lr_range=(1e-5, 1e-2),
                  sampler="tpe", trials=6, knobs={"beta": {"low": 0.05, "high": 0.5, "log": True}})
     set_study_state(store, "tpe", StudyState.RUNNING)
     study_id = store.study("tpe").id
