@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Optional
 
 from engine.errors import UnlearnError
+from engine.metric_registry import ROBUSTNESS_ATTACKS  # --attacks: engine.recovery runs them
 
 
 def knob(default: Any, flag: str, help: str, parse: Any = None, default_text: str | None = None) -> Any:
@@ -159,7 +160,6 @@ class RunSettings:
         return out
 
 
-ROBUSTNESS_ATTACKS = ("relearn", "quant4", "quant8")  # engine.recovery runs them
 DTYPES = ("auto", "bf16", "fp32")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from engine.data import Chunks, ForgetSetChunks
-
-ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")
+from engine.metric_registry import MIA_ATTACKS as ATTACKS  # the attacks scored below, each an mia_auc.<attack>
+from engine.metric_registry import MIA_AUC, ROLES, ppl
 
 
 @dataclass
@@ -130,8 +130,8 @@ def evaluate(model, sets: ForgetSetChunks, batch_size: int = 8, device=None, aut
     """The metrics M of one model: ppl per set and the MIA AUCs. Returns (M, eval tokens)."""
     scores = {role: score_chunks(model, ch, batch_size, device, autocast, min_k, attacks=role in ("forget", "unseen"))
               for role, ch in sets.items()}
-    metrics = {f"ppl_{role}": _finite(scores[role].ppl) if role in scores else None for role in ("forget", "retain", "unseen", "general")}
-    metrics["mia_auc"] = mia_auc(scores["forget"], scores["unseen"])
+    metrics = {ppl(role): _finite(scores[role].ppl) if role in scores else None for role in ROLES}
+    metrics[MIA_AUC] = mia_auc(scores["forget"], scores["unseen"])
     eval_tokens = int(sum(ch.n_tokens for _, ch in sets.items()))
     return metrics, eval_tokens
 
@@ -140,11 +140,16 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def not_compared() -> dict:
+    """What `compare` gives a model that blew up (and a cell a divergence cut off): no figure, no success."""
+    return {"forget_gap": None, "retain_drift": None, "score": None, "success": False}
+
+
 def compare(metrics: dict, baseline: dict, tol_forget: float = 0.10, tol_retain: float = 0.05) -> dict:
     """Distance to the approximate-retraining target and utility lost, against θ0's metrics."""
     pf, pr = metrics.get("ppl_forget"), metrics.get("ppl_retain")
     if pf is None or pr is None:  # non-finite: the model blew up
-        return {"forget_gap": None, "retain_drift": None, "score": None, "success": False}
+        return not_compared()
     forget_gap = abs(math.log(pf) - math.log(baseline["ppl_unseen"]))
     retain_drift = math.log(pr) - math.log(baseline["ppl_retain"])
     return {

@@ -27,26 +27,34 @@ import torch
 from engine.config import RunConfig, parse_attacks
 from engine.data import Chunks, ForgetSetChunks, ForgetSetTexts, chunk_forget_set
 from engine.errors import UnlearnError
-from engine.evaluate import compare, evaluate
+from engine.evaluate import compare, evaluate, not_compared
 from engine.files import write_json_atomic
 from engine.finetune import batch_indices
+from engine.lora import AdapterOff, apply_lora
 from engine.methods import get_method
 from engine.methods.base import Method, PrepareContext, causal_labels
-from engine.lora import AdapterOff, apply_lora
+from engine.metric_registry import MIA, PERPLEXITY, MilestoneCell, blank
+from engine.models import (
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    model_key,
+    read_pretraining_tokens,
+    resolve_device,
+)
 from engine.precision import make_optimizer, resolve_dtype
 from engine.recovery import attack_milestone
 from engine.saving import save_model
-from engine.sharding import shard
 from engine.selection import trained_parameters
-from engine.models import count_parameters, load_model, load_tokenizer, model_key, read_pretraining_tokens, resolve_device
+from engine.sharding import shard
 
 OnStep = Callable[[int, float], None]
-OnMilestone = Callable[[dict], None]
+OnMilestone = Callable[[MilestoneCell], None]
 
 
 @dataclass
 class TrainResult:
-    milestones: list[dict]  # one cell per milestone, in step order; cells after a divergence are diverged
+    milestones: list[MilestoneCell]  # one cell per milestone, in step order; cells after a divergence are diverged
     diverged: bool
     reason: str | None
     losses: list[float]  # the loss of every optimizer step taken
@@ -69,8 +77,8 @@ def constant_after_warmup(warmup_steps: int) -> Callable[[int], float]:
 
 
 def empty_metrics() -> dict:
-    return {"ppl_forget": None, "ppl_retain": None, "ppl_unseen": None, "ppl_general": None,
-            "mia_auc": {"loss": None, "zlib": None, "min_k": None, "min_k_pp": None}}
+    """What `evaluate` measures, every figure None (a cell a divergence cut off)."""
+    return blank(PERPLEXITY, MIA)
 
 
 # ---------------------------------------------------------------- the loop
@@ -94,7 +102,7 @@ def train_to_milestones(model, tokenizer, sets: ForgetSetChunks, cfg: RunConfig,
 def _train(model, tokenizer, sets, cfg: RunConfig, baseline, on_step, on_milestone, cache=None, extras=None) -> TrainResult:
     run = _Run.set_up(model, tokenizer, sets, cfg, cache)
     run.extras = extras
-    cells: list[dict] = []
+    cells: list[MilestoneCell] = []
     losses: list[float] = []
     train_tokens = eval_tokens = 0
     reason = None
@@ -127,10 +135,9 @@ def _train(model, tokenizer, sets, cfg: RunConfig, baseline, on_step, on_milesto
     return TrainResult(cells, reason is not None, reason, losses, train_tokens, eval_tokens, run.reported())
 
 
-def diverged_cells(milestones, done: set[int]) -> list[dict]:
+def diverged_cells(milestones, done: set[int]) -> list[MilestoneCell]:
     """The cells a divergence cut off: recorded as diverged, never as missing."""
-    return [{"step": step, **empty_metrics(), "forget_gap": None, "retain_drift": None, "score": None,
-             "success": False, "diverged": True, "train_loss": None}
+    return [{"step": step, **empty_metrics(), **not_compared(), "diverged": True, "train_loss": None}
             for step in milestones if step not in done]
 
 
@@ -279,7 +286,8 @@ class _Run:
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def evaluate_milestone(self, step: int, baseline: dict, loss: float) -> tuple[dict | None, str | None, int]:
+    def evaluate_milestone(self, step: int, baseline: dict,
+                           loss: float) -> tuple[MilestoneCell | None, str | None, int]:
         """(the cell at `step`, why it counts as diverged or None, the tokens evaluated), on the main
         process; (None, None, 0) on the others, which learn the verdict from `agree_on`."""
         if not self.is_main:

@@ -2,8 +2,8 @@
 
 Shared by the CLI (`unlearn heatmap`) and the Textual app (a Static can hold it). Colours are
 scaled over the finite values of every method shown, so methods compare at a glance:
-score, forget_gap and |retain_drift| lower = greener; MIA AUCs closer to 0.5 = greener;
-perplexities on a log scale (ppl_retain lower = greener, the others on a neutral blue scale,
+each metric's better direction, log scale and legend come from engine/metric_registry.py (e.g. the
+score lower = greener, MIA AUCs closer to 0.5, the forget perplexity on a neutral blue log scale,
 since neither a lower nor a higher forget perplexity is better in itself).
 Fits 80 columns with up to 6 steps columns.
 """
@@ -20,7 +20,9 @@ from rich.table import Table
 from rich.text import Text
 
 from engine.errors import UnlearnError
-from studies.reading.grid import Cell, Grid, check_metric, grids, higher_is_better
+from engine.metric_registry import SCORE
+from engine.metric_registry import get as get_metric
+from studies.reading.grid import Cell, Grid, check_metric, grids
 from studies.store.states import CellStatus
 from tui.numbers import fmt_lr, fmt_value  # noqa: F401  (re-exported: the CLI and app import them here)
 
@@ -32,20 +34,12 @@ SUCCESS = "✓"
 
 def badness(metric: str, x: float) -> Optional[float]:
     """The quantity the colour scale runs over (lower = better / greener)."""
-    if metric in ("retain_drift", "bench.muse_privleak"):
-        return abs(x)
-    if metric.startswith("mia_auc") or metric == "bench.muse_auc":
-        return abs(x - 0.5)
-    if higher_is_better(metric):  # benchmark figures where more is better, downstream accuracy
-        return -x
-    if metric.startswith("ppl"):
-        return math.log(x) if x > 0 else None
-    return x
+    return get_metric(metric).badness(x)
 
 
 def diverging(metric: str) -> bool:
-    """True where lower is better (green → red); False for a neutral sequential scale."""
-    return not (metric.startswith("ppl") and metric != "ppl_retain")
+    """True where one direction is better (green → red); False for a neutral sequential scale."""
+    return get_metric(metric).good_bad
 
 
 def _lerp(a: tuple, b: tuple, t: float) -> tuple:
@@ -66,7 +60,7 @@ def colour(t: float, good_bad: bool) -> Color:
 class Heatmap:
     """lr × steps tables, one per method, of one metric, with success marks and cell states."""
 
-    def __init__(self, cells: list[Cell], metric: str = "score", method: Optional[str] = None,
+    def __init__(self, cells: list[Cell], metric: str = SCORE, method: Optional[str] = None,
                  title: Optional[str] = None, legend: bool = True):
         self.metric = check_metric(metric)
         all_grids = grids(cells)
@@ -117,13 +111,7 @@ class Heatmap:
         return t
 
     def legend_text(self) -> Text:
-        scale = ("higher = greener" if higher_is_better(self.metric)
-                 else "|PrivLeak| lower = greener" if self.metric == "bench.muse_privleak"
-                 else "closer to 0.5 = greener" if self.metric == "bench.muse_auc"
-                 else "lower = greener" if self.metric not in ("retain_drift",) and not self.metric.startswith(("mia", "ppl"))
-                 else "|drift| lower = greener" if self.metric == "retain_drift"
-                 else "closer to 0.5 = greener" if self.metric.startswith("mia")
-                 else "log scale, lower = greener" if self.metric == "ppl_retain" else "log scale")
+        scale = get_metric(self.metric).scale
         return Text.assemble(f"{SUCCESS} success  ", ("div", MARKS[CellStatus.DIVERGED][1]), " diverged  ",
                              ("…", MARKS[CellStatus.RUNNING][1]), " running  ", ("·", "dim"), " pending  ",
                              ("✗", MARKS[CellStatus.FAILED][1]), f" failed  {scale}")
@@ -147,7 +135,7 @@ class Heatmap:
         yield Group(*self.renderables())
 
 
-def render_heatmaps(cells: Iterable[Cell], metric: str = "score", method: Optional[str] = None,
+def render_heatmaps(cells: Iterable[Cell], metric: str = SCORE, method: Optional[str] = None,
                     title: Optional[str] = None) -> Heatmap:
     """The heatmap of `metric` for every method of the cells (or only `method`)."""
     return Heatmap(list(cells), metric, method, title)

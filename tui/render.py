@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from engine.metric_registry import FORGET_GAP, MIA_LOSS, PPL_FORGET, PPL_RETAIN, PPL_UNSEEN, RETAIN_DRIFT, SCORE, read
+from engine.metric_registry import get as get_metric
+
 
 def fmt(x, digits: int = 3) -> str:
     if x is None:
@@ -16,8 +19,18 @@ def fmt(x, digits: int = 3) -> str:
     return str(x)
 
 
+# The figures after lr and step, each (metric, significant digits). Headers are the metrics' short
+# labels, except the one AUC shown: "AUC" (the caption names its attack). "exact" follows the gap.
+_FIGURES = ((PPL_FORGET, 3), (PPL_RETAIN, 3), (PPL_UNSEEN, 3), (MIA_LOSS, 2), (FORGET_GAP, 2), (RETAIN_DRIFT, 2),
+            (SCORE, 3))
+
+
+def _header(path: str) -> str:
+    return "AUC" if path == MIA_LOSS else get_metric(path).label
+
+
 def metrics_table(title: str, rows: list[tuple[str, str, str, dict]], exact_forget_ppl: float | None = None) -> Table:
-    """rows: (label, lr, steps, cell) where cell has M plus optional forget_gap/retain_drift/score/success.
+    """rows: (label, lr, steps, cell): a cell, or θ0's metrics (no objective, no success).
     Compact headers so the table fits 80 columns (a legend goes in the caption)."""
     import math
 
@@ -26,18 +39,18 @@ def metrics_table(title: str, rows: list[tuple[str, str, str, dict]], exact_forg
                       "0.5 = looks unseen) · gap: forget_gap · exact: gap to the retrained twin · drift: retain_drift",
               caption_justify="left")
     t.add_column("method", no_wrap=True, max_width=13, overflow="ellipsis")
-    for col in ("lr", "step", "forget", "retain", "unseen", "AUC", "gap", "exact", "drift", "score"):
+    headers = [_header(path) for path, _ in _FIGURES]
+    headers.insert(headers.index(_header(FORGET_GAP)) + 1, "exact")
+    for col in ("lr", "step", *headers):
         t.add_column(col, justify="right", no_wrap=True)
     t.add_column("ok", justify="center", no_wrap=True)
     for label, lr, steps, c in rows:
-        auc = c.get("mia_auc") or {}
         exact = None
-        if exact_forget_ppl and c.get("ppl_forget"):
-            exact = abs(math.log(c["ppl_forget"]) - math.log(exact_forget_ppl))
-        t.add_row(label, lr, steps, fmt(c.get("ppl_forget")), fmt(c.get("ppl_retain")), fmt(c.get("ppl_unseen")),
-                  fmt(auc.get("loss"), 2),
-                  fmt(c.get("forget_gap"), 2), fmt(exact, 2), fmt(c.get("retain_drift"), 2), fmt(c.get("score"), 3),
-                  fmt(c.get("success")) if "success" in c else "")
+        if exact_forget_ppl and c.get(PPL_FORGET):
+            exact = abs(math.log(c[PPL_FORGET]) - math.log(exact_forget_ppl))
+        figures = [fmt(read(c, path), digits) for path, digits in _FIGURES]
+        figures.insert(headers.index("exact"), fmt(exact, 2))
+        t.add_row(label, lr, steps, *figures, fmt(c.get("success")) if "success" in c else "")
     return t
 
 

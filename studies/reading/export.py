@@ -21,10 +21,13 @@ from typing import Callable, Optional
 
 from engine.errors import UnlearnError
 from engine.methods.base import parse_variant
-from studies.reading.grid import Cell, best_cell, load_cells, pareto as pareto_front
+from engine.metric_registry import OBJECTIVE, every_run, objective, read
 from studies.lifecycle.spec import StudySpec
-from studies.store.states import CellStatus
+from studies.reading.grid import Cell, best_cell, load_cells
+from studies.reading.grid import pareto as pareto_front
 from studies.store.db import ForgetSet, Store, Study
+from studies.store.states import CellStatus
+
 
 def hyperparameters(spec: StudySpec, method: str, lr: float) -> dict:
     """The run settings of the cell's run (every RunSettings field; retain_weight None = the method's own)."""
@@ -67,9 +70,7 @@ def _entry(study: Study, spec: StudySpec, fs: ForgetSet, cell: Cell) -> dict:
         "method": cell.method,
         "lr": cell.lr,
         "steps": cell.steps,
-        "score": s["score"],
-        "forget_gap": s["forget_gap"],
-        "retain_drift": s["retain_drift"],
+        **{m.path: s[m.path] for m in objective()},
         "success": s["success"],
         "metrics": dict(cell.metrics or {}),
         "model": study.model,
@@ -137,12 +138,10 @@ def model_card(entry: dict, reached: dict, result: dict) -> str:
     def num(x):
         return "—" if x is None else (f"{x:.6g}" if isinstance(x, float) else str(x))
 
-    auc = reached.get("mia_auc") or {}
-    rows = [("score", reached.get("score")), ("forget_gap", reached.get("forget_gap")),
-            ("retain_drift", reached.get("retain_drift")), ("success", reached.get("success")),
-            ("ppl_forget", reached.get("ppl_forget")), ("ppl_retain", reached.get("ppl_retain")),
-            ("ppl_unseen", reached.get("ppl_unseen")), ("ppl_general", reached.get("ppl_general"))]
-    rows += [(f"mia_auc.{k}", v) for k, v in auc.items()]
+    # The objective and success first, then every other figure every cell has.
+    others = [m.path for m in every_run() if m.group != OBJECTIVE]
+    rows = [(m.path, read(reached, m.path)) for m in objective()] + [("success", reached.get("success"))]
+    rows += [(k, read(reached, k)) for k in others]
     base = result.get("baseline") or {}
     hp = entry.get("hyperparameters") or {}
     fs = entry["forget_set"]
@@ -167,11 +166,7 @@ def model_card(entry: dict, reached: dict, result: dict) -> str:
     ]
     study_cell = entry.get("metrics") or {}
     for k, v in rows:
-        if k.startswith("mia_auc."):
-            b, st = (base.get("mia_auc") or {}).get(k.split(".", 1)[1]), (study_cell.get("mia_auc") or {}).get(k.split(".", 1)[1])
-        else:
-            b, st = base.get(k), study_cell.get(k)
-        lines.append(f"| {k} | {num(v)} | {num(b)} | {num(st)} |")
+        lines.append(f"| {k} | {num(v)} | {num(read(base, k))} | {num(read(study_cell, k))} |")
     lines += [
         "",
         "forget_gap = |ln ppl_forget(θ) − ln ppl_unseen(θ0)|; retain_drift = ln ppl_retain(θ) − ln ppl_retain(θ0); "

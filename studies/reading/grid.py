@@ -19,35 +19,19 @@ from typing import Iterable, Optional
 
 from sqlmodel import select
 
+from engine import metric_registry
 from engine.errors import UnlearnError
+from engine.metric_registry import FORGET_GAP, RETAIN_DRIFT, SCORE, MilestoneCell
 from studies.lifecycle.spec import StudySpec, without_ranged_knobs
-from studies.store.states import REAL_RUN_STATES, CellStatus, RunState
 from studies.store.db import Milestone, Run, Store, Study
+from studies.store.states import REAL_RUN_STATES, CellStatus, RunState
 
-# Metric paths a grid can show: dotted paths into a milestone's metrics. Every cell has the first
-# group; the recoveries only where the study ran robustness attacks (`--attacks`), None elsewhere.
-CELL_METRICS = ("score", "forget_gap", "retain_drift", "ppl_forget", "ppl_retain", "ppl_unseen", "ppl_general",
-                "mia_auc.loss", "mia_auc.zlib", "mia_auc.min_k", "mia_auc.min_k_pp")
-RECOVERY_METRICS = ("relearn_recovery", "quant4_recovery", "quant8_recovery")
-# A TOFU or MUSE preset's benchmark metrics (engine/benchmark_metrics/milestone.py): only in cells of such a set.
-BENCH_METRICS = ("bench.tofu_truth_ratio", "bench.tofu_forget_quality", "bench.muse_verbmem_f", "bench.muse_knowmem_f",
-                 "bench.muse_knowmem_r", "bench.muse_auc", "bench.muse_privleak")
-METRICS = CELL_METRICS + RECOVERY_METRICS + BENCH_METRICS
-DOWNSTREAM = "downstream."  # + an lm-eval task name (--eval-tasks): any task is a metric path
-# Where a higher value is the better one (the heatmap's colours): TOFU's truth ratio on the forget set
-# (1: cannot tell right from wrong) and forget quality, knowledge kept on the retain QA, task accuracy.
-HIGHER_IS_BETTER = ("bench.tofu_truth_ratio", "bench.tofu_forget_quality", "bench.muse_knowmem_r")
 STATUSES = tuple(CellStatus)  # computed (done, diverged) or not yet (pending, running, failed, cancelled)
 
 
 def check_metric(metric: str) -> str:
-    if metric not in METRICS and not (metric.startswith(DOWNSTREAM) and len(metric) > len(DOWNSTREAM)):
-        raise UnlearnError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}, {DOWNSTREAM}TASK")
-    return metric
-
-
-def higher_is_better(metric: str) -> bool:
-    return metric in HIGHER_IS_BETTER or metric.startswith(DOWNSTREAM)
+    """A metric path a grid can show (engine/metric_registry.py); an unknown one is one line naming the known ones."""
+    return metric_registry.get(metric).path
 
 
 def study_metrics(spec: dict, cells: Iterable["Cell"] = ()) -> tuple[str, ...]:
@@ -64,10 +48,11 @@ def study_metrics(spec: dict, cells: Iterable["Cell"] = ()) -> tuple[str, ...]:
     bench: set[str] = set()
     for c in cells:
         m = c.metrics or {}
-        bench |= {f"bench.{k}" for k in (m.get("bench") or {})}
-        tasks += [t for t in (m.get("downstream") or {}) if t not in tasks]
-    return (CELL_METRICS + tuple(f"{a}_recovery" for a in attacks) + tuple(b for b in BENCH_METRICS if b in bench)
-            + tuple(DOWNSTREAM + t for t in tasks))
+        bench |= {f"{metric_registry.BENCH}.{k}" for k in (m.get(metric_registry.BENCH) or {})}
+        tasks += [t for t in (m.get(metric_registry.DOWNSTREAM) or {}) if t not in tasks]
+    return (metric_registry.every_run_paths() + tuple(metric_registry.recovery(a) for a in attacks)
+            + tuple(b for b in metric_registry.paths(metric_registry.BENCH) if b in bench)
+            + tuple(metric_registry.DOWNSTREAM_PREFIX + t for t in tasks))
 
 
 def _finite(x) -> Optional[float]:
@@ -82,7 +67,7 @@ class Cell:
     lr: float
     steps: int
     status: CellStatus
-    metrics: Optional[dict] = None  # the engine's cell dict (None until computed)
+    metrics: Optional[MilestoneCell] = None  # the engine's cell (None until computed)
     score: Optional[float] = None
     success: bool = False
     diverged: bool = False
@@ -97,23 +82,22 @@ class Cell:
 
     def value(self, metric: str) -> Optional[float]:
         """The metric at a dotted path (e.g. mia_auc.min_k); None when missing or not finite."""
-        if metric == "score" and self.score is not None:
+        if metric == SCORE and self.score is not None:
             return _finite(self.score)
-        node = self.metrics
-        for part in metric.split("."):
-            if not isinstance(node, dict):
-                return None
-            node = node.get(part)
-        return _finite(node)
+        return _finite(metric_registry.read(self.metrics, metric))
 
     def summary(self) -> dict:
-        """The numbers an export or a status line shows (flat, plus mia_auc)."""
+        """The numbers an export or a status line shows: the objective and success, then every other
+        figure every cell has (flat; a group a cell nests, such as mia_auc, as stored)."""
         m = self.metrics or {}
-        return {"lr": self.lr, "steps": self.steps, "score": self.value("score"),
-                "forget_gap": self.value("forget_gap"), "retain_drift": self.value("retain_drift"),
-                "success": bool(self.success),
-                **{k: self.value(k) for k in ("ppl_forget", "ppl_retain", "ppl_unseen", "ppl_general")},
-                "mia_auc": dict(m.get("mia_auc") or {}), "trial_number": self.trial_number}
+        out = {"lr": self.lr, "steps": self.steps, **{x.path: self.value(x.path) for x in metric_registry.objective()},
+               "success": bool(self.success)}
+        for x in metric_registry.every_run():
+            if x.group != metric_registry.OBJECTIVE:
+                top = x.path.split(".")[0]
+                out[top] = dict(m.get(top) or {}) if top != x.path else self.value(x.path)
+        out["trial_number"] = self.trial_number
+        return out
 
 
 @dataclass
@@ -134,7 +118,7 @@ class Grid:
         # The heatmap of a 100,000-cell study calls this on every refresh: one dict lookup a cell,
         # the metric's path split once, no method call per cell (Cell.value gives the same numbers).
         get, steps, done = self.cells.get, self.steps, CellStatus.DONE
-        if metric == "score":
+        if metric == SCORE:
             def read(c: Cell) -> Optional[float]:
                 return _finite(c.score) if c.score is not None else c.value(metric)
         else:
@@ -227,7 +211,7 @@ def cell_at(method: str, lr: float, step: int, run: Optional[Run], ms: Optional[
     """The cell at (method, lr, step) from its run (None: not started) and its milestone row (None: not written)."""
     if ms is not None:
         diverged = bool(ms.diverged or (ms.metrics or {}).get("diverged"))
-        score = ms.score if ms.score is not None else (ms.metrics or {}).get("score")
+        score = ms.score if ms.score is not None else (ms.metrics or {}).get(SCORE)
         return Cell(method, lr, step, CellStatus.DIVERGED if diverged else CellStatus.DONE, metrics=dict(ms.metrics or {}),
                     score=None if diverged else _finite(score), success=bool(ms.success) and not diverged,
                     diverged=diverged, run_id=ms.run_id, run_state=run.state if run else None,
@@ -294,8 +278,8 @@ def of_method(cells: list[Cell], method: str, ranges: dict | None = None) -> lis
 def best_cell(cells: list[Cell], method: str, ranges: dict | None = None) -> Optional[Cell]:
     """THE best cell of a method: among its computed, non-diverged cells, the lowest score;
     ties go to fewer steps (cheaper), then to the lower lr (gentler). None when it has none."""
-    cand = [c for c in of_method(cells, method, ranges) if c.computed and c.value("score") is not None]
-    return min(cand, key=lambda c: (c.value("score"), c.steps, c.lr)) if cand else None
+    cand = [c for c in of_method(cells, method, ranges) if c.computed and c.value(SCORE) is not None]
+    return min(cand, key=lambda c: (c.value(SCORE), c.steps, c.lr)) if cand else None
 
 
 def best(cells: list[Cell]) -> dict[str, dict]:
@@ -307,15 +291,15 @@ def pareto(cells: list[Cell], method: str, ranges: dict | None = None) -> list[C
     """The method's computed cells not dominated on (forget_gap, retain_drift), both minimized;
     sorted by forget_gap. Cells with equal coordinates are all kept."""
     pts = [c for c in of_method(cells, method, ranges) if c.computed
-           and c.value("forget_gap") is not None and c.value("retain_drift") is not None]
+           and c.value(FORGET_GAP) is not None and c.value(RETAIN_DRIFT) is not None]
     front = []
     for c in pts:
-        g, d = c.value("forget_gap"), c.value("retain_drift")
-        dominated = any(o.value("forget_gap") <= g and o.value("retain_drift") <= d
-                        and (o.value("forget_gap") < g or o.value("retain_drift") < d) for o in pts)
+        g, d = c.value(FORGET_GAP), c.value(RETAIN_DRIFT)
+        dominated = any(o.value(FORGET_GAP) <= g and o.value(RETAIN_DRIFT) <= d
+                        and (o.value(FORGET_GAP) < g or o.value(RETAIN_DRIFT) < d) for o in pts)
         if not dominated:
             front.append(c)
-    return sorted(front, key=lambda c: (c.value("forget_gap"), c.value("retain_drift"), c.steps, c.lr))
+    return sorted(front, key=lambda c: (c.value(FORGET_GAP), c.value(RETAIN_DRIFT), c.steps, c.lr))
 
 
 def count_status(cells: list[Cell]) -> dict[str, int]:

@@ -13,19 +13,17 @@ from typing import Any, Iterable, Optional
 from sqlmodel import select
 
 from engine.errors import UnlearnError
+from engine.metric_registry import MIA_AUC, PPL_FORGET, PPL_UNSEEN, every_run_paths
+from studies.lifecycle.spec import StudySpec
 from studies.reading.export import reproduce_command
 from studies.reading.grid import Cell, cells_from_rows, load_cells, pareto
-from studies.lifecycle.spec import StudySpec
-from studies.store.states import REAL_RUN_STATES
 from studies.store.db import Event, ForgetSet, Milestone, Run, Store, Study
+from studies.store.states import REAL_RUN_STATES
 
 # The approximate-retraining target of the membership attacks: members indistinguishable from non-members.
 MIA_TARGET = 0.5
 # Event kinds (written by the scheduler and the worker) that say why a run did not simply finish.
 FAILURE_KINDS = ("retry", "failed", "cancelled", "diverged")
-# The metrics the compare table shows, in order (dotted paths into a cell's metrics).
-COMPARE_METRICS = ("score", "forget_gap", "retain_drift", "ppl_forget", "ppl_retain", "ppl_unseen", "ppl_general",
-                   "mia_auc.loss", "mia_auc.zlib", "mia_auc.min_k", "mia_auc.min_k_pp")
 
 
 def _same_lr(a: float, b: float) -> bool:
@@ -59,8 +57,7 @@ def _baseline(runs: list[Run], run: Run) -> tuple[Optional[dict], Optional[int]]
 def _target(baseline: Optional[dict]) -> dict:
     """Approximate retraining: the forget set looks like text never seen (forget_gap measures the
     distance of ln ppl_forget to ln ppl_unseen of the original model), and the attacks guess."""
-    ppl_unseen = (baseline or {}).get("ppl_unseen")
-    return {"ppl_forget": ppl_unseen, "mia_auc": MIA_TARGET}
+    return {PPL_FORGET: (baseline or {}).get(PPL_UNSEEN), MIA_AUC: MIA_TARGET}
 
 
 def trial_detail(store: Store, study: str, method: str, lr: float, steps: int) -> dict:
@@ -167,10 +164,11 @@ def compare_cells(store: Store, cells: Iterable[Any]) -> dict:
     index = {id(c): i for i, c in enumerate(pooled)}
     front = [index[id(c)] for c in pareto(pooled, "compare")]
     fs = next(iter(studies.values()))[1]
+    shown = every_run_paths()  # the compare table's rows, in order
     rows = []
     for i, ((study, method, lr, steps), cell) in enumerate(zip(refs, found)):
         rows.append({"study": study, "method": method, "lr": float(cell.lr), "steps": int(steps),
                      "status": str(cell.status), "success": bool(cell.success), "trial_number": cell.trial_number,
-                     "values": {m: cell.value(m) for m in COMPARE_METRICS}, "pareto": i in front})
-    return {"forget_set": {"name": fs.name, "hash": fs.hash}, "metrics": list(COMPARE_METRICS),
+                     "values": {m: cell.value(m) for m in shown}, "pareto": i in front})
+    return {"forget_set": {"name": fs.name, "hash": fs.hash}, "metrics": list(shown),
             "cells": rows, "front": front}

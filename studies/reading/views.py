@@ -21,11 +21,13 @@ from sqlalchemy import cast as sa_cast
 from sqlmodel import select
 
 from engine.errors import UnlearnError
-from studies.reading.grid import CELL_METRICS, Cell, Grid, cell_at, check_metric, grids, row_keys, row_order, study_metrics
+from engine.metric_registry import SCORE, every_run_paths
+from engine.metric_registry import read as read_metric
 from studies.lifecycle.spec import StudySpec
-from studies.store.states import REAL_RUN_STATES, RunState, StudyState
+from studies.reading.grid import Cell, Grid, cell_at, check_metric, grids, row_keys, row_order, study_metrics
 from studies.store.clock import age_s
 from studies.store.db import Milestone, Run, Store, Study, utcnow
+from studies.store.states import REAL_RUN_STATES, RunState, StudyState
 
 CellKey = tuple[str, float, int]  # (method, lr, steps)
 RunKey = tuple[str, float]  # (method, lr): one run's row of cells
@@ -62,7 +64,8 @@ class Poll:
     # grids(cells), kept between polls: a method whose cells did not change keeps the very same Grid
     # object (so a reader may cache what it drew from it); none is changed once handed out.
     grids: dict[str, Grid] = field(default_factory=dict)
-    metrics: tuple[str, ...] = CELL_METRICS  # study_metrics(study.spec, cells): what a picker offers
+    # study_metrics(study.spec, cells): what a picker offers
+    metrics: tuple[str, ...] = field(default_factory=every_run_paths)
 
 
 @dataclass
@@ -88,7 +91,7 @@ class StudyWatch:
     _cells: dict[CellKey, tuple] = field(default_factory=dict)  # signatures
     _cells_list: Optional[list[Cell]] = None
     _grids: dict[str, Grid] = field(default_factory=dict)
-    _metrics: tuple[str, ...] = CELL_METRICS
+    _metrics: tuple[str, ...] = field(default_factory=every_run_paths)
     _state: Optional[str] = None
     # One poll at a time: a dashboard's tick may start the next before a slow one ended (its
     # worker threads are not stopped), and a poll moves what the watch keeps.
@@ -217,7 +220,7 @@ class StudyWatch:
             try:
                 self._metrics = study_metrics(study.spec, self._cells_list)
             except Exception:  # noqa: BLE001 - a spec this version cannot read: the plain metrics
-                self._metrics = CELL_METRICS
+                self._metrics = every_run_paths()
         return changed
 
 
@@ -233,11 +236,13 @@ def running_runs(study: Study, runs: list[Run], now: Optional[dt.datetime] = Non
 
 # ---------------------------------------------------------------- the trial table
 
-TRIAL_COLUMNS = ("method", "lr", "steps", "trial") + CELL_METRICS + ("success",)
+def trial_columns() -> tuple[str, ...]:
+    """What a trial row holds and can be sorted by: the run's keys and every metric every cell has."""
+    return ("method", "lr", "steps", "trial") + every_run_paths() + ("success",)
 
 
 _PLAIN_COLUMNS = {"method": Run.method, "lr": Run.lr, "steps": Milestone.step, "trial": Milestone.trial_number,
-                  "success": Milestone.success, "score": Milestone.score}
+                  "success": Milestone.success, SCORE: Milestone.score}
 
 
 def _order_column(sort: str):
@@ -261,8 +266,9 @@ def trial_page(store: Store, study: str, sort: str = "score", descending: bool =
                limit: int = 200, offset: int = 0) -> TrialPage:
     """One page of a study's trials (one per computed cell), sorted and filtered by the database.
     Missing values sort last either way."""
-    if sort not in TRIAL_COLUMNS:
-        raise UnlearnError(f"cannot sort by {sort!r}; one of: {', '.join(TRIAL_COLUMNS)}")
+    columns = trial_columns()
+    if sort not in columns:
+        raise UnlearnError(f"cannot sort by {sort!r}; one of: {', '.join(columns)}")
     if limit <= 0:
         raise UnlearnError("limit must be positive")
     st = store.study(study)
@@ -282,13 +288,13 @@ def trial_page(store: Store, study: str, sort: str = "score", descending: bool =
                        .where(and_(*where)).order_by(*order).offset(offset).limit(limit)).all()
     rows = []
     for ms, m, lr in found:
-        metrics = dict(ms.metrics or {})
+        values = dict(ms.metrics or {})
         row = {"id": ms.id, "method": m, "lr": lr, "steps": ms.step, "trial": ms.trial_number,
-               "success": bool(ms.success), "diverged": bool(ms.diverged), "score": ms.score}
-        for name in CELL_METRICS[1:]:
-            node = metrics
-            for part in name.split("."):
-                node = node.get(part) if isinstance(node, dict) else None
+               "success": bool(ms.success), "diverged": bool(ms.diverged), SCORE: ms.score}
+        for name in every_run_paths():
+            if name == SCORE:  # a column of its own (Milestone.score)
+                continue
+            node = read_metric(values, name)
             row[name] = node if isinstance(node, (int, float)) and not isinstance(node, bool) else None
         rows.append(row)
     return TrialPage(rows, int(total or 0), offset)

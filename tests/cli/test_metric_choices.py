@@ -1,5 +1,5 @@
 """`unlearn study heatmap --metric X`: every metric path it accepted before the metric registry
-(engine/metrics.py) still is, and nothing else is.
+(engine/metric_registry.py) still is, and nothing else is.
 
 The list below is written out on purpose, not read from the registry: it is what the command
 accepted when the metrics were still spelled out in studies/reading/grid.py, and it must never

@@ -16,8 +16,8 @@ PRESET_DIR = Path(__file__).parents[1] / "fixtures" / "presets"
 
 def _stored(tmp_path, preset: str, split: str | None):
     from engine.presets import load_preset
-    from studies.store.forgetsets import forget_set_texts, store_forget_set
     from studies.store.db import Store
+    from studies.store.forgetsets import forget_set_texts, store_forget_set
 
     store = Store(f"sqlite:///{tmp_path / 's.db'}")
     d = load_preset(preset, split, str(PRESET_DIR / preset))
@@ -107,9 +107,10 @@ def test_heatmap_and_picker_offer_bench_metrics_only_where_cells_have_them(tmp_p
                                                                            forget_set_files):
     from sqlmodel import select
 
-    from studies.reading.grid import CELL_METRICS, load_cells, study_metrics
-    from studies.store.states import RunState
+    from engine.metric_registry import every_run_paths
+    from studies.reading.grid import load_cells, study_metrics
     from studies.store.db import Milestone, Run, Store
+    from studies.store.states import RunState
     from tests.studies_helpers import cli_in_process, make_forget_set
 
     url = f"sqlite:///{tmp_path / 'lab.db'}"
@@ -119,13 +120,13 @@ def test_heatmap_and_picker_offer_bench_metrics_only_where_cells_have_them(tmp_p
                        "--methods", "ga", "--lr", "1e-3", "--steps", "1,2", "--storage", url)
     assert p.returncode == 0, p.stderr
     spec = store.study("S").spec
-    assert study_metrics(spec, load_cells(store, "S")) == CELL_METRICS  # a plain set: no bench.* offered
+    assert study_metrics(spec, load_cells(store, "S")) == every_run_paths()  # a plain set: no bench.* offered
     with store.write() as s:
         run = s.exec(select(Run)).one()
         run.state = RunState.DONE
         s.add(Milestone(run_id=run.id, step=1, metrics={"score": 0.5, "bench": {"tofu_truth_ratio": 0.7}}, score=0.5))
         s.add(Milestone(run_id=run.id, step=2, metrics={"score": 0.4, "bench": {"tofu_truth_ratio": 0.9}}, score=0.4))
-    assert study_metrics(spec, load_cells(store, "S")) == CELL_METRICS + ("bench.tofu_truth_ratio",)
+    assert study_metrics(spec, load_cells(store, "S")) == every_run_paths() + ("bench.tofu_truth_ratio",)
     p = cli_in_process(capsys, "study", "heatmap", "S", "--metric", "bench.tofu_truth_ratio", "--json", "--storage", url)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["ga"]["values"] == [[0.7, 0.9]]

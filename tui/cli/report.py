@@ -8,11 +8,10 @@ from typing import Optional
 
 import typer
 
+from engine.metric_registry import SCORE, metric_help, objective
 from tui.cli.common import Json, Storage, lab
 
-METRIC_HELP = ("score | forget_gap | retain_drift | ppl_forget | ppl_retain | ppl_unseen | ppl_general | "
-               "mia_auc.loss | mia_auc.zlib | mia_auc.min_k | mia_auc.min_k_pp | *_recovery | bench.* (TOFU/MUSE "
-               "presets) | downstream.TASK (--eval-tasks)")
+METRIC_HELP = metric_help()
 
 
 def _age(seconds: Optional[float]) -> str:
@@ -73,16 +72,17 @@ def status_renderable(st: dict):
         parts.append(t)
     t = Table(title="best per method (lowest score)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
               show_edge=False)
-    for col in ("method", "robust", "lr", "steps", "score", "gap", "drift", "ok"):
+    shown = objective()  # score, gap, drift
+    for col in ("method", "robust", "lr", "steps", *(x.label for x in shown), "ok"):
         t.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     for m in st["methods"]:
         b = st["best"].get(m)
         rob = f"{st['robustness'].get(m, 0.0):.0%}"
         if b is None:
-            t.add_row(m, rob, "—", "—", "—", "—", "—", "")
+            t.add_row(m, rob, "—", "—", *("—" for _ in shown), "")
         else:
-            t.add_row(m, rob, fmt_lr(b["lr"]), str(b["steps"]), fmt_value(b["score"]), fmt_value(b["forget_gap"]),
-                      fmt_value(b["retain_drift"]), "✓" if b["success"] else "")
+            t.add_row(m, rob, fmt_lr(b["lr"]), str(b["steps"]), *(fmt_value(b[x.path]) for x in shown),
+                      "✓" if b["success"] else "")
     parts.append(t)
     for e in st["errors"][-5:]:
         msg = (e.get("error") or "").strip().splitlines()
@@ -94,7 +94,7 @@ def status_renderable(st: dict):
 def heatmap_cmd(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="study name"),
-    metric: str = typer.Option("score", "--metric", help=METRIC_HELP),
+    metric: str = typer.Option(SCORE, "--metric", help=METRIC_HELP),
     method: Optional[str] = typer.Option(None, "--method", help="only this method"),
     storage: Storage = None,
     as_json: Json = False,
@@ -170,7 +170,8 @@ def export_cmd(
     """Export the best configuration per method (or the Pareto front) with the command that reproduces it."""
     from engine.errors import UnlearnError
     from engine.files import write_text_atomic
-    from studies.reading.export import export_best, save_model as save, to_json, to_yaml
+    from studies.reading.export import export_best, to_json, to_yaml
+    from studies.reading.export import save_model as save
     from tui.cli.console import err, step_progress
 
     fmt = fmt.lower()

@@ -19,8 +19,9 @@ from textual.widgets import DataTable, Footer, Static
 from textual.worker import get_current_worker
 
 from engine.errors import UnlearnError
-from studies.store.db import Store
+from engine.metric_registry import FORGET_GAP, RETAIN_DRIFT
 from studies.reading.trials import compare_cells
+from studies.store.db import Store
 from tui.app.messages import CellRef
 from tui.app.widgets.curves import Curves
 from tui.heatmap import SUCCESS, badness, diverging, fmt_lr, fmt_value
@@ -107,7 +108,7 @@ class CompareScreen(Screen):
             yield Static("", id="compare-error")
             yield Static("loading…", id="compare-cells")
             yield DataTable(id="compare-table", cursor_type="row", zebra_stripes=True)
-            yield Curves("Pareto front", "forget_gap (lower is better)", "retain_drift", id="compare-pareto")
+            yield Curves("Pareto front", f"{FORGET_GAP} (lower is better)", RETAIN_DRIFT, id="compare-pareto")
             yield Static("", id="compare-front")
         yield Footer()
 
@@ -171,7 +172,7 @@ class CompareScreen(Screen):
 
     def _show_pareto(self, comp: dict) -> None:
         cells = comp["cells"]
-        points = [(i, c["values"]["forget_gap"], c["values"]["retain_drift"]) for i, c in enumerate(cells)]
+        points = [(i, c["values"][FORGET_GAP], c["values"][RETAIN_DRIFT]) for i, c in enumerate(cells)]
         points = [p for p in points if p[1] is not None and p[2] is not None]
         front = [i for i in comp["front"]]
         others = [p for p in points if p[0] not in front]

@@ -24,20 +24,26 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Checkbox, DataTable, Footer, Header, Select, Static
 
-from studies.reading.grid import CELL_METRICS
+from engine.metric_registry import SCORE, every_run_paths
 from tui.app.format import age, fmt_lr, fmt_value
-from tui.heatmap import badness
 from tui.app.messages import CellRef, CompareCells, ExportRequested, OpenTrial, StudyAction
 from tui.app.widgets.devices import DevicesPanel
 from tui.app.widgets.heatmap import HeatmapGrid
 from tui.app.widgets.running import RunningRuns
+from tui.heatmap import badness
 
-TRIAL_COLUMNS = ("method", "lr", "steps", "score", "forget_gap", "retain_drift", "ppl_forget", "ppl_retain",
-                 "ppl_unseen", "ppl_general", "mia_auc.loss", "mia_auc.min_k", "success", "trial")
-SORTABLE = ("score", "forget_gap", "retain_drift", "ppl_forget", "ppl_retain", "mia_auc.loss", "mia_auc.min_k",
-            "steps", "lr", "method", "trial")
 PAGE = 200  # rows of the trial table read at once: the rest stay in the database
 WIDE = 140  # from this many columns, heatmaps and panels sit side by side
+
+
+def trial_columns() -> tuple[str, ...]:
+    """The trial table's columns: the cell's keys and the metrics of the registry's first two tiers."""
+    return ("method", "lr", "steps", *every_run_paths(max_tier=2), "success", "trial")
+
+
+def sortable() -> tuple[str, ...]:
+    """What `s` cycles the trial table's order through: the headline metrics, then the cell's keys."""
+    return (*every_run_paths(max_tier=1), "steps", "lr", "method", "trial")
 
 
 def grid_range(grid, metric: str) -> tuple[float, float] | None:
@@ -73,11 +79,11 @@ def _written(grid) -> int:
     return sum(1 for c in grid.cells.values() if str(c.status) in ("done", "diverged"))
 
 
-def trial_cells(row: dict) -> dict[str, str]:
+def trial_cells(row: dict, columns: tuple[str, ...]) -> dict[str, str]:
     out = {"method": row["method"], "lr": fmt_lr(row["lr"]), "steps": str(row["steps"]),
            "success": "✓" if row["success"] else ("div" if row["diverged"] else ""),
            "trial": "" if row["trial"] is None else str(row["trial"])}
-    for name in TRIAL_COLUMNS:
+    for name in columns:
         if name not in out:
             out[name] = fmt_value(row.get(name))
     return out
@@ -118,9 +124,11 @@ class DashboardScreen(Screen):
         self.marked_before = marked  # cells marked for compare earlier (in any study): shown again
         self.store = store
         self.study = study
-        self.metric = "score"
-        self.metrics = CELL_METRICS  # what the picker offers (plus recoveries, bench.* and downstream.* where a study has them)
-        self.sort, self.descending, self.success_only, self.method_filter = "score", False, False, None
+        self.metric = SCORE
+        # What the picker offers (the poll adds recoveries, bench.* and downstream.* where a study has them).
+        self.metrics = every_run_paths()
+        self.columns = trial_columns()  # of the trial table
+        self.sort, self.descending, self.success_only, self.method_filter = SCORE, False, False, None
         self.steps_total = 0
         self.state: Optional[str] = None
         self._trial_rows: dict[str, dict] = {}  # row key (milestone id) -> trial_page row
@@ -140,7 +148,7 @@ class DashboardScreen(Screen):
         with VerticalScroll(id="dash-scroll"):
             yield Static(f"study {self.study}: reading…", id="dash-head")
             with Horizontal(id="dash-controls"):
-                yield Select([(m, m) for m in self.metrics], value="score", allow_blank=False, id="metric")
+                yield Select([(m, m) for m in self.metrics], value=SCORE, allow_blank=False, id="metric")
                 yield Static("", id="dash-robustness")
             with Vertical(id="dash-main"):
                 yield Vertical(id="heatmaps")
@@ -158,7 +166,7 @@ class DashboardScreen(Screen):
 
     def on_mount(self) -> None:
         table = self.query_one("#trials", DataTable)
-        for name in TRIAL_COLUMNS:
+        for name in self.columns:
             table.add_column(name, key=name)
         self.tick()
         self.set_interval(self.app.refresh_s, self.tick)
@@ -213,7 +221,7 @@ class DashboardScreen(Screen):
             self.metrics = metrics
             select = self.query_one("#metric", Select)
             select.set_options([(m, m) for m in metrics])
-            select.value = self.metric if self.metric in metrics else "score"
+            select.value = self.metric if self.metric in metrics else SCORE
 
     def _update_heatmaps(self, by_method: dict, changed: set) -> None:
         box = self.query_one("#heatmaps", Vertical)
@@ -264,11 +272,11 @@ class DashboardScreen(Screen):
             table.remove_row(key)
             del self._trial_rows[key], self._trial_text[key]
         for key, row in wanted.items():
-            cells = trial_cells(row)
+            cells = trial_cells(row, self.columns)
             if key not in self._trial_rows:
-                table.add_row(*(cells[c] for c in TRIAL_COLUMNS), key=key)
+                table.add_row(*(cells[c] for c in self.columns), key=key)
             else:
-                for c in TRIAL_COLUMNS:
+                for c in self.columns:
                     if self._trial_text[key][c] != cells[c]:
                         table.update_cell(key, c, cells[c])
             self._trial_rows[key], self._trial_text[key] = row, cells
@@ -288,7 +296,8 @@ class DashboardScreen(Screen):
             self.post_message(OpenTrial(CellRef(self.study, row["method"], row["lr"], row["steps"])))
 
     def action_sort(self) -> None:
-        self.sort = SORTABLE[(SORTABLE.index(self.sort) + 1) % len(SORTABLE)] if self.sort in SORTABLE else "score"
+        keys = sortable()
+        self.sort = keys[(keys.index(self.sort) + 1) % len(keys)] if self.sort in keys else SCORE
         self.load_trials()
 
     def action_reverse(self) -> None:

@@ -17,22 +17,32 @@ from textual.containers import Container, VerticalScroll
 from textual.markup import escape
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Static
 from textual.timer import Timer
+from textual.widgets import DataTable, Footer, Static
 from textual.worker import get_current_worker
 
 from engine.errors import UnlearnError
-from studies.store.db import Store
+from engine.metric_registry import (
+    MIA,
+    MIA_ATTACKS,
+    MIA_AUC,
+    MIA_LOSS,
+    PPL_FORGET,
+    PPL_RETAIN,
+    PPL_UNSEEN,
+    every_run,
+    objective,
+    read,
+)
+from engine.metric_registry import get as get_metric
 from studies.reading.trials import trial_detail
+from studies.store.db import Store
 from tui.app.messages import CellRef, ExportRequested
 from tui.app.widgets.curves import Curves
 from tui.heatmap import SUCCESS, fmt_lr, fmt_value
 
 RELOAD_S = 3.0  # a running trial is read again this often
 LIVE_STATES = ("running", "pending")
-MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")
-MILESTONE_COLUMNS = ("step", "score", "forget_gap", "retain_drift", "ppl_forget", "ppl_retain", "ppl_unseen",
-                     "ppl_general", *(f"mia.{a}" for a in MIA_ATTACKS), "success")
 
 
 def _num(x) -> str:
@@ -45,14 +55,19 @@ def _count(x) -> str:
     return f"{x:,}" if isinstance(x, int) else fmt_value(float(x))
 
 
-def milestone_row(m: dict, chosen: bool) -> list:
-    auc = m.get("mia_auc") or {}
+def milestone_columns() -> list[tuple[str, str]]:
+    """(header, metric path) of the milestones table's figures: every metric every cell has, by its
+    path, but the MIA AUCs by their short labels (mia.loss, ...) so that four of them fit."""
+    return [(m.label if m.group == MIA else m.path, m.path) for m in every_run()]
+
+
+def milestone_row(m: dict, chosen: bool, columns: list[tuple[str, str]]) -> list:
     if m.get("diverged"):
         success = Text("div", style="bold red")
     else:
         success = Text(SUCCESS, style="bold green") if m.get("success") else Text("·", style="dim")
     step = Text(("▶ " if chosen else "  ") + str(m.get("step")), style="bold" if chosen else "")
-    return [step, *(_num(m.get(k)) for k in MILESTONE_COLUMNS[1:8]), *(_num(auc.get(a)) for a in MIA_ATTACKS), success]
+    return [step, *(_num(read(m, path)) for _, path in columns), success]
 
 
 class TrialScreen(Screen):
@@ -127,6 +142,7 @@ class TrialScreen(Screen):
         self.cell = cell
         self.detail: Optional[dict] = None
         self._reload: Optional[Timer] = None
+        self.columns = milestone_columns()
 
     def compose(self) -> ComposeResult:
         c = self.cell
@@ -149,7 +165,7 @@ class TrialScreen(Screen):
     def on_mount(self) -> None:
         self.sub_title = f"trial · {self.cell.study}"
         table = self.query_one("#trial-milestones", DataTable)
-        table.add_columns(*MILESTONE_COLUMNS)
+        table.add_columns("step", *(header for header, _ in self.columns), "success")
         self.query_one("#trial-body").focus()
         self.load()
 
@@ -209,9 +225,8 @@ class TrialScreen(Screen):
         for i, (k, v) in enumerate(parts):
             text.append(("  " if i else "") + k + " ", style="dim").append(v)
         cell = d["cell"]
-        text.append("\nscore ", style="dim").append(_num(cell.get("score")))
-        text.append("  forget_gap ", style="dim").append(_num(cell.get("forget_gap")))
-        text.append("  retain_drift ", style="dim").append(_num(cell.get("retain_drift")))
+        for i, x in enumerate(objective()):
+            text.append(("  " if i else "\n") + x.path + " ", style="dim").append(_num(cell.get(x.path)))
         text.append("  success ", style="dim").append("yes" if cell.get("success") else "no")
         self.query_one("#trial-params", Static).update(text)
 
@@ -224,9 +239,9 @@ class TrialScreen(Screen):
         for i, m in enumerate(d["milestones"]):
             chosen = m.get("step") == d["steps"]
             chosen_row = i if chosen else chosen_row
-            table.add_row(*milestone_row(m, chosen), key=str(m.get("step")))
+            table.add_row(*milestone_row(m, chosen, self.columns), key=str(m.get("step")))
         if not d["milestones"]:
-            table.add_row("no milestone yet", *[""] * (len(MILESTONE_COLUMNS) - 1))
+            table.add_row("no milestone yet", *[""] * (len(self.columns) + 1))
         table.move_cursor(row=kept_row if reloading else chosen_row)  # a reload leaves the cursor where the user put it
 
     def _show_curves(self, d: dict) -> None:
@@ -235,13 +250,12 @@ class TrialScreen(Screen):
         base = d["baseline"] or {}
         target = d["target"]
         self.query_one("#curve-ppl", Curves).set_series(
-            steps, {"forget": [m.get("ppl_forget") for m in ms], "retain": [m.get("ppl_retain") for m in ms],
-                    "unseen": [m.get("ppl_unseen") for m in ms]},
-            hlines={"target (θ0 unseen)": target.get("ppl_forget"), "θ0 forget": base.get("ppl_forget")})
-        base_auc = (base.get("mia_auc") or {}).get("loss")
+            steps, {get_metric(p).label: [m.get(p) for m in ms] for p in (PPL_FORGET, PPL_RETAIN, PPL_UNSEEN)},
+            hlines={"target (θ0 unseen)": target.get(PPL_FORGET), "θ0 forget": base.get(PPL_FORGET)})
+        base_auc = read(base, MIA_LOSS)
         self.query_one("#curve-mia", Curves).set_series(
-            steps, {a: [(m.get("mia_auc") or {}).get(a) for m in ms] for a in MIA_ATTACKS},
-            hlines={"target 0.5": target.get("mia_auc"), "θ0 loss": base_auc})
+            steps, {a: [(m.get(MIA_AUC) or {}).get(a) for m in ms] for a in MIA_ATTACKS},
+            hlines={"target 0.5": target.get(MIA_AUC), "θ0 loss": base_auc})
         losses = d["losses"]
         self.query_one("#curve-loss", Curves).set_series(list(range(1, len(losses) + 1)), {"train loss": losses})
 

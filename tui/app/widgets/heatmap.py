@@ -27,6 +27,7 @@ from textual.strip import Strip
 from textual.visual import Visual, visualize
 from textual.widget import Widget
 
+from engine.metric_registry import SCORE
 from studies.reading.grid import Cell, Grid, best_cell, check_metric
 from studies.store.states import CellStatus
 from tui.app.messages import CellRef
@@ -77,7 +78,7 @@ class HeatmapGrid(Widget, can_focus=True):
         Binding("space", "toggle_mark", "Mark for compare"),  # m is the dashboard's next metric
     ]
 
-    metric: reactive[str] = reactive("score", layout=True)
+    metric: reactive[str] = reactive(SCORE, layout=True)
 
     class CellHighlighted(CellMessage):
         """The cursor moved onto a cell."""
@@ -92,7 +93,7 @@ class HeatmapGrid(Widget, can_focus=True):
             super().__init__(heatmap, cell)
             self.marked = marked
 
-    def __init__(self, grid: Grid, metric: str = "score", study: str = "", id: str | None = None,
+    def __init__(self, grid: Grid, metric: str = SCORE, study: str = "", id: str | None = None,
                  classes: str | None = None, *, scale: Optional[tuple[float, float]] = None) -> None:
         """`scale` (lo, hi of tui.heatmap.badness) shares one colour scale between several grids;
         by default the grid's own values set it."""
@@ -232,7 +233,7 @@ class HeatmapGrid(Widget, can_focus=True):
             text.append(f"  best {fmt_lr(best.lr)}×{best.steps} score {fmt_value(best.value('score'))}")
             if best.success:
                 text.append(SUCCESS)
-        if self.metric != "score":
+        if self.metric != SCORE:
             text.append(f"  [{self.metric}]", style="italic")
         return text
 

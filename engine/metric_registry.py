@@ -1,4 +1,4 @@
-"""Every metric a milestone cell carries, declared once.
+"""Every metric a milestone cell carries, declared once: the metric registry.
 
 A metric is a dotted path into a cell, the dict the engine returns per milestone and the lab stores
 as it is (Milestone.metrics): "score", "mia_auc.loss", "bench.muse_auc", "downstream.hellaswag".
@@ -44,8 +44,14 @@ def ppl(role: str) -> str:
     return f"ppl_{role}"
 
 
+PPL_FORGET, PPL_RETAIN, PPL_UNSEEN, PPL_GENERAL = (ppl(role) for role in ROLES)
+
+
 def mia_auc(attack: str) -> str:
     return f"{MIA_AUC}.{attack}"
+
+
+MIA_LOSS = mia_auc("loss")  # the plainest attack's AUC: the one a compact table or a θ0 line shows
 
 
 def recovery(attack: str) -> str:
@@ -121,6 +127,11 @@ def every_run(max_tier: int = 3) -> tuple[Metric, ...]:
 
 def every_run_paths(max_tier: int = 3) -> tuple[str, ...]:
     return tuple(m.path for m in every_run(max_tier))
+
+
+def objective() -> tuple[Metric, ...]:
+    """The study objective and its parts (score, forget_gap, retain_drift): what a best cell is shown by."""
+    return tuple(m for m in every_run() if m.group == OBJECTIVE)
 
 
 def _downstream(path: str) -> Metric:
@@ -212,8 +223,8 @@ for _name, _label, _better, _help, _runs in (
     register(Metric(f"{BENCH}.{_name}", _label, "", _better, BENCH, _help, runs=f"a {_runs} preset"))
 register(Metric(f"{BENCH}.muse_auc", "MUSE AUC", "AUC", CLOSER, BENCH, "forget-vs-holdout Min-40% AUC",
                 runs="a MUSE preset", target=0.5))
-register(Metric(f"{BENCH}.muse_privleak", "PrivLeak", "%", CLOSER, BENCH, "(auc − retrained auc) / retrained auc × 100",
-                runs="a MUSE preset with --muse-retrained-auc", target=0.0))
+register(Metric(f"{BENCH}.muse_privleak", "PrivLeak", "%", CLOSER, BENCH,
+                "(auc − retrained auc) / retrained auc × 100", runs="a MUSE preset with --muse-retrained-auc", target=0.0))
 
 
 # ---------------------------------------------------------------- the cell

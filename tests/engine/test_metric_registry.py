@@ -1,4 +1,4 @@
-"""engine/metrics.py, the metric registry: torch-free, and what it says of each metric."""
+"""engine/metric_registry.py, the metric registry: torch-free, and what it says of each metric."""
 from __future__ import annotations
 
 import math
@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from engine import metrics as M
+from engine import metric_registry as M
 from engine.errors import UnlearnError
 
 
 def test_the_registry_never_imports_torch():
-    code = "import engine.metrics, sys; assert 'torch' not in sys.modules, 'torch'"
+    code = "import engine.metric_registry, sys; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
