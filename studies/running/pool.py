@@ -55,26 +55,6 @@ def log_dir_for(store: Store, study: str, create: bool = True) -> Path:
     return d
 
 
-def parse_slots(gpus: str | None, workers: int | None) -> list[str]:
-    """--gpus 0,1 → one slot per GPU; --workers N → N CPU slots (default: one per visible GPU, else 1 CPU)."""
-    from engine.errors import UnlearnError
-
-    if gpus:
-        try:
-            ids = [int(g) for g in gpus.split(",") if g.strip()]
-        except ValueError:
-            raise UnlearnError(f"--gpus takes comma-separated GPU indices, not {gpus!r}") from None
-        return [f"cuda:{i}" for i in ids]
-    if workers is not None:
-        if workers < 1:
-            raise UnlearnError("--workers must be at least 1")
-        return ["cpu"] * workers
-    import torch
-
-    n = torch.cuda.device_count()
-    return [f"cuda:{i}" for i in range(n)] or ["cpu"]
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

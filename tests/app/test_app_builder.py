@@ -14,7 +14,7 @@ from textual.widgets import DirectoryTree, Input, Label, Select, SelectionList
 
 from engine.errors import UnlearnError
 from studies.store.forgetsets import list_forget_sets
-from studies.running.launch import device_slots, parse_learning_rates, parse_milestones
+from studies.lifecycle.inputs import device_slots, parse_learning_rates, parse_milestones
 from studies.store.states import RunState, StudyState
 from studies.reading.status import list_studies
 from studies.store.db import Store
@@ -253,9 +253,11 @@ def test_learning_rates_and_milestones_parse():
     assert parse_milestones("20,5, 10,5") == [5, 10, 20]
     with pytest.raises(UnlearnError, match="positive integers"):
         parse_milestones("5,0")
-    assert device_slots([1, 0], None) == ["cuda:0", "cuda:1"] and device_slots([], 2) == ["cpu", "cpu"]
-    with pytest.raises(UnlearnError, match="at least 1 CPU worker"):
+    assert device_slots([0, 1], None) == ["cuda:0", "cuda:1"] and device_slots([], 2) == ["cpu", "cpu"]
+    with pytest.raises(UnlearnError, match="--workers must be at least 1"):
         device_slots([], 0)
+    with pytest.raises(UnlearnError, match="choose a GPU or give CPU workers"):
+        device_slots([], "", workers_label="CPU workers")
 
 
 # ------------------------------------------------------------------ the new-study form
@@ -293,14 +295,21 @@ async def test_new_study_bad_input_is_one_line_beside_each_field(store, forget_s
         assert text(screen, "#lrs-error") == "learning rate 'abc' is not a number"
         assert screen.query_one("#lrs-error", Label).has_class("error")
 
-        screen.query_one("#lrs", Input).value = "1e-5..1e-3"  # a range without xN is TPE's, not the grid's
+        screen.query_one("#lrs", Input).value = "1e-5..1e-3"  # a range without xN is TPE's: the sampler follows
         screen.query_one("#steps", Input).value = "0"
         screen.query_one("#workers", Input).value = "0"
+        await pilot.pause()
+        assert screen.query_one("#sampler", Select).value == "tpe" and not screen.query_one("#trials", Input).disabled
         await pilot.press("ctrl+l")
         await pilot.pause()
-        assert text(screen, "#lrs-error").startswith("the grid sampler needs a list, or a range with xN")
+        assert text(screen, "#lrs-error") == ""
+        assert text(screen, "#sampler-error") == "the tpe sampler needs a number of trials (1 or more)"
         assert text(screen, "#steps-error") == "steps must be comma-separated positive integers, not '0'"
-        assert text(screen, "#devices-error") == "choose a GPU or at least 1 CPU worker"
+        assert text(screen, "#devices-error") == "CPU workers must be at least 1"
+        screen.query_one("#sampler", Select).value = "tpe"
+        screen.query_one("#lrs", Input).value = "1e-4,1e-3"  # a list: the grid's, whatever was chosen before
+        await pilot.pause()
+        assert screen.query_one("#sampler", Select).value == "grid"
 
         screen.query_one("#lrs", Input).value = "1e-4"
         screen.query_one("#steps", Input).value = "2"
@@ -323,7 +332,7 @@ async def test_new_study_bad_input_is_one_line_beside_each_field(store, forget_s
         if earlier is not None:
             screen.model_checks[model] = earlier
         assert form.knobs == {"retain_weight": [0.5, 1.0], "beta": {"low": 0.01, "high": 1.0, "log": True}}
-        assert (form.attacks, form.attacks_at) == ("relearn,quant4", "best")
+        assert (form.settings["attacks"], form.attacks_at) == ("quant4, relearn", "best")  # as --attacks takes it
         screen.query_one("#knobs", Input).value = ""
         screen.query_one("#attacks", Input).value = ""
         await pilot.press("ctrl+l")  # the form is good; the model is not: the check says why

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from engine.config import settings_fields
+from studies.lifecycle.inputs import setting_default_text, setting_type
 
 if TYPE_CHECKING:
     from engine.settings import Settings
@@ -83,9 +84,8 @@ def run_settings_options(func):
     params = [p for p in sig.parameters.values() if p.name != "given_settings"]
     extra = []
     for f in settings_fields():
-        kind = {"int": int, "str": str, "bool": bool}.get(f.type if isinstance(f.type, str) else f.type.__name__, float)
-        default = (f.metadata.get("default_text") or "the method's own" if f.default is None
-                   else "none" if f.default == "" else repr(f.default))
+        kind = setting_type(f)  # the app's advanced fields convert with the same type
+        default = setting_default_text(f)
         help_text = f.metadata["help"]
         extra.append(inspect.Parameter(
             f"rs_{f.name}", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],

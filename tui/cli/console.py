@@ -1,4 +1,5 @@
-"""What every command shares: the two consoles, JSON output, value parsing, the step progress bar.
+"""What every command shares: the two consoles, JSON output, the step progress bar (values are
+parsed in studies/lifecycle/inputs.py, which the app shares).
 
 Kept apart from tui/cli/main.py so command modules import it without a cycle through the app."""
 from __future__ import annotations
@@ -20,26 +21,6 @@ def fail(message: str) -> None:
 
 def emit_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, allow_nan=False, default=str) + "\n")
-
-
-def parse_lr(text: str) -> float:
-    try:
-        lr = float(text)
-    except ValueError:
-        fail(f"--lr must be a number, not {text!r}")
-    if not lr > 0 or lr != lr or lr == float("inf"):
-        fail(f"--lr must be a positive number, not {text}")
-    return lr
-
-
-def parse_steps(text: str) -> list[int]:
-    try:
-        steps = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        fail(f"--steps must be comma-separated positive integers, not {text!r}")
-    if not steps or any(s <= 0 for s in steps):
-        fail(f"--steps must be comma-separated positive integers, not {text!r}")
-    return sorted(set(steps))
 
 
 class step_progress:

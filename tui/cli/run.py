@@ -81,16 +81,16 @@ def run_cmd(
     from engine.errors import UnlearnError
     from engine.methods.base import parse_variant, variant_id
     from engine.run import is_main_process, run_unlearning
-    from engine.settings import Settings
+    from studies.lifecycle.inputs import parse_learning_rate, parse_milestones
     from studies.lifecycle.spec import parse_knob_options
-    from tui.cli.console import emit_json, out, parse_lr, parse_steps, step_progress
+    from tui.cli.console import emit_json, out, step_progress
 
     knobs = parse_knob_options(param) or {}
     if any(isinstance(v, dict) or len(v) != 1 for v in knobs.values()):
         raise UnlearnError("unlearn run takes one value per --param (a study sweeps several: study create --param)")
     base, in_id = parse_variant(method)
     method = variant_id(base, {**in_id, **{k: v[0] for k, v in knobs.items()}})
-    cfg = RunConfig.of(method, parse_lr(lr), parse_steps(steps), RunSettings(**given_settings)).validate()
+    cfg = RunConfig.of(method, parse_learning_rate(lr), parse_milestones(steps), RunSettings(**given_settings)).validate()
     if forget_set is not None:
         if forget or retain or unseen or general:
             raise UnlearnError("give --forget-set or the sources (--forget, --retain, --unseen), not both")
@@ -105,7 +105,7 @@ def run_cmd(
         texts = load_forget_set(forget, retain, unseen, general or [], text_field=text_field, column=column,
                                 prompt_field=prompt_field, answer_field=answer_field)
     with step_progress(f"{method} lr={cfg.lr:g}", cfg.milestones[-1]) as on_step:
-        result = run_unlearning(model, texts, cfg, device=device, cache_dir=Settings().baseline_cache,
+        result = run_unlearning(model, texts, cfg, device=device, cache_dir=lab(ctx).settings.baseline_cache,
                                 trust_remote_code=trust_remote_code, on_step=on_step, save_to=save_model,
                                 merge_lora=merge)
     if not is_main_process():  # `accelerate launch`: one report, from the main process

@@ -8,13 +8,12 @@ import typer
 from tui.cli.common import Json, Storage, lab, run_settings_options
 
 
-def _floats(text: str, flag: str) -> list[float]:
-    from engine.errors import UnlearnError
+def _cuda_device_count() -> int:
+    """The GPUs torch sees: the default pool when neither --gpus nor --workers is given. Only the
+    CLI asks (it runs the scheduler here anyway); the app's form always says which devices."""
+    import torch
 
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UnlearnError(f"{flag} takes comma-separated numbers, not {text!r}") from None
+    return torch.cuda.device_count()
 
 
 @run_settings_options
@@ -24,9 +23,13 @@ def create_cmd(
     model: str = typer.Option(..., "--model", help="local folder or Hugging Face id"),
     forget_set: str = typer.Option(..., "--forget-set", help="name of a stored forget set"),
     methods: str = typer.Option(..., "--methods", help="comma-separated method ids (see `unlearn methods`)"),
-    lr: Optional[str] = typer.Option(None, "--lr", help="grid: comma-separated learning rates"),
-    lr_range: Optional[str] = typer.Option(None, "--lr-range", help="tpe: LOW:HIGH, sampled log-uniformly"),
-    sampler: str = typer.Option("grid", "--sampler", help="grid (every method × lr) or tpe (Optuna's TPE over method × lr)"),
+    lr: Optional[str] = typer.Option(None, "--lr", help="learning rates: a list 1e-5,3e-5 or 1e-5..1e-3 x4 (4 values "
+                                     "evenly spaced in log, ends included) for the grid; a range 1e-5:1e-3 (or "
+                                     "1e-5..1e-3) for tpe, which a range implies. The app's field takes the same"),
+    lr_range: Optional[str] = typer.Option(None, "--lr-range", help="tpe: LOW:HIGH (or LOW..HIGH), sampled "
+                                           "log-uniformly; the same as --lr LOW:HIGH"),
+    sampler: str = typer.Option("grid", "--sampler", help="grid (every method × lr) or tpe (Optuna's TPE over "
+                                "method × lr); a learning-rate range means tpe"),
     trials: Optional[int] = typer.Option(None, "--trials", help="tpe: (method, lr) runs to sample; each gives one trial per milestone"),
     steps: str = typer.Option(..., "--steps", help="milestones, e.g. 5,10,20,40 (one run per method × lr covers them all)"),
     max_attempts: int = typer.Option(2, "--max-attempts", help="attempts per run before it is failed"),
@@ -50,25 +53,16 @@ def create_cmd(
 ):
     """Create a study: the Optuna study and one run per (method, lr) in the store. Every run setting
     not given takes its default, except --seq-len, which defaults to the forget set's."""
-    from engine.errors import UnlearnError
+    from studies.lifecycle.inputs import parse_milestones, search_space
     from studies.lifecycle.spec import StudySpec, parse_knob_options
     from studies.lifecycle.study import create_study
-    from tui.cli.console import emit_json, out, parse_steps
+    from tui.cli.console import emit_json, out
 
-    lrs = _floats(lr, "--lr") if lr else None
-    rng = None
-    if lr_range:
-        parts = _floats(lr_range.replace(":", ","), "--lr-range")
-        if len(parts) != 2:
-            raise UnlearnError("--lr-range takes LOW:HIGH")
-        rng = (parts[0], parts[1])
-    if lrs and rng:
-        raise UnlearnError("give --lr (grid) or --lr-range (tpe), not both")
-    if rng and sampler == "grid":
-        sampler = "tpe"
+    space = search_space(lr, lr_range, sampler)
     study = create_study(lab(ctx).store(), name, model, forget_set,
-                         methods=[m.strip() for m in methods.split(",") if m.strip()], lrs=lrs, lr_range=rng,
-                         sampler=sampler, trials=trials, steps=parse_steps(steps), max_attempts=max_attempts,
+                         methods=[m.strip() for m in methods.split(",") if m.strip()], lrs=space.lrs,
+                         lr_range=space.lr_range, sampler=space.sampler, trials=trials, steps=parse_milestones(steps),
+                         max_attempts=max_attempts,
                          trust_remote_code=trust_remote_code, knobs=parse_knob_options(param), attacks_at=attacks_at,
                          gpus_per_run=gpus_per_run, eval_tasks_at=eval_tasks_at,
                          **given_settings)
@@ -91,13 +85,14 @@ def run_cmd(
 ):
     """Run (or resume) a study: a fresh subprocess per run, one per worker slot; finished cells are never recomputed."""
     from engine.errors import UnlearnError
-    from studies.running.pool import WorkerPool, parse_slots
+    from studies.lifecycle.inputs import device_slots
+    from studies.running.pool import WorkerPool
     from studies.lifecycle.spec import StudySpec
     from studies.lifecycle.study import resume_study
     from tui.cli.console import err, out
 
     store = lab(ctx).store()
-    slots = parse_slots(gpus, workers)
+    slots = device_slots(gpus, workers, visible_gpus=_cuda_device_count)
     width = StudySpec.from_dict(store.study(name).spec).gpus_per_run
     if width > len(slots):
         raise UnlearnError(f"study {name} runs each run on {width} devices; this pool has {len(slots)} "
@@ -197,11 +192,13 @@ def worker_cmd(
     storage: Storage = None,
 ):
     """Join studies from this node: claim runs from the shared store until none is left (Optuna's shared-RDB pattern)."""
-    from studies.running.pool import WorkerPool, parse_slots
+    from studies.lifecycle.inputs import device_slots
+    from studies.running.pool import WorkerPool
     from tui.cli.console import out
 
     store = lab(ctx).store()
     if study:
         store.study(study)  # fail fast on a typo
-    summary = WorkerPool(store, parse_slots(gpus, workers), [study] if study else None).serve()
+    slots = device_slots(gpus, workers, visible_gpus=_cuda_device_count)
+    summary = WorkerPool(store, slots, [study] if study else None).serve()
     out.print(f"worker done: {summary['spawned']} run processes, {summary['retried']} retried, {summary['failed']} failed")

@@ -1,13 +1,17 @@
 """The new-study form: name, model, forget set, methods, learning rates, milestones, sampler, the
-methods' knobs to sweep, attacks and devices; Launch creates the study (studies.lifecycle.study.create_study) and starts its detached scheduler
-through studies.running.launch.launch_detached, the function `unlearn study run --detach` calls.
+methods' knobs to sweep, attacks and devices, and an advanced section with every other option of
+`unlearn study create` (tui/app/widgets/run_settings_form.py); Launch creates the study
+(studies.lifecycle.study.create_study) and starts its detached scheduler through
+studies.running.launch.launch_detached, the function `unlearn study run --detach` calls. What is
+typed is parsed by studies.lifecycle.inputs, as the CLI's flags are: both take the same forms.
 
 The model is checked in a subprocess (studies.running.probe: config and tokenizer load), never here.
 Every problem is one line beside its field, and nothing is created until the whole form is good.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from rich.text import Text
 from textual import on, work
@@ -20,15 +24,17 @@ from textual.widgets import Button, Footer, Input, Label, Select, SelectionList
 from textual.widgets.selection_list import Selection
 from textual.worker import get_current_worker
 
-from engine.config import parse_attacks
+from engine.config import RunSettings
 from engine.errors import UnlearnError
 from engine.methods import list_methods
-from studies.store.forgetsets import check_name
-from studies.running.launch import device_slots, launch_detached, parse_learning_rates, parse_milestones
-from studies.running.probe import probe_model
+from studies.lifecycle import inputs
 from studies.lifecycle.spec import parse_knob_options
+from studies.running.launch import launch_detached
+from studies.running.probe import probe_model
 from studies.store.db import Store
+from studies.store.forgetsets import check_name
 from tui.app.widgets.devices import DevicesPanel
+from tui.app.widgets.run_settings_form import AdvancedSettings, setting_flags, widget_id
 
 MODEL_DEBOUNCE_S = 0.8
 DEVICES_EVERY_S = 3.0
@@ -56,8 +62,17 @@ class StudyForm:
     trials: int | None
     slots: list[str]
     knobs: dict | None = None  # --param: {name: [values]} or, with tpe, {name: {"low", "high", "log"}}
-    attacks: str = ""  # --attacks
     attacks_at: str = "every"  # --attacks-at
+    settings: dict = field(default_factory=dict)  # the RunSettings given (--attacks among them), as the CLI's flags give them
+    options: dict = field(default_factory=dict)  # --max-attempts, --gpus-per-run, --eval-tasks-at, --trust-remote-code
+
+    def create(self, store: Store):
+        """The study, created as `unlearn study create` creates it from the same values."""
+        from studies.lifecycle.study import create_study
+
+        return create_study(store, self.name, self.model, self.forget_set, methods=self.methods, steps=self.steps,
+                            lrs=self.lrs, lr_range=self.lr_range, sampler=self.sampler, trials=self.trials,
+                            knobs=self.knobs, attacks_at=self.attacks_at, **self.options, **self.settings)
 
 
 class ForgetSetsLoaded(Message):
@@ -81,14 +96,24 @@ class LaunchFinished(Message):
         self.name, self.error, self.field, self.line, self.pid, self.log = name, error, field, line, pid, log
 
 
+# The flags whose field in this form has another name; every other flag's field is its widget_id.
+FLAG_FIELDS = {"--param": "knobs", "--lr": "lrs", "--lr-range": "lrs", "--steps": "steps", "--trials": "sampler",
+               "--sampler": "sampler", "--attacks-at": "attacks", "--gpus": "devices", "--workers": "devices"}
+
+
 def field_of(error: str) -> str:
-    """Which field an error of create_study (or its spec's validation) is about."""
+    """Which field an error of create_study (or its spec's validation) is about: the first flag it
+    names that the form has a field for, else the first thing it names in words."""
+    for flag in re.findall(r"--[a-z0-9][a-z0-9-]*", error):
+        if flag in FLAG_FIELDS:
+            return FLAG_FIELDS[flag]
+        if flag in setting_flags():
+            return widget_id(flag)
     low = error.lower()
-    for needle, field in (("--param", "knobs"), ("--attacks", "attacks"), ("study name", "name"), ("study named", "name"), ("method", "methods"),
-                          ("--lr", "lrs"), ("--steps", "steps"), ("--trials", "sampler"), ("--sampler", "sampler"),
-                          ("forget set", "forget-set"), ("model", "model")):
+    for needle, field_id in (("study name", "name"), ("study named", "name"), ("method", "methods"),
+                             ("forget set", "forget-set"), ("model", "model")):
         if needle in low:
-            return field
+            return field_id
     return "launch"
 
 
@@ -153,7 +178,7 @@ class NewStudyScreen(Screen[str | None]):
             yield Label("", id="methods-error", classes="error -empty")
             with Horizontal(classes="row"):
                 yield Label("learning rates")
-                yield Input(placeholder="1e-5,3e-5,1e-4 or 1e-5..1e-3 x4 (tpe: 1e-5..1e-3)", id="lrs")
+                yield Input(placeholder="1e-5,3e-5 or 1e-5..1e-3 x4 (grid); 1e-5:1e-3 (tpe)", id="lrs")
             yield Label("", id="lrs-error", classes="error -empty")
             with Horizontal(classes="row"):
                 yield Label("steps")
@@ -183,6 +208,7 @@ class NewStudyScreen(Screen[str | None]):
                 yield Input("1", id="workers", type="integer")
             yield Label("used when no GPU is ticked", classes="hint", id="workers-hint")
             yield Label("", id="devices-error", classes="error -empty")
+            yield AdvancedSettings(id="advanced")
             with Horizontal(id="buttons"):
                 yield Button("Launch", id="launch", variant="success")
                 yield Button("Back", id="back")
@@ -281,6 +307,16 @@ class NewStudyScreen(Screen[str | None]):
             status.update(Text(f"✗ {answer.get('error')}"))
 
     # ------------------------------------------------------------------ sampler and devices
+    @on(Input.Changed, "#lrs")
+    def _lrs_edited(self) -> None:
+        """The sampler follows what is typed (the rule study_sampler applies at launch: a range
+        means tpe, a list grid), so the trials field opens when it is needed."""
+        try:
+            sampler = inputs.study_sampler(inputs.parse_learning_rates(self._value("#lrs")), None)
+        except UnlearnError:
+            return  # half typed: the sampler stays; Launch says what is wrong
+        self.query_one("#sampler", Select).value = sampler
+
     @on(Select.Changed, "#sampler")
     def _sampler_changed(self, event: Select.Changed) -> None:
         self.query_one("#trials", Input).disabled = event.value != "tpe"
@@ -309,14 +345,14 @@ class NewStudyScreen(Screen[str | None]):
 
     def read_form(self) -> StudyForm | None:
         """The form, or None with each problem shown beside its field (all of them at once)."""
-        for field in ("name", "forget-set", "methods", "lrs", "steps", "sampler", "knobs", "attacks", "devices", "launch"):
-            self._error(field)
+        for error in self.query(".error"):  # every field's line, the advanced section's too
+            self._error(error.id.removesuffix("-error"))
         problems = 0
 
-        def bad(field: str, text: str) -> None:
+        def bad(field_id: str, text: str) -> None:
             nonlocal problems
             problems += 1
-            self._error(field, text)
+            self._error(field_id, text)
 
         name, model = self._value("#name"), self._value("#model")
         try:
@@ -336,59 +372,53 @@ class NewStudyScreen(Screen[str | None]):
             bad("methods", "tick at least one method")
         sampler = str(self.query_one("#sampler", Select).value)
         lrs = lr_range = trials = None
-        try:
-            rates = parse_learning_rates(self._value("#lrs"))
-            if sampler == "grid":
-                if rates.values is None:
-                    raise UnlearnError("the grid sampler needs a list, or a range with xN (e.g. 1e-5..1e-3 x4)")
-                lrs = list(rates.values)
-            else:
-                if rates.range is None:
-                    raise UnlearnError("the tpe sampler samples a range: give LOW..HIGH (e.g. 1e-5..1e-3)")
-                lr_range = rates.range
+        try:  # the sampler's rule is study_sampler's, the CLI's: a range means tpe, a list grid
+            space = inputs.search_space(self._value("#lrs"), sampler=sampler, lr_label="learning rate", required=True)
+            sampler, lrs, lr_range = space.sampler, space.lrs, space.lr_range
         except UnlearnError as e:
             bad("lrs", str(e))
         steps: list[int] = []
         try:
-            steps = parse_milestones(self._value("#steps"))
+            steps = inputs.parse_milestones(self._value("#steps"), "steps")
         except UnlearnError as e:
             bad("steps", str(e))
         if sampler == "tpe":
             try:
-                trials = int(self._value("#trials"))
-                if trials < 1:
-                    raise ValueError
-            except ValueError:
+                trials = inputs.parse_count(self._value("#trials"), "trials")
+            except UnlearnError:
+                pass
+            if trials is None:
                 bad("sampler", "the tpe sampler needs a number of trials (1 or more)")
         knobs = None
         try:
             knobs = parse_knob_options(self._value("#knobs").split())
         except UnlearnError as e:
             bad("knobs", str(e))
-        attacks, attacks_at = self._value("#attacks"), str(self.query_one("#attacks-at", Select).value)
-        try:
-            attacks = ",".join(parse_attacks(attacks))
-        except UnlearnError as e:
-            bad("attacks", str(e))
+        settings, options, wrong = self.query_one(AdvancedSettings).read(self.query_one("#attacks", Input).value)
+        for field_id, text in wrong:
+            bad(field_id, text)
+        if not wrong:
+            try:  # each setting alone and together, as create_study will check them (the first problem)
+                RunSettings(**settings).validate()
+            except UnlearnError as e:
+                bad(field_of(str(e)), str(e))
         gpus = sorted(self.query_one("#gpus", SelectionList).selected) if self.gpu_indices else []
         slots: list[str] = []
         try:
-            workers = None if gpus else int(self._value("#workers") or "0")
-            slots = device_slots(gpus, workers)
-        except ValueError:
-            bad("devices", "CPU workers must be a whole number")
+            slots = inputs.device_slots(gpus, None if gpus else self._value("#workers"), workers_label="CPU workers")
+            if options.get("gpus_per_run", 1) > len(slots):
+                raise UnlearnError(f"--gpus-per-run {options['gpus_per_run']} needs that many devices; "
+                                   f"{len(slots)} chosen")
         except UnlearnError as e:
             bad("devices", str(e))
         if problems:
             return None
         return StudyForm(name, model, str(forget_set), methods, lrs, lr_range, steps, sampler, trials, slots,
-                         knobs, attacks, attacks_at)
+                         knobs, str(self.query_one("#attacks-at", Select).value), settings, options)
 
     @work(thread=True, exclusive=True, name="launch study", group="new-study-launch")
     def launch(self, form: StudyForm, checked: dict | None) -> None:
         """Check the model (unless checked already), create the study, start its scheduler."""
-        from studies.lifecycle.study import create_study
-
         worker = get_current_worker()
         if checked is None:
             checked = probe_model(form.model, should_stop=lambda: worker.is_cancelled)
@@ -399,10 +429,7 @@ class NewStudyScreen(Screen[str | None]):
             self.post_message(LaunchFinished(form.name, checked.get("error"), "model"))
             return
         try:
-            create_study(self.store, form.name, form.model, form.forget_set, methods=form.methods, steps=form.steps,
-                         lrs=form.lrs, lr_range=form.lr_range, sampler=form.sampler, trials=form.trials,
-                         knobs=form.knobs, attacks_at=form.attacks_at,
-                         **({"attacks": form.attacks} if form.attacks else {}))
+            form.create(self.store)
         except UnlearnError as e:
             self.post_message(LaunchFinished(form.name, str(e), field_of(str(e))))
             return
