@@ -86,9 +86,9 @@ def run_cmd(
     """Run (or resume) a study: a fresh subprocess per run, one per worker slot; finished cells are never recomputed."""
     from engine.errors import UnlearnError
     from studies.lifecycle.inputs import device_slots
-    from studies.running.pool import WorkerPool
     from studies.lifecycle.spec import StudySpec
     from studies.lifecycle.study import resume_study
+    from studies.running.pool import WorkerPool
     from tui.cli.console import err, out
 
     store = lab(ctx).store()
