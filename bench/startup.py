@@ -29,6 +29,7 @@ def write_store(url: str, trials: int, workdir: Path) -> int:
     """A grid study of `trials` cells (2 methods × lrs × 5 milestones), recorded cell by cell."""
     from sqlmodel import select
 
+    from engine import metric_registry as M
     from studies.store.forgetsets import create_forget_set
     from studies.running.recorder import record_cell
     from studies.lifecycle.spec import StudySpec
@@ -53,9 +54,9 @@ def write_store(url: str, trials: int, workdir: Path) -> int:
             if written == trials:
                 break
             gap = abs(math.sin(i * 7 + step))  # synthetic, deterministic numbers: only their reading is timed
-            cell = {"step": step, "ppl_forget": 10 * math.exp(gap), "ppl_retain": 5.0, "ppl_unseen": 10.0,
-                    "ppl_general": None, "mia_auc": {"loss": 0.5 + gap / 2, "zlib": 0.5, "min_k": 0.5, "min_k_pp": 0.5},
-                    "forget_gap": gap, "retain_drift": 0.01, "score": gap + 0.01, "success": gap < 0.09,
+            cell = {"step": step, M.PPL_FORGET: 10 * math.exp(gap), M.PPL_RETAIN: 5.0, M.PPL_UNSEEN: 10.0,
+                    M.PPL_GENERAL: None, M.MIA_AUC: {a: 0.5 + gap / 2 if a == "loss" else 0.5 for a in M.MIA_ATTACKS},
+                    M.FORGET_GAP: gap, M.RETAIN_DRIFT: 0.01, M.SCORE: gap + 0.01, "success": gap < 0.09,
                     "diverged": False, "train_loss": -1.0}
             record_cell(store, "bench", spec, run, cell)
             written += 1

@@ -86,6 +86,8 @@ def sisa_cmd(
 
     from engine.demo import DemoRecipe
     from engine.errors import UnlearnError
+    from engine.metric_registry import FORGET_GAP, PPL_FORGET, PPL_RETAIN, RETAIN_DRIFT, SCORE
+    from engine.metric_registry import get as get_metric
     from engine.sisa import sisa
     from tui.render import fmt
 
@@ -110,11 +112,12 @@ def sisa_cmd(
         return emit_json(rows)
     t = Table(title=f"SISA on the {recipe.name} demo, scored against the original single model",
               caption="shards: retrained / all · before: the ensemble's ppl_retain before unlearning")
-    for col in ("K", "shards", "ppl_forget", "ppl_retain", "gap", "drift", "score", "ok", "retrained tok", "before"):
+    shown = [get_metric(p) for p in (FORGET_GAP, RETAIN_DRIFT, SCORE)]  # what engine.sisa scores the ensemble by
+    for col in ("K", "shards", PPL_FORGET, PPL_RETAIN, *(x.label for x in shown), "ok", "retrained tok", "before"):
         t.add_column(col, no_wrap=True)
     for r in rows:
         m = r["metrics"]
-        t.add_row(str(r["shards"]), f"{r['retrained_shards']}/{r['shards']}", fmt(m["ppl_forget"]), fmt(m["ppl_retain"]),
-                  fmt(r["forget_gap"]), fmt(r["retain_drift"]), fmt(r["score"]), "yes" if r["success"] else "no",
-                  f"{r['cost']['retrain_tokens']:,}", fmt(r["before"]["ppl_retain"]))
+        t.add_row(str(r["shards"]), f"{r['retrained_shards']}/{r['shards']}", fmt(m[PPL_FORGET]), fmt(m[PPL_RETAIN]),
+                  *(fmt(r[x.path]) for x in shown), "yes" if r["success"] else "no",
+                  f"{r['cost']['retrain_tokens']:,}", fmt(r["before"][PPL_RETAIN]))
     out.print(t)
