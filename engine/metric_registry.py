@@ -1,4 +1,4 @@
-"""Every metric a milestone cell carries, declared once: the metric registry.
+"""Every metric a cell carries, declared once: the metric registry.
 
 A metric is a dotted path into a cell, the dict the engine returns per milestone and the lab stores
 as it is (Milestone.metrics): "score", "mia_auc.loss", "bench.muse_auc", "downstream.hellaswag".
@@ -230,7 +230,7 @@ register(Metric(f"{BENCH}.muse_privleak", "PrivLeak", "%", CLOSER, BENCH,
 # ---------------------------------------------------------------- the cell
 
 def cell_fields() -> dict[str, object]:
-    """A milestone cell's keys and their types: the registry's metrics (a dotted path's first part
+    """A cell's keys and their types: the registry's metrics (a dotted path's first part
     holds a dict), then what every cell records besides."""
     fields: dict[str, object] = {"step": int}
     for m in every():

@@ -9,7 +9,7 @@ Learning rates (`--lr`, `--lr-range`, the form's "learning rates" field), one gr
 A range means TPE (`study_sampler`); a list with `--sampler tpe` is an error.
 
 Milestones (`--steps`): comma-separated positive step counts. Devices (`--gpus`, `--workers`, the
-form's GPU ticks and CPU workers): one scheduler slot per GPU, else N CPU slots. Run settings (the
+form's GPU ticks and CPU workers): one pool slot per GPU, else N CPU slots. Run settings (the
 form's advanced section): a field's text converted the way its CLI flag converts it.
 
 Each error is one line (UnlearnError) that names the input by `label`: the flag on the CLI, the
@@ -164,7 +164,7 @@ def parse_count(text: str | int | None, label: str, minimum: int = 1) -> int | N
 def device_slots(gpus: str | Iterable[int] | None, workers: str | int | None,
                  visible_gpus: Callable[[], int] | None = None,
                  gpus_label: str = "--gpus", workers_label: str = "--workers") -> list[str]:
-    """The scheduler's slots: one per GPU given (`0,1` or indices, in the order given: `0,0` is two
+    """The worker pool's slots: one per GPU given (`0,1` or indices, in the order given: `0,0` is two
     workers on GPU 0), else `workers` CPU slots, else one per GPU `visible_gpus()` counts (the CLI
     asks torch; the app never does, so it must say) or one CPU slot when there is none."""
     if isinstance(gpus, str):

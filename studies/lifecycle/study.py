@@ -1,4 +1,4 @@
-"""Creating studies and changing their state. The scheduler and the TUI only talk through these rows."""
+"""Creating studies and changing their state. The worker pool and the app only talk through these rows."""
 from __future__ import annotations
 
 import os
@@ -83,7 +83,7 @@ def study_spec(study: Study) -> StudySpec:
 
 
 def set_state(store: Store, name: str, state: StudyState) -> Study:
-    """pause / cancel (and the scheduler's done). Cancel also cancels pending runs; the scheduler
+    """pause / cancel (and the pool's done). Cancel also cancels pending runs; the worker pool
     stops the running ones when it sees the state. Handing runs out again is `resume_study`."""
     state = StudyState(state)
     study = store.study(name)
@@ -149,7 +149,7 @@ def resume_study(store: Store, name: str, retry_failed: bool = False) -> Resumed
 
 def delete_study(store: Store, name: str, heartbeat_timeout_s: float = 60.0) -> int:
     """Delete a study that nothing runs: its runs, cells, events and its Optuna study. Refused while
-    it hands out runs, has a running run, or a scheduler beat for it within `heartbeat_timeout_s`
+    it hands out runs, has a running run, or a worker pool beat for it within `heartbeat_timeout_s`
     (pause or cancel it first). Returns the number of cells deleted. The forget set stays."""
     import optuna
 

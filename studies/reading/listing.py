@@ -22,8 +22,8 @@ from studies.store.states import REAL_RUN_STATES, RunState
 
 
 def list_row(st, spec, fs, runs: list, now: dt.datetime) -> dict:
-    """One study's line from its per-run aggregates — rows of (study_id, method, state, milestones,
-    diverged milestones, successful milestones, best score) — what `cells_from_rows` would count,
+    """One study's line from its per-run aggregates — rows of (study_id, method, state, cells,
+    diverged cells, successful cells, best score) — what `cells_from_rows` would count,
     without reading a cell (a test holds the two to the same numbers)."""
     n_steps = len(spec.steps)
     done = diverged = 0

@@ -57,7 +57,7 @@ def _summarize(study: Study, fs: Optional[ForgetSet], runs: list[Run], cells: li
 
 def study_status(store: Store, name: str) -> dict:
     """Counts of cells and runs, the running runs, robustness and best cell per method, the
-    scheduler's liveness and the errors of failed or retried runs."""
+    worker pool's liveness and the errors of failed or retried runs."""
     study = store.study(name)
     with store.read() as s:
         fs = s.get(ForgetSet, study.forgetset_id)
@@ -82,7 +82,7 @@ def study_status(store: Store, name: str) -> dict:
 
 def list_studies(store: Store, now=None) -> list[dict]:
     """Every study, oldest first: name, state, model, forget set, methods, cells done/total,
-    robustness per method, best score, last scheduler heartbeat. Three queries in all."""
+    robustness per method, best score, the worker pool's last heartbeat. Three queries in all."""
     with store.read() as s:
         studies = list(s.exec(select(Study).order_by(Study.created_at, Study.id)).all())
         sets = {f.id: f for f in s.exec(select(ForgetSet)).all()}

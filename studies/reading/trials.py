@@ -1,4 +1,4 @@
-"""One trial seen whole, and cells compared side by side: what the app's trial and compare screens
+"""One cell seen whole, and cells compared side by side: what the app's trial and compare screens
 show, as plain dicts (headless: no textual, no torch).
 
 A trial is one cell (method, lr, steps) of a study; its run is the (method, lr) run that passes
@@ -22,7 +22,7 @@ from studies.store.states import REAL_RUN_STATES
 
 # The approximate-retraining target of the membership attacks: members indistinguishable from non-members.
 MIA_TARGET = 0.5
-# Event kinds (written by the scheduler and the worker) that say why a run did not simply finish.
+# Event kinds (written by the worker pool and the worker) that say why a run did not simply finish.
 FAILURE_KINDS = ("retry", "failed", "cancelled", "diverged")
 
 

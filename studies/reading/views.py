@@ -44,7 +44,7 @@ def _has_extra_metrics(c: Cell) -> bool:
     return bool(m) and ("bench" in m or "downstream" in m)
 
 
-# What a poll reads of a run (what its cells and running_runs show) and of a milestone (a cell).
+# What a poll reads of a run (what its cells and running_runs show) and of a cell's row.
 _RUN_COLUMNS = (Run.id, Run.method, Run.lr, Run.state, Run.step, Run.attempts, Run.device, Run.pid, Run.host,
                 Run.heartbeat)
 _MILESTONE_COLUMNS = (Milestone.id, Milestone.run_id, Milestone.step, Milestone.metrics, Milestone.score,

@@ -10,7 +10,7 @@ from tui.cli.common import Json, Storage, lab, run_settings_options
 
 def _cuda_device_count() -> int:
     """The GPUs torch sees: the default pool when neither --gpus nor --workers is given. Only the
-    CLI asks (it runs the scheduler here anyway); the app's form always says which devices."""
+    CLI asks (it runs the worker pool here anyway); the app's form always says which devices."""
     import torch
 
     return torch.cuda.device_count()

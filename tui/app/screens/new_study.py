@@ -1,7 +1,7 @@
 """The new-study form: name, model, forget set, methods, learning rates, milestones, sampler, the
 methods' knobs to sweep, attacks and devices, and an advanced section with every other option of
 `unlearn study create` (tui/app/widgets/run_settings_form.py); Launch creates the study
-(studies.lifecycle.study.create_study) and starts its detached scheduler through
+(studies.lifecycle.study.create_study) and starts its detached worker pool through
 studies.running.launch.launch_detached, the function `unlearn study run --detach` calls. What is
 typed is parsed by studies.lifecycle.inputs, as the CLI's flags are: both take the same forms.
 
