@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 
 import pytest
 import torch
@@ -27,6 +28,10 @@ TRAIN_STEPS, TRAIN_LR, TRAIN_BATCH = 100, 1e-2, 16
 def corpus() -> dict[str, list[str]]:
     """~200 fictitious people (disjoint forget/retain/unseen, the rest only for the tokenizer)
     and standard-library code as the general set."""
+    return corpus_texts()
+
+
+def corpus_texts() -> dict[str, list[str]]:
     from engine.demo import person_record, stdlib_code
 
     rng = random.Random(1234)
@@ -39,28 +44,43 @@ def corpus() -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer(corpus, tmp_path_factory):
-    """A byte-level BPE (vocab 300) trained here, saved, and reloaded like a user's tokenizer."""
-    from engine.demo import train_tokenizer
+def tiny_tokenizer(tiny_model_dir):
+    """A byte-level BPE (vocab 300) trained on the corpus, saved with the tiny model, and loaded
+    back like a user's tokenizer."""
     from engine.models import load_tokenizer
 
-    texts = corpus["forget"] + corpus["retain"] + corpus["unseen"] + corpus["tokenizer_extra"]
-    tok = train_tokenizer(texts, 300)
-    path = tmp_path_factory.mktemp("tiny_tokenizer")
-    tok.save_pretrained(path)
-    return load_tokenizer(str(path))
+    return load_tokenizer(str(tiny_model_dir))
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(corpus, tiny_tokenizer, tmp_path_factory):
+def tiny_model_dir(corpus, tmp_path_factory):
     """A 2-layer Llama (hidden 32) trained on forget + retain until it remembers them a bit
-    (the unseen records it never saw), saved with model + tokenizer in one folder."""
+    (the unseen records it never saw), saved with model + tokenizer in one folder of the session's.
+
+    Trained once per machine and code: the trained folder is cached on disk (tests/cache.py),
+    keyed by everything that shapes its bytes, so pytest-xdist's workers and later sessions copy
+    it rather than train it again."""
+    from tests.cache import cached_folder, source_key
+
+    key = source_key(corpus_texts, _train_tiny_model, "engine/demo.py", "engine/models.py", "engine/data.py",
+                     extra=(SEQ_LEN, N_FORGET, N_RETAIN, N_UNSEEN, N_GENERAL, TRAIN_STEPS, TRAIN_LR, TRAIN_BATCH))
+    path = tmp_path_factory.mktemp("tiny_model")
+    cached_folder("tiny-model", key, lambda out: _train_tiny_model(corpus, out), path)
+    return path
+
+
+def _train_tiny_model(corpus: dict[str, list[str]], path) -> None:
+    """tiny_model_dir's tokenizer and model, made from the corpus into the folder `path`."""
     from transformers import LlamaForCausalLM
 
     from engine.data import chunk_texts
-    from engine.models import tiny_llama_config
+    from engine.demo import train_tokenizer
+    from engine.models import load_tokenizer, tiny_llama_config
 
-    tok = tiny_tokenizer
+    texts = corpus["forget"] + corpus["retain"] + corpus["unseen"] + corpus["tokenizer_extra"]
+    tok_dir = path / "tokenizer"
+    train_tokenizer(texts, 300).save_pretrained(tok_dir)
+    tok = load_tokenizer(str(tok_dir))  # saved and reloaded like a user's tokenizer
     torch.manual_seed(0)
     config = tiny_llama_config(len(tok), hidden=32, layers=2, heads=2, max_positions=SEQ_LEN,
                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -78,10 +98,9 @@ def tiny_model_dir(corpus, tiny_tokenizer, tmp_path_factory):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    path = tmp_path_factory.mktemp("tiny_model")
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    return path
+    shutil.rmtree(tok_dir)
 
 
 @pytest.fixture(scope="session")
@@ -170,3 +189,12 @@ def quick_demo(tmp_path_factory):
     wall = time.perf_counter() - t0
     assert p.returncode == 0, p.stderr[-3000:]
     return ws, json.loads(p.stdout), wall
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (.ci/run: -n auto --dist loadgroup), every test on the quick demo's
+    workspace runs in one worker: the demo is built once per session, and each worker is a session
+    of its own."""
+    for item in items:
+        if "quick_demo" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("quick_demo"))

@@ -131,6 +131,7 @@ def test_workers_get_the_store_through_their_environment(tmp_path, tiny_model_di
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("postgresql")  # under pytest-xdist: one test at a time makes the server's tables
 def test_a_postgresql_password_never_reaches_a_command_line_or_a_log(tmp_path, tiny_model_dir, forget_set_files):
     base = os.environ.get("UNLEARN_TEST_PG_URL")
     if not base:

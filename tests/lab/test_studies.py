@@ -554,6 +554,7 @@ def test_two_workers_share_one_sqlite_store(lab, tiny_model_dir, forget_set_file
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("postgresql")  # under pytest-xdist: one test at a time makes the server's tables
 def test_two_workers_share_one_postgresql_store(tmp_path, tiny_model_dir, forget_set_files):
     url = os.environ.get("UNLEARN_TEST_PG_URL")
     if not url:
