@@ -35,6 +35,8 @@ import torch
 from engine.data import ForgetSetChunks
 from engine.evaluate import evaluate
 from engine.finetune import fine_tune
+from engine.metric_registry import PPL_FORGET
+from engine.metric_registry import recovery as recovery_path
 
 RELEARN_FRACTION = 0.10
 RELEARN_STEPS = 20
@@ -122,8 +124,8 @@ def attack_milestone(model, sets: ForgetSetChunks, attacks: tuple[str, ...], met
             m, n = evaluate(attacked, sets, eval_batch_size, device, autocast, min_k)
             del attacked
             tokens += n
-            m["recovery"] = recovery(metrics.get("ppl_forget"), m.get("ppl_forget"), baseline.get("ppl_forget"),
+            m["recovery"] = recovery(metrics.get(PPL_FORGET), m.get(PPL_FORGET), baseline.get(PPL_FORGET),
                                      tol_forget)
             results[name] = m
     model.train(was_training)
-    return {"attacks": results, **{f"{name}_recovery": r["recovery"] for name, r in results.items()}}, tokens
+    return {"attacks": results, **{recovery_path(name): r["recovery"] for name, r in results.items()}}, tokens

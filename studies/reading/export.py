@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 from engine.errors import UnlearnError
 from engine.methods.base import parse_variant
-from engine.metric_registry import OBJECTIVE, every_run, objective, read
+from engine.metric_registry import OBJECTIVE, SCORE, every_run, objective, read
 from studies.lifecycle.spec import StudySpec
 from studies.reading.grid import Cell, best_cell, load_cells
 from studies.reading.grid import pareto as pareto_front
@@ -222,6 +222,6 @@ def save_model(store: Store, entry: dict, out_dir: Path, device: str = "auto",
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    score, want = reached.get("score"), entry.get("score")
+    score, want = reached.get(SCORE), entry.get(SCORE)
     matches = (score is not None and want is not None and abs(score - want) <= 1e-6 * abs(want) + 1e-12)
     return {"path": str(final), "metrics": reached, "score": score, "matches": matches, "device": result["device"]}

@@ -261,7 +261,7 @@ class TrialPage:
     offset: int
 
 
-def trial_page(store: Store, study: str, sort: str = "score", descending: bool = False,
+def trial_page(store: Store, study: str, sort: str = SCORE, descending: bool = False,
                method: Optional[str] = None, success_only: bool = False, include_diverged: bool = True,
                limit: int = 200, offset: int = 0) -> TrialPage:
     """One page of a study's trials (one per computed cell), sorted and filtered by the database.

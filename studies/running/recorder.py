@@ -8,14 +8,15 @@ import optuna
 from optuna.trial import TrialState, create_trial
 from sqlmodel import select
 
+from engine.metric_registry import MIA_AUC, SCORE
 from studies.lifecycle.spec import StudySpec
 from studies.store.db import Milestone, Run, Store
 
 
 def _user_attrs(run: Run, cell: dict) -> dict:
-    attrs = {k: v for k, v in cell.items() if k != "mia_auc" and k != "step"}
-    for attack, auc in (cell.get("mia_auc") or {}).items():
-        attrs[f"mia_auc_{attack}"] = auc
+    attrs = {k: v for k, v in cell.items() if k != MIA_AUC and k != "step"}
+    for attack, auc in (cell.get(MIA_AUC) or {}).items():
+        attrs[f"{MIA_AUC}_{attack}"] = auc
     attrs.update(ul_run_id=run.id, ul_step=cell["step"])
     return attrs
 
@@ -34,7 +35,7 @@ def record_cell(store: Store, study_name: str, spec: StudySpec, run: Run, cell: 
         ms = s.exec(select(Milestone).where(Milestone.run_id == run.id, Milestone.step == step)).first()
         created = ms is None
         if created:
-            ms = Milestone(run_id=run.id, step=step, metrics=cell, score=cell.get("score"),
+            ms = Milestone(run_id=run.id, step=step, metrics=cell, score=cell.get(SCORE),
                            success=bool(cell.get("success")), diverged=bool(cell.get("diverged")))
             s.add(ms)
             s.flush()
@@ -45,7 +46,7 @@ def record_cell(store: Store, study_name: str, spec: StudySpec, run: Run, cell: 
     # The trial is added only after the cell's row commits, so a row made just now has none
     # yet: only a retried cell needs the (whole-study) search for a trial an earlier attempt added.
     number = None if created else store.retry(lambda: _find_trial(ostudy, run.id, step))
-    value = cell.get("score")
+    value = cell.get(SCORE)
     attrs = _user_attrs(run, cell)
     asked = run.asked_trial if run.asked_trial is not None and run.asked_steps == step else None
     asked_id = store.retry(lambda: _trial_id(store, study_name, asked)) if asked is not None and number in (None, asked) else None

@@ -23,6 +23,7 @@ def demo_cmd(
 
     from engine.demo import FULL, QUICK
     from engine.errors import UnlearnError
+    from engine.metric_registry import PPL_FORGET, SCORE
     from studies.lifecycle.demo import run_demo
     from studies.reading.grid import load_cells, robustness
     from tui.heatmap import render_heatmaps
@@ -56,11 +57,11 @@ def demo_cmd(
         c = by_step.get(run["best_step"]) or (run["milestones"][-1] if run["milestones"] else {})
         rows.append((run["method"], f"{run['lr']:.0e}", str(c.get("step", "—")), c))
     out.print(metrics_table(f"unlearn demo ({recipe.name}): best cell of each method", rows,
-                            exact_forget_ppl=result["retrained"]["ppl_forget"]))
+                            exact_forget_ppl=result["retrained"][PPL_FORGET]))
     from studies.lifecycle.demo import demo_store
 
     cells = load_cells(demo_store(workspace), result["study"])
-    out.print(render_heatmaps(cells, "score", title=f"study {result['study']}: score by lr × steps (✓ = success)"))
+    out.print(render_heatmaps(cells, SCORE, title=f"study {result['study']}: score by lr × steps (✓ = success)"))
     rob = robustness(cells)
     out.print("robustness (share of cells that succeed): " + ", ".join(f"{m} {v:.0%}" for m, v in rob.items()))
     out.print(

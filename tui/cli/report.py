@@ -184,7 +184,7 @@ def export_cmd(
         for e in entries:
             with step_progress(f"{e['method']} lr={e['lr']:g}", int(e["steps"])) as on_step:
                 saved = save(store, e, save_model, device=device, on_step=on_step, merge=merge)
-            note = "" if saved["matches"] else f" (score {saved['score']} differs from the study's {e['score']}: device {saved['device']})"
+            note = "" if saved["matches"] else f" (score {saved[SCORE]} differs from the study's {e[SCORE]}: device {saved['device']})"
             err.print(f"saved {saved['path']}{note}", markup=False, highlight=False)
     if out_file is not None:
         write_text_atomic(out_file, text)

@@ -230,7 +230,7 @@ class HeatmapGrid(Widget, can_focus=True):
         text = Text.assemble((g.method, "bold"), f"  robust {g.robustness:.0%} ", (f"{g.successes}/{g.size}", "dim"),
                              no_wrap=True, overflow="ellipsis")
         if best is not None:
-            text.append(f"  best {fmt_lr(best.lr)}×{best.steps} score {fmt_value(best.value('score'))}")
+            text.append(f"  best {fmt_lr(best.lr)}×{best.steps} score {fmt_value(best.value(SCORE))}")
             if best.success:
                 text.append(SUCCESS)
         if self.metric != SCORE:
