@@ -16,6 +16,8 @@ A forget set built by `unlearn forgetset preset` carries the rows its benchmark'
     bench.muse_privleak         with --muse-retrained-auc X: (auc - X) / X × 100
     downstream.TASK             with --eval-tasks: the lm-eval task's acc_norm, else acc
 
+(engine/metric_registry.py declares them: how each is labelled, coloured and offered.)
+
 Each list is cut to its first --bench-samples items (default 100), so a milestone's evaluation on a 7B
 model is not all generation. θ0's figures go in the result's baseline (with the per-question truth ratios,
 `baseline.bench.tofu_truth_ratios`: the file --tofu-retain-truth-ratios reads, when θ0 is a
@@ -29,8 +31,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-BENCH_METRICS = ("tofu_truth_ratio", "tofu_forget_quality", "muse_verbmem_f", "muse_knowmem_f", "muse_knowmem_r",
-                 "muse_auc", "muse_privleak")
 TOFU_MEAN = "geometric"  # TOFU's code (aggregate_eval_stat.py), so its published retain-model ratios compare
 
 
