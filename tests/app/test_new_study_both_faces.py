@@ -89,6 +89,8 @@ def app_create(store: Store, forms: list[tuple[str, dict[str, str | bool]]]) -> 
                 await pilot.pause()
                 form = screen.read_form()
                 errors = {label.id: str(label.content) for label in screen.query(".error") if str(label.content)}
+                if any(label.id in errors for label in screen.query("#advanced .error")):
+                    assert not screen.query_one("#advanced").collapsed  # its errors are never folded away
                 out.append(((form.create(store).spec if form else None), errors))
         return out
 

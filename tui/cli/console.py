@@ -9,14 +9,8 @@ import sys
 
 from rich.console import Console
 
-from engine.errors import UnlearnError
-
 err = Console(stderr=True)
 out = Console()
-
-
-def fail(message: str) -> None:
-    raise UnlearnError(message)
 
 
 def emit_json(obj) -> None:

@@ -232,6 +232,9 @@ class NewStudyScreen(Screen[str | None]):
         label.update(Text(text))
         label.set_class(not text, "-empty")
         label.set_class(busy, "-busy")
+        advanced = self.query_one(AdvancedSettings)
+        if text and advanced in label.ancestors:
+            advanced.collapsed = False  # a line beside a folded-away field would not be seen
 
     def _value(self, selector: str) -> str:
         return self.query_one(selector, Input).value.strip()
