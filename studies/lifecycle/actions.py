@@ -3,16 +3,21 @@ same functions behind `unlearn study pause|resume|cancel|rm` and the app's keys.
 from __future__ import annotations
 
 from engine.errors import UnlearnError
-from studies.store.states import StudyState
 from studies.store.db import Store
+from studies.store.states import StudyState
 
 VERBS = ("pause", "resume", "cancel", "delete")
 
 
-def study_action(store: Store, verb: str, name: str, heartbeat_timeout_s: float = 60.0,
+def study_action(store: Store, verb: str, name: str, heartbeat_timeout_s: float | None = None,
                  retry_failed: bool = False) -> str:
-    from studies.store.clock import age_s
+    """`heartbeat_timeout_s` None: the lab's setting (UNLEARN_HEARTBEAT_TIMEOUT)."""
     from studies.lifecycle.study import delete_study, resume_study, set_state
+    from studies.settings import lab_settings
+    from studies.store.clock import age_s
+
+    if heartbeat_timeout_s is None:
+        heartbeat_timeout_s = lab_settings().heartbeat_timeout
 
     if verb == "pause":
         return f"study {name}: {set_state(store, name, StudyState.PAUSED).state}"

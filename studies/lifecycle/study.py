@@ -147,11 +147,16 @@ def resume_study(store: Store, name: str, retry_failed: bool = False) -> Resumed
                    f"study {name}: running" + (f"; {retried} failed run(s) queued again" if retried else ""))
 
 
-def delete_study(store: Store, name: str, heartbeat_timeout_s: float = 60.0) -> int:
+def delete_study(store: Store, name: str, heartbeat_timeout_s: float | None = None) -> int:
     """Delete a study that nothing runs: its runs, cells, events and its Optuna study. Refused while
     it hands out runs, has a running run, or a worker pool beat for it within `heartbeat_timeout_s`
-    (pause or cancel it first). Returns the number of cells deleted. The forget set stays."""
+    from studies.settings import lab_settings
+    (None: the lab's setting; pause or cancel it first). Returns the number of cells deleted. The
+    forget set stays."""
     import optuna
+    if heartbeat_timeout_s is None:
+        heartbeat_timeout_s = lab_settings().heartbeat_timeout
+
 
     from studies.store.clock import age_s
     from studies.store.db import Event, Milestone

@@ -189,7 +189,7 @@ def save_model(store: Store, entry: dict, out_dir: Path, device: str = "auto",
     study run with --lora saves its adapter, or with `merge` the merged model.
     The folder appears whole or not at all. Returns {"path", "metrics", "score", "matches"}."""
     from engine.run import run_unlearning
-    from engine.settings import get_settings
+    from studies.settings import lab_settings
     from studies.store.forgetsets import forget_set_texts
 
     study = store.study(entry["study"])
@@ -205,7 +205,7 @@ def save_model(store: Store, entry: dict, out_dir: Path, device: str = "auto",
     final = out_dir / model_dir_name(entry)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=out_dir))
     try:
-        result = run_unlearning(study.model, texts, cfg, device=device, cache_dir=get_settings().baseline_cache,
+        result = run_unlearning(study.model, texts, cfg, device=device, cache_dir=lab_settings().baseline_cache,
                                 trust_remote_code=bool(spec.trust_remote_code), on_step=on_step, save_to=tmp,
                                 merge_lora=merge)
         reached = result["milestones"][-1]

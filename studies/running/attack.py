@@ -48,7 +48,7 @@ def attack_best_cells(store: Store, name: str, attacks: Optional[str] = None, me
     recoveries, and "downstream". `attacks` None: the ones the study was created with; `eval_tasks`
     None: the study's --eval-tasks when it evaluates them at the best cells ("" : none)."""
     from engine.run import run_unlearning
-    from engine.settings import get_settings
+    from studies.settings import lab_settings
     from studies.store.forgetsets import forget_set_texts
 
     study = store.study(name)
@@ -77,7 +77,7 @@ def attack_best_cells(store: Store, name: str, attacks: Optional[str] = None, me
         cfg = replace(spec.run_config(best.method, best.lr), milestones=(best.steps,), attacks=",".join(names),
                       eval_tasks=",".join(tasks), eval_tasks_dir=spec.run.eval_tasks_dir if tasks else "",
                       eval_tasks_limit=spec.run.eval_tasks_limit if tasks else 0).validate()
-        result = run_unlearning(spec.model, texts, cfg, device=device, cache_dir=get_settings().baseline_cache,
+        result = run_unlearning(spec.model, texts, cfg, device=device, cache_dir=lab_settings().baseline_cache,
                                 trust_remote_code=bool(spec.trust_remote_code))
         cell = result["milestones"][-1]
         found = {"attacks": cell.get("attacks", {}), **{f"{a}_recovery": cell.get(f"{a}_recovery") for a in names}}
@@ -137,7 +137,7 @@ def claim_attack_job(store: Store, study: Study, owner_alive: Callable[[str], bo
 def main(argv: list[str] | None = None) -> int:
     """The pool's best-cell job: `python -m studies.running.attack --study NAME --device D`: the attacks saved
     for the best cells (--attacks-at best) and the --eval-tasks saved for them (--eval-tasks-at best)."""
-    from engine.settings import get_settings
+    from studies.settings import lab_settings
 
     p = argparse.ArgumentParser(description="Run a study's attacks and/or downstream tasks at each method's best "
                                             "cell (started by a worker pool); the store's URL comes from "
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
-    store = Store(get_settings().storage_url, create=False)
+    store = Store(lab_settings().storage_url, create=False)
     study = store.study(a.study)
 
     spec = StudySpec.from_dict(study.spec)

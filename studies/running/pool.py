@@ -45,10 +45,10 @@ class Child:
 def log_dir_for(store: Store, study: str, create: bool = True) -> Path:
     """Logs live beside a SQLite store (…/unlearn-logs/STUDY), else under UNLEARN_HOME/logs.
     Readers pass create=False: looking must not make the folder."""
-    from engine.settings import get_settings
+    from studies.settings import lab_settings
 
     db = sqlite_path(store.url)
-    base = db.parent / f"{db.stem}-logs" if db else get_settings().home / "logs"
+    base = db.parent / f"{db.stem}-logs" if db else lab_settings().home / "logs"
     d = base / study
     if create:
         d.mkdir(parents=True, exist_ok=True)
@@ -78,10 +78,10 @@ class WorkerPool:
     def __init__(self, store: Store, slots: list[str], studies: list[str] | None = None,
                  heartbeat_timeout: float | None = None, poll_s: float = 0.5,
                  on_tick: Callable[[dict], None] | None = None):
-        from engine.settings import get_settings
+        from studies.settings import lab_settings
 
         self.store, self.slots, self.study_names = store, slots, studies
-        self.heartbeat_timeout = heartbeat_timeout or get_settings().heartbeat_timeout
+        self.heartbeat_timeout = heartbeat_timeout or lab_settings().heartbeat_timeout
         self.poll_s, self.on_tick = poll_s, on_tick
         self.children: dict[str, Child] = {}  # its first slot key -> child
         self.host = hostname()
@@ -497,14 +497,14 @@ def detach(store: Store, name: str, slots: list[str]) -> tuple[int, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.settings import get_settings
+    from studies.settings import lab_settings
 
     p = argparse.ArgumentParser(description="unlearn-lab scheduler (started by `unlearn study run --detach`); "
                                             "the store's URL comes from UNLEARN_STORAGE_URL.")
     p.add_argument("--study", action="append")
     p.add_argument("--slots", required=True)
     a = p.parse_args(argv)
-    store = Store(get_settings().storage_url, create=False)
+    store = Store(lab_settings().storage_url, create=False)
     print(f"{time.strftime('%F %T')} scheduler pid {os.getpid()} serving {a.study} on {a.slots}", flush=True)
     summary = WorkerPool(store, a.slots.split(","), a.study).serve()
     print(f"{time.strftime('%F %T')} scheduler done: {summary}", flush=True)

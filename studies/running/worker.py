@@ -55,7 +55,7 @@ class Heartbeat(threading.Thread):
 
 
 def run_one(store: Store, run_id: int, device: str) -> int:
-    from engine.settings import get_settings
+    from studies.settings import lab_settings
     from engine.run import is_main_process, run_unlearning
     from studies.store.forgetsets import forget_set_texts
     from studies.running.recorder import record_cell
@@ -90,7 +90,7 @@ def run_one(store: Store, run_id: int, device: str) -> int:
         def on_milestone(cell: dict) -> None:
             record_cell(store, study.name, spec, run, cell)
 
-        result = run_unlearning(spec.model, texts, cfg, device=device, cache_dir=get_settings().baseline_cache,
+        result = run_unlearning(spec.model, texts, cfg, device=device, cache_dir=lab_settings().baseline_cache,
                                 trust_remote_code=spec.trust_remote_code, on_step=on_step, on_milestone=on_milestone)
         heart.stop()
         with store.write() as s:
@@ -125,7 +125,7 @@ def _train_only(store: Store, run_id: int, device: str) -> int:
     """A non-main process of a multi-device run (`accelerate launch`): it trains its slice of every
     batch and writes nothing; the main process heartbeats, records the cells and settles the run."""
     from engine.run import run_unlearning
-    from engine.settings import get_settings
+    from studies.settings import lab_settings
     from studies.store.forgetsets import forget_set_texts
     from studies.lifecycle.spec import StudySpec
 
@@ -138,7 +138,7 @@ def _train_only(store: Store, run_id: int, device: str) -> int:
         return 3  # the main process records why; every process stops alike
     try:
         run_unlearning(spec.model, forget_set_texts(store, fs), cfg, device=device,
-                       cache_dir=get_settings().baseline_cache, trust_remote_code=spec.trust_remote_code)
+                       cache_dir=lab_settings().baseline_cache, trust_remote_code=spec.trust_remote_code)
     except BaseException:
         traceback.print_exc()
         return 1
@@ -178,7 +178,7 @@ def _does_not_fit(spec, cfg, gpu_bytes: int) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.settings import get_settings
+    from studies.settings import lab_settings
 
     p = argparse.ArgumentParser(description="Run one unlearn-lab run (started by a worker pool); "
                                             "the store's URL comes from UNLEARN_STORAGE_URL.")
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
-    return run_one(Store(get_settings().storage_url, create=False), a.run_id, a.device)
+    return run_one(Store(lab_settings().storage_url, create=False), a.run_id, a.device)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,14 @@ THEMES = ("textual-dark", "textual-light", "ansi-dark", "ansi-light")
 
 
 class StoreOpened(Message):
-    def __init__(self, store, settings) -> None:
+    """The store, opened, with the settings read in the same worker: the lab's (a LabSettings) and
+    the theme the app's settings name (None: none)."""
+
+    def __init__(self, store, settings, theme: Optional[str] = None) -> None:
         super().__init__()
         self.store = store
         self.settings = settings
+        self.theme = theme
 
 
 class StoreFailed(Message):
@@ -43,8 +47,7 @@ class UnlearnApp(App):
         Binding("q", "quit", "quit"),
     ]
 
-    def __init__(self, storage_url: Optional[str] = None, refresh_s: float = 1.0,
-                 heartbeat_timeout_s: Optional[float] = None, theme: Optional[str] = None,
+    def __init__(self, storage_url: Optional[str] = None, refresh_s: float = 1.0, theme: Optional[str] = None,
                  read_devices: bool = True) -> None:
         """`storage_url` None: the settings' (UNLEARN_STORAGE_URL, then .env), resolved with the rest
         of the settings in the worker that opens the store, after the first frame."""
@@ -52,8 +55,9 @@ class UnlearnApp(App):
         self.storage_url = storage_url
         self.theme_given = theme is not None
         self.refresh_s = refresh_s  # every live screen polls the store this often (≤ 2 s)
-        self.heartbeat_timeout_s = heartbeat_timeout_s if heartbeat_timeout_s is not None else 60.0
-        self.heartbeat_given = heartbeat_timeout_s is not None
+        # How old a heartbeat may be before a run counts as lost (the live tables colour it by it):
+        # the lab's setting, learnt with the store (None until then).
+        self.heartbeat_timeout_s: Optional[float] = None
         self.read_devices = read_devices  # off only where a reading would make a snapshot differ
         self.store = None
         self.known_studies: list[str] = []
@@ -75,17 +79,18 @@ class UnlearnApp(App):
     @work(thread=True, exclusive=True, group="store", name="open store")
     def open_store(self, url: Optional[str], create: bool = False) -> None:
         from engine.errors import UnlearnError
-        from engine.settings import Settings
+        from studies.settings import lab_settings
         from studies.store.db import Store, StoreMissing, describe_url
+        from tui.app.settings import app_settings
 
         try:
-            settings = Settings(**({"storage_url": url} if url else {}))
+            settings, theme = lab_settings(), app_settings().theme
         except Exception as exc:  # a malformed UNLEARN_* value: one line, and a store can still be picked
             self.post_message(StoreFailed(url or "", f"bad settings: {str(exc).splitlines()[0]}", missing=False))
             return
-        url = settings.storage_url
+        url = url or settings.storage_url
         try:
-            self.post_message(StoreOpened(Store(url, create=create), settings))
+            self.post_message(StoreOpened(Store(url, create=create), settings, theme))
         except StoreMissing as exc:
             self.post_message(StoreFailed(url, str(exc), missing=True))
         except UnlearnError as exc:
@@ -101,10 +106,9 @@ class UnlearnApp(App):
         self.storage_url = message.store.url
         self.sub_title = message.store.safe_url
         settings = message.settings
-        if not self.heartbeat_given:
-            self.heartbeat_timeout_s = settings.heartbeat_timeout
+        self.heartbeat_timeout_s = settings.heartbeat_timeout
         if not self.theme_given:  # .env or UNLEARN_HOME may name what the environment did not
-            theme = settings.theme or prefs.load(settings.home).get("theme")
+            theme = message.theme or prefs.load(settings.home).get("theme")
             if theme and theme != self.theme:
                 self.theme = theme
         for _ in range(len(self.screen_stack) - 1):
@@ -241,7 +245,7 @@ class UnlearnApp(App):
         from studies.lifecycle.actions import study_action
 
         try:
-            line = study_action(self.store, verb, name, heartbeat_timeout_s=self.heartbeat_timeout_s)
+            line = study_action(self.store, verb, name)
             self.call_from_thread(self.notify, line, title=name)
         except UnlearnError as exc:
             self.call_from_thread(self.notify, str(exc), title=name, severity="error")

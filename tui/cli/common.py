@@ -16,7 +16,7 @@ from engine.config import settings_fields
 from studies.lifecycle.inputs import setting_default_text, setting_type
 
 if TYPE_CHECKING:
-    from engine.settings import Settings
+    from studies.settings import LabSettings
     from studies.store.db import Store
 
 STORAGE_HELP = ("SQLAlchemy URL of the store (default: $UNLEARN_STORAGE_URL, then .env, then sqlite:///unlearn.db). "
@@ -24,20 +24,22 @@ STORAGE_HELP = ("SQLAlchemy URL of the store (default: $UNLEARN_STORAGE_URL, the
 
 
 class Lab:
-    """What a command needs from outside itself, resolved once per invocation: the settings
-    (flags, then UNLEARN_* variables, then .env) and the store they name."""
+    """What a command needs from outside itself, resolved once per invocation: the lab's settings
+    (flags, then UNLEARN_* variables, then .env) and the store they name. Built here rather than
+    taken from studies.settings.lab_settings(): a flag is one more layer, and the tests run many
+    invocations in one process."""
 
     def __init__(self) -> None:
         self.storage_flag: Optional[str] = None
-        self._settings: Optional[Settings] = None
+        self._settings: Optional[LabSettings] = None
 
     @property
-    def settings(self) -> Settings:
+    def settings(self) -> LabSettings:
         if self._settings is None:
-            from engine.settings import Settings
+            from studies.settings import LabSettings
 
             given = {"storage_url": self.storage_flag} if self.storage_flag else {}
-            self._settings = Settings(**given)
+            self._settings = LabSettings(**given)
         return self._settings
 
     @property

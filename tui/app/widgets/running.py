@@ -95,7 +95,7 @@ class RunningRuns(Widget):
             super().__init__()
             self.key, self.lines, self.error = key, lines, error
 
-    def __init__(self, store: Store, *, heartbeat_timeout_s: float = 60.0, tail_lines: int = TAIL_LINES,
+    def __init__(self, store: Store, *, heartbeat_timeout_s: float | None = None, tail_lines: int = TAIL_LINES,
                  name: str | None = None, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(name=name, id=id, classes=classes)
         self.store = store
@@ -134,7 +134,16 @@ class RunningRuns(Widget):
         return {"method": run["method"], "lr": fmt_lr(float(run["lr"])), "attempt": str(run.get("attempts") or 1),
                 "progress": progress_text(run.get("step") or 0, self._steps_total),
                 "device": run.get("device") or "—",
-                "heartbeat": age_text(run.get("heartbeat_age_s"), self.heartbeat_timeout_s)}
+                "heartbeat": age_text(run.get("heartbeat_age_s"), self._heartbeat_timeout_s())}
+
+    def _heartbeat_timeout_s(self) -> float:
+        """The one given, else the app's, else the lab's setting (an app learns it with the store)."""
+        given = self.heartbeat_timeout_s or getattr(self.app, "heartbeat_timeout_s", None)
+        if given:
+            return given
+        from studies.settings import lab_settings
+
+        return lab_settings().heartbeat_timeout
 
     def update_runs(self, study: str, runs: list[dict], steps_total: int) -> None:
         """Show these runs: rows that changed are updated in place, new ones added, gone ones removed."""

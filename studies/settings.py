@@ -1,23 +1,24 @@
-"""Settings: flags first, then UNLEARN_* environment variables, then `.env` (design §7).
+"""The lab's settings: command-line flags first, then UNLEARN_* environment variables, then `.env`
+in the working folder. Each default is written here and nowhere else.
 
 Secrets are not settings: HF_TOKEN is read by huggingface_hub from the environment only and
-never copied into the store or an export."""
+never copied into the store or an export. The app's own settings (its theme) live in
+tui/app/settings.py."""
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
-from typing import Optional
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class Settings(BaseSettings):
+class LabSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="UNLEARN_", env_file=".env", extra="ignore")
 
     storage_url: str = Field("sqlite:///unlearn.db", description="SQLAlchemy URL of the store")
     home: Path = Field(Path.home() / ".cache" / "unlearn-lab", description="caches, logs, exported models")
     heartbeat_timeout: float = Field(60.0, description="seconds without a heartbeat before a run is declared lost")
-    theme: Optional[str] = Field(None, description="the app's theme: textual-dark, textual-light, ansi-dark, ansi-light")
 
     @field_validator("home", mode="after")
     @classmethod
@@ -29,5 +30,8 @@ class Settings(BaseSettings):
         return self.home / "baselines"
 
 
-def get_settings() -> Settings:
-    return Settings()
+@lru_cache(maxsize=1)
+def lab_settings() -> LabSettings:
+    """This process's settings, resolved once (a pool asks on every tick). A command given a flag
+    (`--storage`) builds its own LabSettings with it instead (tui/cli/common.py)."""
+    return LabSettings()
