@@ -10,15 +10,15 @@ from typing import Callable
 
 from sqlmodel import select
 
-from engine.errors import UnlearnError
 from engine.demo import DEMO_LRS, DEMO_METHODS, DemoRecipe, build_workspace, demo_sources, reference_metrics
-from studies.store.forgetsets import create_forget_set
+from engine.errors import UnlearnError
+from studies.lifecycle.spec import study_spec
+from studies.lifecycle.study import create_study, resume_study
 from studies.reading.grid import best_cell, load_cells
 from studies.running.pool import WorkerPool
-from studies.lifecycle.spec import StudySpec
-from studies.store.states import REAL_RUN_STATES, StudyState
 from studies.store.db import Milestone, Run, Store, Study
-from studies.lifecycle.study import create_study, resume_study
+from studies.store.forgetsets import create_forget_set
+from studies.store.states import REAL_RUN_STATES, StudyState
 
 
 def demo_store(workspace: Path) -> Store:
@@ -62,7 +62,7 @@ def best_runs(store: Store, name: str, cells) -> list[dict]:
     """Per method, the run (one lr, every milestone) holding the method's best cell (grid.best_cell),
     and that cell's step as "best_step" (None when every cell of the method diverged or failed)."""
     study = store.study(name)
-    spec = StudySpec.from_dict(study.spec)
+    spec = study_spec(study)
     with store.read() as s:
         runs = {r.id: r for r in s.exec(select(Run).where(Run.study_id == study.id,
                                                           Run.state.in_(REAL_RUN_STATES))).all()}

@@ -274,3 +274,9 @@ class StudySpec:
             if kw.get(k) is not None:
                 kw[k] = tuple(kw[k])
         return cls(**kw, run=RunSettings.from_dict(d.get("run", d)))
+
+
+def study_spec(study) -> StudySpec:
+    """The spec a study (a studies.store.db.Study row) was created with, parsed: the one way every
+    module reads `Study.spec`, which the store keeps as plain JSON."""
+    return StudySpec.from_dict(study.spec)

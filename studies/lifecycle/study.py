@@ -10,10 +10,10 @@ from sqlmodel import select
 
 from engine.config import RunSettings
 from engine.errors import UnlearnError
-from studies.store.forgetsets import check_name
-from studies.lifecycle.spec import StudySpec
-from studies.store.states import RunState, StudyState
+from studies.lifecycle.spec import StudySpec, study_spec
 from studies.store.db import Run, Store, Study, utcnow
+from studies.store.forgetsets import check_name
+from studies.store.states import RunState, StudyState
 
 SETTING_NAMES = frozenset(f.name for f in fields(RunSettings))
 
@@ -78,10 +78,6 @@ def create_study(store: Store, name: str, model: str, forget_set: str, *, method
     return study
 
 
-def study_spec(study: Study) -> StudySpec:
-    return StudySpec.from_dict(study.spec)
-
-
 def set_state(store: Store, name: str, state: StudyState) -> Study:
     """pause / cancel (and the pool's done). Cancel also cancels pending runs; the worker pool
     stops the running ones when it sees the state. Handing runs out again is `resume_study`."""
@@ -118,7 +114,7 @@ def resume_study(store: Store, name: str, retry_failed: bool = False) -> Resumed
     left with nothing to hand out (finished, nothing pending, failed runs not retried) is not
     touched: it stays done and the message says so, and how to retry what failed."""
     study = store.study(name)
-    spec = StudySpec.from_dict(study.spec)
+    spec = study_spec(study)
     with store.write() as s:
         st = s.get(Study, study.id)
         if st.state == StudyState.CANCELLED:
@@ -150,16 +146,16 @@ def resume_study(store: Store, name: str, retry_failed: bool = False) -> Resumed
 def delete_study(store: Store, name: str, heartbeat_timeout_s: float | None = None) -> int:
     """Delete a study that nothing runs: its runs, cells, events and its Optuna study. Refused while
     it hands out runs, has a running run, or a worker pool beat for it within `heartbeat_timeout_s`
-    from studies.settings import lab_settings
     (None: the lab's setting; pause or cancel it first). Returns the number of cells deleted. The
     forget set stays."""
     import optuna
-    if heartbeat_timeout_s is None:
-        heartbeat_timeout_s = lab_settings().heartbeat_timeout
 
-
+    from studies.settings import lab_settings
     from studies.store.clock import age_s
     from studies.store.db import Event, Milestone
+
+    if heartbeat_timeout_s is None:
+        heartbeat_timeout_s = lab_settings().heartbeat_timeout
 
     study = store.study(name)
     with store.write() as s:

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 from engine.errors import UnlearnError
 from engine.methods.base import parse_variant
 from engine.metric_registry import OBJECTIVE, SCORE, every_run, objective, read
-from studies.lifecycle.spec import StudySpec
+from studies.lifecycle.spec import StudySpec, study_spec
 from studies.reading.grid import Cell, best_cell, load_cells
 from studies.reading.grid import pareto as pareto_front
 from studies.store.db import ForgetSet, Store, Study
@@ -89,7 +89,7 @@ def _load(store: Store, name: str) -> tuple[Study, StudySpec, ForgetSet, list[Ce
         fs = s.get(ForgetSet, study.forgetset_id)
     if fs is None:
         raise UnlearnError(f"study {name!r}: its forget set (id {study.forgetset_id}) is missing from the store")
-    return study, StudySpec.from_dict(study.spec), fs, load_cells(store, study)
+    return study, study_spec(study), fs, load_cells(store, study)
 
 
 def export_best(store: Store, name: str, method: Optional[str] = None, pareto: bool = False) -> list[dict]:
@@ -193,7 +193,7 @@ def save_model(store: Store, entry: dict, out_dir: Path, device: str = "auto",
     from studies.store.forgetsets import forget_set_texts
 
     study = store.study(entry["study"])
-    spec = StudySpec.from_dict(study.spec)
+    spec = study_spec(study)
     with store.read() as s:
         fs = s.get(ForgetSet, study.forgetset_id)
     if fs is None or fs.hash != entry["forget_set"]["hash"]:

@@ -22,7 +22,7 @@ from sqlmodel import select
 from engine import metric_registry
 from engine.errors import UnlearnError
 from engine.metric_registry import FORGET_GAP, RETAIN_DRIFT, SCORE, MilestoneCell
-from studies.lifecycle.spec import StudySpec, without_ranged_knobs
+from studies.lifecycle.spec import StudySpec, study_spec, without_ranged_knobs
 from studies.store.db import Milestone, Run, Store, Study
 from studies.store.states import REAL_RUN_STATES, CellStatus, RunState
 
@@ -178,7 +178,7 @@ def fetch_rows(store: Store, study_ids: Iterable[int]) -> tuple[list[Run], list[
 
 def cells_from_rows(study: Study, runs: list[Run], milestones: list[Milestone]) -> list[Cell]:
     """The cells of one study from its rows (runs and milestones of other studies are ignored)."""
-    spec = StudySpec.from_dict(study.spec)
+    spec = study_spec(study)
     runs = [r for r in runs if r.study_id == study.id and r.state in REAL_RUN_STATES]
     run_ids = {r.id for r in runs}
     by_cell = {(m.run_id, m.step): m for m in milestones if m.run_id in run_ids}

@@ -13,7 +13,7 @@ from sqlmodel import select
 from studies.store.clock import age_s
 from studies.reading.grid import best, cells_from_rows, count_status, fetch_rows, grids, robustness
 from studies.reading.listing import list_row
-from studies.lifecycle.spec import StudySpec
+from studies.lifecycle.spec import StudySpec, study_spec
 from studies.store.states import REAL_RUN_STATES, RunState
 from studies.store.db import ForgetSet, Milestone, Run, Store, Study, utcnow
 
@@ -27,7 +27,7 @@ def _total_runs(spec: StudySpec, runs: list[Run]) -> int:
 
 
 def _summarize(study: Study, fs: Optional[ForgetSet], runs: list[Run], cells: list) -> dict:
-    spec = StudySpec.from_dict(study.spec)
+    spec = study_spec(study)
     steps = sorted({c.steps for c in cells}) or list(spec.steps)
     total_runs = _total_runs(spec, runs)
     run_counts = {s: sum(1 for r in runs if r.state == s) for s in RUN_STATES}
@@ -99,5 +99,5 @@ def list_studies(store: Store, now=None) -> list[dict]:
     for row in per_run:
         by_study.setdefault(row[0], []).append(row)
     now = now or utcnow()
-    return [list_row(st, StudySpec.from_dict(st.spec), sets.get(st.forgetset_id), by_study.get(st.id, []), now)
+    return [list_row(st, study_spec(st), sets.get(st.forgetset_id), by_study.get(st.id, []), now)
             for st in studies]

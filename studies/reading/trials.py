@@ -14,7 +14,7 @@ from sqlmodel import select
 
 from engine.errors import UnlearnError
 from engine.metric_registry import MIA_AUC, PPL_FORGET, PPL_UNSEEN, every_run_paths
-from studies.lifecycle.spec import StudySpec
+from studies.lifecycle.spec import StudySpec, study_spec
 from studies.reading.export import reproduce_command
 from studies.reading.grid import Cell, cells_from_rows, load_cells, pareto
 from studies.store.db import Event, ForgetSet, Milestone, Run, Store, Study
@@ -41,7 +41,7 @@ def _study_and_forget_set(store: Store, name: str) -> tuple[Study, StudySpec, Fo
         fs = s.get(ForgetSet, study.forgetset_id)
     if fs is None:
         raise UnlearnError(f"study {name!r}: its forget set (id {study.forgetset_id}) is missing from the store")
-    return study, StudySpec.from_dict(study.spec), fs
+    return study, study_spec(study), fs
 
 
 def _baseline(runs: list[Run], run: Run) -> tuple[Optional[dict], Optional[int]]:

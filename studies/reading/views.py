@@ -23,7 +23,7 @@ from sqlmodel import select
 from engine.errors import UnlearnError
 from engine.metric_registry import SCORE, every_run_paths
 from engine.metric_registry import read as read_metric
-from studies.lifecycle.spec import StudySpec
+from studies.lifecycle.spec import StudySpec, study_spec
 from studies.reading.grid import Cell, Grid, cell_at, check_metric, grids, row_keys, row_order, study_metrics
 from studies.store.clock import age_s
 from studies.store.db import Milestone, Run, Store, Study, utcnow
@@ -157,7 +157,7 @@ class StudyWatch:
         """Rebuild the rows of the dirty runs (every row when the spec or the steps changed);
         the cells that changed, by key."""
         if study.spec != self._spec_dict:
-            self._spec_dict, self._spec = study.spec, StudySpec.from_dict(study.spec)
+            self._spec_dict, self._spec = study.spec, study_spec(study)
             full = True
         else:
             full = self._cells_list is None
@@ -226,7 +226,7 @@ class StudyWatch:
 
 def running_runs(study: Study, runs: list[Run], now: Optional[dt.datetime] = None) -> list[dict]:
     """The running runs of a study in spec order (the same dicts as study_status's "running")."""
-    methods = list(StudySpec.from_dict(study.spec).methods)
+    methods = list(study_spec(study).methods)
     now = now or utcnow()
     return [{"method": r.method, "lr": r.lr, "step": r.step, "device": r.device, "pid": r.pid, "host": r.host,
              "heartbeat_age_s": age_s(r.heartbeat, now), "attempts": r.attempts}

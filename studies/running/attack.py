@@ -32,7 +32,7 @@ from sqlmodel import select
 from engine.config import parse_attacks, parse_eval_tasks
 from engine.errors import UnlearnError
 from studies.reading.grid import best_cell, load_cells
-from studies.lifecycle.spec import StudySpec
+from studies.lifecycle.spec import study_spec
 from studies.store.db import Event, ForgetSet, Milestone, Store, Study, hostname
 
 # The best-cell attack job's events, in the order they happen. "stopped" (the pool was interrupted,
@@ -52,7 +52,7 @@ def attack_best_cells(store: Store, name: str, attacks: Optional[str] = None, me
     from studies.store.forgetsets import forget_set_texts
 
     study = store.study(name)
-    spec = StudySpec.from_dict(study.spec)
+    spec = study_spec(study)
     names = parse_attacks(attacks if attacks is not None else spec.run.attacks)
     tasks = parse_eval_tasks(eval_tasks if eval_tasks is not None
                              else spec.run.eval_tasks if spec.wants_best_cell_tasks else "")
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(lab_settings().storage_url, create=False)
     study = store.study(a.study)
 
-    spec = StudySpec.from_dict(study.spec)
+    spec = study_spec(study)
     rows = attack_best_cells(store, a.study, attacks=spec.run.attacks if spec.attacks_at == "best" else "",
                              device=a.device, on_cell=lambda row: print(describe_row(row), flush=True))
     done = sum(1 for r in rows if "skipped" not in r)

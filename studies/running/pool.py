@@ -24,7 +24,7 @@ from sqlalchemy import func
 from sqlmodel import select
 
 from studies.running.attack import attack_job_state, claim_attack_job
-from studies.lifecycle.spec import StudySpec
+from studies.lifecycle.spec import StudySpec, study_spec
 from studies.store.states import ACTIVE_RUN_STATES, IDLE_STUDY_STATES, RunState, StudyState
 from studies.store.clock import age_s
 from studies.store.db import Milestone, Run, Store, Study, hostname, sqlite_path, utcnow
@@ -104,7 +104,7 @@ class WorkerPool:
                     while free:
                         run = self._claim(studies, width=len(free))
                         if run is not None:
-                            width = next(StudySpec.from_dict(st.spec).gpus_per_run for st in studies if st.id == run.study_id)
+                            width = next(study_spec(st).gpus_per_run for st in studies if st.id == run.study_id)
                             self._spawn(free[:width], run)
                             free = free[width:]
                         elif (study := self._claim_attack_job(studies)) is not None:
@@ -148,7 +148,7 @@ class WorkerPool:
     def _has_work(self, study: Study) -> bool:
         if study.state in IDLE_STUDY_STATES:
             return False
-        spec = StudySpec.from_dict(study.spec)
+        spec = study_spec(study)
         if spec.gpus_per_run > len(self.slots):  # this pool can never run it (`study run` refuses it up front)
             return False
         with self.store.read() as s:
@@ -183,7 +183,7 @@ class WorkerPool:
         ids = [st.id for st in studies]
         with self.store.read() as s:
             cells = s.exec(select(func.count()).select_from(Milestone).join(Run, Milestone.run_id == Run.id).where(Run.study_id.in_(ids))).one()
-        specs = [StudySpec.from_dict(st.spec) for st in studies]
+        specs = [study_spec(st) for st in studies]
         total = sum(spec.total_runs * len(spec.steps) for spec in specs)
         return {"cells_done": cells, "cells_total": total, "running": len(self.children),
                 "states": {st.name: st.state for st in studies}}
@@ -192,7 +192,7 @@ class WorkerPool:
     def _claim(self, studies: list[Study], width: int = 1) -> Run | None:
         """A run of a running study that needs at most `width` devices, claimed for this pool."""
         running = [st for st in studies if st.state == StudyState.RUNNING
-                   and StudySpec.from_dict(st.spec).gpus_per_run <= width]
+                   and study_spec(st).gpus_per_run <= width]
         if not running:
             return None
 
@@ -210,7 +210,7 @@ class WorkerPool:
         if run is not None:
             return run
         for st in running:
-            spec = StudySpec.from_dict(st.spec)
+            spec = study_spec(st)
             if spec.sampler == "tpe":
                 run = self._ask(st, spec)
                 if run is not None:
@@ -221,7 +221,7 @@ class WorkerPool:
         """A running study whose runs are all over and whose best-cell attacks are due (claimed here)."""
         mine = {c.study_id for c in self.children.values() if c.run_id is None}
         for st in studies:
-            spec = StudySpec.from_dict(st.spec)
+            spec = study_spec(st)
             if st.state != StudyState.RUNNING or not spec.wants_best_cell_attacks or st.id in mine:
                 continue
             with self.store.read() as s:
@@ -375,7 +375,7 @@ class WorkerPool:
             if run is None or run.state != RunState.RUNNING:
                 return
             study = s.get(Study, run.study_id)
-            spec = StudySpec.from_dict(study.spec)
+            spec = study_spec(study)
             n = run.attempts
             own = run.last_error if run.last_error and run.last_error.startswith(f"attempt {n}:") else None
             why = own or f"attempt {n}: {reason or 'ended without a result'}"

@@ -59,7 +59,7 @@ def run_one(store: Store, run_id: int, device: str) -> int:
     from engine.run import is_main_process, run_unlearning
     from studies.store.forgetsets import forget_set_texts
     from studies.running.recorder import record_cell
-    from studies.lifecycle.spec import StudySpec
+    from studies.lifecycle.spec import study_spec
 
     if not is_main_process():
         return _train_only(store, run_id, device)
@@ -67,7 +67,7 @@ def run_one(store: Store, run_id: int, device: str) -> int:
         run, study, fs = _run_rows(s, run_id)
         run.pid, run.heartbeat = os.getpid(), utcnow()
         s.add(run)
-    spec = StudySpec.from_dict(study.spec)
+    spec = study_spec(study)
     cfg = spec.run_config(run.method, run.lr)
     gpu_bytes = _gpu_bytes(device)
     if gpu_bytes is not None:
@@ -127,11 +127,11 @@ def _train_only(store: Store, run_id: int, device: str) -> int:
     from engine.run import run_unlearning
     from studies.settings import lab_settings
     from studies.store.forgetsets import forget_set_texts
-    from studies.lifecycle.spec import StudySpec
+    from studies.lifecycle.spec import study_spec
 
     with store.read() as s:
         run, study, fs = _run_rows(s, run_id)
-    spec = StudySpec.from_dict(study.spec)
+    spec = study_spec(study)
     cfg = spec.run_config(run.method, run.lr)
     gpu_bytes = _gpu_bytes(device)
     if gpu_bytes is not None and _does_not_fit(spec, cfg, gpu_bytes):

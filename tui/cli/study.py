@@ -54,7 +54,7 @@ def create_cmd(
     """Create a study: the Optuna study and one run per (method, lr) in the store. Every run setting
     not given takes its default, except --seq-len, which defaults to the forget set's."""
     from studies.lifecycle.inputs import parse_milestones, search_space
-    from studies.lifecycle.spec import StudySpec, parse_knob_options
+    from studies.lifecycle.spec import parse_knob_options, study_spec
     from studies.lifecycle.study import create_study
     from tui.cli.console import emit_json, out
 
@@ -66,7 +66,7 @@ def create_cmd(
                          trust_remote_code=trust_remote_code, knobs=parse_knob_options(param), attacks_at=attacks_at,
                          gpus_per_run=gpus_per_run, eval_tasks_at=eval_tasks_at,
                          **given_settings)
-    spec = StudySpec.from_dict(study.spec)
+    spec = study_spec(study)
     info = {"name": study.name, "runs": spec.total_runs, "cells": spec.total_runs * len(spec.steps), "spec": study.spec}
     if as_json:
         return emit_json(info)
@@ -86,14 +86,14 @@ def run_cmd(
     """Run (or resume) a study: a fresh subprocess per run, one per worker slot; finished cells are never recomputed."""
     from engine.errors import UnlearnError
     from studies.lifecycle.inputs import device_slots
-    from studies.lifecycle.spec import StudySpec
+    from studies.lifecycle.spec import study_spec
     from studies.lifecycle.study import resume_study
     from studies.running.pool import WorkerPool
     from tui.cli.console import err, out
 
     store = lab(ctx).store()
     slots = device_slots(gpus, workers, visible_gpus=_cuda_device_count)
-    width = StudySpec.from_dict(store.study(name).spec).gpus_per_run
+    width = study_spec(store.study(name)).gpus_per_run
     if width > len(slots):
         raise UnlearnError(f"study {name} runs each run on {width} devices; this pool has {len(slots)} "
                            f"({','.join(slots)}): give --gpus with {width} or more, or --workers {width}")
