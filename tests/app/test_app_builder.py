@@ -13,13 +13,11 @@ from textual.app import App
 from textual.widgets import DirectoryTree, Input, Label, Select, SelectionList
 
 from engine.errors import UnlearnError
-from studies.store.forgetsets import list_forget_sets
 from studies.lifecycle.inputs import device_slots, parse_learning_rates, parse_milestones
-from studies.store.states import RunState, StudyState
 from studies.reading.status import list_studies
 from studies.store.db import Store
-from studies.lifecycle.study import set_state
-from tests.studies_helpers import make_forget_set, pid_alive, runs_of, wait_for
+from studies.store.forgetsets import list_forget_sets
+from tests.studies_helpers import make_forget_set
 from tui.app.screens.forgetset_builder import ForgetSetBuilderScreen, SourceTable
 from tui.app.screens.new_study import NewStudyScreen, method_formula
 from tui.app.widgets.devices import DevicesPanel
