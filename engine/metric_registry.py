@@ -24,11 +24,16 @@ LOWER, HIGHER = "lower", "higher"
 CLOSER = "closer"  # closer to the metric's `target` (an AUC to 0.5, a drift to 0)
 NEUTRAL = "neutral"  # neither: a neutral blue scale (a forget perplexity is not better lower or higher)
 
-# Groups, in the order the tables show them.
+# Groups (tables show the metrics in the order they are registered below).
 OBJECTIVE, PERPLEXITY, MIA, RECOVERY, BENCH, DOWNSTREAM = (
     "objective", "perplexity", "mia", "recovery", "bench", "downstream")
 
 EVERY_RUN = "every run"  # `runs` of a metric every computed cell has
+
+# How prominently a metric every run has is shown (`tier`).
+HEADLINE = 1  # in every table, and the dashboard's trial table sorts by it
+LISTED = 2  # in the dashboard's trial table too
+DETAIL = 3  # only in the full tables: the trial screen, compare, the export's model card
 
 MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")  # engine.evaluate scores each: mia_auc.<attack>
 ROBUSTNESS_ATTACKS = ("relearn", "quant4", "quant8")  # --attacks; engine.recovery runs them: <attack>_recovery
@@ -69,9 +74,7 @@ class Metric:
     runs: str = EVERY_RUN  # which runs have it: EVERY_RUN, or the flag or preset that adds it
     log: bool = False  # coloured on a log scale
     target: Optional[float] = None  # what CLOSER is closer to
-    # 1: a headline figure (the dashboard sorts by it); 2: in the dashboard's trial table too;
-    # 3: only in the full tables (the trial screen, compare, the export)
-    tier: int = 3
+    tier: int = DETAIL  # HEADLINE, LISTED or DETAIL
 
     def badness(self, x: float) -> Optional[float]:
         """The quantity a colour scale runs over, lower = better (NEUTRAL: only the position)."""
@@ -120,12 +123,12 @@ def paths(group: Optional[str] = None) -> tuple[str, ...]:
     return tuple(m.path for m in _REGISTRY.values() if group is None or m.group == group)
 
 
-def every_run(max_tier: int = 3) -> tuple[Metric, ...]:
+def every_run(max_tier: int = DETAIL) -> tuple[Metric, ...]:
     """The metrics every computed cell has, in table order; `max_tier` keeps the more important ones."""
     return tuple(m for m in _REGISTRY.values() if m.runs == EVERY_RUN and m.tier <= max_tier)
 
 
-def every_run_paths(max_tier: int = 3) -> tuple[str, ...]:
+def every_run_paths(max_tier: int = DETAIL) -> tuple[str, ...]:
     return tuple(m.path for m in every_run(max_tier))
 
 
@@ -194,20 +197,22 @@ def metric_help() -> str:
 
 _GAP_HELP = "|ln ppl_forget(θ) − ln ppl_unseen(θ0)|: distance from the approximate-retraining target"
 register(Metric(SCORE, "score", "nats", LOWER, OBJECTIVE, "forget_gap + max(0, retain_drift): the study objective",
-                tier=1))
-register(Metric(FORGET_GAP, "gap", "nats", LOWER, OBJECTIVE, _GAP_HELP, tier=1))
-register(Metric(RETAIN_DRIFT, "drift", "nats", CLOSER, OBJECTIVE,
-                "ln ppl_retain(θ) − ln ppl_retain(θ0): utility lost (negative = improved)", target=0.0, tier=1))
+                tier=HEADLINE))
+register(Metric(FORGET_GAP, "gap", "nats", LOWER, OBJECTIVE, _GAP_HELP, tier=HEADLINE))
+register(Metric(RETAIN_DRIFT, "drift", "nats", CLOSER, OBJECTIVE,  # coloured by |drift|, as the heatmap always was
+                "ln ppl_retain(θ) − ln ppl_retain(θ0): utility lost (negative = improved)", target=0.0,
+                tier=HEADLINE))
 for _role in ROLES:
     # Only the retain perplexity is better lower; the forget (and unseen, general) ones are judged
     # against a target, so their heatmap is a neutral scale.
     register(Metric(ppl(_role), _role, "perplexity", LOWER if _role == "retain" else NEUTRAL, PERPLEXITY,
                     f"perplexity of the {_role} set (token-weighted)", log=True,
-                    tier=1 if _role in ("forget", "retain") else 2))
+                    tier=HEADLINE if _role in ("forget", "retain") else LISTED))
 for _attack in MIA_ATTACKS:
     register(Metric(mia_auc(_attack), f"mia.{_attack}", "AUC", CLOSER, MIA,
                     f"ROC AUC of the {_attack} attack, forget vs unseen: 1 = remembered, 0.5 = looks unseen, "
-                    "< 0.5 over-unlearned", target=0.5, tier=1 if _attack in ("loss", "min_k") else 3))
+                    "< 0.5 over-unlearned", target=0.5,
+                    tier=HEADLINE if _attack in ("loss", "min_k") else DETAIL))
 for _attack in ROBUSTNESS_ATTACKS:
     register(Metric(recovery(_attack), f"{_attack} rec.", "share", LOWER, RECOVERY,
                     f"share of the forgetting the {_attack} attack undoes (0 = none, 1 = all)",
@@ -224,7 +229,8 @@ for _name, _label, _better, _help, _runs in (
 register(Metric(f"{BENCH}.muse_auc", "MUSE AUC", "AUC", CLOSER, BENCH, "forget-vs-holdout Min-40% AUC",
                 runs="a MUSE preset", target=0.5))
 register(Metric(f"{BENCH}.muse_privleak", "PrivLeak", "%", CLOSER, BENCH,
-                "(auc − retrained auc) / retrained auc × 100", runs="a MUSE preset with --muse-retrained-auc", target=0.0))
+                "(auc − retrained auc) / retrained auc × 100", runs="a MUSE preset with --muse-retrained-auc",
+                target=0.0))
 
 
 # ---------------------------------------------------------------- the cell

@@ -10,11 +10,11 @@ import pytest
 from textual.app import App
 from textual.widgets import DataTable, Select
 
-from engine.metric_registry import LOWER, Metric, registered
+from engine.metric_registry import LISTED, LOWER, Metric, registered
 from tests.cli.metric_store import metric_store
 from tests.studies_helpers import cli_in_process
 
-NEW = Metric("edit_norm", "edit", "", LOWER, "weights", "‖θ − θ0‖: how far the weights moved", tier=2)
+NEW = Metric("edit_norm", "edit", "", LOWER, "weights", "‖θ − θ0‖: how far the weights moved", tier=LISTED)
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Checkbox, DataTable, Footer, Header, Select, Static
 
-from engine.metric_registry import SCORE, every_run_paths
+from engine.metric_registry import HEADLINE, LISTED, SCORE, every_run_paths
 from tui.app.format import age, fmt_lr, fmt_value
 from tui.app.messages import CellRef, CompareCells, ExportRequested, OpenTrial, StudyAction
 from tui.app.widgets.devices import DevicesPanel
@@ -37,13 +37,13 @@ WIDE = 140  # from this many columns, heatmaps and panels sit side by side
 
 
 def trial_columns() -> tuple[str, ...]:
-    """The trial table's columns: the cell's keys and the metrics of the registry's first two tiers."""
-    return ("method", "lr", "steps", *every_run_paths(max_tier=2), "success", "trial")
+    """The trial table's columns: the cell's keys and the registry's headline and listed metrics."""
+    return ("method", "lr", "steps", *every_run_paths(max_tier=LISTED), "success", "trial")
 
 
 def sortable() -> tuple[str, ...]:
     """What `s` cycles the trial table's order through: the headline metrics, then the cell's keys."""
-    return (*every_run_paths(max_tier=1), "steps", "lr", "method", "trial")
+    return (*every_run_paths(max_tier=HEADLINE), "steps", "lr", "method", "trial")
 
 
 def grid_range(grid, metric: str) -> tuple[float, float] | None:
