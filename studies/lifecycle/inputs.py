@@ -24,6 +24,8 @@ from typing import Callable, Iterable
 
 from engine.errors import UnlearnError
 
+# Declared here, and spec.py imports it: the CLI's light path (tui/cli/common.py) imports this
+# module, and spec.py would load every method.
 SAMPLERS = ("grid", "tpe")
 LR_FORMS = "a list 1e-5,3e-5 or 1e-5..1e-3 x4 (grid), or a range 1e-5:1e-3 (tpe)"
 MAX_SPACED = 100  # `LOW..HIGH xN`: more values than this is a typo, not a grid

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, fields, replace
 from engine.config import RunConfig, RunSettings
 from engine.errors import UnlearnError
 from engine.methods import get_method
+from studies.lifecycle.inputs import SAMPLERS
 
-SAMPLERS = ("grid", "tpe")
 ATTACKS_AT = ("every", "best")  # where a study's --attacks run: at every cell, or at each method's best cell
 
 

@@ -186,7 +186,7 @@ class NewStudyScreen(Screen[str | None]):
             yield Label("", id="steps-error", classes="error -empty")
             with Horizontal(classes="row"):
                 yield Label("sampler")
-                yield Select([("grid", "grid"), ("tpe", "tpe")], value="grid", allow_blank=False, id="sampler")
+                yield Select([(name, name) for name in inputs.SAMPLERS], value="grid", allow_blank=False, id="sampler")
                 yield Label("trials", id="trials-label")
                 yield Input(placeholder="runs", id="trials", type="integer", disabled=True)
             yield Label("", id="sampler-error", classes="error -empty")
