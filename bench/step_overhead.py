@@ -46,11 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CACHE, alternate, finish, medians, ratio_pass, spread, tiny_workspace  # noqa: E402
 from _lockstep import Lockstep, median_interval, paired_ratios  # noqa: E402
 from _lockstep import median as lockstep_median  # noqa: E402
+from engine.metric_registry import PPL_FORGET, PPL_RETAIN, PPL_UNSEEN  # noqa: E402
 
 TARGET_PLAIN = 1.05
 TARGET_TRAINER = 1.0
 LOSS_RTOL = 1e-5
-BASELINE = {"ppl_forget": 1.0, "ppl_retain": 1.0, "ppl_unseen": 1.0}  # compare() needs one; never timed
+BASELINE = dict.fromkeys((PPL_FORGET, PPL_RETAIN, PPL_UNSEEN), 1.0)  # compare() needs one; never timed
 # What a step's time is read from (--clock): the process's CPU time by default. The sides train on
 # the CPU with one torch thread, so a step's CPU time is its work; the wall clock also counts the
 # time the process waited for a core, which on a shared 2-core box swings a side by 20 % from one

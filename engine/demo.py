@@ -201,6 +201,7 @@ def reference_metrics(workspace: Path, recipe: DemoRecipe) -> dict:
     for the exact target ppl_forget(retrained)."""
     from engine.data import chunk_forget_set, load_forget_set
     from engine.evaluate import evaluate
+    from engine.metric_registry import PPL_FORGET, PPL_UNSEEN
     from engine.models import load_model, load_tokenizer
 
     src = demo_sources(workspace)
@@ -209,4 +210,4 @@ def reference_metrics(workspace: Path, recipe: DemoRecipe) -> dict:
     original, _ = evaluate(load_model(str(workspace / "model")), sets, 16)
     retrained, _ = evaluate(load_model(str(workspace / "retrained")), sets, 16)
     return {"original": original, "retrained": retrained, "forget_set_hash": texts.hash,
-            "target_error": abs(math.log(original["ppl_unseen"]) - math.log(retrained["ppl_forget"]))}
+            "target_error": abs(math.log(original[PPL_UNSEEN]) - math.log(retrained[PPL_FORGET]))}

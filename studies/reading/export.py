@@ -224,4 +224,4 @@ def save_model(store: Store, entry: dict, out_dir: Path, device: str = "auto",
         raise
     score, want = reached.get(SCORE), entry.get(SCORE)
     matches = (score is not None and want is not None and abs(score - want) <= 1e-6 * abs(want) + 1e-12)
-    return {"path": str(final), "metrics": reached, "score": score, "matches": matches, "device": result["device"]}
+    return {"path": str(final), "metrics": reached, SCORE: score, "matches": matches, "device": result["device"]}
