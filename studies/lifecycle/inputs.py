@@ -72,10 +72,10 @@ def parse_learning_rates(text: str, label: str = "learning rate") -> LearningRat
         return LearningRates(values=values)
     lo, hi = parse_learning_rate(m["lo"], label), parse_learning_rate(m["hi"], label)
     if not lo < hi:
-        raise UnlearnError(f"{label} range {text!r}: the low end must be below the high end")
+        raise UnlearnError(f"{label} {text!r}: the low end must be below the high end")
     if m["n"] is None:
         return LearningRates(low=lo, high=hi)
-    return LearningRates(values=log_spaced(lo, hi, m["n"], f"{label} range {text!r}"))
+    return LearningRates(values=log_spaced(lo, hi, m["n"], f"{label} {text!r}"))
 
 
 def log_spaced(lo: float, hi: float, count: str, where: str) -> tuple[float, ...]:
@@ -132,7 +132,8 @@ def search_space(lr: str | None, lr_range: str | None = None, sampler: str | Non
     if lr:
         rates = parse_learning_rates(lr, lr_label)
     elif lr_range:
-        rates = parse_learning_rates(lr_range, range_label)
+        # `--lr-range LOW,HIGH` was read as LOW:HIGH before the grammar was shared, and still is
+        rates = parse_learning_rates(lr_range.replace(",", ":") if "," in lr_range else lr_range, range_label)
         if rates.range is None:
             raise UnlearnError(f"{range_label} takes LOW:HIGH (or LOW..HIGH), not {lr_range!r}")
     chosen = study_sampler(rates, sampler)

@@ -17,13 +17,14 @@ def test_a_range_is_written_with_dots_or_a_colon_and_means_tpe():
         assert parse_learning_rates(text).range == (1e-5, 1e-3)
         assert search_space(text) == search_space(None, text) == search_space(text, sampler="tpe")
         assert search_space(text).sampler == "tpe"
+    assert search_space(None, "1e-5,1e-3").lr_range == (1e-5, 1e-3)  # --lr-range's older spelling
     assert parse_learning_rates("1e-5:1e-3 x3").values == parse_learning_rates("1e-5..1e-3 x3").values
     assert search_space("1e-4,1e-3").lrs == [1e-4, 1e-3] and search_space("1e-4").sampler == "grid"
     assert search_space(None) == SearchSpace("grid", None, None)  # none given: the spec says what is missing
 
 
 def test_the_rules_refuse_what_does_not_fit_with_one_line_naming_the_input():
-    for args, says in (((None, "1e-4,1e-3"), "--lr-range takes LOW:HIGH"),
+    for args, says in (((None, "1e-4"), "--lr-range takes LOW:HIGH"),
                        (("1e-4", "1e-5:1e-3"), "give --lr (grid) or --lr-range (tpe), not both"),
                        (("1e-4", None, "tpe"), "the tpe sampler draws learning rates from a range"),
                        (("1e-4", None, "random"), "--sampler must be one of grid, tpe"),
