@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from studies.reading.grid import METRICS, Cell, grids
+from engine.metric_registry import paths
+from studies.reading.grid import Cell, grids
 from studies.store.states import CellStatus
 
 
@@ -31,7 +32,7 @@ def _cells() -> list[Cell]:
 def test_grid_values_equal_each_cells_own_value():
     cells = _cells()
     g = grids(cells)["ga"]
-    for metric in METRICS + ("downstream.arc_easy",):
+    for metric in paths() + ("downstream.arc_easy",):
         want = [[(c.value(metric) if (c := g.cell(lr, s)) is not None and c.computed else None) for s in g.steps]
                 for lr in g.lrs]
         assert g.value(metric) == want, metric
