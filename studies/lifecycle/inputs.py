@@ -30,9 +30,10 @@ SAMPLERS = ("grid", "tpe")
 LR_FORMS = "a list 1e-5,3e-5 or 1e-5..1e-3 x4 (grid), or a range 1e-5:1e-3 (tpe)"
 MAX_SPACED = 100  # `LOW..HIGH xN`: more values than this is a typo, not a grid
 
-# LOW..HIGH or LOW:HIGH, then an optional `xN` (or `×N`). LOW may not start with a dot, so
-# `.5..1` is not read as an empty LOW; HIGH stops before an `x`, so `1e-3x4` needs no space.
-_RANGE = re.compile(r"^\s*(?P<lo>[^.:\s][^:\s]*?)\s*(?:\.\.|:)\s*(?P<hi>[^:\sxX×]+)\s*(?:[xX×]\s*(?P<n>\S+))?\s*$")
+# LOW..HIGH or LOW:HIGH, then an optional `xN` (or `×N`). LOW is the shortest text before the
+# first `..` or `:`, so a decimal point in it stays in it (`1.5e-5..1e-3`); HIGH stops before an
+# `x`, so `1e-3x4` needs no space. A list has neither separator and does not match.
+_RANGE = re.compile(r"^\s*(?P<lo>[^:\s]+?)\s*(?:\.\.|:)\s*(?P<hi>[^:\sxX×]+)\s*(?:[xX×]\s*(?P<n>\S+))?\s*$")
 
 
 @dataclass(frozen=True)
