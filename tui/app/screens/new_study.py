@@ -397,7 +397,8 @@ class NewStudyScreen(Screen[str | None]):
             knobs = parse_knob_options(self._value("#knobs").split())
         except UnlearnError as e:
             bad("knobs", str(e))
-        settings, options, wrong = self.query_one(AdvancedSettings).read(self.query_one("#attacks", Input).value)
+        typed_here = {"--attacks": self.query_one("#attacks", Input).value}  # the main form's RunSettings fields
+        settings, options, wrong = self.query_one(AdvancedSettings).read(typed_here)
         for field_id, text in wrong:
             bad(field_id, text)
         if not wrong:

@@ -85,13 +85,13 @@ class AdvancedSettings(Collapsible):
                  for w in _row(f.metadata["flag"], _setting_field(f))]
         super().__init__(*rows, title="advanced: every other `study create` option", collapsed=True, **kwargs)
 
-    def read(self, attacks: str) -> tuple[dict, dict, list[tuple[str, str]]]:
+    def read(self, main_form: dict[str, str]) -> tuple[dict, dict, list[tuple[str, str]]]:
         """(the RunSettings given, create_study's study options given, [(widget id, one-line error)]).
-        `attacks` is the main form's field, a RunSettings field like the others here."""
+        `main_form`: what is typed in the main form's fields of MAIN_FORM_FLAGS, by flag."""
         settings, options, problems = {}, {}, []
         for f in settings_fields():
             flag = f.metadata["flag"]
-            typed = attacks if flag == "--attacks" else self._typed(widget_id(flag))
+            typed = main_form[flag] if flag in MAIN_FORM_FLAGS else self._typed(widget_id(flag))
             try:
                 value = setting_value(f, typed)
             except UnlearnError as e:
