@@ -37,6 +37,28 @@ _RANGE = re.compile(r"^\s*(?P<lo>[^:\s]+?)\s*(?:\.\.|:)\s*(?P<hi>[^:\sxX×]+)\s*
 
 
 @dataclass(frozen=True)
+class StudyOption:
+    """A `study create` option that is the study's own, not a RunSettings field: the CLI's flag
+    (tui/cli/study.py) and the app's field (the new-study form's advanced section) are built from it."""
+
+    name: str  # create_study's keyword
+    flag: str
+    help: str
+    default: object  # create_study's default
+    choices: tuple[str, ...] = ()
+
+
+STUDY_OPTIONS = (
+    StudyOption("max_attempts", "--max-attempts", "attempts per run before it is failed", 2),
+    StudyOption("trust_remote_code", "--trust-remote-code", "allow the model repo's own Python code", False),
+    StudyOption("gpus_per_run", "--gpus-per-run", "devices one run takes (N processes under accelerate launch, data "
+                "parallel: each holds the whole model and trains 1/N of every batch)", 1),
+    StudyOption("eval_tasks_at", "--eval-tasks-at", "best: the --eval-tasks (lm-eval) at each method's best cell, once "
+                "the runs are done; every: at every cell, with the runs", "best", ("best", "every")),
+)
+
+
+@dataclass(frozen=True)
 class LearningRates:
     """A grid's list (`values`) or TPE's log-uniform range (`low`, `high`): exactly one of them."""
 

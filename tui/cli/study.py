@@ -5,7 +5,15 @@ from typing import List, Optional
 
 import typer
 
+from studies.lifecycle.inputs import STUDY_OPTIONS
 from tui.cli.common import Json, Storage, lab, run_settings_options
+
+
+def study_option(name: str):
+    """The flag of a study option declared in studies.lifecycle.inputs (the app's form builds its
+    field from the same declaration)."""
+    o = next(o for o in STUDY_OPTIONS if o.name == name)
+    return typer.Option(o.default, o.flag, help=o.help)
 
 
 def _cuda_device_count() -> int:
@@ -32,21 +40,18 @@ def create_cmd(
                                 "method × lr); a learning-rate range means tpe"),
     trials: Optional[int] = typer.Option(None, "--trials", help="tpe: (method, lr) runs to sample; each gives one trial per milestone"),
     steps: str = typer.Option(..., "--steps", help="milestones, e.g. 5,10,20,40 (one run per method × lr covers them all)"),
-    max_attempts: int = typer.Option(2, "--max-attempts", help="attempts per run before it is failed"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    max_attempts: int = study_option("max_attempts"),
+    trust_remote_code: bool = study_option("trust_remote_code"),
     param: Optional[List[str]] = typer.Option(None, "--param", metavar="NAME=V1,V2",
                                               help="sweep a method hyperparameter: NAME=V1,V2,... "
                                               "(repeat for several; `unlearn methods --json` lists each method's knobs); "
                                               "every combination is its own run. With tpe, NAME=LOW:HIGH (or "
                                               "LOW:HIGH:log) samples the knob per run"),
-    gpus_per_run: int = typer.Option(1, "--gpus-per-run", help="devices one run takes (N processes under accelerate "
-                                     "launch, data parallel: each holds the whole model and trains 1/N of every batch)"),
+    gpus_per_run: int = study_option("gpus_per_run"),
     attacks_at: str = typer.Option("every", "--attacks-at",
                                    help="every: the --attacks at every cell; best: only at each method's best "
                                    "cell, once the runs are done (far cheaper)"),
-    eval_tasks_at: str = typer.Option("best", "--eval-tasks-at",
-                                      help="best: the --eval-tasks (lm-eval) at each method's best cell, once the "
-                                      "runs are done; every: at every cell, with the runs"),
+    eval_tasks_at: str = study_option("eval_tasks_at"),
     storage: Storage = None,
     as_json: Json = False,
     given_settings: dict = None,

@@ -5,35 +5,14 @@ its default in its placeholder, and converts what is typed as the flag does
 (studies.lifecycle.inputs.setting_value); blank means "not given", as a left-out flag."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from textual.containers import Horizontal
 from textual.widgets import Checkbox, Collapsible, Input, Label, Select
 
 from engine.config import settings_fields
 from engine.errors import UnlearnError
-from studies.lifecycle.inputs import parse_count, setting_default_text, setting_value
+from studies.lifecycle.inputs import STUDY_OPTIONS, StudyOption, parse_count, setting_default_text, setting_value
 
 MAIN_FORM_FLAGS = ("--attacks",)  # RunSettings flags the main form shows (attacks sit with their where-to)
-
-
-@dataclass(frozen=True)
-class StudyOption:
-    """A `study create` option that is the study's own, not a RunSettings field."""
-
-    name: str  # create_study's keyword
-    flag: str
-    help: str
-    default: object  # create_study's default; a tuple of choices gives a Select, a bool a Checkbox
-
-
-STUDY_OPTIONS = (
-    StudyOption("max_attempts", "--max-attempts", "attempts per run before it is failed", 2),
-    StudyOption("gpus_per_run", "--gpus-per-run", "devices one run takes (N processes, data parallel)", 1),
-    StudyOption("eval_tasks_at", "--eval-tasks-at", "where --eval-tasks run: at each method's best cell, or every cell",
-                ("best", "every")),
-    StudyOption("trust_remote_code", "--trust-remote-code", "allow the model repo's own Python code", False),
-)
 
 
 def widget_id(flag: str) -> str:
@@ -56,8 +35,8 @@ def _option_field(o: StudyOption):
     wid = widget_id(o.flag)
     if isinstance(o.default, bool):
         return Checkbox("on", o.default, id=wid, tooltip=o.help)
-    if isinstance(o.default, tuple):
-        return Select([(c, c) for c in o.default], value=o.default[0], allow_blank=False, id=wid, tooltip=o.help)
+    if o.choices:
+        return Select([(c, c) for c in o.choices], value=o.default, allow_blank=False, id=wid, tooltip=o.help)
     return Input(placeholder=f"{o.default} · {o.help}", id=wid, tooltip=o.help)
 
 
@@ -104,7 +83,7 @@ class AdvancedSettings(Collapsible):
             try:
                 if isinstance(o.default, bool):
                     value = True if typed else None
-                elif isinstance(o.default, tuple):
+                elif o.choices:
                     value = typed
                 else:
                     value = parse_count(typed, o.flag)
