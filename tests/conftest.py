@@ -191,6 +191,7 @@ def quick_demo(tmp_path_factory):
     return ws, json.loads(p.stdout), wall
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (.ci/run: -n auto --dist loadgroup), every test on the quick demo's
     workspace runs in one worker: the demo is built once per session, and each worker is a session
