@@ -21,18 +21,18 @@ a run), and marks the study done when it ends. Where that job stands is kept as 
 """
 from __future__ import annotations
 
-from dataclasses import replace
 import argparse
 import os
 import sys
+from dataclasses import replace
 from typing import Callable, Optional
 
 from sqlmodel import select
 
 from engine.config import parse_attacks, parse_eval_tasks
 from engine.errors import UnlearnError
-from studies.reading.grid import best_cell, load_cells
 from studies.lifecycle.spec import study_spec
+from studies.reading.grid import best_cell, load_cells
 from studies.store.db import Event, ForgetSet, Milestone, Store, Study, hostname
 
 # The best-cell attack job's events, in the order they happen. "stopped" (the pool was interrupted,
@@ -119,18 +119,20 @@ def attack_job_state(store: Store, study_id: int) -> tuple[str | None, Event | N
     return (last.kind.split(" ", 1)[1], last) if last is not None else (None, None)
 
 
-def claim_attack_job(store: Store, study: Study, owner_alive: Callable[[str], bool]) -> bool:
+def claim_attack_job(store: Store, study: Study, owner_alive: Callable[[Event], bool]) -> bool:
     """Start the study's best-cell attack job if it is due: never started, stopped, or started by a
-    pool that is gone (`owner_alive(message)` says). One write transaction, so one pool wins."""
+    pool that is gone (`owner_alive(its "attacks started" event)` says). One write transaction, so
+    one pool wins; the event names this process (pid, host) for the others to check."""
     with store.write() as s:
         s.exec(select(Study).where(Study.id == study.id).with_for_update()).first()  # PostgreSQL: one claimer
         last = s.exec(select(Event).where(Event.study_id == study.id, Event.kind.in_(ATTACK_EVENTS))
                       .order_by(Event.id.desc()).limit(1)).first()
         if last is not None and (last.kind in ("attacks done", "attacks failed")
-                                 or (last.kind == "attacks started" and owner_alive(last.message))):
+                                 or (last.kind == "attacks started" and owner_alive(last))):
             return False
-        s.add(Event(study_id=study.id, kind="attacks started",
-                    message=f"best-cell attacks started by pid {os.getpid()} on {hostname()}"))
+        pid, host = os.getpid(), hostname()
+        s.add(Event(study_id=study.id, kind="attacks started", pid=pid, host=host,
+                    message=f"best-cell attacks started by pid {pid} on {host}"))
     return True
 
 

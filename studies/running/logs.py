@@ -16,18 +16,38 @@ from typing import Optional
 
 from sqlmodel import select
 
-from studies.store.db import Run, Store
+from studies.store.db import Run, Store, sqlite_path
 
 BLOCK = 64 * 1024
 MAX_TAIL_BYTES = 4 * 1024 * 1024  # a log with no newline for megabytes still answers quickly
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 
 
+ATTACK_LOG = "best-cell-attacks.log"  # the study's best-cell attack job's output, in its log folder
+
+
+def log_dir_for(store: Store, study: str, create: bool = True) -> Path:
+    """Logs live beside a SQLite store (…/unlearn-logs/STUDY), else under UNLEARN_HOME/logs.
+    Readers pass create=False: looking must not make the folder."""
+    from studies.settings import lab_settings
+
+    db = sqlite_path(store.url)
+    base = db.parent / f"{db.stem}-logs" if db else lab_settings().home / "logs"
+    d = base / study
+    if create:
+        d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
 def log_folder(store: Store, study: str) -> Path:
     """The folder a study's run logs are written to, without creating it."""
-    from studies.running.pool import log_dir_for
-
     return log_dir_for(store, study, create=False)
+
+
+def attempt_log_name(run_id: int, method: str, attempt: int | str) -> str:
+    """The file one attempt of a run writes its output to, in its study's log folder (attempt "*":
+    a glob of them all)."""
+    return f"run{run_id}-{method}-attempt{attempt}.log"
 
 
 def scheduler_log_path(store: Store, study: str) -> Path:
@@ -50,11 +70,11 @@ def run_log_path(store: Store, study: str, method: str, lr: float) -> Optional[P
     if run is None:
         return None
     folder = log_folder(store, study)
-    current = folder / f"run{run.id}-{run.method}-attempt{run.attempts}.log"
+    current = folder / attempt_log_name(run.id, run.method, run.attempts)
     if current.is_file():
         return current
     try:
-        earlier = [p for p in folder.glob(f"run{run.id}-{run.method}-attempt*.log") if p.is_file()]
+        earlier = [p for p in folder.glob(attempt_log_name(run.id, run.method, "*")) if p.is_file()]
     except OSError:
         return None
     return max(earlier, key=_attempt_of) if earlier else None

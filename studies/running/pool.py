@@ -2,16 +2,16 @@
 settles what happened, and retries what was killed. `unlearn study run` (one study, on this
 box) and `unlearn worker` (join from any node) are this same loop.
 
-All coordination is through the store: a claim is one IMMEDIATE transaction (SQLite) or
-SELECT ... FOR UPDATE SKIP LOCKED (PostgreSQL), so any number of pools on any number of
-nodes hand out each run once. A pool that dies leaves runs whose heartbeat goes stale;
-any pool reaps them and retries them.
+All coordination is through the store (studies/running/claim.py), so any number of pools on any
+number of nodes hand out each run once. A pool that dies leaves runs whose heartbeat goes stale;
+any pool reaps them and retries them (studies/running/settle.py). A TPE study's runs are asked of
+its sampler (studies/running/tpe.py); every process the pool starts has its command line built in
+studies/running/processes.py.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -23,11 +23,15 @@ from typing import Callable
 from sqlalchemy import func
 from sqlmodel import select
 
-from studies.running.attack import attack_job_state, claim_attack_job
-from studies.lifecycle.spec import StudySpec, study_spec
+from studies.lifecycle.spec import study_spec
+from studies.running import processes, tpe
+from studies.running.attack import attack_job_state
+from studies.running.claim import claim_due_attack_job, claim_pending
+from studies.running.logs import ATTACK_LOG, attempt_log_name, log_dir_for, scheduler_log_path
+from studies.running.processes import child_env, free_port  # noqa: F401 - the app's screens and the tests import them here
+from studies.running.settle import give_back, reap_lost, settle
+from studies.store.db import Milestone, Run, Store, Study, hostname, utcnow
 from studies.store.states import ACTIVE_RUN_STATES, IDLE_STUDY_STATES, RunState, StudyState
-from studies.store.clock import age_s
-from studies.store.db import Milestone, Run, Store, Study, hostname, sqlite_path, utcnow
 
 STOP_GRACE_S = 30  # a run process asked to stop (SIGTERM) gets this long before SIGKILL
 
@@ -40,38 +44,6 @@ class Child:
     slot: str  # the devices it runs on, comma-separated
     attempt: int
     keys: tuple[str, ...] = ()  # the pool's slot keys it holds (a run of a study with --gpus-per-run N holds N)
-
-
-def log_dir_for(store: Store, study: str, create: bool = True) -> Path:
-    """Logs live beside a SQLite store (…/unlearn-logs/STUDY), else under UNLEARN_HOME/logs.
-    Readers pass create=False: looking must not make the folder."""
-    from studies.settings import lab_settings
-
-    db = sqlite_path(store.url)
-    base = db.parent / f"{db.stem}-logs" if db else lab_settings().home / "logs"
-    d = base / study
-    if create:
-        d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (dead, never reaped: PID 1 of many containers does not wait) is gone too
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _age_s(when) -> float:
-    """Seconds since a heartbeat; a run that never beat is infinitely old."""
-    return float("inf") if when is None else age_s(when)
 
 
 class WorkerPool:
@@ -107,7 +79,7 @@ class WorkerPool:
                             width = next(study_spec(st).gpus_per_run for st in studies if st.id == run.study_id)
                             self._spawn(free[:width], run)
                             free = free[width:]
-                        elif (study := self._claim_attack_job(studies)) is not None:
+                        elif (study := claim_due_attack_job(self.store, studies, self.host, self._attack_jobs())) is not None:
                             self._spawn_attack_job(free[0], study)
                             free = free[1:]
                         else:
@@ -190,145 +162,42 @@ class WorkerPool:
 
     # ------------------------------------------------------------------ claiming
     def _claim(self, studies: list[Study], width: int = 1) -> Run | None:
-        """A run of a running study that needs at most `width` devices, claimed for this pool."""
-        running = [st for st in studies if st.state == StudyState.RUNNING
-                   and study_spec(st).gpus_per_run <= width]
+        """A run of a running study that needs at most `width` devices, claimed for this pool: a
+        pending one, else one a TPE study's sampler asks for."""
+        running = [st for st in studies if st.state == StudyState.RUNNING and study_spec(st).gpus_per_run <= width]
         if not running:
             return None
-
-        def claim_pending():
-            with self.store.write() as s:
-                q = (select(Run).where(Run.study_id.in_([st.id for st in running]), Run.state == RunState.PENDING)
-                     .order_by(Run.id).limit(1).with_for_update(skip_locked=True))
-                run = s.exec(q).first()
-                if run is not None:
-                    self._mark_claimed(run)
-                    s.add(run)
-                return run
-
-        run = self.store.retry(claim_pending)
+        run = claim_pending(self.store, [st.id for st in running], self.host)
         if run is not None:
             return run
         for st in running:
             spec = study_spec(st)
             if spec.sampler == "tpe":
-                run = self._ask(st, spec)
+                run = tpe.ask(self.store, st, spec, self.host)
                 if run is not None:
                     return run
         return None
 
-    def _claim_attack_job(self, studies: list[Study]) -> Study | None:
-        """A running study whose runs are all over and whose best-cell attacks are due (claimed here)."""
-        mine = {c.study_id for c in self.children.values() if c.run_id is None}
-        for st in studies:
-            spec = study_spec(st)
-            if st.state != StudyState.RUNNING or not spec.wants_best_cell_attacks or st.id in mine:
-                continue
-            with self.store.read() as s:
-                runs = list(s.exec(select(Run.state).where(Run.study_id == st.id)).all())
-            if any(r in ACTIVE_RUN_STATES for r in runs) or (spec.sampler == "tpe" and len(runs) < spec.total_runs):
-                continue
-            if claim_attack_job(self.store, st, self._owner_alive):
-                return st
-        return None
-
-    def _owner_alive(self, started: str) -> bool:
-        """Whether the pool named in an "attacks started" event still runs. Only a pool on this host
-        can be checked; one elsewhere is taken to be alive (its own host's pools will see it gone)."""
-        import re
-
-        m = re.search(r"pid (\d+) on (\S+)", started)
-        return m is None or m.group(2) != self.host or _pid_alive(int(m.group(1)))
-
-    def _mark_claimed(self, run: Run) -> None:
-        run.state, run.attempts = RunState.RUNNING, run.attempts + 1
-        run.host, run.pid, run.heartbeat, run.started_at, run.step = self.host, None, utcnow(), utcnow(), 0
-
-    def _ask(self, study: Study, spec: StudySpec) -> Run | None:
-        """TPE: reserve a run slot under the budget, then let the sampler choose (method, lr, steps).
-
-        The reservation is a row in state ASKING (no method, a negative lr to keep the unique
-        constraint): every reader leaves such rows out. It carries this pool's pid and host, so a
-        pool that dies mid-ask leaves a row the next pool on this host removes at once."""
-        import optuna
-
-        with self.store.write() as s:
-            n = s.exec(select(func.count()).select_from(Run).where(Run.study_id == study.id)).one()
-            if n >= spec.total_runs:
-                return None
-            placeholder = Run(study_id=study.id, method="", lr=-random.random(), state=RunState.ASKING,
-                              heartbeat=utcnow(), host=self.host, pid=os.getpid())
-            s.add(placeholder)
-            s.flush()
-            run_id = placeholder.id
-        try:
-            sampler = optuna.samplers.TPESampler(seed=spec.run.seed + n)
-            ostudy = self.store.retry(lambda: optuna.load_study(study_name=study.name, storage=self.store.optuna, sampler=sampler))
-            trial = self.store.retry(lambda: ostudy.ask())
-            method = trial.suggest_categorical("method", list(spec.methods))
-            lr = trial.suggest_float("lr", spec.lr_range[0], spec.lr_range[1], log=True)
-            steps = trial.suggest_categorical("steps", list(spec.steps))
-            method = self._sample_knobs(trial, spec, method)
-            with self.store.write() as s:
-                clash = s.exec(select(Run).where(Run.study_id == study.id, Run.method == method, Run.lr == lr)).first()
-                run = s.get(Run, run_id)
-                if clash is not None:  # the sampler repeated itself: drop the slot, fail the trial
-                    s.delete(run)
-                    run = None
-                else:
-                    run.method, run.lr, run.asked_trial, run.asked_steps = method, lr, trial.number, steps
-                    self._mark_claimed(run)
-                    s.add(run)
-        except BaseException:
-            self._drop_reservation(run_id)
-            raise
-        if run is None:
-            self.store.retry(lambda: ostudy.tell(trial.number, state=optuna.trial.TrialState.FAIL))
-        return run
-
-    @staticmethod
-    def _sample_knobs(trial, spec: StudySpec, method: str) -> str:
-        """The variant of `method` with each knob it has that the study samples from a range (a
-        conditional param: a method without the knob never draws it)."""
-        from engine.methods import get_method
-        from engine.methods.base import parse_variant, variant_id
-
-        ranges = {k: r for k, r in (spec.knob_ranges or {}).items() if k in get_method(method).knob_values()}
-        if not ranges:
-            return method
-        base, knobs = parse_variant(method)
-        for name, r in sorted(ranges.items()):
-            knobs[name] = trial.suggest_float(name, r["low"], r["high"], log=r["log"])
-        return variant_id(base, knobs)
-
-    def _drop_reservation(self, run_id: int) -> None:
-        with self.store.write() as s:
-            row = s.get(Run, run_id)
-            if row is not None and row.state == RunState.ASKING:
-                s.delete(row)
+    def _attack_jobs(self) -> set[int]:
+        """The studies whose best-cell attack job runs in this pool."""
+        return {c.study_id for c in self.children.values() if c.run_id is None}
 
     # ------------------------------------------------------------------ children
+    def _threads(self, device: str) -> int:
+        """torch CPU threads of a process on `device` (0: torch's default, for a GPU process)."""
+        return self.threads if device == "cpu" else 0
+
     def _spawn(self, keys: list[str], run: Run) -> None:
         """The run's process on its slots: one worker, or with N slots N workers under torchrun, each
         an Accelerator process (data parallel: each trains 1/N of every batch; the main one evaluates
         and writes to the store)."""
         slots = [k.split(":", 1)[1] for k in keys]
-        env = child_env(self.store)
-        if slots[0].startswith("cuda"):
-            env["CUDA_VISIBLE_DEVICES"], device = ",".join(s.split(":")[1] for s in slots), "cuda"
-        else:
-            env["CUDA_VISIBLE_DEVICES"], device = "", "cpu"
+        visible, device = processes.devices_of(slots)
         with self.store.read() as s:
             study = s.get(Study, run.study_id)
-        log = open(log_dir_for(self.store, study.name) / f"run{run.id}-{run.method}-attempt{run.attempts}.log", "ab")
-        worker = ["-m", "studies.running.worker", "--run-id", str(run.id),
-                  "--device", device, "--threads", str(self.threads if device == "cpu" else 0)]
-        if len(slots) > 1:  # torchrun: `accelerate launch --cpu` would start one process, whatever --num_processes says
-            worker = ["-m", "torch.distributed.run", "--nproc_per_node", str(len(slots)), "--nnodes", "1",
-                      "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *worker]
-        proc = subprocess.Popen([sys.executable, *worker], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-        log.close()
+        log = log_dir_for(self.store, study.name) / attempt_log_name(run.id, run.method, run.attempts)
+        command = processes.worker_command(run.id, device, self._threads(device), processes=len(slots))
+        proc = processes.start(command, self.store, log, cuda_visible=visible)
         slot = ",".join(slots)
         with self.store.write() as s:
             row = s.get(Run, run.id)
@@ -341,13 +210,10 @@ class WorkerPool:
     def _spawn_attack_job(self, key: str, study: Study) -> None:
         """The study's attacks at each method's best cell, in its own process on this slot."""
         slot = key.split(":", 1)[1]
-        env = child_env(self.store)
-        env["CUDA_VISIBLE_DEVICES"], device = (slot.split(":")[1], "cuda") if slot.startswith("cuda") else ("", "cpu")
-        log_path = log_dir_for(self.store, study.name) / "best-cell-attacks.log"
-        cmd = [sys.executable, "-m", "studies.running.attack", "--study", study.name,
-               "--device", device, "--threads", str(self.threads if device == "cpu" else 0)]
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        visible, device = processes.devices_of([slot])
+        log_path = log_dir_for(self.store, study.name) / ATTACK_LOG
+        proc = processes.start(processes.attack_command(study.name, device, self._threads(device)), self.store,
+                               log_path, cuda_visible=visible)
         self.children[key] = Child(proc, None, study.id, slot, 1, (key,))
         self.store.log("started", f"best-cell attacks on {slot} (pid {proc.pid}); log {log_path}", study.id)
 
@@ -364,74 +230,21 @@ class WorkerPool:
             if child.run_id is None:  # the job logged "attacks done" itself when it succeeded
                 if rc:
                     self.store.log("attacks failed", f"best-cell attacks {reason}; see the study's "
-                                   f"best-cell-attacks.log, rerun with `unlearn study attack`", child.study_id)
+                                   f"{ATTACK_LOG}, rerun with `unlearn study attack`", child.study_id)
                 continue
-            self._settle(child.run_id, reason, child.attempt)
+            self._settle(child.run_id, reason)
 
-    def _settle(self, run_id: int, reason: str, attempt: int | None = None) -> None:
-        """A run's process is gone. Finished runs are left alone; the rest are retried or failed."""
-        with self.store.write() as s:
-            run = s.get(Run, run_id)
-            if run is None or run.state != RunState.RUNNING:
-                return
-            study = s.get(Study, run.study_id)
-            spec = study_spec(study)
-            n = run.attempts
-            own = run.last_error if run.last_error and run.last_error.startswith(f"attempt {n}:") else None
-            why = own or f"attempt {n}: {reason or 'ended without a result'}"
-            run.last_error, run.pid = why, None
-            if study.state == StudyState.CANCELLED:
-                run.state = RunState.CANCELLED
-            elif n < spec.max_attempts:
-                run.state = RunState.PENDING
-                self.summary["retried"] += 1
-            else:
-                run.state = RunState.FAILED
-                self.summary["failed"] += 1
-            s.add(run)
-            state, sid, label = run.state, study.id, f"{run.method} lr={run.lr:g}"
-            asked, study_name = run.asked_trial, study.name
-        if state in (RunState.FAILED, RunState.CANCELLED) and asked is not None:
-            self._fail_asked_trial(study_name, asked)
-        self.store.log("retry" if state == RunState.PENDING else state, f"{label}: {why}", sid, run_id)
-
-    def _fail_asked_trial(self, study_name: str, number: int) -> None:
-        """TPE: the trial the sampler asked for a run that will not finish is told FAIL, so no
-        trial stays RUNNING for ever (a cell already written has told it; then it is left alone)."""
-        from optuna.exceptions import UpdateFinishedTrialError
-        from optuna.trial import TrialState
-
-        storage = self.store.optuna
-
-        def tell():
-            trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
-            if storage.get_trial(trial_id).state == TrialState.RUNNING:
-                try:
-                    storage.set_trial_state_values(trial_id, TrialState.FAIL)
-                except UpdateFinishedTrialError:  # told meanwhile
-                    pass
-
-        self.store.retry(tell)
+    def _settle(self, run_id: int, reason: str) -> None:
+        """A run's process is gone: settle.settle, counted in this pool's summary."""
+        state = settle(self.store, run_id, reason)
+        if state == RunState.PENDING:
+            self.summary["retried"] += 1
+        elif state == RunState.FAILED:
+            self.summary["failed"] += 1
 
     def _reap_lost(self) -> None:
-        """Runs marked running whose process no pool watches any more: a stale heartbeat, or a
-        pid on this host that is gone. Their written milestones stay; the run is retried. A TPE
-        reservation whose pool is gone is removed."""
-        mine = {c.run_id for c in self.children.values()}
-        with self.store.read() as s:
-            rows = list(s.exec(select(Run).where(Run.state.in_((RunState.RUNNING, RunState.ASKING)))).all())
-        for run in rows:
-            if run.id in mine:
-                continue
-            age = _age_s(run.heartbeat)
-            gone_here = run.host == self.host and run.pid is not None and not _pid_alive(run.pid)
-            if run.state == RunState.ASKING:
-                if gone_here or age > self.heartbeat_timeout:
-                    self._drop_reservation(run.id)
-            elif gone_here and age > 2 * 2.0:
-                self._settle(run.id, f"process {run.pid} is gone")
-            elif age > self.heartbeat_timeout:
-                self._settle(run.id, f"heartbeat lost for {age:.0f} s")
+        reap_lost(self.store, self.host, {c.run_id for c in self.children.values()}, self.heartbeat_timeout,
+                  self._settle)
 
     def _stop_child(self, child: Child) -> None:
         """SIGTERM, then SIGKILL after STOP_GRACE_S: stopping a run never hangs the pool."""
@@ -451,7 +264,7 @@ class WorkerPool:
                 if child.run_id is None:
                     self.store.log("attacks stopped", "best-cell attacks stopped: the study was cancelled", child.study_id)
                 else:
-                    self._settle(child.run_id, "the study was cancelled", child.attempt)
+                    self._settle(child.run_id, "the study was cancelled")
 
     def _shutdown(self) -> None:
         """Interrupted: stop our runs and give them back, the attempt not counted against them."""
@@ -459,40 +272,16 @@ class WorkerPool:
             self._stop_child(child)
             if child.run_id is None:  # due again for the next pool
                 self.store.log("attacks stopped", "best-cell attacks stopped: the pool was interrupted", child.study_id)
-                del self.children[key]
-                continue
-            with self.store.write() as s:
-                run = s.get(Run, child.run_id)
-                if run is not None and run.state == RunState.RUNNING:
-                    run.state, run.attempts, run.pid = RunState.PENDING, max(0, run.attempts - 1), None
-                    s.add(run)
+            else:
+                give_back(self.store, child.run_id)
             del self.children[key]
-
-
-def free_port() -> int:
-    """A TCP port free now, for a multi-process run's rendezvous (two such runs on one box must not
-    share accelerate's default port)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def child_env(store: Store) -> dict:
-    """The environment of a process the pool starts. The store's URL travels here, never on the
-    command line: `ps` shows every user of the box a command line (and a password in it), while a
-    process's environment is readable by its owner alone."""
-    return {**os.environ, "UNLEARN_STORAGE_URL": store.url}
 
 
 def detach(store: Store, name: str, slots: list[str]) -> tuple[int, Path]:
     """Start the scheduler in a new session so it outlives this terminal and its SSH session."""
-    log = log_dir_for(store, name).parent / f"{name}-scheduler.log"
-    cmd = [sys.executable, "-m", "studies.running.pool", "--study", name, "--slots", ",".join(slots)]
-    with open(log, "ab") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=child_env(store))
+    log_dir_for(store, name)  # the study's log folder, made now: the scheduler's log sits beside it
+    log = scheduler_log_path(store, name)
+    proc = processes.start(processes.scheduler_command(name, slots), store, log, new_session=True)
     return proc.pid, log
 
 

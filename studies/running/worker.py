@@ -15,8 +15,8 @@ import traceback
 
 from sqlalchemy import update
 
-from studies.store.states import RunState
 from studies.store.db import Run, Store, Study, utcnow
+from studies.store.states import RunState
 
 HEARTBEAT_EVERY_S = 2.0
 
@@ -55,11 +55,11 @@ class Heartbeat(threading.Thread):
 
 
 def run_one(store: Store, run_id: int, device: str) -> int:
-    from studies.settings import lab_settings
     from engine.run import is_main_process, run_unlearning
-    from studies.store.forgetsets import forget_set_texts
-    from studies.running.recorder import record_cell
     from studies.lifecycle.spec import study_spec
+    from studies.running.recorder import record_cell
+    from studies.settings import lab_settings
+    from studies.store.forgetsets import forget_set_texts
 
     if not is_main_process():
         return _train_only(store, run_id, device)
@@ -125,9 +125,9 @@ def _train_only(store: Store, run_id: int, device: str) -> int:
     """A non-main process of a multi-device run (`accelerate launch`): it trains its slice of every
     batch and writes nothing; the main process heartbeats, records the cells and settles the run."""
     from engine.run import run_unlearning
+    from studies.lifecycle.spec import study_spec
     from studies.settings import lab_settings
     from studies.store.forgetsets import forget_set_texts
-    from studies.lifecycle.spec import study_spec
 
     with store.read() as s:
         run, study, fs = _run_rows(s, run_id)

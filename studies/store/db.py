@@ -12,7 +12,6 @@ import datetime as dt
 import os
 import random
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from sqlalchemy import JSON, Column, Text, UniqueConstraint, event
@@ -22,7 +21,14 @@ from sqlmodel import Field, Session, SQLModel, create_engine, select
 from engine.errors import UnlearnError
 from studies.store.clock import utcnow  # noqa: F401 - re-exported
 from studies.store.sqlite_file import (  # noqa: F401 - SCHEMA_VERSION, StoreMissing, describe_url, sqlite_path re-exported
-    SCHEMA_VERSION, SQLITE_BUSY_MS, StoreMissing, check_sqlite_file, describe_url, is_sqlite, sqlite_path)
+    SCHEMA_VERSION,
+    SQLITE_BUSY_MS,
+    StoreMissing,
+    check_sqlite_file,
+    describe_url,
+    is_sqlite,
+    sqlite_path,
+)
 from studies.store.states import RunState, StudyState
 
 CONNECT_TIMEOUT_S = 10
@@ -130,6 +136,10 @@ class Event(SQLModel, table=True):
     at: dt.datetime = Field(default_factory=utcnow)
     kind: str
     message: str = Field(sa_column=Column(Text))
+    # v4: the process that wrote it, where that matters (the best-cell attack job's "attacks started":
+    # a pool on the same host checks whether that process still runs)
+    pid: Optional[int] = None
+    host: Optional[str] = None
 
 
 def _v1_to_v2(session: Session) -> None:
@@ -151,8 +161,28 @@ def _v2_to_v3(session: Session) -> None:
         session.exec(text("ALTER TABLE ul_forgetset ADD COLUMN meta JSON"))
 
 
+def _v3_to_v4(session: Session) -> None:
+    """v4: an event may name the process that wrote it (pid, host). Before, an "attacks started"
+    event named it only in its message ("... started by pid N on HOST"); it is read from there this
+    once, so a job whose pool died before the upgrade is still seen gone and started again."""
+    import re
+
+    from sqlalchemy import inspect, text
+
+    have = {c["name"] for c in inspect(session.connection()).get_columns("ul_event")}
+    for column, kind in (("pid", "INTEGER"), ("host", "VARCHAR")):
+        if column not in have:
+            session.exec(text(f"ALTER TABLE ul_event ADD COLUMN {column} {kind}"))
+    started = session.exec(text("SELECT id, message FROM ul_event WHERE kind = 'attacks started'")).all()
+    for event_id, message in started:
+        m = re.search(r"pid (\d+) on (\S+)", message or "")
+        if m:
+            session.exec(text("UPDATE ul_event SET pid = :pid, host = :host WHERE id = :id"),
+                         params={"pid": int(m.group(1)), "host": m.group(2), "id": event_id})
+
+
 # Upgrades from an older schema version, in order: MIGRATIONS[v] takes a store at v to v + 1.
-MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
+MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
 
 
 def _make_engine(url: str, immediate: bool):

@@ -283,7 +283,7 @@ def test_record_cell_tells_the_trial_tpe_asked_for(lab):
 
 def test_a_zombie_process_counts_as_gone():
     """A run process that died but was never reaped (its parent gone, PID 1 not waiting) is not alive."""
-    from studies.running.pool import _pid_alive
+    from studies.running.processes import pid_alive as _pid_alive
 
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     try:

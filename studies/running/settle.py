@@ -1,0 +1,77 @@
+"""What a pool writes when a run's process is gone: the run retried, failed or cancelled (settle),
+runs whose process no pool watches any more found and settled (reap_lost), and a stopped run given
+back without costing it an attempt (give_back)."""
+from __future__ import annotations
+
+from typing import Callable
+
+from sqlmodel import select
+
+from studies.lifecycle.spec import study_spec
+from studies.running.processes import pid_alive
+from studies.running.tpe import drop_reservation, fail_asked_trial
+from studies.running.worker import HEARTBEAT_EVERY_S
+from studies.store.clock import age_s
+from studies.store.db import Run, Store, Study
+from studies.store.states import RunState, StudyState
+
+# A run process gone from this host is settled by the pool that started it, which knows its exit
+# code; another pool on the host waits this long (two missed beats) before settling it as gone.
+GONE_GRACE_S = 2 * HEARTBEAT_EVERY_S
+
+
+def settle(store: Store, run_id: int, reason: str) -> str | None:
+    """A run's process is gone. A finished run is left alone (None); the rest are retried (PENDING),
+    failed once out of attempts, or cancelled with their study. Returns the state written."""
+    with store.write() as s:
+        run = s.get(Run, run_id)
+        if run is None or run.state != RunState.RUNNING:
+            return None
+        study = s.get(Study, run.study_id)
+        n = run.attempts
+        own = run.last_error if run.last_error and run.last_error.startswith(f"attempt {n}:") else None
+        why = own or f"attempt {n}: {reason or 'ended without a result'}"
+        run.last_error, run.pid = why, None
+        if study.state == StudyState.CANCELLED:
+            run.state = RunState.CANCELLED
+        elif n < study_spec(study).max_attempts:
+            run.state = RunState.PENDING
+        else:
+            run.state = RunState.FAILED
+        s.add(run)
+        state, sid, label = run.state, study.id, f"{run.method} lr={run.lr:g}"
+        asked, study_name = run.asked_trial, study.name
+    if state in (RunState.FAILED, RunState.CANCELLED) and asked is not None:
+        fail_asked_trial(store, study_name, asked)
+    store.log("retry" if state == RunState.PENDING else state, f"{label}: {why}", sid, run_id)
+    return state
+
+
+def reap_lost(store: Store, host: str, watched: set, heartbeat_timeout_s: float,
+              settle_run: Callable[[int, str], None]) -> None:
+    """Runs marked running whose process no pool watches any more (`watched`: the run ids this pool
+    does): a stale heartbeat, or a pid on this host that is gone. They go to `settle_run`; their
+    written milestones stay. A TPE reservation whose pool is gone is removed."""
+    with store.read() as s:
+        rows = list(s.exec(select(Run).where(Run.state.in_((RunState.RUNNING, RunState.ASKING)))).all())
+    for run in rows:
+        if run.id in watched:
+            continue
+        age = float("inf") if run.heartbeat is None else age_s(run.heartbeat)  # never beat: infinitely old
+        gone_here = run.host == host and run.pid is not None and not pid_alive(run.pid)
+        if run.state == RunState.ASKING:
+            if gone_here or age > heartbeat_timeout_s:
+                drop_reservation(store, run.id)
+        elif gone_here and age > GONE_GRACE_S:
+            settle_run(run.id, f"process {run.pid} is gone")
+        elif age > heartbeat_timeout_s:
+            settle_run(run.id, f"heartbeat lost for {age:.0f} s")
+
+
+def give_back(store: Store, run_id: int) -> None:
+    """A run this pool stopped (it was interrupted) is pending again, the attempt not counted."""
+    with store.write() as s:
+        run = s.get(Run, run_id)
+        if run is not None and run.state == RunState.RUNNING:
+            run.state, run.attempts, run.pid = RunState.PENDING, max(0, run.attempts - 1), None
+            s.add(run)
