@@ -18,7 +18,8 @@ from tests.app.app_stores import app_store
 
 SNAP = Path(tempfile.gettempdir()) / "unlearn-lab-snapshots"
 SIZES = {"80x24": (80, 24), "160x48": (160, 48)}
-pytestmark = pytest.mark.timeout(180)
+# one pytest-xdist worker: the store lives at the fixed path SNAP
+pytestmark = [pytest.mark.timeout(180), pytest.mark.xdist_group("app_snapshots")]
 
 
 @pytest.fixture(scope="module")

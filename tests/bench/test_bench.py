@@ -294,15 +294,24 @@ def test_grid_cost_quick_json():
     assert report["optimizer_steps"] == {"shared": 3 * 10, "independent": 3 * 30} and report["problems"] == []
 
 
+@pytest.fixture(scope="session")
+def scale_workdir(tmp_path_factory):
+    """One --workdir for store_scale and tui_scale, as the two benches share theirs by default: the
+    10,000-trial store is built once (keyed by the code that writes it) and timed by both."""
+    return tmp_path_factory.mktemp("store_scale")
+
+
 @pytest.mark.slow
-def test_store_scale_quick_json(tmp_path):
-    report = run_quick("store_scale", "--workdir", str(tmp_path))
+@pytest.mark.xdist_group("store_scale")  # the shared workdir: one worker, one bench at a time
+def test_store_scale_quick_json(scale_workdir):
+    report = run_quick("store_scale", "--workdir", str(scale_workdir))
     assert report["sizes"] == [1000, 10000] and set(report["growth"]) == {"study status", "study heatmap", "study ls", "export"}
 
 
 @pytest.mark.slow
-def test_tui_scale_quick_json(tmp_path):
-    report = run_quick("tui_scale", "--workdir", str(tmp_path))
+@pytest.mark.xdist_group("store_scale")
+def test_tui_scale_quick_json(scale_workdir):
+    report = run_quick("tui_scale", "--workdir", str(scale_workdir))
     assert report["sizes"] == [10000] and report["refresh_s"] > 0
 
 
