@@ -14,7 +14,8 @@ import yaml
 from tests.app.pilot_helpers import wait_until
 from tests.studies_helpers import pid_alive, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+# func_only: the test's own 600 s; the quick demo it may build first has its own limit (conftest.py)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600, func_only=True)]
 until = functools.partial(wait_until, timeout=30.0, interval=0.1)  # real runs: conditions take longer here
 
 

@@ -16,7 +16,8 @@ import pytest
 from tests.studies_helpers import cli_env, pid_alive, wait_for
 from tests.app.tmux_terminal import TmuxTerminal, tmux_path
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600),
+# func_only: the test's own 600 s; the quick demo it may build first has its own limit (conftest.py)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600, func_only=True),
               pytest.mark.skipif(tmux_path() is None, reason="tmux is not installed (.ci/run installs it)")]
 
 
