@@ -38,7 +38,9 @@ class TmuxTerminal:
             raise RuntimeError("tmux is not installed")
         self.tmux = tmux
         self.command = command if isinstance(command, str) else shlex.join(command)
-        self.env = dict(os.environ if env is None else env)
+        # COLUMNS and LINES would stand in for the pane's size (shutil.get_terminal_size and rich read
+        # them first); pytest-xdist's workers run with COLUMNS=80 LINES=24 set
+        self.env = {k: v for k, v in (os.environ if env is None else env).items() if k not in ("COLUMNS", "LINES")}
         self.term = term  # the pane's TERM (tmux's default-terminal)
         self.width, self.height = width, height
         self.cwd = str(cwd) if cwd is not None else os.getcwd()
