@@ -1,7 +1,7 @@
 """Every metric a cell carries, declared once: the metric registry.
 
 A metric is a dotted path into a cell, the dict the engine returns per milestone and the lab stores
-as it is (Milestone.metrics): "score", "mia_auc.loss", "bench.muse_auc", "downstream.hellaswag".
+as it is (CellRow.metrics): "score", "mia_auc.loss", "bench.muse_auc", "downstream.hellaswag".
 Each entry says how to show it: a short label, its unit, which direction is better (the heatmap's
 colours), log scale or not, its group, a help line and which runs have it. The heatmap's metric
 picker and colours, `--metric` and its help, the trial, compare and dashboard tables and the
@@ -248,9 +248,9 @@ def cell_fields() -> dict[str, object]:
     return fields
 
 
-# The engine's cell, as stored (Milestone.metrics) and as every screen reads it. Keys outside
+# The engine's cell, as stored (CellRow.metrics) and as every screen reads it. Keys outside
 # EVERY_RUN are there only in the runs that have them (total=False).
-MilestoneCell = TypedDict("MilestoneCell", cell_fields(), total=False)  # type: ignore[misc]
+CellMetrics = TypedDict("CellMetrics", cell_fields(), total=False)  # type: ignore[misc]
 
 
 @contextmanager

@@ -33,7 +33,7 @@ from engine.finetune import batch_indices
 from engine.lora import AdapterOff, apply_lora
 from engine.methods import get_method
 from engine.methods.base import Method, PrepareContext, causal_labels
-from engine.metric_registry import MIA, PERPLEXITY, MilestoneCell, blank
+from engine.metric_registry import MIA, PERPLEXITY, CellMetrics, blank
 from engine.models import (
     count_parameters,
     load_model,
@@ -49,12 +49,12 @@ from engine.selection import trained_parameters
 from engine.sharding import shard
 
 OnStep = Callable[[int, float], None]
-OnMilestone = Callable[[MilestoneCell], None]
+OnMilestone = Callable[[CellMetrics], None]
 
 
 @dataclass
 class TrainResult:
-    milestones: list[MilestoneCell]  # one cell per milestone, in step order; cells after a divergence are diverged
+    milestones: list[CellMetrics]  # one cell per milestone, in step order; cells after a divergence are diverged
     diverged: bool
     reason: str | None
     losses: list[float]  # the loss of every optimizer step taken
@@ -102,7 +102,7 @@ def train_to_milestones(model, tokenizer, sets: ForgetSetChunks, cfg: RunConfig,
 def _train(model, tokenizer, sets, cfg: RunConfig, baseline, on_step, on_milestone, cache=None, extras=None) -> TrainResult:
     run = _Run.set_up(model, tokenizer, sets, cfg, cache)
     run.extras = extras
-    cells: list[MilestoneCell] = []
+    cells: list[CellMetrics] = []
     losses: list[float] = []
     train_tokens = eval_tokens = 0
     reason = None
@@ -135,7 +135,7 @@ def _train(model, tokenizer, sets, cfg: RunConfig, baseline, on_step, on_milesto
     return TrainResult(cells, reason is not None, reason, losses, train_tokens, eval_tokens, run.reported())
 
 
-def diverged_cells(milestones, done: set[int]) -> list[MilestoneCell]:
+def diverged_cells(milestones, done: set[int]) -> list[CellMetrics]:
     """The cells a divergence cut off: recorded as diverged, never as missing."""
     return [{"step": step, **empty_metrics(), **not_compared(), "diverged": True, "train_loss": None}
             for step in milestones if step not in done]
@@ -287,7 +287,7 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
 
     def evaluate_milestone(self, step: int, baseline: dict,
-                           loss: float) -> tuple[MilestoneCell | None, str | None, int]:
+                           loss: float) -> tuple[CellMetrics | None, str | None, int]:
         """(the cell at `step`, why it counts as diverged or None, the tokens evaluated), on the main
         process; (None, None, 0) on the others, which learn the verdict from `agree_on`."""
         if not self.is_main:

@@ -122,12 +122,12 @@ def runs_of(store, study: str) -> list:
 
 
 def milestones_of(store, study: str) -> list:
-    from studies.store.db import Milestone, Run
+    from studies.store.db import CellRow, Run
 
     st = store.study(study)
     with store.read() as s:
-        q = (select(Milestone).join(Run, Milestone.run_id == Run.id).where(Run.study_id == st.id)
-             .order_by(Milestone.run_id, Milestone.step))
+        q = (select(CellRow).join(Run, CellRow.run_id == Run.id).where(Run.study_id == st.id)
+             .order_by(CellRow.run_id, CellRow.step))
         return list(s.exec(q).all())
 
 

@@ -111,7 +111,7 @@ def read_store(tmp_path_factory):
     from sqlmodel import select
 
     from studies.store.forgetsets import create_forget_set
-    from studies.store.db import Milestone, Run, Store
+    from studies.store.db import CellRow, Run, Store
     from studies.lifecycle.study import create_study
 
     d = tmp_path_factory.mktemp("read")
@@ -127,7 +127,7 @@ def read_store(tmp_path_factory):
                 m = {"step": step, "score": 0.5 / step, "forget_gap": 0.5 / step, "retain_drift": 0.0,
                      "success": False, "diverged": False, "ppl_forget": 2.0, "ppl_retain": 2.0, "ppl_unseen": 2.0,
                      "mia_auc": {"loss": 0.6}}
-                s.add(Milestone(run_id=run.id, step=step, metrics=m, score=m["score"]))
+                s.add(CellRow(run_id=run.id, step=step, metrics=m, score=m["score"]))
     return store.url
 
 

@@ -16,7 +16,7 @@ from studies.lifecycle.spec import study_spec
 from studies.lifecycle.study import create_study, resume_study
 from studies.reading.grid import best_cell, load_cells
 from studies.running.pool import WorkerPool
-from studies.store.db import Milestone, Run, Store, Study
+from studies.store.db import CellRow, Run, Store, Study
 from studies.store.forgetsets import create_forget_set
 from studies.store.states import REAL_RUN_STATES, StudyState
 
@@ -66,7 +66,7 @@ def best_runs(store: Store, name: str, cells) -> list[dict]:
     with store.read() as s:
         runs = {r.id: r for r in s.exec(select(Run).where(Run.study_id == study.id,
                                                           Run.state.in_(REAL_RUN_STATES))).all()}
-        rows = s.exec(select(Milestone).where(Milestone.run_id.in_(list(runs)))).all()  # the cells
+        rows = s.exec(select(CellRow).where(CellRow.run_id.in_(list(runs)))).all()  # the cells
     by_run: dict[int, list[dict]] = {}
     for m in rows:
         by_run.setdefault(m.run_id, []).append(m.metrics)

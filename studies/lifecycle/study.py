@@ -152,7 +152,7 @@ def delete_study(store: Store, name: str, heartbeat_timeout_s: float | None = No
 
     from studies.settings import lab_settings
     from studies.store.clock import age_s
-    from studies.store.db import Event, Milestone
+    from studies.store.db import Event, CellRow
 
     if heartbeat_timeout_s is None:
         heartbeat_timeout_s = lab_settings().heartbeat_timeout
@@ -169,7 +169,7 @@ def delete_study(store: Store, name: str, heartbeat_timeout_s: float | None = No
         run_ids = list(s.exec(select(Run.id).where(Run.study_id == st.id)).all())
         cells = 0
         if run_ids:
-            for ms in s.exec(select(Milestone).where(Milestone.run_id.in_(run_ids))).all():
+            for ms in s.exec(select(CellRow).where(CellRow.run_id.in_(run_ids))).all():
                 s.delete(ms)
                 cells += 1
         for ev in s.exec(select(Event).where(Event.study_id == st.id)).all():

@@ -21,9 +21,9 @@ from sqlmodel import select
 
 from engine import metric_registry
 from engine.errors import UnlearnError
-from engine.metric_registry import FORGET_GAP, RETAIN_DRIFT, SCORE, MilestoneCell
+from engine.metric_registry import FORGET_GAP, RETAIN_DRIFT, SCORE, CellMetrics
 from studies.lifecycle.spec import StudySpec, study_spec, without_ranged_knobs
-from studies.store.db import Milestone, Run, Store, Study
+from studies.store.db import CellRow, Run, Store, Study
 from studies.store.states import REAL_RUN_STATES, CellStatus, RunState
 
 STATUSES = tuple(CellStatus)  # computed (done, diverged) or not yet (pending, running, failed, cancelled)
@@ -67,7 +67,7 @@ class Cell:
     lr: float
     steps: int
     status: CellStatus
-    metrics: Optional[MilestoneCell] = None  # the engine's cell (None until computed)
+    metrics: Optional[CellMetrics] = None  # the engine's cell (None until computed)
     score: Optional[float] = None
     success: bool = False
     diverged: bool = False
@@ -162,7 +162,7 @@ def _study_row(store: Store, study) -> Study:
     return store.study(study) if isinstance(study, str) else study
 
 
-def fetch_rows(store: Store, study_ids: Iterable[int]) -> tuple[list[Run], list[Milestone]]:
+def fetch_rows(store: Store, study_ids: Iterable[int]) -> tuple[list[Run], list[CellRow]]:
     """Every run (a real (method, lr) run: no TPE reservation) and milestone of these studies:
     one query per table."""
     ids = list(study_ids)
@@ -171,12 +171,12 @@ def fetch_rows(store: Store, study_ids: Iterable[int]) -> tuple[list[Run], list[
     real = Run.state.in_(REAL_RUN_STATES)
     with store.read() as s:
         runs = list(s.exec(select(Run).where(Run.study_id.in_(ids), real)).all())
-        milestones = list(s.exec(select(Milestone).join(Run, Milestone.run_id == Run.id)
+        milestones = list(s.exec(select(CellRow).join(Run, CellRow.run_id == Run.id)
                                  .where(Run.study_id.in_(ids), real)).all())
     return runs, milestones
 
 
-def cells_from_rows(study: Study, runs: list[Run], milestones: list[Milestone]) -> list[Cell]:
+def cells_from_rows(study: Study, runs: list[Run], milestones: list[CellRow]) -> list[Cell]:
     """The cells of one study from its rows (runs and milestones of other studies are ignored)."""
     spec = study_spec(study)
     runs = [r for r in runs if r.study_id == study.id and r.state in REAL_RUN_STATES]
@@ -207,7 +207,7 @@ def row_order(spec: StudySpec):
     return lambda k: (order.get(k[0], len(order)), k[0], k[1])
 
 
-def cell_at(method: str, lr: float, step: int, run: Optional[Run], ms: Optional[Milestone]) -> Cell:
+def cell_at(method: str, lr: float, step: int, run: Optional[Run], ms: Optional[CellRow]) -> Cell:
     """The cell at (method, lr, step) from its run (None: not started) and its milestone row (None: not written)."""
     if ms is not None:
         diverged = bool(ms.diverged or (ms.metrics or {}).get("diverged"))

@@ -15,7 +15,7 @@ from studies.reading.grid import best, cells_from_rows, count_status, fetch_rows
 from studies.reading.listing import list_row
 from studies.lifecycle.spec import StudySpec, study_spec
 from studies.store.states import REAL_RUN_STATES, RunState
-from studies.store.db import ForgetSet, Milestone, Run, Store, Study, utcnow
+from studies.store.db import ForgetSet, CellRow, Run, Store, Study, utcnow
 
 RUN_STATES = tuple(str(s) for s in RunState if s in REAL_RUN_STATES)
 
@@ -86,13 +86,13 @@ def list_studies(store: Store, now=None) -> list[dict]:
     with store.read() as s:
         studies = list(s.exec(select(Study).order_by(Study.created_at, Study.id)).all())
         sets = {f.id: f for f in s.exec(select(ForgetSet)).all()}
-        ok = and_(Milestone.id.is_not(None), Milestone.diverged.is_(False))
+        ok = and_(CellRow.id.is_not(None), CellRow.diverged.is_(False))
         per_run = s.exec(
-            select(Run.study_id, Run.method, Run.state, func.count(Milestone.id),
-                   func.sum(case((Milestone.diverged.is_(True), 1), else_=0)),
-                   func.sum(case((and_(ok, Milestone.success.is_(True)), 1), else_=0)),
-                   func.min(case((ok, Milestone.score), else_=None)))
-            .outerjoin(Milestone, Milestone.run_id == Run.id)
+            select(Run.study_id, Run.method, Run.state, func.count(CellRow.id),
+                   func.sum(case((CellRow.diverged.is_(True), 1), else_=0)),
+                   func.sum(case((and_(ok, CellRow.success.is_(True)), 1), else_=0)),
+                   func.min(case((ok, CellRow.score), else_=None)))
+            .outerjoin(CellRow, CellRow.run_id == Run.id)
             .where(Run.state.in_(REAL_RUN_STATES))
             .group_by(Run.id)).all()
     by_study: dict[int, list] = {}

@@ -17,7 +17,7 @@ from engine.metric_registry import MIA_AUC, PPL_FORGET, PPL_UNSEEN, every_run_pa
 from studies.lifecycle.spec import StudySpec, study_spec
 from studies.reading.export import reproduce_command
 from studies.reading.grid import Cell, cells_from_rows, load_cells, pareto
-from studies.store.db import Event, ForgetSet, Milestone, Run, Store, Study
+from studies.store.db import Event, ForgetSet, CellRow, Run, Store, Study
 from studies.store.states import REAL_RUN_STATES
 
 # The approximate-retraining target of the membership attacks: members indistinguishable from non-members.
@@ -75,7 +75,7 @@ def trial_detail(store: Store, study: str, method: str, lr: float, steps: int) -
         raise UnlearnError(f"study {study!r}: method {method} has no run at lr {lr:g}"
                            + (f"; its lrs: {', '.join(f'{x:g}' for x in known)}" if known else ""))
     with store.read() as s:
-        milestones = list(s.exec(select(Milestone).where(Milestone.run_id == run.id).order_by(Milestone.step)).all())
+        milestones = list(s.exec(select(CellRow).where(CellRow.run_id == run.id).order_by(CellRow.step)).all())
         events = list(s.exec(select(Event).where(Event.run_id == run.id).order_by(Event.at, Event.id)).all())
     cells = {c.steps: c for c in cells_from_rows(st, [run], milestones) if c.method == method and c.run_id == run.id}
     if int(steps) != steps or int(steps) not in cells:

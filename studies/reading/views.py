@@ -26,7 +26,7 @@ from engine.metric_registry import read as read_metric
 from studies.lifecycle.spec import StudySpec, study_spec
 from studies.reading.grid import Cell, Grid, cell_at, check_metric, grids, row_keys, row_order, study_metrics
 from studies.store.clock import age_s
-from studies.store.db import Milestone, Run, Store, Study, utcnow
+from studies.store.db import CellRow, Run, Store, Study, utcnow
 from studies.store.states import REAL_RUN_STATES, RunState, StudyState
 
 CellKey = tuple[str, float, int]  # (method, lr, steps)
@@ -47,8 +47,8 @@ def _has_extra_metrics(c: Cell) -> bool:
 # What a poll reads of a run (what its cells and running_runs show) and of a cell's row.
 _RUN_COLUMNS = (Run.id, Run.method, Run.lr, Run.state, Run.step, Run.attempts, Run.device, Run.pid, Run.host,
                 Run.heartbeat)
-_MILESTONE_COLUMNS = (Milestone.id, Milestone.run_id, Milestone.step, Milestone.metrics, Milestone.score,
-                      Milestone.success, Milestone.diverged, Milestone.trial_number)
+_MILESTONE_COLUMNS = (CellRow.id, CellRow.run_id, CellRow.step, CellRow.metrics, CellRow.score,
+                      CellRow.success, CellRow.diverged, CellRow.trial_number)
 
 
 @dataclass
@@ -81,7 +81,7 @@ class StudyWatch:
     name: str
     _runs: dict[int, Run] = field(default_factory=dict)  # the real runs, as rows of _RUN_COLUMNS
     _last_id: int = 0
-    _ms_by_run: dict[int, dict[int, Milestone]] = field(default_factory=dict)  # run id -> step -> newest
+    _ms_by_run: dict[int, dict[int, CellRow]] = field(default_factory=dict)  # run id -> step -> newest
     _untold: set[int] = field(default_factory=set)  # ids of milestones seen without a trial number yet
     _runs_seen: dict[int, tuple] = field(default_factory=dict)  # run id -> (state, step, attempts)
     _spec_dict: Optional[dict] = None
@@ -109,12 +109,12 @@ class StudyWatch:
                 raise UnlearnError(f"no study named {self.name!r} (deleted?)")
             # Plain rows of the columns read (not ORM objects: a run's result JSON is never parsed)
             runs = s.exec(select(*_RUN_COLUMNS).where(Run.study_id == study.id, Run.state.in_(REAL_RUN_STATES))).all()
-            fresh = s.exec(select(*_MILESTONE_COLUMNS).join(Run, Milestone.run_id == Run.id)
-                           .where(Run.study_id == study.id, Milestone.id > self._last_id)
-                           .order_by(Milestone.id)).all()
+            fresh = s.exec(select(*_MILESTONE_COLUMNS).join(Run, CellRow.run_id == Run.id)
+                           .where(Run.study_id == study.id, CellRow.id > self._last_id)
+                           .order_by(CellRow.id)).all()
             # record_cell writes a milestone, then its trial number a moment later: a row seen in
             # between is read again (by id) until it has one, or its cell would never show its trial
-            told = (s.exec(select(*_MILESTONE_COLUMNS).where(Milestone.id.in_(self._untold)).order_by(Milestone.id)).all()
+            told = (s.exec(select(*_MILESTONE_COLUMNS).where(CellRow.id.in_(self._untold)).order_by(CellRow.id)).all()
                     if self._untold else [])
         old_runs = self._runs
         runs_now = {r.id: (r.state, r.step, r.attempts) for r in runs}
@@ -241,8 +241,8 @@ def trial_columns() -> tuple[str, ...]:
     return ("method", "lr", "steps", "trial") + every_run_paths() + ("success",)
 
 
-_PLAIN_COLUMNS = {"method": Run.method, "lr": Run.lr, "steps": Milestone.step, "trial": Milestone.trial_number,
-                  "success": Milestone.success, SCORE: Milestone.score}
+_PLAIN_COLUMNS = {"method": Run.method, "lr": Run.lr, "steps": CellRow.step, "trial": CellRow.trial_number,
+                  "success": CellRow.success, SCORE: CellRow.score}
 
 
 def _order_column(sort: str):
@@ -251,7 +251,7 @@ def _order_column(sort: str):
         return _PLAIN_COLUMNS[sort]
     check_metric(sort)
     path = tuple(sort.split("."))
-    return sa_cast(Milestone.metrics[path if len(path) > 1 else path[0]].as_float(), Float)
+    return sa_cast(CellRow.metrics[path if len(path) > 1 else path[0]].as_float(), Float)
 
 
 @dataclass
@@ -276,15 +276,15 @@ def trial_page(store: Store, study: str, sort: str = SCORE, descending: bool = F
     if method:
         where.append(Run.method == method)
     if success_only:
-        where.append(Milestone.success.is_(True))
+        where.append(CellRow.success.is_(True))
     if not include_diverged:
-        where.append(Milestone.diverged.is_(False))
+        where.append(CellRow.diverged.is_(False))
     col = _order_column(sort)
-    order = [col.is_(None), col.desc() if descending else col.asc(), Run.method, Run.lr, Milestone.step]
+    order = [col.is_(None), col.desc() if descending else col.asc(), Run.method, Run.lr, CellRow.step]
     with store.read() as s:
-        total = s.exec(select(func.count(Milestone.id)).join(Run, Milestone.run_id == Run.id)
+        total = s.exec(select(func.count(CellRow.id)).join(Run, CellRow.run_id == Run.id)
                        .where(and_(*where))).one()
-        found = s.exec(select(Milestone, Run.method, Run.lr).join(Run, Milestone.run_id == Run.id)
+        found = s.exec(select(CellRow, Run.method, Run.lr).join(Run, CellRow.run_id == Run.id)
                        .where(and_(*where)).order_by(*order).offset(offset).limit(limit)).all()
     rows = []
     for ms, m, lr in found:
@@ -292,7 +292,7 @@ def trial_page(store: Store, study: str, sort: str = SCORE, descending: bool = F
         row = {"id": ms.id, "method": m, "lr": lr, "steps": ms.step, "trial": ms.trial_number,
                "success": bool(ms.success), "diverged": bool(ms.diverged), SCORE: ms.score}
         for name in every_run_paths():
-            if name == SCORE:  # a column of its own (Milestone.score)
+            if name == SCORE:  # a column of its own (CellRow.score)
                 continue
             node = read_metric(values, name)
             row[name] = node if isinstance(node, (int, float)) and not isinstance(node, bool) else None

@@ -33,7 +33,7 @@ from engine.config import parse_attacks, parse_eval_tasks
 from engine.errors import UnlearnError
 from studies.lifecycle.spec import study_spec
 from studies.reading.grid import best_cell, load_cells
-from studies.store.db import Event, ForgetSet, Milestone, Store, Study, hostname
+from studies.store.db import Event, ForgetSet, CellRow, Store, Study, hostname
 
 # The best-cell attack job's events, in the order they happen. "stopped" (the pool was interrupted,
 # or the process that ran it is gone) makes the job due again; "done" and "failed" end it: a
@@ -83,7 +83,7 @@ def attack_best_cells(store: Store, name: str, attacks: Optional[str] = None, me
         found = {"attacks": cell.get("attacks", {}), **{f"{a}_recovery": cell.get(f"{a}_recovery") for a in names}}
         downstream = {t: (cell.get("downstream") or {}).get(t) for t in tasks}
         with store.write() as s:
-            ms = s.exec(select(Milestone).where(Milestone.run_id == best.run_id, Milestone.step == best.steps)).one()
+            ms = s.exec(select(CellRow).where(CellRow.run_id == best.run_id, CellRow.step == best.steps)).one()
             old = ms.metrics or {}
             ms.metrics = {**old, **found, "attacks": {**old.get("attacks", {}), **found["attacks"]},
                           **({"downstream": {**old.get("downstream", {}), **downstream}} if tasks else {})}

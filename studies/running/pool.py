@@ -30,7 +30,7 @@ from studies.running.claim import claim_due_attack_job, claim_pending
 from studies.running.logs import ATTACK_LOG, attempt_log_name, log_dir_for, scheduler_log_path
 from studies.running.processes import child_env, free_port  # noqa: F401 - the app's screens and the tests import them here
 from studies.running.settle import give_back, reap_lost, settle
-from studies.store.db import Milestone, Run, Store, Study, hostname, utcnow
+from studies.store.db import CellRow, Run, Store, Study, hostname, utcnow
 from studies.store.states import ACTIVE_RUN_STATES, IDLE_STUDY_STATES, RunState, StudyState
 
 STOP_GRACE_S = 30  # a run process asked to stop (SIGTERM) gets this long before SIGKILL
@@ -154,7 +154,7 @@ class WorkerPool:
     def _progress(self, studies: list[Study]) -> dict:
         ids = [st.id for st in studies]
         with self.store.read() as s:
-            cells = s.exec(select(func.count()).select_from(Milestone).join(Run, Milestone.run_id == Run.id).where(Run.study_id.in_(ids))).one()
+            cells = s.exec(select(func.count()).select_from(CellRow).join(Run, CellRow.run_id == Run.id).where(Run.study_id.in_(ids))).one()
         specs = [study_spec(st) for st in studies]
         total = sum(spec.total_runs * len(spec.steps) for spec in specs)
         return {"cells_done": cells, "cells_total": total, "running": len(self.children),

@@ -1,4 +1,4 @@
-"""Writing one cell: its row (Milestone) and its Optuna trial (params method, lr, steps; value score).
+"""Writing one cell: its row (CellRow) and its Optuna trial (params method, lr, steps; value score).
 
 Idempotent, because a retried run passes its milestones again: a cell already written stays
 as it is, and a trial already in Optuna for (run, step) is found instead of added twice."""
@@ -10,7 +10,7 @@ from sqlmodel import select
 
 from engine.metric_registry import MIA_AUC, SCORE
 from studies.lifecycle.spec import StudySpec
-from studies.store.db import Milestone, Run, Store
+from studies.store.db import CellRow, Run, Store
 
 
 def _user_attrs(run: Run, cell: dict) -> dict:
@@ -32,10 +32,10 @@ def record_cell(store: Store, study_name: str, spec: StudySpec, run: Run, cell: 
     """Store one cell and its Optuna trial. Returns the trial number."""
     step = cell["step"]
     with store.write() as s:
-        ms = s.exec(select(Milestone).where(Milestone.run_id == run.id, Milestone.step == step)).first()
+        ms = s.exec(select(CellRow).where(CellRow.run_id == run.id, CellRow.step == step)).first()
         created = ms is None
         if created:
-            ms = Milestone(run_id=run.id, step=step, metrics=cell, score=cell.get(SCORE),
+            ms = CellRow(run_id=run.id, step=step, metrics=cell, score=cell.get(SCORE),
                            success=bool(cell.get("success")), diverged=bool(cell.get("diverged")))
             s.add(ms)
             s.flush()
@@ -76,7 +76,7 @@ def record_cell(store: Store, study_name: str, spec: StudySpec, run: Run, cell: 
         trial_id = store.retry(lambda: storage.create_new_trial(storage.get_study_id_from_name(study_name), template_trial=frozen))
         number = storage.get_trial_number_from_id(trial_id)
     with store.write() as s:
-        ms = s.get(Milestone, ms_id)
+        ms = s.get(CellRow, ms_id)
         ms.trial_number = number
         s.add(ms)
     return number

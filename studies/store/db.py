@@ -111,9 +111,9 @@ class Run(SQLModel, table=True):
     finished_at: Optional[dt.datetime] = None
 
 
-class Milestone(SQLModel, table=True):
+class CellRow(SQLModel, table=True):
     """One cell: a run's metrics at one milestone, recorded in one Optuna trial (`trial_number`).
-    The class and its table keep the name milestone (stores read `ul_milestone`)."""
+    The table keeps its old name, `ul_milestone` (existing stores read it)."""
 
     __tablename__ = "ul_milestone"
     __table_args__ = (UniqueConstraint("run_id", "step"),)

@@ -15,7 +15,7 @@ from engine.errors import UnlearnError
 from studies.reading.export import export_best
 from studies.lifecycle.spec import StudySpec
 from studies.store.states import RunState
-from studies.store.db import Milestone, Run, Store
+from studies.store.db import CellRow, Run, Store
 from tests.studies_helpers import cli_main, make_forget_set
 from tui.cli import app
 
@@ -66,7 +66,7 @@ def test_settings_round_trip_through_a_study_and_its_export(tmp_path, forget_set
     with store.write() as s:  # one computed cell per run, so each method has a best cell to export
         for run in s.exec(select(Run)).all():
             run.state = RunState.DONE
-            s.add(Milestone(run_id=run.id, step=2, metrics={"score": 0.5}, score=0.5))
+            s.add(CellRow(run_id=run.id, step=2, metrics={"score": 0.5}, score=0.5))
     entries = {e["method"]: e for e in export_best(store, "S")}
     run_cmd = command("run")
     for method, expected in (("ga_gd", RunSettings(**given)),

@@ -123,7 +123,7 @@ def test_best_cell_job_evaluates_the_tasks_and_the_heatmap_shows_them(tmp_path, 
     from studies.reading.grid import load_cells, study_metrics
     from studies.lifecycle.spec import StudySpec
     from studies.store.states import RunState
-    from studies.store.db import Milestone, Run, Store
+    from studies.store.db import CellRow, Run, Store
     from tests.studies_helpers import cli_in_process, make_forget_set
 
     rows = _write_task(tmp_path / "tasks")
@@ -139,7 +139,7 @@ def test_best_cell_job_evaluates_the_tasks_and_the_heatmap_shows_them(tmp_path, 
     with store.write() as s:  # the run's one cell, as a finished run leaves it
         run = s.exec(select(Run)).one()
         run.state = RunState.DONE
-        s.add(Milestone(run_id=run.id, step=1, metrics={"score": 0.5}, score=0.5))
+        s.add(CellRow(run_id=run.id, step=1, metrics={"score": 0.5}, score=0.5))
     got = attack_best_cells(store, "S", device="cpu")
     hand, _ = hand_accuracy(_trained(tmp_path, tiny_model_dir, forget_set_files), tiny_tokenizer, rows)
     assert got[0]["downstream.mytask"] == pytest.approx(hand, abs=1e-12)

@@ -56,7 +56,7 @@ def test_a_blank_cell_has_every_measured_field_nested_as_a_cell_nests_them():
 
 
 def test_the_cell_type_has_a_key_for_every_metric():
-    keys = set(M.MilestoneCell.__annotations__)
+    keys = set(M.CellMetrics.__annotations__)
     assert {m.path.split(".")[0] for m in M.every()} <= keys
     assert {"step", "success", "diverged", "train_loss", "attacks", "downstream"} <= keys
 

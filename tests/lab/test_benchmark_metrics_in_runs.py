@@ -109,7 +109,7 @@ def test_heatmap_and_picker_offer_bench_metrics_only_where_cells_have_them(tmp_p
 
     from engine.metric_registry import every_run_paths
     from studies.reading.grid import load_cells, study_metrics
-    from studies.store.db import Milestone, Run, Store
+    from studies.store.db import CellRow, Run, Store
     from studies.store.states import RunState
     from tests.studies_helpers import cli_in_process, make_forget_set
 
@@ -124,8 +124,8 @@ def test_heatmap_and_picker_offer_bench_metrics_only_where_cells_have_them(tmp_p
     with store.write() as s:
         run = s.exec(select(Run)).one()
         run.state = RunState.DONE
-        s.add(Milestone(run_id=run.id, step=1, metrics={"score": 0.5, "bench": {"tofu_truth_ratio": 0.7}}, score=0.5))
-        s.add(Milestone(run_id=run.id, step=2, metrics={"score": 0.4, "bench": {"tofu_truth_ratio": 0.9}}, score=0.4))
+        s.add(CellRow(run_id=run.id, step=1, metrics={"score": 0.5, "bench": {"tofu_truth_ratio": 0.7}}, score=0.5))
+        s.add(CellRow(run_id=run.id, step=2, metrics={"score": 0.4, "bench": {"tofu_truth_ratio": 0.9}}, score=0.4))
     assert study_metrics(spec, load_cells(store, "S")) == every_run_paths() + ("bench.tofu_truth_ratio",)
     p = cli_in_process(capsys, "study", "heatmap", "S", "--metric", "bench.tofu_truth_ratio", "--json", "--storage", url)
     assert p.returncode == 0, p.stderr

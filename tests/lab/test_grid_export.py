@@ -28,7 +28,7 @@ from studies.reading.grid import Cell, best, load_cells, pareto, robustness
 from studies.reading.listing import list_studies_sqlite
 from studies.lifecycle.spec import StudySpec
 from studies.reading.status import list_studies, study_status
-from studies.store.db import Milestone, Run, Store, Study, utcnow
+from studies.store.db import CellRow, Run, Store, Study, utcnow
 from tui.heatmap import fmt_lr, render_heatmaps
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,9 +49,9 @@ def metrics(step: int, gap: float | None, drift: float | None, diverged: bool = 
             "success": gap <= LN_TOL_F and drift <= LN_TOL_R, "diverged": False, "train_loss": -1.0}
 
 
-def milestone(run: Run, step: int, gap=None, drift=None, diverged=False, trial=None) -> Milestone:
+def milestone(run: Run, step: int, gap=None, drift=None, diverged=False, trial=None) -> CellRow:
     m = metrics(step, gap, drift, diverged)
-    return Milestone(run_id=run.id, step=step, metrics=m, score=m["score"], success=m["success"],
+    return CellRow(run_id=run.id, step=step, metrics=m, score=m["score"], success=m["success"],
                      diverged=m["diverged"], trial_number=trial)
 
 
@@ -450,7 +450,7 @@ def test_exported_command_reproduces_the_score(tiny_model_dir, forget_set_files,
                             cache_dir=tmp_path / "cache")
     with store.write() as s:
         for c in result["milestones"]:
-            s.add(Milestone(run_id=run.id, step=c["step"], metrics=c, score=c["score"], success=c["success"],
+            s.add(CellRow(run_id=run.id, step=c["step"], metrics=c, score=c["score"], success=c["success"],
                             diverged=c["diverged"]))
         r = s.get(Run, run.id)
         r.state, r.step = "done", 4

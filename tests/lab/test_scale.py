@@ -79,12 +79,12 @@ def test_the_store_holds_one_optuna_trial_per_cell(scale_store):
     from sqlalchemy import func
     from sqlmodel import select
 
-    from studies.store.db import Milestone, Run, Store, Study
+    from studies.store.db import CellRow, Run, Store, Study
 
     store = Store(scale_store["url"], create=False)
     with store.read() as s:
-        rows = s.exec(select(Study.name, func.count(Milestone.id), func.count(Milestone.trial_number))
-                      .join(Run, Run.study_id == Study.id).join(Milestone, Milestone.run_id == Run.id)
+        rows = s.exec(select(Study.name, func.count(CellRow.id), func.count(CellRow.trial_number))
+                      .join(Run, Run.study_id == Study.id).join(CellRow, CellRow.run_id == Run.id)
                       .group_by(Study.id)).all()
     assert {name: (n, numbered) for name, n, numbered in rows} == \
         {name: (s["written"], s["written"]) for name, s in scale_store["studies"].items()}

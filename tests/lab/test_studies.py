@@ -234,7 +234,7 @@ def test_record_cell_is_idempotent(lab):
     """A retried run passes its milestones again: the first written cell and its one trial stay,
     also when the first attempt died between the milestone row and its trial."""
     from studies.running.recorder import record_cell
-    from studies.store.db import Milestone
+    from studies.store.db import CellRow
     from studies.lifecycle.study import study_spec
 
     create_study(lab.store, "g", HUB_MODEL, "fs", methods=["ga"], lrs=[1e-3], steps=[2, 4])
@@ -242,7 +242,7 @@ def test_record_cell_is_idempotent(lab):
     first = record_cell(lab.store, "g", spec, run, cell(2, 0.3))
     assert record_cell(lab.store, "g", spec, run, cell(2, 0.9)) == first
     with lab.store.write() as s:  # as if killed after the trial, before the row learnt its number
-        ms = s.exec(select(Milestone)).one()
+        ms = s.exec(select(CellRow)).one()
         ms.trial_number = None
         s.add(ms)
     assert record_cell(lab.store, "g", spec, run, cell(2, 0.7)) == first

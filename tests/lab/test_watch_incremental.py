@@ -19,7 +19,7 @@ from studies.reading.grid import grids, load_cells, study_metrics
 from studies.running.recorder import record_cell
 from studies.lifecycle.spec import StudySpec
 from studies.store.states import RunState, StudyState
-from studies.store.db import Milestone, Run, Store, Study
+from studies.store.db import CellRow, Run, Store, Study
 from studies.lifecycle.study import create_study, resume_study
 from studies.reading.views import StudyWatch, _signature
 from tests.studies_helpers import runs_of, set_run
@@ -135,7 +135,7 @@ def test_grid_study_polls_equal_a_rebuild(store):
     # would refuse the trial): a new column for every row
     with store.write() as s:
         cell = synthetic_cell(1, 1, 15)
-        s.add(Milestone(run_id=pending[1].id, step=15, metrics=cell, score=cell["score"], success=cell["success"]))
+        s.add(CellRow(run_id=pending[1].id, step=15, metrics=cell, score=cell["score"], success=cell["success"]))
     poll = w.poll()
     assert sorted({c.steps for c in poll.cells}) == [5, 10, 15, 20] and len(poll.cells) == 24
 
@@ -151,11 +151,11 @@ def test_grid_study_polls_equal_a_rebuild(store):
     live = next(r for r in runs_of(store, "grid") if r.state in (RunState.RUNNING, RunState.PENDING))
     with store.write() as s:
         cell = synthetic_cell(0, 1, 10)
-        s.add(Milestone(run_id=live.id, step=10, metrics=cell, score=cell["score"], success=cell["success"]))
+        s.add(CellRow(run_id=live.id, step=10, metrics=cell, score=cell["score"], success=cell["success"]))
     poll = w.poll()
     assert next(c for c in poll.cells if (c.method, c.lr, c.steps) == (live.method, live.lr, 10)).trial_number is None
     with store.write() as s:
-        ms = s.exec(select(Milestone).where(Milestone.run_id == live.id, Milestone.step == 10)).one()
+        ms = s.exec(select(CellRow).where(CellRow.run_id == live.id, CellRow.step == 10)).one()
         ms.trial_number = 999
         s.add(ms)
     poll = w.poll()
