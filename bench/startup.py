@@ -30,12 +30,12 @@ def write_store(url: str, trials: int, workdir: Path) -> int:
     from sqlmodel import select
 
     from engine import metric_registry as M
-    from studies.store.forgetsets import create_forget_set
-    from studies.running.recorder import record_cell
     from studies.lifecycle.spec import StudySpec
-    from studies.store.states import RunState
-    from studies.store.db import Run, Store
     from studies.lifecycle.study import create_study
+    from studies.running.recorder import record_cell
+    from studies.store.db import Run, Store
+    from studies.store.forgetsets import create_forget_set
+    from studies.store.states import RunState
 
     for role in ("forget", "retain", "unseen"):
         (workdir / f"{role}.txt").write_text(f"a {role} document, synthetic and long enough to be one " * 4)

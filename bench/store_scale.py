@@ -86,8 +86,8 @@ def write_cells(store, study_name: str, spec, cells: list[tuple]) -> None:
     from optuna.trial import TrialState, create_trial
 
     from engine.methods.base import parse_variant
-    from studies.store.clock import utcnow
     from studies.running.recorder import _user_attrs
+    from studies.store.clock import utcnow
     from studies.store.sqlite_file import sqlite_path
 
     db = sqlite3.connect(sqlite_path(store.url))
@@ -132,8 +132,8 @@ def write_cells(store, study_name: str, spec, cells: list[tuple]) -> None:
 
 def finish_runs(store, cells: list[tuple]) -> None:
     """Every run with a cell marked done (diverged when its last cell is), as the pool leaves it."""
-    from studies.store.states import RunState
     from studies.store.db import Run
+    from studies.store.states import RunState
 
     last: dict[int, dict] = {}
     for run, cell in cells:
@@ -152,11 +152,11 @@ def make_store(path: Path, trials: int, inputs: Path, bulk: bool = True, capacit
     the bulk writer is held to)."""
     from sqlmodel import select
 
-    from studies.store.forgetsets import create_forget_set
-    from studies.running.recorder import record_cell
     from studies.lifecycle.spec import StudySpec
-    from studies.store.db import Run, Store
     from studies.lifecycle.study import create_study
+    from studies.running.recorder import record_cell
+    from studies.store.db import Run, Store
+    from studies.store.forgetsets import create_forget_set
 
     inputs.mkdir(parents=True, exist_ok=True)
     for role in ("forget", "retain", "unseen"):

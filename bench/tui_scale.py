@@ -53,8 +53,8 @@ def add_cells(url: str, trials: int) -> None:
     from sqlmodel import select
 
     import store_scale
-    from studies.running.recorder import record_cell
     from studies.lifecycle.spec import StudySpec
+    from studies.running.recorder import record_cell
     from studies.store.db import Run, Store
 
     store = Store(url, create=False)

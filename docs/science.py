@@ -40,10 +40,10 @@ def main() -> None:
     from engine.methods import list_methods
     from engine.run import run_unlearning
     from studies.lifecycle.demo import demo_store
-    from studies.store.forgetsets import create_forget_set
+    from studies.lifecycle.study import create_study, resume_study
     from studies.reading.grid import best_cell, grids, load_cells
     from studies.running.pool import WorkerPool
-    from studies.lifecycle.study import create_study, resume_study
+    from studies.store.forgetsets import create_forget_set
 
     ws = args.workspace.resolve()
     t0 = time.perf_counter()

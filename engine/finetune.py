@@ -31,7 +31,6 @@ def fine_tune(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, step
     cross-entropy of the chunks (rows of `input_ids`), batches from the seeded stream. Trains `model` in place, in whatever
     mode (train / eval) the caller left it. `loss_mask` (Chunks.loss_mask) limits the loss to a QA chunk's answers."""
     from engine.methods.base import causal_labels, token_ce
-
     from engine.precision import make_optimizer
 
     opt = make_optimizer("adamw", list(model.parameters()), lr, torch.device("cpu"))  # bf16 weights: fp32 masters

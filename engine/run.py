@@ -32,7 +32,7 @@ from engine.files import write_json_atomic
 from engine.finetune import batch_indices
 from engine.lora import AdapterOff, apply_lora
 from engine.methods import get_method
-from engine.methods.base import Method, PrepareContext, causal_labels
+from engine.methods.base import Method, PrepareContext
 from engine.metric_registry import MIA, PERPLEXITY, CellMetrics, blank
 from engine.models import (
     count_parameters,

@@ -62,8 +62,9 @@ class Ensemble(torch.nn.Module):
 
 
 def check_size(recipe, tokenizer, docs: list[str]) -> None:
-    from engine.models import count_parameters, tiny_llama_config
     from transformers import LlamaForCausalLM
+
+    from engine.models import count_parameters, tiny_llama_config
 
     with torch.device("meta"):
         n = count_parameters(LlamaForCausalLM(tiny_llama_config(len(tokenizer), recipe.hidden, recipe.layers,

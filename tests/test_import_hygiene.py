@@ -110,9 +110,9 @@ def read_store(tmp_path_factory):
     """A store with a forget set and a study with computed cells, made without loading a model."""
     from sqlmodel import select
 
-    from studies.store.forgetsets import create_forget_set
-    from studies.store.db import CellRow, Run, Store
     from studies.lifecycle.study import create_study
+    from studies.store.db import CellRow, Run, Store
+    from studies.store.forgetsets import create_forget_set
 
     d = tmp_path_factory.mktemp("read")
     for role in ("forget", "retain", "unseen"):

@@ -152,7 +152,7 @@ def delete_study(store: Store, name: str, heartbeat_timeout_s: float | None = No
 
     from studies.settings import lab_settings
     from studies.store.clock import age_s
-    from studies.store.db import Event, CellRow
+    from studies.store.db import CellRow, Event
 
     if heartbeat_timeout_s is None:
         heartbeat_timeout_s = lab_settings().heartbeat_timeout

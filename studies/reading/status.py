@@ -10,12 +10,12 @@ from typing import Optional
 from sqlalchemy import and_, case, func
 from sqlmodel import select
 
-from studies.store.clock import age_s
+from studies.lifecycle.spec import StudySpec, study_spec
 from studies.reading.grid import best, cells_from_rows, count_status, fetch_rows, grids, robustness
 from studies.reading.listing import list_row
-from studies.lifecycle.spec import StudySpec, study_spec
+from studies.store.clock import age_s
+from studies.store.db import CellRow, ForgetSet, Run, Store, Study, utcnow
 from studies.store.states import REAL_RUN_STATES, RunState
-from studies.store.db import ForgetSet, CellRow, Run, Store, Study, utcnow
 
 RUN_STATES = tuple(str(s) for s in RunState if s in REAL_RUN_STATES)
 

@@ -17,7 +17,7 @@ from engine.metric_registry import MIA_AUC, PPL_FORGET, PPL_UNSEEN, every_run_pa
 from studies.lifecycle.spec import StudySpec, study_spec
 from studies.reading.export import reproduce_command
 from studies.reading.grid import Cell, cells_from_rows, load_cells, pareto
-from studies.store.db import Event, ForgetSet, CellRow, Run, Store, Study
+from studies.store.db import CellRow, Event, ForgetSet, Run, Store, Study
 from studies.store.states import REAL_RUN_STATES
 
 # The approximate-retraining target of the membership attacks: members indistinguishable from non-members.
@@ -166,7 +166,7 @@ def compare_cells(store: Store, cells: Iterable[Any]) -> dict:
     fs = next(iter(studies.values()))[1]
     shown = every_run_paths()  # the compare table's rows, in order
     rows = []
-    for i, ((study, method, lr, steps), cell) in enumerate(zip(refs, found)):
+    for i, ((study, method, _lr, steps), cell) in enumerate(zip(refs, found)):
         rows.append({"study": study, "method": method, "lr": float(cell.lr), "steps": int(steps),
                      "status": str(cell.status), "success": bool(cell.success), "trial_number": cell.trial_number,
                      "values": {m: cell.value(m) for m in shown}, "pareto": i in front})

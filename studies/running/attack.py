@@ -33,7 +33,7 @@ from engine.config import parse_attacks, parse_eval_tasks
 from engine.errors import UnlearnError
 from studies.lifecycle.spec import study_spec
 from studies.reading.grid import best_cell, load_cells
-from studies.store.db import Event, ForgetSet, CellRow, Store, Study, hostname
+from studies.store.db import CellRow, Event, ForgetSet, Store, Study, hostname
 
 # The best-cell attack job's events, in the order they happen. "stopped" (the pool was interrupted,
 # or the process that ran it is gone) makes the job due again; "done" and "failed" end it: a

@@ -42,11 +42,11 @@ def make_study(store, name: str, model_dir: str, forget_set: str, methods=("ga",
     """A grid study with the first `fill` share of its runs finished (synthetic metrics), the next
     `running` runs marked running (with half their milestones written), the rest pending.
     `diverge` maps (method, lr) to the last step before a divergence."""
-    from studies.running.recorder import record_cell
     from studies.lifecycle.spec import StudySpec
-    from studies.store.states import RunState, StudyState
-    from studies.store.db import Run, Study
     from studies.lifecycle.study import create_study
+    from studies.running.recorder import record_cell
+    from studies.store.db import Run, Study
+    from studies.store.states import RunState, StudyState
 
     study = create_study(store, name, model_dir, forget_set, methods=list(methods), lrs=list(lrs), steps=list(steps))
     spec = StudySpec.from_dict(study.spec)

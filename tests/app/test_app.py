@@ -74,8 +74,8 @@ def cell_text(table, row: str, column: str) -> str:
 
 
 def test_a_state_change_shows_within_two_seconds_and_rows_are_updated_in_place(fresh_store):
-    from studies.store.states import StudyState
     from studies.lifecycle.study import set_state
+    from studies.store.states import StudyState
 
     async def go():
         app = make_app(fresh_store.url, refresh_s=1.0)
@@ -150,11 +150,11 @@ def test_the_dashboard_follows_new_cells_incrementally(fresh_store):
     from sqlmodel import select
     from textual.widgets import DataTable
 
-    from tests.app.app_stores import synthetic_cell
-    from studies.running.recorder import record_cell
     from studies.lifecycle.spec import StudySpec
-    from studies.store.states import CellStatus
+    from studies.running.recorder import record_cell
     from studies.store.db import Run
+    from studies.store.states import CellStatus
+    from tests.app.app_stores import synthetic_cell
     from tui.app.messages import OpenStudy
     from tui.app.screens.dashboard import DashboardScreen
     from tui.app.widgets.heatmap import HeatmapGrid

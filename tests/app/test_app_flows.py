@@ -22,10 +22,10 @@ until = functools.partial(wait_until, timeout=30.0, interval=0.1)  # real runs: 
 def test_build_create_launch_watch_walk_compare_export(quick_demo, tmp_path, monkeypatch):
     from textual.widgets import Input, Select, SelectionList
 
+    from studies.lifecycle.study import set_state
+    from studies.store.db import Store
     from studies.store.forgetsets import list_forget_sets
     from studies.store.states import CellStatus, StudyState
-    from studies.store.db import Store
-    from studies.lifecycle.study import set_state
     from tui.app.app import create_app
     from tui.app.screens.compare import CompareScreen
     from tui.app.screens.dashboard import DashboardScreen

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from tests.studies_helpers import cli_env, pid_alive, wait_for
 from tests.app.tmux_terminal import TmuxTerminal, tmux_path
+from tests.studies_helpers import cli_env, pid_alive, wait_for
 
 # func_only: the test's own 600 s; the quick demo it may build first has its own limit (conftest.py)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600, func_only=True),
@@ -40,8 +40,8 @@ def heatmap_rows(screen: str) -> list[str]:
 @pytest.fixture
 def live_study(quick_demo, tmp_path):
     """A study on the demo's model and forget set, run by a detached scheduler with one CPU worker."""
-    from studies.store.forgetsets import list_forget_sets
     from studies.store.db import Store
+    from studies.store.forgetsets import list_forget_sets
 
     ws, _, _ = quick_demo
     url = f"sqlite:///{ws / 'unlearn.db'}"

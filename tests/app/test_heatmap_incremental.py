@@ -11,10 +11,10 @@ import pytest
 from textual.app import App, ComposeResult
 from textual.widgets import Static
 
-from tests.app.app_stores import make_study
 from studies.reading.grid import Cell, Grid, grids, load_cells
-from studies.store.states import CellStatus
 from studies.store.db import Store
+from studies.store.states import CellStatus
+from tests.app.app_stores import make_study
 from tests.studies_helpers import make_forget_set
 from tui.app.messages import CellRef
 from tui.app.widgets.heatmap import HEADER_LINES, HeatmapGrid

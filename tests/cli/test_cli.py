@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from studies.running.pool import free_port
-from tests.studies_helpers import assert_one_line_error, cli_in_process
 from tests.conftest import SEQ_LEN
+from tests.studies_helpers import assert_one_line_error, cli_in_process
 
 SEVEN = ["ga", "random_label", "adversarial", "ga_gd", "ga_kl", "ga_gd_general", "ga_kl_general"]
 

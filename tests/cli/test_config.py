@@ -12,10 +12,10 @@ from sqlmodel import select
 
 from engine.config import RunConfig, RunSettings, settings_fields
 from engine.errors import UnlearnError
-from studies.reading.export import export_best
 from studies.lifecycle.spec import StudySpec
-from studies.store.states import RunState
+from studies.reading.export import export_best
 from studies.store.db import CellRow, Run, Store
+from studies.store.states import RunState
 from tests.studies_helpers import cli_main, make_forget_set
 from tui.cli import app
 

@@ -13,8 +13,15 @@ import pytest
 import torch
 
 from engine.data import (
-    MIN_CHUNK_TOKENS, ROLES, Chunks, ForgetSetTexts, chunk_forget_set, chunk_texts,
-    load_forget_set, load_texts, normalize_text,
+    MIN_CHUNK_TOKENS,
+    ROLES,
+    Chunks,
+    ForgetSetTexts,
+    chunk_forget_set,
+    chunk_texts,
+    load_forget_set,
+    load_texts,
+    normalize_text,
 )
 from engine.errors import DataError, UnlearnError
 

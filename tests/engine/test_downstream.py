@@ -118,12 +118,11 @@ def test_best_cell_job_evaluates_the_tasks_and_the_heatmap_shows_them(tmp_path, 
     `study heatmap --metric downstream.mytask` and the app's picker then show."""
     from sqlmodel import select
 
-    from engine.models import load_model
-    from studies.running.attack import attack_best_cells, describe_row
-    from studies.reading.grid import load_cells, study_metrics
     from studies.lifecycle.spec import StudySpec
-    from studies.store.states import RunState
+    from studies.reading.grid import load_cells, study_metrics
+    from studies.running.attack import attack_best_cells, describe_row
     from studies.store.db import CellRow, Run, Store
+    from studies.store.states import RunState
     from tests.studies_helpers import cli_in_process, make_forget_set
 
     rows = _write_task(tmp_path / "tasks")

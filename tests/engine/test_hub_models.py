@@ -47,9 +47,9 @@ def test_a_model_missing_from_the_cache_offline_is_one_line(tmp_path, forget_set
                        capture_output=True, text=True, env=run_env(tmp_path, HF_HUB_OFFLINE="1"), cwd=tmp_path, timeout=300)
     assert p.returncode != 0
     lines = [line for line in p.stderr.splitlines() if line.strip()]
-    assert lines == [f"error: tokenizer 'unlearn-test/not-there' is not in the Hugging Face cache (HF_HOME) and the "
-                     f"hub cannot be reached or HF_HUB_OFFLINE is set: download it where there is network "
-                     f"(hf download unlearn-test/not-there) and copy the cache, or give a local folder"]
+    assert lines == ["error: tokenizer 'unlearn-test/not-there' is not in the Hugging Face cache (HF_HOME) and the "
+                     "hub cannot be reached or HF_HUB_OFFLINE is set: download it where there is network "
+                     "(hf download unlearn-test/not-there) and copy the cache, or give a local folder"]
 
 
 def test_gated_and_missing_models_say_what_to_do():

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from engine.config import RunConfig
 from engine.data import ForgetSetChunks
 from engine.errors import UnlearnError
 from engine.methods import get_method, list_methods
@@ -19,7 +20,6 @@ from engine.methods.base import IGNORE, PrepareContext, causal_labels, sequence_
 from engine.methods.forget_terms import AdversarialDescent, GradientAscent, RandomLabelDescent
 from engine.methods.retain_terms import RetainDescent, RetainKL
 from engine.models import load_model
-from engine.config import RunConfig
 from engine.run import train_to_milestones
 
 PAPER_METHODS = ["ga", "random_label", "adversarial", "ga_gd", "ga_kl", "ga_gd_general", "ga_kl_general"]

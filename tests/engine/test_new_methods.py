@@ -241,8 +241,16 @@ def test_rmu_finds_names_by_shape_and_refuses_what_it_cannot_find(tiny_model_dir
 def test_rmu_names_exist_in_each_family():
     """The resolved names are real parameters of GPT-NeoX, GPT-2, OPT and Qwen2 models built from a
     config, and the generic search agrees with the table on each."""
-    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, OPTConfig,
-                              OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     models = [GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=50, hidden_size=16, num_hidden_layers=6,
                                               num_attention_heads=2, intermediate_size=32)),
@@ -297,8 +305,14 @@ def test_labels_prepared_for_retain_are_plain_next_token_labels(tiny_tokenizer, 
 def other_families(tiny_tokenizer, tmp_path_factory) -> dict:
     """Untrained GPT-2, GPT-NeoX and Qwen2 models built from a config for the tiny tokenizer, saved
     and loaded back the user's way: architectures other than the demo's Llama."""
-    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     v = len(tiny_tokenizer)
     made = {"gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=v, n_embd=32, n_layer=3, n_head=2, n_positions=256)),

@@ -104,8 +104,8 @@ def test_without_the_hub_a_preset_says_to_use_from(monkeypatch):
 
 
 def test_preset_cli_stores_roles_and_extras(tmp_path, capsys):
-    from studies.store.forgetsets import forget_set_extras, forget_set_texts
     from studies.store.db import Store
+    from studies.store.forgetsets import forget_set_extras, forget_set_texts
     from tests.studies_helpers import cli_in_process
 
     url = f"sqlite:///{tmp_path / 's.db'}"
@@ -132,8 +132,8 @@ def test_a_tofu_shaped_folder_becomes_a_forget_set_whose_runs_score_answer_token
     from engine.models import load_model
     from engine.presets import load_preset
     from engine.run import run_unlearning
-    from studies.store.forgetsets import forget_set_texts, store_forget_set
     from studies.store.db import Store
+    from studies.store.forgetsets import forget_set_texts, store_forget_set
 
     store = Store(f"sqlite:///{tmp_path / 's.db'}")
     d = load_preset("tofu", "forget01", str(PRESET_DIR / "tofu"))

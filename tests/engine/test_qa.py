@@ -303,8 +303,8 @@ def test_relearn_and_fine_tune_read_the_loss_mask(qa_sets, tiny_model_dir):
 def test_qa_set_round_trips_through_the_store_into_the_same_chunks(tmp_path, qa_sets, tiny_tokenizer):
     """A worker on another node rebuilds exactly the same chunks from the store alone."""
     from engine.data import chunk_forget_set
-    from studies.store.forgetsets import create_forget_set, describe, forget_set_texts
     from studies.store.db import Store
+    from studies.store.forgetsets import create_forget_set, describe, forget_set_texts
 
     f = qa_files(tmp_path)
     store = Store(f"sqlite:///{tmp_path / 's.db'}")
@@ -325,8 +325,8 @@ def test_a_v2_store_made_by_the_code_before_qa_migrates_to_v3(tmp_path):
     import shutil
     import sqlite3
 
-    from studies.store.forgetsets import forget_set_texts
     from studies.store.db import SCHEMA_VERSION, Store
+    from studies.store.forgetsets import forget_set_texts
 
     assert SCHEMA_VERSION >= 3  # through v3 to the newest
     path = tmp_path / "old.db"

@@ -15,8 +15,15 @@ from engine.data import ForgetSetChunks
 from engine.errors import UnlearnError
 from engine.evaluate import evaluate
 from engine.models import load_model
-from engine.recovery import (RELEARN_FRACTION, attack_milestone, quantize_rtn, quantized_copy, quantized_layers,
-                             recovery, relearned_copy)
+from engine.recovery import (
+    RELEARN_FRACTION,
+    attack_milestone,
+    quantize_rtn,
+    quantized_copy,
+    quantized_layers,
+    recovery,
+    relearned_copy,
+)
 from engine.run import train_to_milestones
 from tests.studies_helpers import cli_in_process
 

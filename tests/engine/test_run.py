@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
+from engine.config import RunConfig
 from engine.errors import UnlearnError
 from engine.evaluate import ATTACKS, evaluate
 from engine.models import count_parameters, load_model
-from engine.config import RunConfig
 from engine.run import batch_indices, run_unlearning, train_to_milestones
 
 SEQ_LEN = 128

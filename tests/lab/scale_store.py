@@ -60,8 +60,8 @@ def plan(trials: int = 10_000) -> list[dict]:
 def scale_store(path: Path, model_dir, forget_set_files: dict[str, str], trials: int = 10_000) -> dict:
     """Make the store at `path` (an SQLite file that must not exist yet). Returns its manifest:
     {"studies": {name: {"done", "total", "written"}}, "trials", "build_s"}."""
-    from tests.app.app_stores import make_study
     from studies.store.db import Store
+    from tests.app.app_stores import make_study
     from tests.studies_helpers import make_forget_set
 
     started = time.perf_counter()
@@ -106,17 +106,19 @@ def cache_key(trials: int = 10_000) -> str:
     study and cell, and the two schemas (ours, Optuna's). Not the versions of the code that reads it."""
     import inspect
 
-    import tests.app.app_stores as app_stores
     from optuna.storages._rdb.models import SCHEMA_VERSION as OPTUNA_SCHEMA
 
+    import tests.app.app_stores as app_stores
     from studies.store.db import SCHEMA_VERSION
 
+    def without_imports(source: str) -> bytes:
+        # a module moved (the lab's split did) or imports sorted (ruff) writes the same store
+        return "\n".join(x for x in source.splitlines() if not x.lstrip().startswith(("import ", "from "))).encode()
+
     h = hashlib.sha256(f"{trials} {SCHEMA_VERSION} {OPTUNA_SCHEMA}".encode())
-    h.update(Path(__file__).read_bytes())
+    h.update(without_imports(Path(__file__).read_text()))
     for fn in (app_stores.synthetic_cell, app_stores.make_study):
-        # without their import lines: a module moved (the lab's split did) writes the same store
-        lines = inspect.getsource(fn).splitlines()
-        h.update("\n".join(x for x in lines if not x.lstrip().startswith(("import ", "from "))).encode())
+        h.update(without_imports(inspect.getsource(fn)))
     return h.hexdigest()[:16]
 
 

@@ -7,8 +7,8 @@ import json
 import shlex
 from pathlib import Path
 
-from studies.reading.export import reproduce_command
 from studies.lifecycle.spec import StudySpec
+from studies.reading.export import reproduce_command
 from studies.store.db import Store
 from tests.studies_helpers import assert_one_line_error, cli_in_process
 

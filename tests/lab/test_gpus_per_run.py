@@ -10,11 +10,19 @@ import sys
 
 import pytest
 
-from studies.running.pool import free_port
 from studies.lifecycle.spec import StudySpec
+from studies.running.pool import free_port
 from studies.store.db import Store
-from tests.studies_helpers import (assert_one_line_error, cli, cli_in_process, cli_main, events_of, make_forget_set,
-                                   milestones_of, runs_of)
+from tests.studies_helpers import (
+    assert_one_line_error,
+    cli,
+    cli_in_process,
+    cli_main,
+    events_of,
+    make_forget_set,
+    milestones_of,
+    runs_of,
+)
 
 
 def test_a_pool_narrower_than_a_run_is_refused(tmp_path, forget_set_files, tiny_model_dir, capsys):

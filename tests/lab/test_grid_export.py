@@ -22,13 +22,13 @@ from rich.console import Console
 
 from engine.config import RunSettings
 from engine.errors import UnlearnError
+from studies.lifecycle.spec import StudySpec
 from studies.reading.export import export_best, reproduce_command, save_model, to_json, to_yaml
-from studies.store.forgetsets import create_forget_set, forget_set_texts
 from studies.reading.grid import Cell, best, load_cells, pareto, robustness
 from studies.reading.listing import list_studies_sqlite
-from studies.lifecycle.spec import StudySpec
 from studies.reading.status import list_studies, study_status
 from studies.store.db import CellRow, Run, Store, Study, utcnow
+from studies.store.forgetsets import create_forget_set, forget_set_texts
 from tui.heatmap import fmt_lr, render_heatmaps
 
 ROOT = Path(__file__).resolve().parents[2]

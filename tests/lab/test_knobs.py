@@ -13,8 +13,8 @@ from engine.config import RunConfig
 from engine.errors import UnlearnError
 from engine.methods import get_method
 from engine.methods.base import parse_variant, variant_id
-from studies.reading.export import export_best
 from studies.lifecycle.spec import StudySpec, expand_knobs
+from studies.reading.export import export_best
 from studies.store.db import Store
 from tests.studies_helpers import cli, cli_in_process, cli_main, make_forget_set, runs_of
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from studies.store.clock import utcnow
-from studies.store.forgetsets import create_forget_set
-from studies.reading.listing import list_studies_sqlite
-from studies.store.sqlite_file import SCHEMA_VERSION
-from studies.reading.status import list_studies
-from studies.store.db import Store
 from studies.lifecycle.study import create_study
+from studies.reading.listing import list_studies_sqlite
+from studies.reading.status import list_studies
+from studies.store.clock import utcnow
+from studies.store.db import Store
+from studies.store.forgetsets import create_forget_set
+from studies.store.sqlite_file import SCHEMA_VERSION
 from tui.cli.common import Lab
 
 ROOT = Path(__file__).resolve().parents[2]

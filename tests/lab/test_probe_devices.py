@@ -6,9 +6,9 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import SEQ_LEN
 from studies.running.devices import DeviceReport, cpu, gpus, probe_devices
 from studies.running.probe import count_tokens, probe_model, source_summary
+from tests.conftest import SEQ_LEN
 
 
 def one_line(text: str) -> bool:

@@ -63,9 +63,9 @@ def test_study_ls_json_counts_every_study(scale_store, tmp_path):
 
 def test_the_quick_read_path_lists_what_the_orm_lists(scale_store):
     """`study ls` reads through the stdlib sqlite3; on 10,000 trials it gives the ORM's rows exactly."""
-    from studies.store.clock import utcnow
     from studies.reading.listing import list_studies_sqlite
     from studies.reading.status import list_studies
+    from studies.store.clock import utcnow
     from studies.store.db import Store
 
     now = utcnow()

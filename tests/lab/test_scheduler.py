@@ -14,11 +14,11 @@ import time
 import pytest
 from sqlmodel import select
 
-from studies.running.pool import Child, WorkerPool
-from studies.store.states import RunState, StudyState
-from studies.store.db import Run, Study, hostname, utcnow
 from studies.lifecycle.study import create_study, resume_study, set_state
+from studies.running.pool import Child, WorkerPool
 from studies.running.worker import Heartbeat
+from studies.store.db import Run, Study, hostname, utcnow
+from studies.store.states import RunState, StudyState
 from tests.studies_helpers import cli_main, runs_of, set_run, study_state
 
 HUB_MODEL = "EleutherAI/pythia-14m"  # stored, never loaded

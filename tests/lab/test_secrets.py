@@ -11,10 +11,21 @@ from pathlib import Path
 
 import pytest
 
-from studies.store.db import Store
 from studies.lifecycle.study import create_study
-from tests.studies_helpers import (assert_one_line_error, cli, cli_env, kill, make_forget_set, pid_alive, runs_of, spawn,
-                             stop, study_state, wait_for)
+from studies.store.db import Store
+from tests.studies_helpers import (
+    assert_one_line_error,
+    cli,
+    cli_env,
+    kill,
+    make_forget_set,
+    pid_alive,
+    runs_of,
+    spawn,
+    stop,
+    study_state,
+    wait_for,
+)
 
 SECRET = "Tr0ub4dor-s3cret"
 

@@ -15,9 +15,9 @@ from sqlmodel import func, select
 
 from engine.data import load_forget_set
 from engine.errors import UnlearnError
-from studies.store.forgetsets import create_forget_set, forget_set_texts, list_forget_sets
-from studies.store.db import MIGRATIONS, SCHEMA_VERSION, Document, Event, ForgetSet, Meta, Run, Store, Study
 from studies.lifecycle.study import create_study
+from studies.store.db import MIGRATIONS, SCHEMA_VERSION, Document, Event, ForgetSet, Meta, Run, Store, Study
+from studies.store.forgetsets import create_forget_set, forget_set_texts, list_forget_sets
 from tests.studies_helpers import make_forget_set
 
 HUB_MODEL = "EleutherAI/pythia-14m"  # a hub id: create_study stores it, nothing here loads it

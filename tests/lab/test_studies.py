@@ -27,11 +27,27 @@ import optuna
 import pytest
 from sqlmodel import select
 
-from studies.store.db import Run, Store
 from studies.lifecycle.study import create_study, resume_study, set_state
-from tests.studies_helpers import (SEQ_LEN, assert_one_line_error, children_of, cli, cli_env, cli_in_process, events_of, kill,
-                             make_forget_set, milestones_of, optuna_trials, pid_alive, runs_of, spawn, stop,
-                             study_state, wait_for)
+from studies.store.db import Run, Store
+from tests.studies_helpers import (
+    SEQ_LEN,
+    assert_one_line_error,
+    children_of,
+    cli,
+    cli_env,
+    cli_in_process,
+    events_of,
+    kill,
+    make_forget_set,
+    milestones_of,
+    optuna_trials,
+    pid_alive,
+    runs_of,
+    spawn,
+    stop,
+    study_state,
+    wait_for,
+)
 
 FINISHED = ("done", "diverged")
 
@@ -233,9 +249,9 @@ def cell(step: int, score: float | None) -> dict:
 def test_record_cell_is_idempotent(lab):
     """A retried run passes its milestones again: the first written cell and its one trial stay,
     also when the first attempt died between the milestone row and its trial."""
+    from studies.lifecycle.study import study_spec
     from studies.running.recorder import record_cell
     from studies.store.db import CellRow
-    from studies.lifecycle.study import study_spec
 
     create_study(lab.store, "g", HUB_MODEL, "fs", methods=["ga"], lrs=[1e-3], steps=[2, 4])
     spec, (run,) = study_spec(lab.store.study("g")), runs_of(lab.store, "g")
@@ -256,9 +272,9 @@ def test_record_cell_is_idempotent(lab):
 def test_record_cell_tells_the_trial_tpe_asked_for(lab):
     """TPE: the cell at the asked steps tells the sampler's own trial, also when an attempt died
     between setting its user attrs and telling it; the other cells are trials of their own."""
-    from studies.running.recorder import record_cell
-    from studies.running.pool import WorkerPool
     from studies.lifecycle.study import study_spec
+    from studies.running.pool import WorkerPool
+    from studies.running.recorder import record_cell
 
     create_study(lab.store, "t", HUB_MODEL, "fs", methods=["ga", "ga_gd"], lr_range=(1e-4, 1e-3), sampler="tpe",
                  trials=1, steps=[2, 4])

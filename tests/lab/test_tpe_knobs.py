@@ -12,13 +12,21 @@ import pytest
 from optuna.distributions import FloatDistribution
 
 from engine.errors import UnlearnError
-from studies.reading.export import export_best
-from studies.running.attack import attack_job_state, claim_attack_job
-from studies.reading.grid import best_cell, load_cells
 from studies.lifecycle.spec import StudySpec, parse_knob_options, without_ranged_knobs
+from studies.reading.export import export_best
+from studies.reading.grid import best_cell, load_cells
+from studies.running.attack import attack_job_state, claim_attack_job
 from studies.store.db import Store
-from tests.studies_helpers import (assert_one_line_error, cli, cli_in_process, cli_main, events_of, make_forget_set,
-                                   runs_of, study_state)
+from tests.studies_helpers import (
+    assert_one_line_error,
+    cli,
+    cli_in_process,
+    cli_main,
+    events_of,
+    make_forget_set,
+    runs_of,
+    study_state,
+)
 
 
 def tpe_spec(**kw) -> StudySpec:

@@ -14,12 +14,12 @@ import optuna
 import pytest
 from sqlmodel import select
 
-from tests.app.app_stores import BASELINE, make_study
 from engine.errors import UnlearnError
 from studies.reading.grid import load_cells
-from studies.store.states import RunState
-from studies.store.db import Run
 from studies.reading.trials import compare_cells, trial_detail
+from studies.store.db import Run
+from studies.store.states import RunState
+from tests.app.app_stores import BASELINE, make_study
 from tests.studies_helpers import make_forget_set
 
 ROOT = Path(__file__).resolve().parents[2]

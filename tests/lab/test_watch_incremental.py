@@ -13,15 +13,15 @@ import datetime as dt
 
 from sqlmodel import select
 
-from tests.app.app_stores import make_study, synthetic_cell
 from engine.methods.base import variant_id
-from studies.reading.grid import grids, load_cells, study_metrics
-from studies.running.recorder import record_cell
 from studies.lifecycle.spec import StudySpec
-from studies.store.states import RunState, StudyState
-from studies.store.db import CellRow, Run, Store, Study
 from studies.lifecycle.study import create_study, resume_study
+from studies.reading.grid import grids, load_cells, study_metrics
 from studies.reading.views import StudyWatch, _signature
+from studies.running.recorder import record_cell
+from studies.store.db import CellRow, Run, Store, Study
+from studies.store.states import RunState, StudyState
+from tests.app.app_stores import make_study, synthetic_cell
 from tests.studies_helpers import runs_of, set_run
 
 MODEL = "test-org/tiny-model"  # a hub-style id: nothing here loads a model

@@ -6,8 +6,8 @@ Imports nothing heavy: every read-only command goes through here (the light read
 from __future__ import annotations
 
 import functools
-import os
 import inspect
+import os
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer

@@ -80,8 +80,8 @@ def ls_cmd(ctx: typer.Context, storage: Storage = None, as_json: Json = False):
     """List forget sets."""
     from rich.table import Table
 
-    from studies.store.forgetsets import describe, list_forget_sets
     from studies.store.db import StoreMissing
+    from studies.store.forgetsets import describe, list_forget_sets
     from tui.cli.console import emit_json, out
 
     try:

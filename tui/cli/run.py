@@ -17,9 +17,8 @@ def methods_cmd(as_json: Json = False,
     from rich.text import Text
 
     from engine.methods import list_methods
-    from tui.cli.console import emit_json, out
-
     from engine.methods.not_here import NOT_RUNNABLE
+    from tui.cli.console import emit_json, out
 
     rows = [{**m.describe(), "runnable": True} for m in list_methods()]
     absent = [{"id": i, "name": name, "runnable": False, "why": why} for i, name, why in NOT_RUNNABLE] if show_all else []

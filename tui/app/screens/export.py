@@ -165,7 +165,7 @@ class ExportDialog(ModalScreen[Optional[str]]):
         self.store = store
         self.study = study
         self.cell = cell
-        self._pending: Prepared | None = None  # an export waiting for the overwrite answer
+        self._pending: ExportDialog.Prepared | None = None  # an export waiting for the overwrite answer
         self._busy = False
 
     # ------------------------------------------------------------------ layout

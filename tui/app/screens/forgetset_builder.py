@@ -31,9 +31,9 @@ from textual.worker import get_current_worker
 
 from engine.data import ROLES
 from engine.errors import UnlearnError
-from studies.store.forgetsets import check_name
 from studies.running.probe import count_tokens, needs_child, source_summary
 from studies.store.db import Store
+from studies.store.forgetsets import check_name
 
 REQUIRED_ROLES = ("forget", "retain", "unseen")  # general is optional
 FIELD_DEBOUNCE_S = 0.5
