@@ -46,7 +46,9 @@ def test_build_create_launch_watch_walk_compare_export(quick_demo, tmp_path, mon
     async def go():
         app = create_app(url, refresh_s=0.3)
         async with app.run_test(size=(100, 40)) as pilot:
-            await until(pilot, lambda: isinstance(app.screen, StudiesScreen), what="the studies screen")
+            # listed, not only pushed: a key pressed while the screen still mounts can be lost under load
+            await until(pilot, lambda: isinstance(app.screen, StudiesScreen) and bool(app.screen.rows),
+                        what="the studies screen with the demo's study")
             # 1. a forget set from the demo's files, typed in with their roles
             await pilot.press("f")
             await until(pilot, lambda: isinstance(app.screen, ForgetSetBuilderScreen), what="the builder")
