@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from engine.metric_registry import SCORE
+
 
 def compare_cells(steps: list[int], shared: list[dict], naive: dict[int, dict]) -> list[str]:
     """The problems that stop the check passing (empty: it passes). Cells are matched by step, so
@@ -30,10 +32,10 @@ def compare_cells(steps: list[int], shared: list[dict], naive: dict[int, dict]) 
         a, b = by_step.get(step), naive.get(step)
         if a is None or b is None:
             problems.append(f"step {step}: missing from the {'shared' if a is None else 'naive'} run")
-        elif a.get("score") is None or b.get("score") is None:
+        elif a.get(SCORE) is None or b.get(SCORE) is None:
             problems.append(f"step {step}: no score to compare (diverged: shared {a.get('diverged')}, naive {b.get('diverged')})")
-        elif a["score"] != b["score"]:
-            problems.append(f"step {step}: scores differ, shared {a['score']!r} vs naive {b['score']!r}")
+        elif a[SCORE] != b[SCORE]:
+            problems.append(f"step {step}: scores differ, shared {a[SCORE]!r} vs naive {b[SCORE]!r}")
     return problems
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CACHE, ROOT, finish, medians, spread, timed  # noqa: E402
+from engine.metric_registry import SCORE  # noqa: E402
 
 METHODS = ("ga", "ga_gd", "ga_kl", "npo")
 STEPS = tuple(range(5, 130, 5))  # 25 milestones
@@ -99,7 +100,7 @@ def write_cells(store, study_name: str, spec, cells: list[tuple]) -> None:
         trials, params, values, attrs, milestones = [], [], [], [], []
         for run, cell in cells:
             trial_id += 1
-            value = cell.get("score")
+            value = cell.get(SCORE)
             p = {"method": run.method, "lr": run.lr, "steps": cell["step"], **parse_variant(run.method)[1]}
             frozen = create_trial(params=p, distributions={k: d for k, d in distributions.items() if k in p},
                                   value=value, state=TrialState.COMPLETE if value is not None else TrialState.FAIL,
@@ -225,7 +226,7 @@ def growth_problems(med: dict[int, dict[str, float]]) -> list[str]:
     return problems
 
 
-def aggregate(cells, metric: str = "score") -> dict:
+def aggregate(cells, metric: str = SCORE) -> dict:
     """What the heatmap computes from the cells: per method, its grid's values, status and robustness."""
     from studies.reading.grid import grids
 

@@ -31,6 +31,7 @@ from sqlmodel import select
 
 from engine.config import parse_attacks, parse_eval_tasks
 from engine.errors import UnlearnError
+from engine.metric_registry import SCORE
 from studies.lifecycle.spec import study_spec
 from studies.reading.grid import best_cell, load_cells
 from studies.store.db import CellRow, Event, ForgetSet, Store, Study, hostname
@@ -88,8 +89,8 @@ def attack_best_cells(store: Store, name: str, attacks: Optional[str] = None, me
             ms.metrics = {**old, **found, "attacks": {**old.get("attacks", {}), **found["attacks"]},
                           **({"downstream": {**old.get("downstream", {}), **downstream}} if tasks else {})}
             s.add(ms)
-        row = {"method": best.method, "lr": best.lr, "steps": best.steps, "score": best.score, "rerun_score": cell.get("score"),
-               "reproduced": cell.get("score") == best.score, "device": result["device"],
+        row = {"method": best.method, "lr": best.lr, "steps": best.steps, "score": best.score, "rerun_score": cell.get(SCORE),
+               "reproduced": cell.get(SCORE) == best.score, "device": result["device"],
                **{f"{a}_recovery": found[f"{a}_recovery"] for a in names},
                **{f"downstream.{t}": v for t, v in downstream.items()}}
         out.append(row)
