@@ -281,7 +281,7 @@ def detach(store: Store, name: str, slots: list[str]) -> tuple[int, Path]:
     """Start the scheduler in a new session so it outlives this terminal and its SSH session."""
     log_dir_for(store, name)  # the study's log folder, made now: the scheduler's log sits beside it
     log = scheduler_log_path(store, name)
-    proc = processes.start(processes.scheduler_command(name, slots), store, log, new_session=True)
+    proc = processes.start(processes.pool_command(name, slots), store, log, new_session=True)
     return proc.pid, log
 
 

@@ -31,7 +31,7 @@ def attack_command(study: str, device: str, threads: int) -> list[str]:
     return ["-m", "studies.running.attack", "--study", study, "--device", device, "--threads", str(threads)]
 
 
-def scheduler_command(study: str, slots: list[str]) -> list[str]:
+def pool_command(study: str, slots: list[str]) -> list[str]:
     """A worker pool serving one study on these slots (studies/running/pool.py's main)."""
     return ["-m", "studies.running.pool", "--study", study, "--slots", ",".join(slots)]
 

@@ -38,7 +38,7 @@ def test_every_command_line_the_lab_builds_leaves_the_store_url_to_the_environme
     assert two[:4] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
     assert two[-8:] == ["-m", "studies.running.worker", "--run-id", "7", "--device", "cuda", "--threads", "0"]
     attack = processes.attack_command("S", "cpu", 1)
-    scheduler = processes.scheduler_command("S", ["cpu", "cpu"])
+    scheduler = processes.pool_command("S", ["cpu", "cpu"])
     assert scheduler == ["-m", "studies.running.pool", "--study", "S", "--slots", "cpu,cpu"]
     for command in (one, two, attack, scheduler):
         assert not any("s3cret" in a or "postgresql" in a for a in command)
