@@ -34,8 +34,19 @@ class RunSettings:
     retain_weight: Optional[float] = knob(None, "--retain-weight", "weight of the retain term")
     eval_batch_size: int = knob(8, "--eval-batch-size", "chunks per forward pass when evaluating")
     min_k: float = knob(0.2, "--min-k", "k of the Min-K% and Min-K%++ attacks, in (0, 1]")
-    tol_forget: float = knob(0.10, "--tol-forget", "success needs forget_gap ≤ ln(1 + tol)")
-    tol_retain: float = knob(0.05, "--tol-retain", "success needs retain_drift ≤ ln(1 + tol)")
+    tol_forget: Optional[float] = knob(None, "--tol-forget", "success needs forget_gap ≤ ln(1 + tol); auto: the "
+                                       "larger of ln 1.10, the target's bootstrap noise and --target-spread",
+                                       default_text="auto")
+    tol_retain: Optional[float] = knob(None, "--tol-retain", "success needs retain_eval_drift ≤ ln(1 + tol); auto: the "
+                                       "larger of ln 1.05 and the bootstrap noise of ln ppl_retain_eval(θ0)",
+                                       default_text="auto")
+    target_spread: float = knob(0.0, "--target-spread", "how far other estimates of the target (a retrained twin, "
+                                "other seeds) lie from ln ppl_unseen(θ0), in nats: an auto forget band is no tighter")
+    watch_every: int = knob(1, "--watch-every", "score the forget set alone every N steps (no full evaluation) to "
+                            "find where ln ppl_forget first reaches the target: a full cell is evaluated there, the "
+                            "at-target cell (0: off)")
+    stop_at_target: bool = knob(False, "--stop-at-target", "end the run at its at-target cell (Yao et al.'s stopping "
+                                "rule), saving the steps after it; the milestones after it are recorded as stopped")
     divergence_factor: float = knob(1e4, "--divergence-factor",
                                     "stop a run when ppl_forget or ppl_retain exceeds factor × the original's")
     attacks: str = knob("", "--attacks", "at every milestone, test whether forgetting holds: relearn, quant4, "
@@ -84,7 +95,7 @@ class RunSettings:
         for f in fields(RunSettings):
             v = getattr(self, f.name)
             flag = f.metadata["flag"]
-            if f.name in ("retain_weight", "lora_alpha", "muse_retrained_auc") and v is None:
+            if f.name in ("retain_weight", "lora_alpha", "muse_retrained_auc", "tol_forget", "tol_retain") and v is None:
                 values[f.name] = None
                 continue
             if f.type in ("bool", bool):
@@ -111,12 +122,18 @@ class RunSettings:
             raise UnlearnError("--seq-len must be at least 16")
         if s.warmup_steps < 0:
             raise UnlearnError("--warmup must be 0 or more")
+        if s.watch_every < 0:
+            raise UnlearnError("--watch-every must be 0 (off) or more")
+        if s.stop_at_target and not s.watch_every:
+            raise UnlearnError("--stop-at-target needs the forget set watched (--watch-every 1 or more)")
         if s.retain_weight is not None and s.retain_weight < 0:
             raise UnlearnError("--retain-weight must be 0 or more")
         if not 0 < s.min_k <= 1:
             raise UnlearnError("--min-k must be in (0, 1]")
-        if s.tol_forget < 0 or s.tol_retain < 0:
-            raise UnlearnError("--tol-forget and --tol-retain must be 0 or more")
+        if any(t is not None and t < 0 for t in (s.tol_forget, s.tol_retain)):
+            raise UnlearnError("--tol-forget and --tol-retain must be 0 or more (or auto)")
+        if s.target_spread < 0:
+            raise UnlearnError("--target-spread must be 0 or more")
         if s.divergence_factor <= 1:
             raise UnlearnError("--divergence-factor must be above 1")
         if s.lora < 0:

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,7 +35,11 @@ SOURCE_SUFFIXES = frozenset(
 TABLE_SUFFIXES = frozenset({".jsonl", ".json", ".csv", ".parquet"})
 SUPPORTED_SUFFIXES = SOURCE_SUFFIXES | TABLE_SUFFIXES
 JSON_LIST_KEYS = ("data", "rows", "train")  # where common JSON dumps keep their rows
-ROLES = ("forget", "retain", "unseen", "general")
+ROLES = ("forget", "retain", "retain_eval", "unseen", "general")
+OPTIONAL_ROLES = ("retain_eval", "general")  # retain_eval: held out of retain when not given; general: optional
+# The share of retain held out as retain_eval when no retain_eval source is given: the documents utility
+# is measured on, which no retain term trains on (a seeded draw, part of the set's hash).
+RETAIN_EVAL_SHARE = 0.2
 MIN_CHUNK_TOKENS = 16
 _TOKENIZE_BATCH = 256  # documents per tokenizer call: fast batching without holding every id list twice
 
@@ -322,7 +326,7 @@ def normalize_text(text: str) -> str:
 
 @dataclass(frozen=True)
 class ForgetSetTexts:
-    """The documents of the four roles. A document of a question–answer set is a (prompt, answer)
+    """The documents of the roles (ROLES); retain_eval is empty only in sets made before it existed. A document of a question–answer set is a (prompt, answer)
     pair: its text is the answer and `prompts[role][i]` its prompt; a role missing from `prompts`,
     or a None there, is plain text."""
 
@@ -335,6 +339,8 @@ class ForgetSetTexts:
     # A benchmark preset's evaluation rows, name -> JSON rows (TOFU's perturbed answers, MUSE's knowmem
     # and verbmem: docs/data.md). Not documents of a role: not chunked, not trained on, not in the hash.
     extras: dict[str, list[dict]] = field(default_factory=dict, compare=False)
+    # Held out from every retain term: utility (ppl_retain_eval, retain_eval_drift) is measured here.
+    retain_eval: list[str] = field(default_factory=list)
 
     def prompts_of(self, role: str) -> list[str | None]:
         """A prompt (None: plain text) for every document of `role`."""
@@ -353,7 +359,8 @@ class ForgetSetTexts:
         and a document moved from forget to retain changes the hash. Order matters too,
         since chunk order (and so batches) follows document order. A question–answer set adds
         each document's prompt after the texts (a marker where it has none), so it never hashes
-        like the same answers as plain text; a plain-text set hashes as it always has.
+        like the same answers as plain text; a plain-text set hashes as it always has. An empty
+        retain_eval is left out, so a set made before that role existed keeps its hash.
         """
         h = hashlib.sha256()
 
@@ -361,7 +368,7 @@ class ForgetSetTexts:
             h.update(len(b).to_bytes(8, "big"))
             h.update(b)
 
-        for role in ROLES:
+        for role in self.hashed_roles:
             texts = getattr(self, role)
             put(role.encode())
             put(str(len(texts)).encode())
@@ -369,11 +376,15 @@ class ForgetSetTexts:
                 put(normalize_text(t).encode("utf-8"))
         if self.is_qa:
             put(b"prompts")
-            for role in ROLES:
+            for role in self.hashed_roles:
                 put(role.encode())
                 for p in self.prompts_of(role):
                     put(b"-" if p is None else b"+" + normalize_text(p).encode("utf-8"))
         return h.hexdigest()
+
+    @property
+    def hashed_roles(self) -> tuple[str, ...]:
+        return tuple(r for r in ROLES if r != "retain_eval" or self.retain_eval)
 
     def counts(self) -> dict[str, int]:
         return {role: len(getattr(self, role)) for role in ROLES}
@@ -391,16 +402,20 @@ def check_qa_fields(prompt_field: str | None, answer_field: str | None) -> bool:
 def load_forget_set(forget: list[str], retain: list[str], unseen: list[str],
                     general: list[str] | None = None,
                     text_field: str = "text", column: str | None = None,
-                    prompt_field: str | None = None, answer_field: str | None = None) -> ForgetSetTexts:
-    """Load the four roles. Texts are stored normalized, so what is chunked is what is hashed.
-    With `prompt_field` and `answer_field`, every source is read as question–answer rows."""
+                    prompt_field: str | None = None, answer_field: str | None = None,
+                    retain_eval: list[str] | None = None, retain_eval_share: float = RETAIN_EVAL_SHARE,
+                    split_seed: int = 0) -> ForgetSetTexts:
+    """Load the roles. Texts are stored normalized, so what is chunked is what is hashed.
+    With `prompt_field` and `answer_field`, every source is read as question–answer rows.
+    Without `retain_eval` sources, a seeded `retain_eval_share` of the retain documents is held out
+    as retain_eval (hold_out_retain_eval)."""
     qa = check_qa_fields(prompt_field, answer_field)
-    specs = {"forget": list(forget or []), "retain": list(retain or []),
+    specs = {"forget": list(forget or []), "retain": list(retain or []), "retain_eval": list(retain_eval or []),
              "unseen": list(unseen or []), "general": list(general or [])}
     texts: dict[str, list[str]] = {}
     prompts: dict[str, list[str | None]] = {}
     for role in ROLES:
-        if not specs[role] and role != "general":
+        if not specs[role] and role not in OPTIONAL_ROLES:
             raise DataError(f"the {role} set is empty: give it at least one source")
         texts[role], prompts[role] = [], []
         for spec in specs[role]:
@@ -413,7 +428,35 @@ def load_forget_set(forget: list[str], retain: list[str], unseen: list[str],
                     texts[role] += [normalize_text(t) for t in load_texts(spec, text_field, column)]
             except DataError as e:  # say which role the bad source was meant for
                 raise DataError(f"{role}: {e}") from None
-    return ForgetSetTexts(**texts, sources=specs, prompts=prompts if qa else {})
+    fs = ForgetSetTexts(**texts, sources=specs, prompts=prompts if qa else {})
+    return fs if fs.retain_eval else hold_out_retain_eval(fs, retain_eval_share, split_seed)
+
+
+def hold_out_retain_eval(fs: ForgetSetTexts, share: float = RETAIN_EVAL_SHARE, seed: int = 0) -> ForgetSetTexts:
+    """`fs` with a seeded `share` of its retain documents moved to retain_eval (order kept in both).
+
+    Utility measured on the documents a retain term trains on rewards the methods that optimise the
+    metric itself; real benchmarks keep an evaluation split no method trains on, and this is it."""
+    import random
+
+    if not 0 < share < 1:
+        raise DataError(f"the retain_eval share must be in (0, 1), not {share:g}")
+    n = len(fs.retain)
+    if n < 2:
+        raise DataError(f"the retain set has {n} document(s): holding out a retain_eval share needs at least 2 "
+                        f"(or give retain_eval sources of its own)")
+    k = min(n - 1, max(1, round(share * n)))
+    held = set(random.Random(seed).sample(range(n), k))
+    keep = [i for i in range(n) if i not in held]
+    out = sorted(held)
+    prompts = dict(fs.prompts)
+    if fs.prompts:
+        retain_prompts = fs.prompts_of("retain")
+        prompts["retain"] = [retain_prompts[i] for i in keep]
+        prompts["retain_eval"] = [retain_prompts[i] for i in out]
+    sources = {**fs.sources, "retain_eval": []}
+    return replace(fs, retain=[fs.retain[i] for i in keep], retain_eval=[fs.retain[i] for i in out],
+                   prompts=prompts, sources=sources)
 
 
 def normalize_qa(text: str) -> str:
@@ -547,6 +590,7 @@ class ForgetSetChunks:
     retain: Chunks
     unseen: Chunks
     general: Chunks | None
+    retain_eval: Chunks | None = None  # None only for a set made before the role existed
 
     def items(self) -> list[tuple[str, Chunks]]:
         return [(r, c) for r in ROLES if (c := getattr(self, r)) is not None]
@@ -558,4 +602,5 @@ def chunk_forget_set(fs: ForgetSetTexts, tokenizer, seq_len: int) -> ForgetSetCh
                            prompts=fs.prompts_of(role) if role in fs.prompts else None)
 
     return ForgetSetChunks(chunk("forget"), chunk("retain"), chunk("unseen"),
-                           chunk("general") if fs.general else None)
+                           chunk("general") if fs.general else None,
+                           chunk("retain_eval") if fs.retain_eval else None)

@@ -16,7 +16,19 @@ import torch
 
 from engine.data import Chunks, ForgetSetChunks
 from engine.metric_registry import MIA_ATTACKS as ATTACKS  # the attacks scored below, each an mia_auc.<attack>
-from engine.metric_registry import MIA_AUC, ROLES, ppl
+from engine.metric_registry import (
+    EVAL_SCORE,
+    FORGET_GAP,
+    MIA_AUC,
+    MIA_AUC_HI,
+    MIA_AUC_LO,
+    RETAIN_DRIFT,
+    ROLES,
+    TRAINED_ON_SCORE,
+    UTILITY_DRIFT,
+    ppl,
+)
+from engine.verdict import auc_interval, bands, forget_noise, log_ppl_half_width
 
 
 @dataclass
@@ -126,12 +138,23 @@ def mia_auc(members: SetScores, nonmembers: SetScores) -> dict[str, float | None
     return out
 
 
-def evaluate(model, sets: ForgetSetChunks, batch_size: int = 8, device=None, autocast=None, min_k: float = 0.2) -> tuple[dict, int]:
-    """The metrics M of one model: ppl per set and the MIA AUCs. Returns (M, eval tokens)."""
+def evaluate(model, sets: ForgetSetChunks, batch_size: int = 8, device=None, autocast=None, min_k: float = 0.2,
+             noise: bool = False) -> tuple[dict, int]:
+    """The metrics M of one model: ppl per set, the MIA AUCs and the loss AUC's bootstrap interval.
+    With `noise` (θ0's baseline), also the noise the verdict's bands are made of (engine.verdict).
+    Returns (M, eval tokens)."""
     scores = {role: score_chunks(model, ch, batch_size, device, autocast, min_k, attacks=role in ("forget", "unseen"))
               for role, ch in sets.items()}
     metrics = {ppl(role): _finite(scores[role].ppl) if role in scores else None for role in ROLES}
     metrics[MIA_AUC] = mia_auc(scores["forget"], scores["unseen"])
+    metrics[MIA_AUC_LO], metrics[MIA_AUC_HI] = auc_interval(scores["forget"].mia["loss"], scores["unseen"].mia["loss"])
+    if noise:
+        u, r = scores["unseen"], scores.get("retain_eval")
+        metrics["noise"] = {
+            "forget": _finite(forget_noise(u.nll_sum, u.n_tokens, sets.unseen.doc_index,
+                                           len(set(sets.forget.doc_index)))),
+            "utility": _finite(log_ppl_half_width(r.nll_sum, r.n_tokens, sets.retain_eval.doc_index)) if r else None,
+        }
     eval_tokens = int(sum(ch.n_tokens for _, ch in sets.items()))
     return metrics, eval_tokens
 
@@ -140,21 +163,40 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+VERDICT_PARTS = ("forget", "mia", "utility")
+
+
 def not_compared() -> dict:
     """What `compare` gives a model that blew up (and a cell a divergence cut off): no figure, no success."""
-    return {"forget_gap": None, "retain_drift": None, "score": None, "success": False}
+    return {FORGET_GAP: None, UTILITY_DRIFT: None, EVAL_SCORE: None, RETAIN_DRIFT: None, TRAINED_ON_SCORE: None,
+            "verdict": {p: False for p in VERDICT_PARTS}, "success": False}
 
 
-def compare(metrics: dict, baseline: dict, tol_forget: float = 0.10, tol_retain: float = 0.05) -> dict:
-    """Distance to the approximate-retraining target and utility lost, against θ0's metrics."""
-    pf, pr = metrics.get("ppl_forget"), metrics.get("ppl_retain")
+def compare(metrics: dict, baseline: dict, tol_forget: float | None = None, tol_retain: float | None = None,
+            target_spread: float = 0.0) -> dict:
+    """Distance to the approximate-retraining target, utility lost on retain_eval, and the verdict
+    (engine.verdict): each part, and success when all three hold.
+
+    retain_drift and score are the figures of the same names before retain_eval existed (utility on
+    the retain documents the retain terms train on), kept under their names and meaning."""
+    pf, pr, pe = metrics.get("ppl_forget"), metrics.get("ppl_retain"), metrics.get("ppl_retain_eval")
     if pf is None or pr is None:  # non-finite: the model blew up
         return not_compared()
+    b = bands(baseline, tol_forget, tol_retain, target_spread)
     forget_gap = abs(math.log(pf) - math.log(baseline["ppl_unseen"]))
     retain_drift = math.log(pr) - math.log(baseline["ppl_retain"])
+    p0 = baseline.get("ppl_retain_eval")
+    utility = math.log(pe) - math.log(p0) if pe is not None and p0 else None
+    lo, hi = metrics.get(MIA_AUC_LO), metrics.get(MIA_AUC_HI)
+    verdict = {"forget": forget_gap <= b["forget"]["band"],
+               "mia": lo is not None and hi is not None and lo <= 0.5 <= hi,
+               "utility": utility is not None and utility <= b["utility"]["band"]}
     return {
-        "forget_gap": forget_gap,
-        "retain_drift": retain_drift,
-        "score": forget_gap + max(0.0, retain_drift),
-        "success": forget_gap <= math.log1p(tol_forget) and retain_drift <= math.log1p(tol_retain),
+        FORGET_GAP: forget_gap,
+        UTILITY_DRIFT: utility,
+        EVAL_SCORE: forget_gap + max(0.0, utility) if utility is not None else None,
+        RETAIN_DRIFT: retain_drift,
+        TRAINED_ON_SCORE: forget_gap + max(0.0, retain_drift),
+        "verdict": verdict,
+        "success": all(verdict.values()),
     }

@@ -24,9 +24,10 @@ LOWER, HIGHER = "lower", "higher"
 CLOSER = "closer"  # closer to the metric's `target` (an AUC to 0.5, a drift to 0)
 NEUTRAL = "neutral"  # neither: a neutral blue scale (a forget perplexity is not better lower or higher)
 
-# Groups (tables show the metrics in the order they are registered below).
-OBJECTIVE, PERPLEXITY, MIA, RECOVERY, BENCH, DOWNSTREAM = (
-    "objective", "perplexity", "mia", "recovery", "bench", "downstream")
+# Groups (tables show the metrics in the order they are registered below). TRAINED_ON: the figures
+# utility was judged by before retain_eval existed (on the documents the retain terms train on).
+OBJECTIVE, PERPLEXITY, MIA, TRAINED_ON, RECOVERY, BENCH, DOWNSTREAM = (
+    "objective", "perplexity", "mia", "trained_on", "recovery", "bench", "downstream")
 
 EVERY_RUN = "every run"  # `runs` of a metric every computed cell has
 
@@ -37,19 +38,24 @@ DETAIL = 3  # only in the full tables: the trial screen, compare, the export's m
 
 MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")  # engine.evaluate scores each: mia_auc.<attack>
 ROBUSTNESS_ATTACKS = ("relearn", "quant4", "quant8")  # --attacks; engine.recovery runs them: <attack>_recovery
-ROLES = ("forget", "retain", "unseen", "general")  # the forget set's roles: ppl_<role>
+ROLES = ("forget", "retain", "retain_eval", "unseen", "general")  # the forget set's roles: ppl_<role>
 DOWNSTREAM_PREFIX = DOWNSTREAM + "."  # + an lm-eval task name (--eval-tasks): any task is a metric path
 
-# The paths the code reads by name (the study objective and its parts).
-SCORE, FORGET_GAP, RETAIN_DRIFT = "score", "forget_gap", "retain_drift"
+# The paths the code reads by name: the study objective and its parts. Utility is judged on
+# retain_eval, held out from every retain term; the figures of the same kind on the retain documents
+# the terms train on keep their old names (score, retain_drift), so a store written before reads as it did.
+EVAL_SCORE, FORGET_GAP, UTILITY_DRIFT = "eval_score", "forget_gap", "retain_eval_drift"
+SCORE = EVAL_SCORE  # the study objective: the Optuna trial value, the heatmap's default
+TRAINED_ON_SCORE, RETAIN_DRIFT = "score", "retain_drift"
 MIA_AUC = "mia_auc"
+MIA_AUC_LO, MIA_AUC_HI = "mia_auc_lo", "mia_auc_hi"  # the loss AUC's bootstrap interval (engine.verdict)
 
 
 def ppl(role: str) -> str:
     return f"ppl_{role}"
 
 
-PPL_FORGET, PPL_RETAIN, PPL_UNSEEN, PPL_GENERAL = (ppl(role) for role in ROLES)
+PPL_FORGET, PPL_RETAIN, PPL_RETAIN_EVAL, PPL_UNSEEN, PPL_GENERAL = (ppl(role) for role in ROLES)
 
 
 def mia_auc(attack: str) -> str:
@@ -196,23 +202,34 @@ def metric_help() -> str:
 # ---------------------------------------------------------------- the metrics
 
 _GAP_HELP = "|ln ppl_forget(θ) − ln ppl_unseen(θ0)|: distance from the approximate-retraining target"
-register(Metric(SCORE, "score", "nats", LOWER, OBJECTIVE, "forget_gap + max(0, retain_drift): the study objective",
+register(Metric(EVAL_SCORE, "score", "nats", LOWER, OBJECTIVE,
+                "forget_gap + max(0, retain_eval_drift): the study objective (utility on held-out retain_eval)",
                 tier=HEADLINE))
 register(Metric(FORGET_GAP, "gap", "nats", LOWER, OBJECTIVE, _GAP_HELP, tier=HEADLINE))
-register(Metric(RETAIN_DRIFT, "drift", "nats", CLOSER, OBJECTIVE,  # coloured by |drift|, as the heatmap always was
-                "ln ppl_retain(θ) − ln ppl_retain(θ0): utility lost (negative = improved)", target=0.0,
-                tier=HEADLINE))
+register(Metric(UTILITY_DRIFT, "drift", "nats", CLOSER, OBJECTIVE,  # coloured by |drift|
+                "ln ppl_retain_eval(θ) − ln ppl_retain_eval(θ0): utility lost on documents no retain term "
+                "trains on (negative = improved)", target=0.0, tier=HEADLINE))
+_PPL_TIER = {"forget": HEADLINE, "retain_eval": HEADLINE, "retain": LISTED}
 for _role in ROLES:
-    # Only the retain perplexity is better lower; the forget (and unseen, general) ones are judged
+    # Only the retain perplexities are better lower; the forget (and unseen, general) ones are judged
     # against a target, so their heatmap is a neutral scale.
-    register(Metric(ppl(_role), _role, "perplexity", LOWER if _role == "retain" else NEUTRAL, PERPLEXITY,
-                    f"perplexity of the {_role} set (token-weighted)", log=True,
-                    tier=HEADLINE if _role in ("forget", "retain") else LISTED))
+    _what = {"retain": "the retain set the retain terms train on",
+             "retain_eval": "retain_eval, held out from every retain term"}.get(_role, f"the {_role} set")
+    register(Metric(ppl(_role), _role, "perplexity", LOWER if _role.startswith("retain") else NEUTRAL, PERPLEXITY,
+                    f"perplexity of {_what} (token-weighted)", log=True, tier=_PPL_TIER.get(_role, LISTED)))
 for _attack in MIA_ATTACKS:
     register(Metric(mia_auc(_attack), f"mia.{_attack}", "AUC", CLOSER, MIA,
                     f"ROC AUC of the {_attack} attack, forget vs unseen: 1 = remembered, 0.5 = looks unseen, "
                     "< 0.5 over-unlearned", target=0.5,
                     tier=HEADLINE if _attack in ("loss", "min_k") else DETAIL))
+register(Metric(MIA_AUC_LO, "mia lo", "AUC", CLOSER, MIA, "low end of the loss AUC's 95 % bootstrap interval "
+                "(the verdict needs the interval to hold 0.5)", target=0.5))
+register(Metric(MIA_AUC_HI, "mia hi", "AUC", CLOSER, MIA, "high end of the loss AUC's 95 % bootstrap interval",
+                target=0.5))
+register(Metric(TRAINED_ON_SCORE, "score (retain)", "nats", LOWER, TRAINED_ON,
+                "forget_gap + max(0, retain_drift): the objective before retain_eval existed"))
+register(Metric(RETAIN_DRIFT, "drift (retain)", "nats", CLOSER, TRAINED_ON,
+                "ln ppl_retain(θ) − ln ppl_retain(θ0), on the documents the retain terms train on", target=0.0))
 for _attack in ROBUSTNESS_ATTACKS:
     register(Metric(recovery(_attack), f"{_attack} rec.", "share", LOWER, RECOVERY,
                     f"share of the forgetting the {_attack} attack undoes (0 = none, 1 = all)",
@@ -243,7 +260,8 @@ def cell_fields() -> dict[str, object]:
         top = m.path.split(".")[0]
         fields[top] = dict[str, Optional[float]] if "." in m.path else Optional[float]
     fields[DOWNSTREAM] = dict[str, Optional[float]]
-    fields.update(success=bool, diverged=bool, train_loss=Optional[float],
+    fields.update(verdict=dict[str, bool], success=bool, diverged=bool, train_loss=Optional[float],
+                  at_target=bool, noise=dict[str, Optional[float]],
                   attacks=dict[str, dict])  # per --attacks name: the attacked model's metrics and its recovery
     return fields
 

@@ -8,13 +8,15 @@ A preset reads the benchmark by dataset name and config through `datasets.load_d
 DIR` leaves it (its README's `configs:` name the files of each config and split, as on the Hub).
 Which data plays which role, and why, is in docs/data.md; in short:
 
-    tofu        forget  forgetXX (QA)        retain  retain(100-XX) (QA)
+    tofu        forget  forgetXX (QA)        retain  retain(100-XX) less retain_eval (QA)
+                retain_eval  the retain questions of retain_perturbed (TOFU's own utility set) (QA)
                 unseen  forgetXX_perturbed's perturbed answers to the same questions (QA)
                 general real_authors + world_facts (QA)
-    muse-news   forget  raw/forget   retain raw/retain1   unseen raw/holdout   (plain text)
+    muse-news   forget  raw/forget   retain raw/retain1   retain_eval raw/retain2   unseen raw/holdout   (plain text)
     muse-books  the same, on MUSE-Books
     yao         (Yao et al. 2024, llmunlearn/unlearn_dataset, --split arxiv|github)
-                forget  SPLIT/forget  retain SPLIT/retain  unseen SPLIT/approximate  general general/retain
+                forget  SPLIT/forget  retain SPLIT/retain (a seeded 20 % held out as retain_eval: the paper
+                has no utility split of its own)  unseen SPLIT/approximate  general general/retain
 
 What a benchmark's own metrics need beyond the four roles (TOFU's paraphrased and perturbed
 answers, MUSE's knowmem QA and verbmem prompts) is kept with the set as "extras": named lists of
@@ -26,7 +28,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.data import ForgetSetTexts, dataset_rows, normalize_qa, normalize_text
+from engine.data import ForgetSetTexts, dataset_rows, hold_out_retain_eval, normalize_qa, normalize_text
 from engine.errors import DataError
 
 TOFU_SPLITS = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
@@ -135,7 +137,7 @@ def load_preset(name: str, split: str | None = None, local: str | None = None) -
     build = {"tofu": _tofu, "muse-news": _muse, "muse-books": _muse, "yao": _yao}[name]
     data = build(reader, split)
     for role, docs in data.texts.counts().items():
-        if not docs and role != "general":
+        if not docs and role not in ("general",):
             raise DataError(f"preset {name} ({split}): the {role} set is empty")
     data.meta = {"preset": name, "split": split, "dataset": preset.repo, "from": reader.where,
                  **({"qa": {"prompt_field": "question", "answer_field": "answer"}} if data.texts.is_qa else {}),
@@ -167,24 +169,31 @@ def _tofu(reader: _Reader, split: str) -> PresetData:
             raise DataError(f"{reader.where} {split}_perturbed/train: row {i}: no question and perturbed_answer list")
         unseen += [(normalize_qa(row["question"]), normalize_qa(a)) for a in answers if isinstance(a, str) and a.strip()]
     general = reader.pairs("real_authors", "train") + reader.pairs("world_facts", "train")
-    roles = {"forget": forget, "retain": retain, "unseen": unseen, "general": general}
+    # retain_eval: the retain questions TOFU scores model utility on (retain_perturbed), moved out of
+    # retain so that no retain term trains on them.
+    utility_questions = {normalize_qa(r.get("question", "")) for r in reader.records("retain_perturbed", "train")}
+    retain_eval = [p for p in retain if p[0] in utility_questions]
+    retain = [p for p in retain if p[0] not in utility_questions]
+    roles = {"forget": forget, "retain": retain, "retain_eval": retain_eval, "unseen": unseen, "general": general}
     texts, prompts = {}, {}
     for role, pairs in roles.items():
         texts[role], prompts[role] = _qa_role(pairs)
     sources = {"forget": [reader.spec(split, "train")], "retain": [reader.spec(retain_config, "train")],
+               "retain_eval": [reader.spec("retain_perturbed", "train") + "#question"],
                "unseen": [reader.spec(f"{split}_perturbed", "train") + "#perturbed_answer"],
                "general": [reader.spec("real_authors", "train"), reader.spec("world_facts", "train")]}
     extras = {"forget_perturbed": perturbed}
     for config in ("retain_perturbed", "real_authors_perturbed", "world_facts_perturbed"):
         extras[config] = reader.records(config, "train")
-    return PresetData(ForgetSetTexts(**texts, sources=sources, prompts=prompts), extras)
+    fs = ForgetSetTexts(**texts, sources=sources, prompts=prompts)
+    return PresetData(fs if fs.retain_eval else hold_out_retain_eval(fs), extras)
 
 
 def _muse(reader: _Reader, split: str) -> PresetData:
     """MUSE: forget raw/forget, retain raw/retain1 (what MUSE's baselines train their retain term
-    on; raw/retain2 is its utility evaluation set, left on the Hub), unseen raw/holdout (never seen
-    by the target model). No general set."""
-    roles = {"forget": "forget", "retain": "retain1", "unseen": "holdout"}
+    on), retain_eval raw/retain2 (its utility evaluation set, which no retain term trains on), unseen
+    raw/holdout (never seen by the target model). No general set."""
+    roles = {"forget": "forget", "retain": "retain1", "retain_eval": "retain2", "unseen": "holdout"}
     texts = {role: reader.texts("raw", s) for role, s in roles.items()}
     sources = {role: [reader.spec("raw", s)] for role, s in roles.items()} | {"general": []}
     extras = {f"knowmem_{s}": reader.records("knowmem", s) for s in ("forget_qa", "retain_qa", "forget_qa_icl", "retain_qa_icl")}
@@ -201,4 +210,4 @@ def _yao(reader: _Reader, split: str) -> PresetData:
              "general": ("general", "retain")}
     texts = {role: reader.texts(c, s, columns) for role, (c, s) in roles.items()}
     sources = {role: [reader.spec(c, s)] for role, (c, s) in roles.items()}
-    return PresetData(ForgetSetTexts(**texts, sources=sources))
+    return PresetData(hold_out_retain_eval(ForgetSetTexts(**texts, sources=sources)))

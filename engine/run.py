@@ -27,7 +27,7 @@ import torch
 from engine.config import RunConfig, parse_attacks
 from engine.data import Chunks, ForgetSetChunks, ForgetSetTexts, chunk_forget_set
 from engine.errors import UnlearnError
-from engine.evaluate import compare, evaluate, not_compared
+from engine.evaluate import compare, evaluate, not_compared, score_chunks
 from engine.files import write_json_atomic
 from engine.finetune import batch_indices
 from engine.lora import AdapterOff, apply_lora
@@ -45,6 +45,7 @@ from engine.models import (
 from engine.precision import make_optimizer, resolve_dtype
 from engine.recovery import attack_milestone
 from engine.saving import save_model
+from engine.verdict import bands, target
 from engine.selection import trained_parameters
 from engine.sharding import shard
 
@@ -55,6 +56,7 @@ OnMilestone = Callable[[CellMetrics], None]
 @dataclass
 class TrainResult:
     milestones: list[CellMetrics]  # one cell per milestone, in step order; cells after a divergence are diverged
+    at_target: CellMetrics | None  # the cell where forgetting reached the target (a milestone's, or its own step)
     diverged: bool
     reason: str | None
     losses: list[float]  # the loss of every optimizer step taken
@@ -105,7 +107,8 @@ def _train(model, tokenizer, sets, cfg: RunConfig, baseline, on_step, on_milesto
     cells: list[CellMetrics] = []
     losses: list[float] = []
     train_tokens = eval_tokens = 0
-    reason = None
+    reason = stopped = target_cell = None
+    watch = _TargetWatch.of(cfg, baseline) if run.is_main and run.world == 1 else None
     for step in range(1, cfg.milestones[-1] + 1):
         loss, tokens = run.step_loss(step)
         train_tokens += tokens
@@ -117,22 +120,76 @@ def _train(model, tokenizer, sets, cfg: RunConfig, baseline, on_step, on_milesto
         losses.append(value)
         if on_step and run.is_main:
             on_step(step, losses[-1])
-        if step in cfg.milestones:
+        at_target = watch is not None and watch.reached(run, step)
+        if step in cfg.milestones or at_target:
             cell, bound, tokens = run.evaluate_milestone(step, baseline, losses[-1])
             eval_tokens += tokens
             if cell is not None:
-                cells.append(cell)
+                cell["at_target"] = at_target
+                if at_target:
+                    target_cell = cell
+                if step in cfg.milestones:
+                    cells.append(cell)
                 if on_milestone:
                     on_milestone(cell)
             reason = run.agree_on(bound)
             if reason:
                 break
+        if at_target and cfg.stop_at_target:
+            stopped = step
+            break
+    if watch is not None:
+        eval_tokens += watch.tokens
     if run.is_main:
+        for cell in stopped_cells(cfg.milestones, stopped):
+            cells.append(cell)
+            if on_milestone:
+                on_milestone(cell)
         for cell in diverged_cells(cfg.milestones, done={c["step"] for c in cells}):
             cells.append(cell)
             if on_milestone:
                 on_milestone(cell)
-    return TrainResult(cells, reason is not None, reason, losses, train_tokens, eval_tokens, run.reported())
+    return TrainResult(cells, target_cell, reason is not None, reason, losses, train_tokens, eval_tokens, run.reported())
+
+
+def stopped_cells(milestones, stopped: int | None) -> list[CellMetrics]:
+    """The milestones after a run stopped at its target (--stop-at-target): never trained to, so no
+    figure and no success, and not diverged either."""
+    if stopped is None:
+        return []
+    return [{"step": step, **empty_metrics(), **not_compared(), "diverged": False, "stopped_at_target": True,
+             "train_loss": None} for step in milestones if step > stopped]
+
+
+@dataclass
+class _TargetWatch:
+    """Where forgetting reaches the target: ln ppl_forget, from a cheap forward pass over the forget
+    set alone every `every` steps, first at or above ln ppl_unseen(θ0) having started below it.
+    A milestone grid samples the trajectory at doubling steps, between which the forget perplexity
+    moves by a factor of 2-10; this finds the step the trajectory passes the target."""
+
+    every: int
+    target: float  # ln ppl_unseen(θ0)
+    below: bool  # θ0 starts below the target (the usual case: it remembers U)
+    done: bool = False
+    tokens: int = 0
+
+    @classmethod
+    def of(cls, cfg: RunConfig, baseline: dict) -> "_TargetWatch | None":
+        pu, pf = baseline.get("ppl_unseen"), baseline.get("ppl_forget")
+        if not cfg.watch_every or not pu or not pf:
+            return None
+        return cls(cfg.watch_every, math.log(pu), math.log(pf) < math.log(pu))
+
+    def reached(self, run: "_Run", step: int) -> bool:
+        """True once, at the first watched step where the forget perplexity reaches the target."""
+        if self.done or not self.below or step % self.every:
+            return False
+        scores = score_chunks(run.reported(), run.sets.forget, run.cfg.eval_batch_size, run.device, run.autocast,
+                              attacks=False)
+        self.tokens += run.sets.forget.n_tokens
+        self.done = math.log(scores.ppl) >= self.target if math.isfinite(scores.ppl) else True
+        return self.done
 
 
 def diverged_cells(milestones, done: set[int]) -> list[CellMetrics]:
@@ -299,13 +356,15 @@ class _Run:
         metrics, tokens = evaluate(model, self.sets, cfg.eval_batch_size, self.device,
                                    self.autocast, cfg.min_k)
         bound = beyond_bound(metrics, baseline, cfg.divergence_factor)
-        cell = {"step": step, **metrics, **compare(metrics, baseline, cfg.tol_forget, cfg.tol_retain),
+        cell = {"step": step, **metrics, **compare(metrics, baseline, cfg.tol_forget, cfg.tol_retain, cfg.target_spread),
                 "diverged": bound is not None, "train_loss": loss}
         attacks = parse_attacks(cfg.attacks)
         if attacks and bound is None:  # on copies: the run goes on from this model as it is
             fields, n = attack_milestone(model, self.sets, attacks, metrics, baseline, lr=cfg.lr,
                                          batch_size=cfg.batch_size, seed=cfg.seed, eval_batch_size=cfg.eval_batch_size,
-                                         min_k=cfg.min_k, tol_forget=cfg.tol_forget, device=self.device,
+                                         min_k=cfg.min_k, device=self.device,
+                                         tol_forget=math.expm1(bands(baseline, cfg.tol_forget, None,
+                                                                     cfg.target_spread)["forget"]["band"]),
                                          autocast=self.autocast)
             cell.update(fields)
             tokens += n
@@ -372,12 +431,12 @@ def baseline_metrics(model, model_name: str, sets: ForgetSetChunks, fs_hash: str
                      cache_dir: Path | None, autocast=contextlib.nullcontext) -> tuple[dict, int]:
     """θ0's metrics, cached per (model, forget-set hash, seq_len, min_k). Returns (M, eval tokens spent)."""
     dtype = next(model.parameters()).dtype
-    key = (f"{model_key(model_name)}-{fs_hash[:16]}-{cfg.seq_len}-{cfg.min_k}-{'g' if sets.general is not None else 'n'}"
+    key = (f"v5-{model_key(model_name)}-{fs_hash[:16]}-{cfg.seq_len}-{cfg.min_k}-{'g' if sets.general is not None else 'n'}"
            + ("" if dtype == torch.float32 else f"-{str(dtype).removeprefix('torch.')}"))  # θ0 in bf16 is not θ0 in fp32
     path = cache_dir / f"{key}.json" if cache_dir else None
     if path and path.is_file():
         return json.loads(path.read_text()), 0
-    metrics, n = evaluate(model, sets, cfg.eval_batch_size, None, autocast, cfg.min_k)
+    metrics, n = evaluate(model, sets, cfg.eval_batch_size, None, autocast, cfg.min_k, noise=True)
     if path:
         write_json_atomic(path, metrics)  # two workers missing the same entry both write it whole
     return metrics, n
@@ -414,6 +473,9 @@ def run_unlearning(
     method = get_method(cfg.method)
     if method.retain_source == "general" and not texts.general:
         raise UnlearnError(f"method {method.id} needs a general set (--general)")
+    if not texts.retain_eval:
+        raise UnlearnError("this forget set has no retain_eval documents (it predates held-out utility): create it "
+                           "again, and a seeded share of retain is held out as retain_eval")
     dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per `accelerate launch` process
@@ -438,6 +500,10 @@ def run_unlearning(
         if extras is not None:  # θ0's, once (cached like the baseline)
             key = f"{model_key(model_name)}-{texts.hash[:16]}-{str(dtype).removeprefix('torch.')}"
             baseline = {**baseline, **extras.baseline_fields(model, cache_dir / key if cache_dir else None)}
+    if main:  # θ0's own verdict, as every cell carries it: the negative control
+        baseline = {**baseline, "step": 0, **compare(baseline, baseline, cfg.tol_forget, cfg.tol_retain, cfg.target_spread),
+                    "target": target(baseline, cfg.tol_forget, cfg.target_spread),
+                    "bands": bands(baseline, cfg.tol_forget, cfg.tol_retain, cfg.target_spread)}
     cache = ((cache_dir.parent / "prepared", f"{model_key(model_name)}-{texts.hash[:16]}-{cfg.seq_len}"
               + ("" if dtype == torch.float32 else "-bf16")) if cache_dir else None)
     out = train_to_milestones(model, tokenizer, sets, cfg, baseline, on_step, on_milestone, cache, extras)
@@ -466,6 +532,7 @@ def run_unlearning(
                    "peak_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None},
         "baseline": baseline,
         "milestones": out.milestones,
+        "at_target": out.at_target,  # where forgetting reached the target (None: it never did)
         "diverged": out.diverged,
         "reason": out.reason,
         "losses": out.losses,

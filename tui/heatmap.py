@@ -61,8 +61,15 @@ class Heatmap:
     """lr × steps tables, one per method, of one metric, with success marks and cell states."""
 
     def __init__(self, cells: list[Cell], metric: str = SCORE, method: Optional[str] = None,
-                 title: Optional[str] = None, legend: bool = True):
+                 title: Optional[str] = None, legend: bool = True, at_target: Iterable[Cell] = (),
+                 note: Optional[str] = None):
         self.metric = check_metric(metric)
+        # The "at target" column: per method and lr, the cell where the run's forget perplexity first
+        # reached the target (its step shown beside the value), read with studies.reading.grid.load_at_target.
+        self.at_target: dict[str, dict[float, Cell]] = {}
+        for c in at_target:
+            self.at_target.setdefault(c.method, {})[c.lr] = c
+        self.note = note  # one line under the title: e.g. which part of the verdict θ0 itself passes
         all_grids = grids(cells)
         if method is not None and method not in all_grids:
             known = ", ".join(all_grids) or "none"
@@ -71,6 +78,8 @@ class Heatmap:
         self.title = title
         self.legend = legend
         vals = [badness(metric, v) for g in self.grids.values() for row in g.value(metric) for v in row if v is not None]
+        vals += [badness(metric, v) for m in self.grids for c in self.at_target.get(m, {}).values()
+                 if c.computed and (v := c.value(metric)) is not None]
         vals = [v for v in vals if v is not None and math.isfinite(v)]
         self.lo, self.hi = (min(vals), max(vals)) if vals else (0.0, 0.0)
 
@@ -106,13 +115,22 @@ class Heatmap:
         t.add_column("lr \\ steps", justify="right", no_wrap=True, style="bold")
         for s in grid.steps:
             t.add_column(str(s), justify="right", no_wrap=True, min_width=6, max_width=8)
+        at = self.at_target.get(grid.method)
+        if at is not None:
+            t.add_column("at target", justify="right", no_wrap=True, min_width=9, max_width=12)
         for lr in grid.lrs:
-            t.add_row(fmt_lr(lr), *[self._cell_text(grid.cell(lr, s)) for s in grid.steps])
+            row = [self._cell_text(grid.cell(lr, s)) for s in grid.steps]
+            if at is not None:
+                c = at.get(lr)
+                row.append(self._cell_text(c) + Text(f"@{c.steps}", style="dim") if c is not None
+                           else Text("never", style="dim", justify="right"))
+            t.add_row(fmt_lr(lr), *row)
         return t
 
     def legend_text(self) -> Text:
         scale = get_metric(self.metric).scale
-        return Text.assemble(f"{SUCCESS} success  ", ("div", MARKS[CellStatus.DIVERGED][1]), " diverged  ",
+        at = "  @N: at target, step N" if self.at_target else ""
+        return Text.assemble(f"{SUCCESS} success{at}  ", ("div", MARKS[CellStatus.DIVERGED][1]), " diverged  ",
                              ("…", MARKS[CellStatus.RUNNING][1]), " running  ", ("·", "dim"), " pending  ",
                              ("✗", MARKS[CellStatus.FAILED][1]), f" failed  {scale}")
 
@@ -120,6 +138,8 @@ class Heatmap:
         parts: list = []
         if self.title:
             parts.append(Text(self.title, style="bold"))
+        if self.note:
+            parts.append(Text(self.note, style="yellow"))
         if not self.grids:
             parts.append(Text("no cells", style="dim"))
         for i, g in enumerate(self.grids.values()):
@@ -136,6 +156,8 @@ class Heatmap:
 
 
 def render_heatmaps(cells: Iterable[Cell], metric: str = SCORE, method: Optional[str] = None,
-                    title: Optional[str] = None) -> Heatmap:
-    """The heatmap of `metric` for every method of the cells (or only `method`)."""
-    return Heatmap(list(cells), metric, method, title)
+                    title: Optional[str] = None, at_target: Iterable[Cell] = (),
+                    note: Optional[str] = None) -> Heatmap:
+    """The heatmap of `metric` for every method of the cells (or only `method`), with an "at target"
+    column where `at_target` cells are given."""
+    return Heatmap(list(cells), metric, method, title, at_target=at_target, note=note)

@@ -21,7 +21,8 @@ from sqlmodel import select
 
 from engine import metric_registry
 from engine.errors import UnlearnError
-from engine.metric_registry import FORGET_GAP, RETAIN_DRIFT, SCORE, CellMetrics
+from engine.metric_registry import FORGET_GAP, SCORE, CellMetrics
+from engine.metric_registry import UTILITY_DRIFT as RETAIN_DRIFT  # the Pareto front's utility axis: held out
 from studies.lifecycle.spec import StudySpec, study_spec, without_ranged_knobs
 from studies.store.db import CellRow, Run, Store, Study
 from studies.store.states import REAL_RUN_STATES, CellStatus, RunState
@@ -74,6 +75,7 @@ class Cell:
     run_id: Optional[int] = None
     run_state: Optional[str] = None
     trial_number: Optional[int] = None
+    at_target: bool = False  # where the run's forget perplexity first reached the target (its own step)
 
     @property
     def computed(self) -> bool:
@@ -181,7 +183,7 @@ def cells_from_rows(study: Study, runs: list[Run], milestones: list[CellRow]) ->
     spec = study_spec(study)
     runs = [r for r in runs if r.study_id == study.id and r.state in REAL_RUN_STATES]
     run_ids = {r.id for r in runs}
-    by_cell = {(m.run_id, m.step): m for m in milestones if m.run_id in run_ids}
+    by_cell = {(m.run_id, m.step): m for m in milestones if m.run_id in run_ids and not _off_grid(m, spec)}
     steps = sorted(set(int(s) for s in spec.steps) | {step for _, step in by_cell})
     runs_by_key = {(r.method, float(r.lr)): r for r in runs}
     cells = []
@@ -191,6 +193,28 @@ def cells_from_rows(study: Study, runs: list[Run], milestones: list[CellRow]) ->
             ms = by_cell.get((run.id, step)) if run is not None else None
             cells.append(cell_at(method, lr, step, run, ms))
     return cells
+
+
+def _off_grid(row: CellRow, spec: StudySpec) -> bool:
+    """An at-target cell at a step that is no milestone: shown in its own column, not the grid's."""
+    return bool((row.metrics or {}).get("at_target")) and int(row.step) not in {int(s) for s in spec.steps}
+
+
+def at_target_from_rows(study: Study, runs: list[Run], milestones: list[CellRow]) -> list[Cell]:
+    """Each run's at-target cell (where its forget perplexity first reached the target), at its own step."""
+    by_id = {r.id: r for r in runs if r.study_id == study.id and r.state in REAL_RUN_STATES}
+    out = [cell_at(by_id[m.run_id].method, float(by_id[m.run_id].lr), m.step, by_id[m.run_id], m)
+           for m in milestones if m.run_id in by_id and (m.metrics or {}).get("at_target")]
+    for c in out:
+        c.at_target = True
+    return out
+
+
+def load_at_target(store: Store, study) -> list[Cell]:
+    """The study's at-target cells, one per run that reached the target."""
+    row = _study_row(store, study)
+    runs, milestones = fetch_rows(store, [row.id])
+    return at_target_from_rows(row, runs, milestones)
 
 
 def row_keys(spec: StudySpec, run_keys) -> set[tuple[str, float]]:
@@ -288,7 +312,7 @@ def best(cells: list[Cell]) -> dict[str, dict]:
 
 
 def pareto(cells: list[Cell], method: str, ranges: dict | None = None) -> list[Cell]:
-    """The method's computed cells not dominated on (forget_gap, retain_drift), both minimized;
+    """The method's computed cells not dominated on (forget_gap, retain_eval_drift), both minimized;
     sorted by forget_gap. Cells with equal coordinates are all kept."""
     pts = [c for c in of_method(cells, method, ranges) if c.computed
            and c.value(FORGET_GAP) is not None and c.value(RETAIN_DRIFT) is not None]
@@ -307,3 +331,34 @@ def count_status(cells: list[Cell]) -> dict[str, int]:
     for c in cells:
         counts[str(c.status)] += 1
     return counts
+
+
+# ---------------------------------------------------------------- θ0, the negative control
+
+def original_baseline(store: Store, study) -> Optional[dict]:
+    """θ0's figures and verdict as the study's runs measured them (every run's result carries its
+    baseline; the first finished one is read), or None before any run finished."""
+    row = _study_row(store, study)
+    with store.read() as s:
+        for run in s.exec(select(Run).where(Run.study_id == row.id, Run.result.is_not(None)).order_by(Run.id)).all():
+            base = (run.result or {}).get("baseline")
+            if base and "verdict" in base:
+                return base
+    return None
+
+
+def original_note(baseline: Optional[dict]) -> Optional[str]:
+    """One line when θ0 itself passes a part of the verdict (that part alone then shows nothing
+    here), or when it passes the whole verdict (the study cannot tell unlearning from doing nothing)."""
+    if not baseline or "verdict" not in baseline:
+        return None
+    parts = [p for p in ("forget", "mia") if baseline["verdict"].get(p)]
+    if baseline.get("success"):
+        return "θ0 itself passes the whole verdict: this study cannot tell unlearning from doing nothing"
+    if not parts:
+        return None
+    band = (baseline.get("target") or {}).get("band")
+    said = {"forget": f"forget_gap {baseline.get(FORGET_GAP, 0):.3g} ≤ band {band:.3g}" if band is not None else "forget",
+            "mia": f"MIA AUC interval [{baseline.get('mia_auc_lo', 0):.2f}, {baseline.get('mia_auc_hi', 0):.2f}] holds 0.5"}
+    return (f"θ0 itself passes the {' and '.join(parts)} part{'s' if len(parts) > 1 else ''} of the verdict "
+            f"({'; '.join(said[p] for p in parts)}): {'those parts' if len(parts) > 1 else 'that part'} alone show nothing here")

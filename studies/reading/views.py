@@ -134,9 +134,12 @@ class StudyWatch:
             if (held := by_step.get(m.step)) is None or held.id == m.id:
                 by_step[m.step] = m
                 dirty.add(m.run_id)
+        grid_steps = {int(x) for x in study_spec(study).steps} if fresh else set()
         for m in fresh:  # in id order: the newest row of a (run, step) wins, as in cells_from_rows
-            self._ms_by_run.setdefault(m.run_id, {})[m.step] = m
             self._last_id = max(self._last_id, m.id)
+            if (m.metrics or {}).get("at_target") and m.step not in grid_steps:
+                continue  # an at-target cell between milestones: no column of the grid (grid.load_at_target)
+            self._ms_by_run.setdefault(m.run_id, {})[m.step] = m
             if m.trial_number is None:
                 self._untold.add(m.id)
             dirty.add(m.run_id)

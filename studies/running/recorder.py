@@ -42,6 +42,10 @@ def record_cell(store: Store, study_name: str, spec: StudySpec, run: Run, cell: 
         if ms.trial_number is not None:
             return ms.trial_number
         ms_id, cell = ms.id, ms.metrics  # the first written values win
+    if cell.get("at_target") and step not in {int(s) for s in spec.steps}:
+        # An at-target cell between milestones: a row of its own, but no Optuna trial, whose `steps`
+        # parameter is the study's categorical grid of milestones, which this step is not part of.
+        return None
     ostudy = store.retry(lambda: optuna.load_study(study_name=study_name, storage=store.optuna))
     # The trial is added only after the cell's row commits, so a row made just now has none
     # yet: only a retried cell needs the (whole-study) search for a trial an earlier attempt added.

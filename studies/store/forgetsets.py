@@ -8,7 +8,7 @@ import re
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
-from engine.data import ROLES, ForgetSetTexts, chunk_forget_set, load_forget_set
+from engine.data import RETAIN_EVAL_SHARE, ROLES, ForgetSetTexts, chunk_forget_set, load_forget_set
 from engine.errors import UnlearnError
 from studies.store.db import Document, ForgetSet, Store
 
@@ -24,14 +24,21 @@ def check_name(name: str, what: str) -> str:
 def create_forget_set(store: Store, name: str, forget: list[str], retain: list[str], unseen: list[str],
                       general: list[str] | None = None, text_field: str = "text", column: str | None = None,
                       seq_len: int = 512, tokenizer: str | None = None,
-                      prompt_field: str | None = None, answer_field: str | None = None) -> ForgetSet:
+                      prompt_field: str | None = None, answer_field: str | None = None,
+                      retain_eval: list[str] | None = None, retain_eval_share: float = RETAIN_EVAL_SHARE) -> ForgetSet:
     """Read every source, hash the texts, optionally count chunks, and store it all in one transaction.
-    With `prompt_field` and `answer_field` every source is question–answer rows (see engine.data)."""
+    With `prompt_field` and `answer_field` every source is question–answer rows (see engine.data).
+    Without `retain_eval` sources, a seeded `retain_eval_share` of retain is held out as retain_eval."""
     check_new_name(store, name, seq_len)
-    forget, retain, unseen, general = (_absolute(x or []) for x in (forget, retain, unseen, general))
+    forget, retain, unseen, general, retain_eval = (_absolute(x or []) for x in (forget, retain, unseen, general,
+                                                                                   retain_eval))
     texts = load_forget_set(forget, retain, unseen, general, text_field=text_field, column=column,
-                            prompt_field=prompt_field, answer_field=answer_field)
-    meta = {"qa": {"prompt_field": prompt_field, "answer_field": answer_field}} if prompt_field else None
+                            prompt_field=prompt_field, answer_field=answer_field, retain_eval=retain_eval,
+                            retain_eval_share=retain_eval_share)
+    meta = {"qa": {"prompt_field": prompt_field, "answer_field": answer_field}} if prompt_field else {}
+    if not retain_eval:  # held out of retain: how, so the split can be told and redone
+        meta["retain_eval"] = {"held_out_share": retain_eval_share, "seed": 0}
+    meta = meta or None
     return store_forget_set(store, name, texts, text_field=text_field, column=column, seq_len=seq_len,
                             tokenizer=tokenizer, meta=meta)
 

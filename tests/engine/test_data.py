@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -291,14 +292,42 @@ def test_load_forget_set(tmp_path):
     u = write(tmp_path / "unseen.md", "never seen")
     fs = load_forget_set([str(f)], [str(r)], [str(u)])
     assert fs.forget == ["secret one"]  # stored normalized: chunked text == hashed text
-    assert fs.counts() == {"forget": 1, "retain": 2, "unseen": 1, "general": 0}
-    assert fs.sources == {"forget": [str(f)], "retain": [str(r)], "unseen": [str(u)], "general": []}
+    # no retain_eval source: a seeded share of retain is held out (at least one document, one kept)
+    assert fs.counts() == {"forget": 1, "retain": 1, "retain_eval": 1, "unseen": 1, "general": 0}
+    assert sorted(fs.retain + fs.retain_eval) == ["keep 1", "keep 2"]
+    assert fs.sources == {"forget": [str(f)], "retain": [str(r)], "retain_eval": [], "unseen": [str(u)], "general": []}
     again = load_forget_set([str(f)], [str(r)], [str(u)])
     assert again.hash == fs.hash
     write(tmp_path / "forget.txt", "secret one\n")  # same text, other line endings
     assert load_forget_set([str(f)], [str(r)], [str(u)]).hash == fs.hash
     g = load_forget_set([str(f)], [str(r)], [str(u)], general=[str(u)])
     assert g.counts()["general"] == 1 and g.hash != fs.hash
+    given = load_forget_set([str(f)], [str(r)], [str(u)], retain_eval=[str(u)])
+    assert given.retain == ["keep 1", "keep 2"] and given.retain_eval == ["never seen"] and given.hash != fs.hash
+
+
+def test_retain_eval_is_a_seeded_share_of_retain_and_part_of_the_hash(tmp_path):
+    from engine.data import hold_out_retain_eval
+
+    f = write(tmp_path / "forget.txt", "secret")
+    r = jsonl(tmp_path / "retain.jsonl", [{"text": f"keep {i}"} for i in range(20)])
+    u = write(tmp_path / "unseen.md", "never seen")
+    fs = load_forget_set([str(f)], [str(r)], [str(u)])
+    assert len(fs.retain_eval) == 4 and len(fs.retain) == 16  # the default share, 0.2
+    assert not set(fs.retain) & set(fs.retain_eval)
+    assert fs.retain == sorted(fs.retain, key=lambda t: int(t.split()[1]))  # document order kept in both
+    assert load_forget_set([str(f)], [str(r)], [str(u)]).retain_eval == fs.retain_eval  # seeded
+    other = load_forget_set([str(f)], [str(r)], [str(u)], split_seed=1)
+    assert other.retain_eval != fs.retain_eval and other.hash != fs.hash  # the split is part of the hash
+    assert len(load_forget_set([str(f)], [str(r)], [str(u)], retain_eval_share=0.5).retain_eval) == 10
+    # a set made before retain_eval existed (none held out) keeps the hash it always had
+    whole = replace(fs, retain=[f"keep {i}" for i in range(20)], retain_eval=[])
+    assert whole.hash == ForgetSetTexts(forget=fs.forget, retain=whole.retain, unseen=fs.unseen, general=[],
+                                        sources={}).hash
+    with pytest.raises(DataError, match="at least 2"):
+        hold_out_retain_eval(replace(fs, retain=["one"], retain_eval=[]))
+    with pytest.raises(DataError, match=r"share must be in \(0, 1\)"):
+        load_forget_set([str(f)], [str(r)], [str(u)], retain_eval_share=1.0)
 
 
 def test_load_forget_set_errors_name_the_role(tmp_path):
@@ -386,10 +415,12 @@ def test_chunk_forget_set(tokenizer):
     fs = _fs(forget=[DIGIT * 40], retain=[DIGIT * 30], unseen=[DIGIT * 20])
     chunks = chunk_forget_set(fs, tokenizer, seq_len=32)
     assert chunks.general is None
-    assert [r for r, _ in chunks.items()] == ["forget", "retain", "unseen"]
+    assert [r for r, _ in chunks.items()] == ["forget", "retain", "unseen"]  # no retain_eval here: a set of old
     assert [c.n_tokens for _, c in chunks.items()] == [32, 31, 21]  # forget's 9-token tail dropped
     fs = _fs(forget=[DIGIT * 40], retain=[DIGIT * 30], unseen=[DIGIT * 20], general=[DIGIT * 3])
     with pytest.raises(DataError, match="the general set is empty after chunking"):
         chunk_forget_set(fs, tokenizer, seq_len=32)
     fs = _fs(forget=[DIGIT * 40], retain=[DIGIT * 30], unseen=[DIGIT * 20], general=[DIGIT * 20])
+    assert [r for r, _ in chunk_forget_set(fs, tokenizer, seq_len=32).items()] == [r for r in ROLES if r != "retain_eval"]
+    fs = replace(fs, retain_eval=[DIGIT * 20])
     assert [r for r, _ in chunk_forget_set(fs, tokenizer, seq_len=32).items()] == list(ROLES)

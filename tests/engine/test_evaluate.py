@@ -200,31 +200,36 @@ def test_ppl_is_token_weighted_and_min_k_mean():
 
 # ------------------------------------------------------------------ compare()
 
-BASE = {"ppl_forget": 3.0, "ppl_retain": 4.0, "ppl_unseen": 10.0, "ppl_general": 50.0}
+BASE = {"ppl_forget": 3.0, "ppl_retain": 4.0, "ppl_retain_eval": 4.0, "ppl_unseen": 10.0, "ppl_general": 50.0,
+        "noise": {"forget": 0.0, "utility": 0.0}}
 
 
-def cell(pf, pr, **kw):
-    return compare({"ppl_forget": pf, "ppl_retain": pr}, BASE, **kw)
+def cell(pf, pe, pr=4.0, lo=0.4, hi=0.6, base=BASE, **kw):
+    return compare({"ppl_forget": pf, "ppl_retain": pr, "ppl_retain_eval": pe, "mia_auc_lo": lo, "mia_auc_hi": hi},
+                   base, **kw)
 
 
 def test_compare_definitions():
-    c = cell(8.0, 5.0)
+    c = cell(8.0, 5.0, pr=6.0)
     assert c["forget_gap"] == pytest.approx(abs(math.log(8.0) - math.log(10.0)))
-    assert c["retain_drift"] == pytest.approx(math.log(5.0) - math.log(4.0))
+    assert c["retain_eval_drift"] == pytest.approx(math.log(5.0) - math.log(4.0))
+    assert c["eval_score"] == pytest.approx(c["forget_gap"] + c["retain_eval_drift"])
+    # the figures on the retain documents the terms train on keep their old names and meaning
+    assert c["retain_drift"] == pytest.approx(math.log(6.0) - math.log(4.0))
     assert c["score"] == pytest.approx(c["forget_gap"] + c["retain_drift"])
     # a forget perplexity above the target is as far as one below it
     assert cell(12.5, 4.0)["forget_gap"] == pytest.approx(abs(math.log(12.5) - math.log(10.0)))
     assert cell(12.5, 4.0)["forget_gap"] == pytest.approx(cell(8.0, 4.0)["forget_gap"])
-    # an improved retain perplexity is a negative drift and never lowers the score
+    # an improved held-out perplexity is a negative drift and never lowers the score
     better = cell(10.0 * 1.02, 3.0)
-    assert better["retain_drift"] == pytest.approx(math.log(3.0 / 4.0))
-    assert better["score"] == pytest.approx(better["forget_gap"])
+    assert better["retain_eval_drift"] == pytest.approx(math.log(3.0 / 4.0))
+    assert better["eval_score"] == pytest.approx(better["forget_gap"])
     # the gap is measured against θ0's *unseen* perplexity, not θ0's forget perplexity
     assert cell(10.0, 4.0)["forget_gap"] == pytest.approx(0.0, abs=1e-12)
     assert cell(3.0, 4.0)["forget_gap"] == pytest.approx(math.log(10.0 / 3.0))
 
 
-@pytest.mark.parametrize("pf, pr, ok", [
+@pytest.mark.parametrize("pf, pe, ok", [
     (10.0 * 1.0999, 4.0, True),
     (10.0 * 1.1001, 4.0, False),
     (10.0 / 1.0999, 4.0, True),
@@ -233,22 +238,46 @@ def test_compare_definitions():
     (10.0, 4.0 * 1.0501, False),
     (10.0, 4.0 * 0.5, True),
 ])
-def test_compare_success_thresholds(pf, pr, ok):
-    assert cell(pf, pr)["success"] is ok
+def test_compare_success_thresholds_at_the_floors(pf, pe, ok):
+    """With no measured noise the auto bands are the design's tolerances (ln 1.10, ln 1.05); utility
+    is judged on retain_eval, whatever the retain documents do."""
+    c = cell(pf, pe, pr=40.0)
+    assert c["success"] is ok
+    assert c["verdict"]["mia"] is True
 
 
-def test_compare_custom_tolerances_and_non_finite():
+def test_the_bands_widen_to_the_measured_noise_and_spread():
+    noisy = {**BASE, "noise": {"forget": 0.3, "utility": 0.2}}
     assert cell(10.0 * 1.2, 4.0)["success"] is False
+    assert cell(10.0 * 1.2, 4.0, base=noisy)["verdict"]["forget"] is True  # ln 1.2 = 0.18 < 0.3
+    assert cell(10.0 * 1.4, 4.0, base=noisy)["verdict"]["forget"] is False  # ln 1.4 = 0.34
+    assert cell(10.0 * 1.4, 4.0, base=noisy, target_spread=0.4)["verdict"]["forget"] is True
+    assert cell(10.0, 4.0 * 1.2, base=noisy)["verdict"]["utility"] is True  # ln 1.2 < 0.2
+    # a tolerance given by hand replaces the auto band exactly, noise or not
+    assert cell(10.0 * 1.2, 4.0, base=noisy, tol_forget=0.1)["verdict"]["forget"] is False
     assert cell(10.0 * 1.2, 4.0, tol_forget=0.25)["success"] is True
     assert cell(10.0, 4.0 * 1.2, tol_retain=0.25)["success"] is True
+
+
+def test_the_mia_part_needs_an_interval_that_holds_one_half():
+    at_target = 10.0  # forget_gap 0: the perplexity alone would pass
+    assert cell(at_target, 4.0, lo=0.45, hi=0.7)["success"] is True
+    remembered = cell(at_target, 4.0, lo=0.7, hi=0.9)
+    assert remembered["success"] is False and remembered["verdict"] == {"forget": True, "mia": False, "utility": True}
+    assert cell(at_target, 4.0, lo=0.1, hi=0.4)["verdict"]["mia"] is False  # over-unlearned: leaks too
+    assert cell(at_target, 4.0, lo=None, hi=None)["verdict"]["mia"] is False  # no interval, no verdict
+
+
+def test_compare_non_finite():
     blown = compare({"ppl_forget": None, "ppl_retain": 4.0}, BASE)
-    assert blown == {"forget_gap": None, "retain_drift": None, "score": None, "success": False}
+    assert blown["success"] is False and blown["forget_gap"] is None and blown["eval_score"] is None
+    assert blown["verdict"] == {"forget": False, "mia": False, "utility": False}
 
 
 def test_compare_on_real_metrics(model, tiny_sets):
     metrics, _ = evaluate(model, tiny_sets)
     c = compare(metrics, metrics)
-    assert c["retain_drift"] == 0.0
+    assert c["retain_drift"] == 0.0 and c["retain_eval_drift"] == 0.0
     assert c["forget_gap"] == pytest.approx(math.log(metrics["ppl_unseen"]) - math.log(metrics["ppl_forget"]))
     assert c["forget_gap"] > 0  # θ0 remembers U: it is far from the retraining target
-    assert c["score"] == c["forget_gap"]
+    assert c["eval_score"] == c["forget_gap"]

@@ -25,10 +25,16 @@ def test_tofu_roles_counts_and_qa_fields(split, n_authors, retain):
     d = load_preset("tofu", split, str(PRESET_DIR / "tofu"))
     t = d.texts
     forget, kept = _rows(PRESET_DIR / "tofu" / f"{split}.json"), _rows(PRESET_DIR / "tofu" / f"{retain}.json")
-    assert t.counts() == {"forget": 4 * n_authors, "retain": 40 - 4 * n_authors, "unseen": 5 * 4 * n_authors,
-                          "general": 10}
+    utility = {r["question"] for r in _rows(PRESET_DIR / "tofu" / "retain_perturbed.json")}
+    held = [r for r in kept if r["question"] in utility]
+    assert held, "the fixture's retain_perturbed asks questions of the retain authors"
+    assert t.counts() == {"forget": 4 * n_authors, "retain": 40 - 4 * n_authors - len(held), "retain_eval": len(held),
+                          "unseen": 5 * 4 * n_authors, "general": 10}
     assert t.forget == [r["answer"] for r in forget] and t.prompts["forget"] == [r["question"] for r in forget]
+    # TOFU's own utility questions are retain_eval, and no longer retain: no retain term trains on them
+    kept = [r for r in kept if r["question"] not in utility]
     assert t.retain == [r["answer"] for r in kept] and t.prompts["retain"] == [r["question"] for r in kept]
+    assert t.retain_eval == [r["answer"] for r in held] and t.prompts["retain_eval"] == [r["question"] for r in held]
     perturbed = _rows(PRESET_DIR / "tofu" / f"{split}_perturbed.json")
     assert t.unseen == [a for r in perturbed for a in r["perturbed_answer"]]
     assert t.prompts["unseen"] == [r["question"] for r in perturbed for _ in r["perturbed_answer"]]
@@ -47,8 +53,9 @@ def test_muse_roles_and_extras(name):
 
     d = load_preset(name, None, str(PRESET_DIR / name))
     raw = {s: pq.read_table(PRESET_DIR / name / "raw" / f"{s}-00000-of-00001.parquet").column("text").to_pylist()
-           for s in ("forget", "retain1", "holdout")}
+           for s in ("forget", "retain1", "retain2", "holdout")}
     assert (d.texts.forget, d.texts.retain, d.texts.unseen, d.texts.general) == (raw["forget"], raw["retain1"], raw["holdout"], [])
+    assert d.texts.retain_eval == raw["retain2"]  # MUSE's own utility split
     assert not d.texts.is_qa
     assert {k: len(v) for k, v in d.extras.items()} == {"knowmem_forget_qa": 5, "knowmem_retain_qa": 5,
                                                         "knowmem_forget_qa_icl": 2, "knowmem_retain_qa_icl": 2,
@@ -63,7 +70,8 @@ def test_yao_roles(split):
     from engine.presets import load_preset
 
     d = load_preset("yao", split, str(PRESET_DIR / "yao"))
-    assert d.texts.counts() == {"forget": 5, "retain": 6, "unseen": 7, "general": 5}
+    # the paper has no utility split: a seeded fifth of retain is held out as retain_eval
+    assert d.texts.counts() == {"forget": 5, "retain": 5, "retain_eval": 1, "unseen": 7, "general": 5}
     assert d.texts.unseen[0].startswith(f"{split} approximate story 0.")
     assert d.texts.general[0].startswith("general retain story 0.")
 
@@ -113,7 +121,8 @@ def test_preset_cli_stores_roles_and_extras(tmp_path, capsys):
                        "--as", "news", "--json", "--storage", url)
     assert p.returncode == 0, p.stderr
     info = json.loads(p.stdout)
-    assert info["name"] == "news" and info["documents"] == {"forget": 6, "retain": 8, "unseen": 6, "general": 0}
+    assert info["name"] == "news" and info["documents"] == {"forget": 6, "retain": 8, "retain_eval": 8, "unseen": 6,
+                                                            "general": 0}
     assert info["meta"]["preset"] == "muse-news" and info["meta"]["extras"]["verbmem_forget"] == 4
     store = Store(url, create=False)
     fs = store.forget_set("news")
@@ -142,9 +151,13 @@ def test_a_tofu_shaped_folder_becomes_a_forget_set_whose_runs_score_answer_token
     cfg = RunConfig.of("ga_gd", 1e-3, (2,), RunSettings(batch_size=2, seq_len=128))
     result = run_unlearning(str(tiny_model_dir), texts, cfg, device="cpu")
     model = load_model(str(tiny_model_dir), "cpu").eval()
-    for role, config in (("forget", "forget01"), ("retain", "retain99")):
+    utility = {r["question"] for r in _rows(PRESET_DIR / "tofu" / "retain_perturbed.json")}
+    for role, config in (("forget", "forget01"), ("retain", "retain99"), ("retain_eval", "retain99")):
         nll, n = 0.0, 0
-        for row in _rows(PRESET_DIR / "tofu" / f"{config}.json"):
+        rows = _rows(PRESET_DIR / "tofu" / f"{config}.json")
+        if role != "forget":  # TOFU's utility questions are retain_eval, the rest retain
+            rows = [r for r in rows if (r["question"] in utility) == (role == "retain_eval")]
+        for row in rows:
             ids = tiny_tokenizer(row["question"] + " " + row["answer"], return_tensors="pt")["input_ids"]
             prompt = tiny_tokenizer(row["question"])["input_ids"]
             start = next(i for i, (x, y) in enumerate(zip(ids[0].tolist(), prompt)) if x != y)
@@ -153,5 +166,5 @@ def test_a_tofu_shaped_folder_becomes_a_forget_set_whose_runs_score_answer_token
             nll -= float(logp.gather(-1, ids[0, 1:].unsqueeze(-1))[start - 1:].sum())
             n += ids.shape[1] - start
         assert result["baseline"][f"ppl_{role}"] == pytest.approx(math.exp(nll / n), rel=1e-5), role
-    assert result["forget_set"]["documents"] == {"forget": 4, "retain": 36, "unseen": 20, "general": 10}
+    assert result["forget_set"]["documents"] == {"forget": 4, "retain": 28, "retain_eval": 8, "unseen": 20, "general": 10}
     assert len(result["milestones"]) == 1 and math.isfinite(result["losses"][-1])

@@ -272,13 +272,15 @@ def _answer_nll_float64(model, tokenizer, pairs) -> tuple[float, int]:
     return total, n
 
 
-def test_perplexity_is_exp_of_the_mean_answer_nll_in_float64(qa_sets, tiny_model_dir, tiny_tokenizer):
+def test_perplexity_is_exp_of_the_mean_answer_nll_in_float64(qa_texts, qa_sets, tiny_model_dir, tiny_tokenizer):
     from engine.evaluate import evaluate
     from engine.models import load_model
 
     model = load_model(str(tiny_model_dir), "cpu").eval()
     metrics, _ = evaluate(model, qa_sets, batch_size=3)
-    for role, pairs in (("forget", QA[:4]), ("retain", QA[4:]), ("unseen", QA[2:6])):
+    assert qa_texts.retain_eval  # held out of retain
+    for role in ("forget", "retain", "retain_eval", "unseen"):
+        pairs = list(zip(qa_texts.prompts_of(role), getattr(qa_texts, role)))
         nll, n = _answer_nll_float64(model, tiny_tokenizer, pairs)
         assert metrics[f"ppl_{role}"] == pytest.approx(math.exp(nll / n), rel=1e-5), role
 
@@ -312,7 +314,8 @@ def test_qa_set_round_trips_through_the_store_into_the_same_chunks(tmp_path, qa_
                            prompt_field="question", answer_field="answer")
     plain = create_forget_set(store, "plain", [f["forget"]], [f["retain"]], [f["unseen"]], [f["general"]],
                               text_field="answer")
-    assert fs.hash != plain.hash and describe(fs)["meta"] == {"qa": {"prompt_field": "question", "answer_field": "answer"}}
+    assert fs.hash != plain.hash and describe(fs)["meta"] == {"qa": {"prompt_field": "question", "answer_field": "answer"},
+                                                              "retain_eval": {"held_out_share": 0.2, "seed": 0}}
     back = chunk_forget_set(forget_set_texts(store, store.forget_set("qa")), tiny_tokenizer, 128)
     for (role, a), (_, b) in zip(back.items(), qa_sets.items()):
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.loss_mask, b.loss_mask), role
@@ -339,7 +342,7 @@ def test_a_v2_store_made_by_the_code_before_qa_migrates_to_v3(tmp_path):
     fs = store.forget_set("legacy")
     texts = forget_set_texts(store, fs)  # the hash check passes: plain text hashes as it did
     assert fs.hash == "fb2e5d8feda44f0896032b75869b6f65c1adcb39c569d48a7d611141c5700258" and fs.meta is None
-    assert texts.counts() == {"forget": 1, "retain": 2, "unseen": 1, "general": 0} and not texts.is_qa
+    assert texts.counts() == {"forget": 1, "retain": 2, "retain_eval": 0, "unseen": 1, "general": 0} and not texts.is_qa
     Store(f"sqlite:///{path}", create=False)  # opening it again is a no-op
 
 

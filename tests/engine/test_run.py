@@ -133,10 +133,36 @@ def test_run_config_validate_returns_a_normalized_copy():
         RunConfig(method="ga", lr=1e-3, milestones=(1,), retain_weight=2.0).validate()
 
 
+# ------------------------------------------------------------------ the at-target cell
+
+def test_the_at_target_cell_is_where_the_forget_perplexity_first_reaches_the_target(
+        tiny_model_dir, forget_set_texts, tmp_path):
+    """Watching ln ppl_forget every step finds the step the trajectory passes the target between
+    two milestones; the cell there is a full one, flagged, and the milestones are unchanged."""
+    out = run(tiny_model_dir, forget_set_texts, tmp_path, "ga", [1, 20], lr=1e-3)
+    plain = run(tiny_model_dir, forget_set_texts, tmp_path, "ga", [1, 20], lr=1e-3, watch_every=0)
+    assert out["milestones"] == plain["milestones"]  # the watch changes nothing
+    target = math.log(out["baseline"]["ppl_unseen"])
+    assert math.log(out["baseline"]["ppl_forget"]) < target
+    cell = out["at_target"]
+    assert cell is not None and cell["at_target"] is True, "plain ascent at 1e-3 reaches the target within 20 steps"
+    assert cell["step"] not in (1, 20)  # between the milestones, where the grid alone would not see it
+    assert math.log(cell["ppl_forget"]) >= target
+    assert set(cell) >= {"forget_gap", "retain_eval_drift", "verdict", "success", "mia_auc"}
+    before = run(tiny_model_dir, forget_set_texts, tmp_path, "ga", [cell["step"] - 1], lr=1e-3, watch_every=0)
+    assert math.log(before["milestones"][0]["ppl_forget"]) < target  # the first step at the target
+    stopped = run(tiny_model_dir, forget_set_texts, tmp_path, "ga", [1, 20], lr=1e-3, stop_at_target=True)
+    assert stopped["at_target"]["ppl_forget"] == cell["ppl_forget"]
+    assert len(stopped["losses"]) == cell["step"]  # the steps after it are saved
+    after = [c for c in stopped["milestones"] if c["step"] > cell["step"]]
+    assert after and all(c["stopped_at_target"] and c["success"] is False and not c["diverged"] for c in after)
+
+
 # ------------------------------------------------------------------ the result object
 
 def test_result_json_structure(tiny_model_dir, forget_set_texts, tiny_sets, tmp_path):
-    out = run(tiny_model_dir, forget_set_texts, tmp_path / "cache", "ga_gd", [1, 2], lr=1e-3)
+    out = run(tiny_model_dir, forget_set_texts, tmp_path / "cache", "ga_gd", [1, 2], lr=1e-3,
+              watch_every=0)  # no at-target watch: eval tokens are the baseline's and the milestones' alone
     text = json.dumps(out, allow_nan=False)  # strict JSON: no NaN or Infinity anywhere
     assert json.loads(text) == out
     assert out["model"] == str(tiny_model_dir)
@@ -147,7 +173,14 @@ def test_result_json_structure(tiny_model_dir, forget_set_texts, tiny_sets, tmp_
     assert out["forget_set"]["chunks"] == {role: len(ch) for role, ch in tiny_sets.items()}
 
     base = out["baseline"]
-    assert set(base) >= {"ppl_forget", "ppl_retain", "ppl_unseen", "ppl_general", "mia_auc"}
+    assert set(base) >= {"ppl_forget", "ppl_retain", "ppl_retain_eval", "ppl_unseen", "ppl_general", "mia_auc"}
+    # θ0 carries the verdict fields every cell does: the negative control of every run
+    assert set(base) >= {"forget_gap", "retain_drift", "retain_eval_drift", "eval_score", "verdict", "success",
+                         "mia_auc_lo", "mia_auc_hi", "target", "bands"}
+    assert base["retain_eval_drift"] == 0.0 and base["step"] == 0
+    assert base["target"]["value"] == pytest.approx(math.log(base["ppl_unseen"]))
+    assert base["target"]["band"] >= math.log1p(0.10)
+    assert out["at_target"] is None
     assert set(base["mia_auc"]) == set(ATTACKS)
     assert all(isinstance(base[f"ppl_{r}"], float) and base[f"ppl_{r}"] > 1 for r in ("forget", "retain", "unseen", "general"))
     expected_base = evaluate(load_model(str(tiny_model_dir)), tiny_sets)[0]

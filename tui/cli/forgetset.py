@@ -11,6 +11,11 @@ from tui.cli.common import Json, Storage, lab
 PROMPT_FIELD = typer.Option(None, "--prompt-field", help="field of the prompt (question) in .jsonl/.json/.csv/.parquet "
                             "rows: the set is question–answer pairs, scored on the answers only (with --answer-field)")
 ANSWER_FIELD = typer.Option(None, "--answer-field", help="field of the answer (with --prompt-field)")
+# Utility is measured on retain_eval, which no retain term trains on (engine.data.hold_out_retain_eval).
+RETAIN_EVAL = typer.Option(None, "--retain-eval", help="in-domain text the model was trained on, held out from every "
+                           "retain term: utility is measured here (default: a seeded share of --retain)")
+RETAIN_EVAL_SHARE_OPTION = typer.Option(0.2, "--retain-eval-share", help="without --retain-eval: the share of the "
+                                        "retain documents held out as retain_eval (seeded, part of the set's hash)")
 
 
 def create_cmd(
@@ -20,6 +25,8 @@ def create_cmd(
     retain: List[str] = typer.Option(..., "--retain", help="in-domain text the model must keep"),
     unseen: List[str] = typer.Option(..., "--unseen", help="in-domain text the model never saw"),
     general: Optional[List[str]] = typer.Option(None, "--general", help="out-of-domain text (optional)"),
+    retain_eval: Optional[List[str]] = RETAIN_EVAL,
+    retain_eval_share: float = RETAIN_EVAL_SHARE_OPTION,
     seq_len: int = typer.Option(512, "--seq-len", help="tokens per chunk for runs on this set"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="model/tokenizer to count chunks with"),
     text_field: str = typer.Option("text", "--text-field", help="field of .jsonl/.json rows"),
@@ -33,7 +40,7 @@ def create_cmd(
     from studies.store.forgetsets import create_forget_set
 
     fs = create_forget_set(lab(ctx).store(create=True), name, forget, retain, unseen, general, text_field, column,
-                           seq_len, tokenizer, prompt_field, answer_field)
+                           seq_len, tokenizer, prompt_field, answer_field, retain_eval, retain_eval_share)
     _report(fs, as_json)
 
 

@@ -101,13 +101,15 @@ def heatmap_cmd(
 ):
     """lr × steps heatmap of one metric per method, with success marks and robustness."""
     from engine.errors import UnlearnError
-    from studies.reading.grid import check_metric, grids, load_cells
+    from studies.reading.grid import check_metric, grids, load_at_target, load_cells, original_baseline, original_note
     from tui.cli.console import emit_json, out
     from tui.heatmap import render_heatmaps
 
     check_metric(metric)
     store = lab(ctx).store()
     cells = load_cells(store, store.study(name))
+    at_target = load_at_target(store, name)
+    original = original_baseline(store, name)
     if method is not None and method not in {c.method for c in cells}:
         raise UnlearnError(f"study {name!r} has no method {method!r}; its methods: "
                            f"{', '.join(dict.fromkeys(c.method for c in cells))}")
@@ -115,9 +117,12 @@ def heatmap_cmd(
         gs = grids(cells)
         return emit_json({m: {"lrs": g.lrs, "steps": g.steps, "values": g.value(metric), "status": g.status(),
                               "success": [[bool(c and c.success) for c in (g.cell(lr, s) for s in g.steps)] for lr in g.lrs],
-                              "robustness": g.robustness}
+                              "robustness": g.robustness,
+                              "at_target": [{"lr": c.lr, "steps": c.steps, "value": c.value(metric),
+                                             "success": bool(c.success)} for c in at_target if c.method == m]}
                           for m, g in gs.items() if method is None or m == method})
-    out.print(render_heatmaps(cells, metric, method, title=f"study {name}: {metric}"))
+    out.print(render_heatmaps(cells, metric, method, title=f"study {name}: {metric}", at_target=at_target,
+                              note=original_note(original)))
 
 
 def ls_cmd(ctx: typer.Context, storage: Storage = None, as_json: Json = False):

@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from tui.cli.common import Json, Storage, lab, run_settings_options
-from tui.cli.forgetset import ANSWER_FIELD, PROMPT_FIELD
+from tui.cli.forgetset import ANSWER_FIELD, PROMPT_FIELD, RETAIN_EVAL, RETAIN_EVAL_SHARE_OPTION
 
 
 def methods_cmd(as_json: Json = False,
@@ -52,6 +52,8 @@ def run_cmd(
     retain: Optional[List[str]] = typer.Option(None, "--retain", help="in-domain text the model must keep"),
     unseen: Optional[List[str]] = typer.Option(None, "--unseen", help="in-domain text the model never saw (the retraining reference)"),
     general: Optional[List[str]] = typer.Option(None, "--general", help="out-of-domain text (for *_general methods)"),
+    retain_eval: Optional[List[str]] = RETAIN_EVAL,
+    retain_eval_share: float = RETAIN_EVAL_SHARE_OPTION,
     method: str = typer.Option(..., "--method", help="method id (see `unlearn methods`)"),
     param: Optional[List[str]] = typer.Option(None, "--param", metavar="NAME=VALUE",
                                               help="a method hyperparameter: NAME=VALUE (repeat for "
@@ -91,7 +93,7 @@ def run_cmd(
     method = variant_id(base, {**in_id, **{k: v[0] for k, v in knobs.items()}})
     cfg = RunConfig.of(method, parse_learning_rate(lr), parse_milestones(steps), RunSettings(**given_settings)).validate()
     if forget_set is not None:
-        if forget or retain or unseen or general:
+        if forget or retain or unseen or general or retain_eval:
             raise UnlearnError("give --forget-set or the sources (--forget, --retain, --unseen), not both")
         from studies.store.forgetsets import forget_set_texts
 
@@ -102,7 +104,8 @@ def run_cmd(
         if missing:
             raise UnlearnError(f"give {', '.join(missing)} (sources of each set), or --forget-set NAME")
         texts = load_forget_set(forget, retain, unseen, general or [], text_field=text_field, column=column,
-                                prompt_field=prompt_field, answer_field=answer_field)
+                                prompt_field=prompt_field, answer_field=answer_field, retain_eval=retain_eval,
+                                retain_eval_share=retain_eval_share)
     with step_progress(f"{method} lr={cfg.lr:g}", cfg.milestones[-1]) as on_step:
         result = run_unlearning(model, texts, cfg, device=device, cache_dir=lab(ctx).settings.baseline_cache,
                                 trust_remote_code=trust_remote_code, on_step=on_step, save_to=save_model,

@@ -522,7 +522,7 @@ def save_here(store: Store, form: SaveForm) -> tuple[dict | None, str | None]:
     try:
         fs = create_forget_set(store, form.name, form.sources["forget"], form.sources["retain"],
                                form.sources["unseen"], form.sources["general"] or None, form.text_field, form.column,
-                               form.seq_len, None)
+                               form.seq_len, None, retain_eval=form.sources["retain_eval"] or None)
     except UnlearnError as e:
         return None, str(e)
     except Exception as e:  # a store error: one line, never a traceback
@@ -536,7 +536,7 @@ def save_in_subprocess(store: Store, form: SaveForm, should_stop) -> tuple[dict 
 
     args = [sys.executable, "-m", "tui.cli", "forgetset", "create", form.name]
     for role in ROLES:
-        args += [f"--{role}={spec}" for spec in form.sources[role]]
+        args += [f"--{role.replace('_', '-')}={spec}" for spec in form.sources[role]]
     args += [f"--seq-len={form.seq_len}", f"--text-field={form.text_field}", "--json"]
     if form.column:
         args.append(f"--column={form.column}")
