@@ -420,9 +420,9 @@ def load_forget_set(forget: list[str], retain: list[str], unseen: list[str],
         texts[role], prompts[role] = [], []
         for spec in specs[role]:
             try:
-                if qa:
+                if qa:  # a row with an empty prompt is plain text (windowed like any text, e.g. code)
                     pairs = load_pairs(spec, prompt_field, answer_field)
-                    prompts[role] += [normalize_qa(p) for p, _ in pairs]
+                    prompts[role] += [normalize_qa(p) or None for p, _ in pairs]
                     texts[role] += [normalize_qa(a) for _, a in pairs]
                 else:
                     texts[role] += [normalize_text(t) for t in load_texts(spec, text_field, column)]

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from engine.data import Chunks, ForgetSetChunks
-from engine.metric_registry import MIA_ATTACKS as ATTACKS  # the attacks scored below, each an mia_auc.<attack>
 from engine.metric_registry import (
     EVAL_SCORE,
     FORGET_GAP,
@@ -28,6 +27,7 @@ from engine.metric_registry import (
     UTILITY_DRIFT,
     ppl,
 )
+from engine.metric_registry import MIA_ATTACKS as ATTACKS  # the attacks scored below, each an mia_auc.<attack>
 from engine.verdict import auc_interval, bands, forget_noise, log_ppl_half_width
 
 

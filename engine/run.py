@@ -45,9 +45,9 @@ from engine.models import (
 from engine.precision import make_optimizer, resolve_dtype
 from engine.recovery import attack_milestone
 from engine.saving import save_model
-from engine.verdict import bands, target
 from engine.selection import trained_parameters
 from engine.sharding import shard
+from engine.verdict import bands, target
 
 OnStep = Callable[[int, float], None]
 OnMilestone = Callable[[CellMetrics], None]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from engine.metric_registry import FORGET_GAP, MIA_LOSS, PPL_FORGET, PPL_RETAIN, PPL_UNSEEN, RETAIN_DRIFT, SCORE, read
+from engine.metric_registry import FORGET_GAP, MIA_LOSS, PPL_FORGET, PPL_RETAIN_EVAL, PPL_UNSEEN, SCORE, UTILITY_DRIFT, read
 from engine.metric_registry import get as get_metric
 
 
@@ -21,7 +21,7 @@ def fmt(x, digits: int = 3) -> str:
 
 # The figures after lr and step, each (metric, significant digits). Headers are the metrics' short
 # labels, except the one AUC shown: "AUC" (the caption names its attack). "exact" follows the gap.
-_FIGURES = ((PPL_FORGET, 3), (PPL_RETAIN, 3), (PPL_UNSEEN, 3), (MIA_LOSS, 2), (FORGET_GAP, 2), (RETAIN_DRIFT, 2),
+_FIGURES = ((PPL_FORGET, 3), (PPL_RETAIN_EVAL, 3), (PPL_UNSEEN, 3), (MIA_LOSS, 2), (FORGET_GAP, 2), (UTILITY_DRIFT, 2),
             (SCORE, 3))
 
 
@@ -35,8 +35,9 @@ def metrics_table(title: str, rows: list[tuple[str, str, str, dict]], exact_forg
     import math
 
     t = Table(title=title, header_style="bold underline", box=None, padding=(0, 1, 0, 0), pad_edge=False,
-              caption="forget/retain/unseen: perplexity · AUC: loss-attack MIA, forget vs unseen (1 = remembered, "
-                      "0.5 = looks unseen) · gap: forget_gap · exact: gap to the retrained twin · drift: retain_drift",
+              caption="forget/retain_eval/unseen: perplexity · AUC: loss-attack MIA, forget vs unseen (1 = remembered, "
+                      "0.5 = looks unseen) · gap: forget_gap · exact: gap to the retrained twin · drift: "
+                      "retain_eval_drift (held-out utility) · ok: the verdict (gap, MIA interval, utility)",
               caption_justify="left")
     t.add_column("method", no_wrap=True, max_width=13, overflow="ellipsis")
     headers = [_header(path) for path, _ in _FIGURES]
@@ -56,5 +57,8 @@ def metrics_table(title: str, rows: list[tuple[str, str, str, dict]], exact_forg
 
 def run_table(result: dict) -> Table:
     rows = [("original θ0", "", "0", result["baseline"])]
-    rows += [(result["method"], f"{result['lr']:g}", str(c["step"]), c) for c in result["milestones"]]
+    cells = result["milestones"] + ([result["at_target"]] if result.get("at_target") and not any(
+        c["step"] == result["at_target"]["step"] for c in result["milestones"]) else [])
+    rows += [(result["method"], f"{result['lr']:g}", f"{c['step']}{'@' if c.get('at_target') else ''}", c)
+             for c in sorted(cells, key=lambda c: c["step"])]
     return metrics_table(f"{result['method']} on {result['model']}  (forget set {result['forget_set']['hash'][:12]})", rows)

@@ -9,6 +9,13 @@ it never changes, so its log-probs are one number per forget chunk, computed onc
 of ascent on the chunks' summed log-likelihood; as log π_θ(y) falls below log π_ref(y) the
 weight 2σ(β·Δ) of each chunk fades towards 0, which is what keeps NPO from the collapse of plain
 ascent.
+
+β's scale is the sequence, not the token. The published β = 0.1 was set for short answers (TOFU's
+QA: tens of tokens). Δ is summed over a chunk's predicted tokens, so reaching the target — ln
+ppl_forget up by g nats a token — means Δ ≈ −g·T for T tokens: over 128-token chunks with g ≈ 1,
+βΔ ≈ −13 and the weight 2σ(βΔ) ≈ 4e-6, so the push fades long before the target (with g ≈ 1.1 over
+128 tokens, 2σ ≈ 1e-6). On long chunks the default cannot reach the target; a study should sweep
+β on the scale 1/T (`--param beta=0.1,0.01,0.001`), as docs/science.md does.
 """
 from __future__ import annotations
 

@@ -9,6 +9,13 @@ forget text less likely lowers ℓ̄, raises the argument of σ and lowers the l
 forgets. δ shifts the margin (δ > 0 asks for lower likelihood before the push fades). The
 paper's recipe weighs the forget term 0.125 against the retain term's 1 (simnpo_gd); alone,
 Adam is nearly invariant to a constant weight, so simnpo keeps 1.
+
+δ on the target's scale: the push on a chunk is weighted σ(−β·(NLL̄ − δ)), with NLL̄ = −ℓ̄ the chunk's
+mean NLL. With the published δ = 0 it is already below 0.5 once NLL̄ > 0 and fades as the forget
+text gets less likely, wherever the target is; with δ = ln ppl_unseen(θ0) (the target's mean NLL a
+token) the weight is 0.5 at the target and fades past it, so the method is pushed towards the
+target rather than merely away from θ0. A study passes it as a knob (`--param delta=0,D` with D
+read off the study's `target ± band` line); docs/science.md sweeps both.
 """
 from __future__ import annotations
 

@@ -360,3 +360,20 @@ def test_cli_qa_field_errors_are_one_line(tmp_path, capsys, args, needle):
                        "--unseen", f["unseen"], *args, "--storage", f"sqlite:///{tmp_path / 's.db'}")
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode != 0 and len(lines) == 1 and needle in lines[0], p.stderr
+
+
+def test_a_row_with_an_empty_prompt_is_plain_text_windowed_like_any(tmp_path, tiny_tokenizer):
+    """A question–answer set may hold plain documents (e.g. general code): their prompt is empty, so they
+    are cut into windows like any text, where a question–answer chunk is never cut."""
+    from engine.data import chunk_forget_set, load_forget_set
+
+    f = qa_files(tmp_path)
+    long_code = "\n".join(f"def f{i}(x):\n    return x * {i} + sum(range({i}))" for i in range(40))
+    g = tmp_path / "general.jsonl"
+    g.write_text(json.dumps({"question": "", "answer": long_code}) + "\n")
+    texts = load_forget_set([f["forget"]], [f["retain"]], [f["unseen"]], [str(g)], prompt_field="question",
+                            answer_field="answer")
+    assert texts.is_qa and texts.prompts_of("general") == [None]
+    sets = chunk_forget_set(texts, tiny_tokenizer, 64)
+    assert len(sets.general) > 1 and set(sets.general.doc_index) == {0}  # one document, several windows
+    assert sets.forget.loss_mask.sum() < sets.forget.attention_mask.sum()  # the others stay question–answer

@@ -16,8 +16,9 @@ def demo_cmd(
     workers: int = typer.Option(2, "--workers", help="CPU worker processes for the demo study"),
     as_json: Json = False,
 ):
-    """Build a synthetic corpus and a tiny Llama that memorized it (plus its exactly retrained twin), register the
-    forget set, and sweep the seven methods of Yao et al. (2024) over lr × steps in a study run by CPU workers.
+    """Build a synthetic corpus, pre-train a tiny Llama on it and fine-tune it a few epochs on fictitious people's
+    records (plus the exactly retrained twin, fine-tuned without the forget set); print θ0's regime and the verdict's
+    controls; then sweep the seven methods of Yao et al. (2024) over lr × steps in a study run by CPU workers.
     No download; cached after the first run."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -25,7 +26,7 @@ def demo_cmd(
     from engine.errors import UnlearnError
     from engine.metric_registry import PPL_FORGET, SCORE
     from studies.lifecycle.demo import run_demo
-    from studies.reading.grid import load_cells, robustness
+    from studies.reading.grid import load_at_target, load_cells, original_note, robustness
     from tui.heatmap import render_heatmaps
     from tui.render import fmt, metrics_table
 
@@ -48,10 +49,17 @@ def demo_cmd(
                 tasks["study"] = progress.add_task("study cells", total=p["cells_total"] or None)
             progress.update(tasks["study"], completed=p["cells_done"])
 
-        result = run_demo(workspace, recipe, workers, on_build, on_tick)
+        def on_regime(refs: dict):  # before any method runs
+            if not as_json:
+                for line in regime_lines(refs):
+                    err.print(line, markup=False)
+
+        result = run_demo(workspace, recipe, workers, on_build, on_tick, on_regime)
     if as_json:
         return emit_json(result)
-    rows = [("original θ0", "", "0", result["original"]), ("retrained", "", "", result["retrained"])]
+    ctl = result["controls"]
+    rows = [("original θ0", "", "0", {**result["original"], **ctl["original"]}),
+            ("retrained", "", "", {**result["retrained"], **ctl["retrained"]})]
     for run in result["runs"]:  # each method's best cell (studies.reading.grid.best_cell), or its last if none counts
         by_step = {c["step"]: c for c in run["milestones"]}
         c = by_step.get(run["best_step"]) or (run["milestones"][-1] if run["milestones"] else {})
@@ -61,7 +69,11 @@ def demo_cmd(
     from studies.lifecycle.demo import demo_store
 
     cells = load_cells(demo_store(workspace), result["study"])
-    out.print(render_heatmaps(cells, SCORE, title=f"study {result['study']}: score by lr × steps (✓ = success)"))
+    at_target = load_at_target(demo_store(workspace), result["study"])
+    controls = result["controls"]
+    note = original_note({**controls["original"], "target": result["target"]})
+    out.print(render_heatmaps(cells, SCORE, title=f"study {result['study']}: score by lr × steps (✓ = success)",
+                              at_target=at_target, note=note))
     rob = robustness(cells)
     out.print("robustness (share of cells that succeed): " + ", ".join(f"{m} {v:.0%}" for m, v in rob.items()))
     out.print(
@@ -70,6 +82,31 @@ def demo_cmd(
         f"study store {result['storage']} ({'reused' if result['study_reused'] else 'run now'}).\n"
         f"Next: unlearn study status {result['study']} --storage {result['storage']}"
     )
+    for line in regime_lines(result):
+        out.print(line, markup=False)
+
+
+def regime_lines(refs: dict) -> list[str]:
+    """θ0's regime against its bands, the target with its band, and the two controls: one line each."""
+    from tui.render import fmt
+
+    r, t, b = refs["regime"], refs["target"], refs["bands"]
+
+    def band(lo, hi):
+        return f"≤ {hi:g}" if lo is None else f"in [{lo:g}, {hi:g}]"
+
+    figures = ", ".join(f"{k} {fmt(r[k])} ({band(*r['bands'][k])}{'' if r['inside'][k] else ' ✘ OUTSIDE'})"
+                        for k in r["bands"])
+    lines = [f"regime of θ0: {figures}" + ("" if r["ok"] else " — θ0 is not in a pre-trained model's regime"),
+             f"target ln ppl_unseen(θ0) = {fmt(t['value'])} ± {fmt(t['band'])} (bootstrap noise {fmt(t.get('noise'))}, "
+             f"twin spread {fmt(t.get('spread'))}, floor {fmt(t.get('floor'))}); utility band ±{fmt(b['utility']['band'])}"]
+    for who, label in (("retrained", "positive control, the retrained twin"), ("original", "negative control, θ0")):
+        c = refs["controls"][who]
+        parts = " ".join(f"{p} {'✔' if ok else '✘'}" for p, ok in c["verdict"].items())
+        lines.append(f"{label}: {'succeeds' if c['success'] else 'fails'} ({parts}; gap {fmt(c['forget_gap'])}, "
+                     f"MIA AUC {fmt(c['mia_auc_loss'], 2)} [{fmt(c['mia_auc_lo'], 2)}, {fmt(c['mia_auc_hi'], 2)}], "
+                     f"drift {fmt(c['retain_eval_drift'])})")
+    return lines
 
 
 def sisa_cmd(

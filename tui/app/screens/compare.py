@@ -19,7 +19,8 @@ from textual.widgets import DataTable, Footer, Static
 from textual.worker import get_current_worker
 
 from engine.errors import UnlearnError
-from engine.metric_registry import FORGET_GAP, RETAIN_DRIFT
+from engine.metric_registry import FORGET_GAP
+from engine.metric_registry import UTILITY_DRIFT as RETAIN_DRIFT  # the front's utility axis: held out
 from studies.reading.trials import compare_cells
 from studies.store.db import Store
 from tui.app.messages import CellRef
