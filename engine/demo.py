@@ -1,9 +1,18 @@
-"""The offline demo: a synthetic corpus, a tokenizer and a tiny Llama that truly memorized it.
+"""The offline demo: a tiny Llama pre-trained on a broad synthetic corpus, then fine-tuned on the
+people it will be asked to forget — a pre-trained LLM's regime, at CPU scale (TOFU's design).
 
-Nothing is downloaded. Fictitious people's records (random names, dates, phone and account
-numbers) are high-entropy, so a model that has memorized a record predicts its digits far
-better than those of a record it never saw: membership is measurable. The exactly retrained
-twin (same recipe, forget set left out) gives the true target the methods approximate.
+Nothing is downloaded. The base model is pre-trained on many *other* fictitious people's
+question–answer pairs (engine/demo_corpus.py: answers partly follow rules, partly are secrets)
+and on standard-library code, so it generalizes: it knows the rules and the priors of the
+secrets. θ0 is that base fine-tuned a few epochs (loss on the answers) on the forget, retain and
+retain_eval people: it memorizes their secrets only partly, so a forget answer is a little more
+likely than an unseen person's — a measurable but not rote membership signal. The retrained twin
+(the positive control) is the same base fine-tuned the same way on everything but forget.
+
+Roles (`W/data/<role>.jsonl`, rows {"question", "answer"}): forget, retain (the retain terms train
+on it), retain_eval (fine-tuned on, held out of every retain term: utility), unseen (never trained
+on: the approximate-retraining reference and the MIA non-members), general (held-out stdlib code,
+an empty question: plain text).
 """
 from __future__ import annotations
 
@@ -12,7 +21,6 @@ import json
 import math
 import random
 import sys
-import sysconfig
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,26 +29,39 @@ from typing import Callable
 import torch
 
 from engine.data import chunk_texts
+from engine.demo_corpus import GENERAL_FILES, PRETRAIN_FILES, code_blocks, make_people
 from engine.files import write_json_atomic, write_text_atomic
 from engine.models import count_parameters, tiny_llama_config
+
+ROLES = ("forget", "retain", "retain_eval", "unseen", "general")
+QA_FIELDS = {"prompt_field": "question", "answer_field": "answer"}
+FINETUNED_ROLES = ("forget", "retain", "retain_eval")  # θ0's fine-tuning set; the twin's is all but forget
 
 
 @dataclass(frozen=True)
 class DemoRecipe:
+    # people per role (each person is seven question–answer documents, engine.demo_corpus.Person.qa)
     people_forget: int
     people_retain: int
+    people_retain_eval: int
     people_unseen: int
-    general_docs: int
+    general_docs: int  # held-out stdlib code blocks
+    # the base model's pre-training corpus: other people's pairs (as text) and other stdlib code
+    pretrain_people: int
+    pretrain_code_docs: int
     vocab_size: int
     hidden: int
     layers: int
     heads: int
     seq_len: int
-    epochs: int
-    lr: float
-    batch_size: int
+    pretrain_steps: int
+    pretrain_lr: float
+    pretrain_batch: int
+    finetune_epochs: int
+    finetune_lr: float
+    finetune_batch: int
     seed: int = 0
-    # The methods' run, at sensible defaults for this model size (see README for the sweep).
+    # The methods' run, at sensible defaults for this model size.
     milestones: tuple[int, ...] = (5, 10, 20, 40)
     run_batch_size: int = 8
     name: str = "quick"
@@ -50,69 +71,81 @@ class DemoRecipe:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
-QUICK = DemoRecipe(people_forget=24, people_retain=72, people_unseen=24, general_docs=24, vocab_size=512,
-                   hidden=64, layers=2, heads=4, seq_len=96, epochs=60, lr=4e-3, batch_size=16)
-FULL = DemoRecipe(people_forget=32, people_retain=128, people_unseen=32, general_docs=48, vocab_size=768,
-                  hidden=96, layers=3, heads=4, seq_len=128, epochs=60, lr=3e-3, batch_size=16,
-                  name="full")
+QUICK = DemoRecipe(people_forget=12, people_retain=36, people_retain_eval=12, people_unseen=12, general_docs=24,
+                   pretrain_people=1000, pretrain_code_docs=300, vocab_size=512, hidden=64, layers=2, heads=4,
+                   seq_len=96, pretrain_steps=1600, pretrain_lr=4e-3, pretrain_batch=16,
+                   finetune_epochs=5, finetune_lr=2e-3, finetune_batch=16)
+FULL = DemoRecipe(people_forget=20, people_retain=80, people_retain_eval=20, people_unseen=20, general_docs=48,
+                  pretrain_people=3000, pretrain_code_docs=800, vocab_size=768, hidden=96, layers=3, heads=4,
+                  seq_len=96, pretrain_steps=3000, pretrain_lr=3e-3, pretrain_batch=16,
+                  finetune_epochs=5, finetune_lr=2e-3, finetune_batch=16, name="full")
 
-# The demo study's learning-rate grid per recipe, picked from a sweep over 1e-4..1e-3 on the quick
-# model: below 1e-4 nothing moves in 40 steps, above 1e-3 plain ascent diverges within 10.
 DEMO_METHODS = ("ga", "random_label", "adversarial", "ga_gd", "ga_kl", "ga_gd_general", "ga_kl_general")
-DEMO_LRS = {"quick": (2e-4, 5e-4), "full": (1e-4, 3e-4, 1e-3)}
-
-_SYLLABLES = "ka lo mi ren tus vel dor an ise ba qui zo fen mar lu ost pel rha sin tova wen yul".split()
-_TOWNS = "Port Aldous,Kelvary,Oster Wend,Marrowby,Lindqvale,Saltmere,Hollin Cross,Bracewick,Tarrow,Eastfen".split(",")
-_JOBS = "glassblower,archivist,ferry pilot,beekeeper,cartographer,locksmith,violin maker,hydrologist,baker,surveyor".split(",")
-_CONDITIONS = "penicillin allergy,asthma,type 1 diabetes,migraine,no known conditions,celiac disease,hay fever".split(",")
-
-
-def _name(rng: random.Random) -> str:
-    word = lambda n: "".join(rng.choice(_SYLLABLES) for _ in range(n)).capitalize()  # noqa: E731
-    return f"{word(2)} {word(rng.randint(2, 3))}"
+# The demo study's learning-rate grid per recipe, fixed from the fine-tuning lr alone (2e-3 peak, cosine
+# to 0, so about 1e-3 on average) before any method ran on this workspace: undoing a fine-tuning takes
+# steps of the size that made it, so the grid holds the fine-tuning peak and lrs a half and a quarter of
+# it (QUICK, 2 workers × 14 runs in its time budget, keeps the two ends).
+DEMO_LRS = {"quick": (5e-4, 2e-3), "full": (5e-4, 1e-3, 2e-3)}
 
 
 def person_record(rng: random.Random, number: int) -> str:
-    """One fictitious person's private record: every value random, so it can only be memorized."""
+    """One fictitious person's private record as plain text, every value random (tests and benches
+    use it for a plain-text forget set; the demo itself uses engine.demo_corpus's people)."""
+    from engine.demo_corpus import CONDITIONS, JOBS, SYLLABLES, TOWNS
+
+    word = lambda n: "".join(rng.choice(SYLLABLES) for _ in range(n)).capitalize()  # noqa: E731
+    towns, jobs = list(TOWNS)[:10], list(JOBS)[:10]
     return (
-        f"Record {number:05d}. Name: {_name(rng)}. Born {rng.randint(1940, 2005)}-{rng.randint(1, 12):02d}-"
-        f"{rng.randint(1, 28):02d} in {rng.choice(_TOWNS)}. Works as a {rng.choice(_JOBS)}. "
+        f"Record {number:05d}. Name: {word(2)} {word(rng.randint(2, 3))}. Born {rng.randint(1940, 2005)}-"
+        f"{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d} in {rng.choice(towns)}. Works as a {rng.choice(jobs)}. "
         f"Phone {rng.randint(200, 999)}-{rng.randint(0, 9999):04d}. "
         f"Account {rng.randint(1000, 9999)} {rng.randint(1000, 9999)} {rng.randint(1000, 9999)}. "
-        f"Health: {rng.choice(_CONDITIONS)}."
+        f"Health: {rng.choice(CONDITIONS[:7])}."
     )
 
 
 def stdlib_code(n_docs: int, lines_per_doc: int = 4) -> list[str]:
     """Blocks of source code from the running interpreter's standard library (general text)."""
-    lib = Path(sysconfig.get_paths()["stdlib"])
-    docs: list[str] = []
-    for name in ("textwrap.py", "bisect.py", "heapq.py", "colorsys.py", "fnmatch.py", "string.py",
-                 "shlex.py", "glob.py", "calendar.py", "statistics.py", "random.py", "difflib.py"):
-        f = lib / name
-        if not f.is_file():
-            continue
-        lines = [ln for ln in f.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-        for i in range(0, len(lines) - lines_per_doc, lines_per_doc):
-            docs.append("\n".join(lines[i : i + lines_per_doc]))
-            if len(docs) >= n_docs:
-                return docs
-    if not docs:
-        raise RuntimeError(f"no standard-library source found under {lib}")
-    return docs
+    return code_blocks(GENERAL_FILES, n_docs, lines_per_doc)
 
 
-def write_corpus(data_dir: Path, recipe: DemoRecipe) -> dict[str, list[str]]:
-    """forget, retain and unseen are disjoint people; general is stdlib code."""
+def make_corpus(recipe: DemoRecipe) -> dict:
+    """{"roles": {role: [(question, answer)]}, "pretrain": [text]}: disjoint people per role, and the
+    pre-training corpus of other people (their pairs as plain text, "question answer") and other code.
+    general's candidates are two-line code blocks, twice as many as kept (fit_general keeps them)."""
     rng = random.Random(recipe.seed)
-    total = recipe.people_forget + recipe.people_retain + recipe.people_unseen
-    records = [person_record(rng, n) for n in rng.sample(range(10000, 99999), total)]
-    a, b = recipe.people_forget, recipe.people_forget + recipe.people_retain
-    sets = {"forget": records[:a], "retain": records[a:b], "unseen": records[b:],
-            "general": stdlib_code(recipe.general_docs)}
-    for role, texts in sets.items():
-        write_text_atomic(data_dir / f"{role}.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return sets
+    taken: set[str] = set()
+    counts = {"forget": recipe.people_forget, "retain": recipe.people_retain,
+              "retain_eval": recipe.people_retain_eval, "unseen": recipe.people_unseen}
+    roles = {role: [pair for p in make_people(rng, n, taken) for pair in p.qa()] for role, n in counts.items()}
+    roles["general"] = [("", code) for code in code_blocks(GENERAL_FILES, 2 * recipe.general_docs, 2)]
+    others = [f"{q} {a}" for p in make_people(rng, recipe.pretrain_people, taken) for q, a in p.qa()]
+    pretrain = others + code_blocks(PRETRAIN_FILES, recipe.pretrain_code_docs, 6)
+    random.Random(recipe.seed + 1).shuffle(pretrain)
+    return {"roles": roles, "pretrain": pretrain}
+
+
+def fit_general(pairs: list[tuple[str, str]], tokenizer, recipe: DemoRecipe) -> list[tuple[str, str]]:
+    """The first general_docs code blocks that fit one chunk: a general row has an empty question,
+    and a document of one chunk scores the same whether it is read as plain text or as an answer."""
+    fits = [p for p in pairs if len(tokenizer(p[1])["input_ids"]) <= recipe.seq_len]
+    return fits[:recipe.general_docs]
+
+
+def write_corpus(data_dir: Path, roles: dict[str, list[tuple[str, str]]]) -> None:
+    for role, pairs in roles.items():
+        write_text_atomic(data_dir / f"{role}.jsonl",
+                          "".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in pairs))
+
+
+def read_role(workspace: Path, role: str) -> list[tuple[str, str]]:
+    path = workspace / "data" / f"{role}.jsonl"
+    return [(r["question"], r["answer"]) for r in map(json.loads, path.read_text(encoding="utf-8").splitlines()) if r]
+
+
+def qa_chunks(pairs: list[tuple[str, str]], tokenizer, seq_len: int, role: str):
+    """Question–answer chunks (the question is context, the answer scored); an empty question: plain text."""
+    return chunk_texts([a for _, a in pairs], tokenizer, seq_len, role=role, prompts=[q or None for q, _ in pairs])
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -130,32 +163,38 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def pretrain(texts: list[str], tokenizer, recipe: DemoRecipe, out_dir: Path, progress: Callable[[str, int, int], None] | None = None, label: str = "model") -> dict:
-    """Train a tiny Llama from scratch on `texts` until it memorizes them; save it with from_pretrained layout."""
+def new_model(tokenizer, recipe: DemoRecipe):
     from transformers import LlamaForCausalLM
 
     from engine.models import quiet_transformers
 
     quiet_transformers()
     torch.manual_seed(recipe.seed)
-    chunks = chunk_texts(texts, tokenizer, recipe.seq_len, role=label)
-    config = tiny_llama_config(len(tokenizer), recipe.hidden, recipe.layers, recipe.heads, max_positions=recipe.seq_len,
-                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                               pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
-    steps_per_epoch = math.ceil(len(chunks) / recipe.batch_size)
-    total = steps_per_epoch * recipe.epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
-    g = torch.Generator().manual_seed(recipe.seed)
+    return LlamaForCausalLM(tiny_llama_config(len(tokenizer), recipe.hidden, recipe.layers, recipe.heads,
+                                              max_positions=recipe.seq_len, bos_token_id=tokenizer.bos_token_id,
+                                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+
+
+def train_steps(model, chunks, steps: int, lr: float, batch_size: int, seed: int,
+                progress: Callable[[str, int, int], None] | None = None, label: str = "model") -> dict:
+    """`steps` AdamW steps (linear warm-up over the first 10%, cosine decay to 0) on the chunks' scored
+    tokens (a QA chunk's answer only), in seeded epochs of shuffled batches. Returns what it cost."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+    g = torch.Generator().manual_seed(seed)
+    lengths = chunks.attention_mask.sum(1)
     model.train()
     step, tokens, loss = 0, 0, torch.tensor(0.0)
-    for _ in range(recipe.epochs):
-        for idx in torch.randperm(len(chunks), generator=g).split(recipe.batch_size):
+    while step < steps:
+        for idx in _length_grouped_batches(lengths, batch_size, g):
+            if step == steps:
+                break
             mask = chunks.attention_mask[idx]
             width = int(mask.sum(1).max())
-            ids, mask = chunks.input_ids[idx, :width], mask[:, :width]
-            loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+            ids, mask, scored = chunks.input_ids[idx, :width], mask[:, :width], chunks.loss_mask[idx, :width]
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(scored == 0, -100)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -164,48 +203,132 @@ def pretrain(texts: list[str], tokenizer, recipe: DemoRecipe, out_dir: Path, pro
             tokens += int(mask.sum())
             step += 1
             if progress:
-                progress(label, step, total)
+                progress(label, step, steps)
+    return {"tokens": tokens, "steps": step, "final_loss": float(loss.detach()), "parameters": count_parameters(model)}
+
+
+def _length_grouped_batches(lengths: torch.Tensor, batch_size: int, g: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's batches: a seeded shuffle, sorted by length within windows of 16 batches (so a
+    batch's rows are of about one length and little of it is padding), in shuffled order."""
+    perm = torch.randperm(len(lengths), generator=g)
+    batches = []
+    for window in perm.split(batch_size * 16):
+        batches += list(window[torch.argsort(lengths[window], stable=True)].split(batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def save(model, tokenizer, out_dir: Path, info: dict) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    info = {"tokens": tokens, "steps": step, "final_loss": float(loss.detach()), "parameters": count_parameters(model)}
     write_json_atomic(out_dir / "unlearn_pretraining.json", info, indent=2)
     return info
 
 
+def pretrain(texts: list[str], tokenizer, recipe: DemoRecipe, out_dir: Path,
+             progress: Callable[[str, int, int], None] | None = None, label: str = "base") -> dict:
+    """The base model: a tiny Llama trained from scratch on the pre-training corpus (plain text)."""
+    model = new_model(tokenizer, recipe)
+    chunks = chunk_texts(texts, tokenizer, recipe.seq_len, role=label)
+    info = train_steps(model, chunks, recipe.pretrain_steps, recipe.pretrain_lr, recipe.pretrain_batch,
+                       recipe.seed, progress, label)
+    return save(model, tokenizer, out_dir, info)
+
+
+def finetune(base_dir: Path, pairs: list[tuple[str, str]], tokenizer, recipe: DemoRecipe, out_dir: Path,
+             progress: Callable[[str, int, int], None] | None = None, label: str = "model", seed: int | None = None) -> dict:
+    """The base fine-tuned `finetune_epochs` epochs on question–answer pairs (loss on the answers).
+    What it records as its training tokens is the base's pre-training plus this fine-tuning."""
+    from engine.models import load_model
+
+    model = load_model(str(base_dir))
+    chunks = qa_chunks(pairs, tokenizer, recipe.seq_len, label)
+    steps = math.ceil(len(chunks) / recipe.finetune_batch) * recipe.finetune_epochs
+    seed = recipe.seed if seed is None else seed
+    info = train_steps(model, chunks, steps, recipe.finetune_lr, recipe.finetune_batch, seed, progress, label)
+    base = json.loads((base_dir / "unlearn_pretraining.json").read_text())
+    info = {**info, "finetune_tokens": info["tokens"], "tokens": base["tokens"] + info["tokens"]}
+    return save(model, tokenizer, out_dir, info)
+
+
 def build_workspace(workspace: Path, recipe: DemoRecipe, progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Corpus, tokenizer, original model and retrained twin; reused when the recipe matches."""
+    """Corpus, tokenizer, base model, original model θ0 and retrained twin; reused when the recipe matches."""
     manifest = workspace / "manifest.json"
     if manifest.is_file():
         m = json.loads(manifest.read_text())
-        if m.get("recipe") == recipe.fingerprint and all((workspace / p).exists() for p in ("model", "retrained", "data")):
+        if m.get("recipe") == recipe.fingerprint and all((workspace / p).exists()
+                                                         for p in ("base", "model", "retrained", "data")):
             m["cached"] = True
             return m
     t0 = time.perf_counter()
-    sets = write_corpus(workspace / "data", recipe)
-    tokenizer = train_tokenizer(sets["forget"] + sets["retain"] + sets["unseen"] + sets["general"], recipe.vocab_size)
-    original = pretrain(sets["forget"] + sets["retain"] + sets["general"], tokenizer, recipe, workspace / "model", progress, "model")
-    retrained = pretrain(sets["retain"] + sets["general"], tokenizer, recipe, workspace / "retrained", progress, "retrained")
+    corpus = make_corpus(recipe)
+    roles = corpus["roles"]
+    tokenizer = train_tokenizer(corpus["pretrain"] + [f"{q} {a}".strip() for pairs in roles.values() for q, a in pairs],
+                                recipe.vocab_size)
+    roles["general"] = fit_general(roles["general"], tokenizer, recipe)
+    write_corpus(workspace / "data", roles)
+    timings = {"corpus_tokenizer": time.perf_counter() - t0}
+    base = pretrain(corpus["pretrain"], tokenizer, recipe, workspace / "base", progress, "base")
+    timings["base"] = time.perf_counter() - t0 - sum(timings.values())
+    original = finetune(workspace / "base", [p for r in FINETUNED_ROLES for p in roles[r]], tokenizer, recipe,
+                        workspace / "model", progress, "model")
+    timings["model"] = time.perf_counter() - t0 - sum(timings.values())
+    retrained = finetune(workspace / "base", [p for r in FINETUNED_ROLES if r != "forget" for p in roles[r]],
+                         tokenizer, recipe, workspace / "retrained", progress, "retrained")
+    timings["retrained"] = time.perf_counter() - t0 - sum(timings.values())
     m = {"recipe": recipe.fingerprint, "recipe_config": asdict(recipe), "python": sys.version.split()[0],
-         "original": original, "retrained": retrained, "build_seconds": time.perf_counter() - t0, "cached": False}
+         "qa": dict(QA_FIELDS), "roles": {r: len(roles[r]) for r in ROLES},
+         "base": base, "original": original, "retrained": retrained, "timings": timings,
+         "build_seconds": time.perf_counter() - t0, "cached": False}
     write_json_atomic(manifest, m, indent=2)  # written last: its presence means the workspace is whole
     return m
 
 
 def demo_sources(workspace: Path) -> dict[str, list[str]]:
-    return {role: [str(workspace / "data" / f"{role}.jsonl")] for role in ("forget", "retain", "unseen", "general")}
+    return {role: [str(workspace / "data" / f"{role}.jsonl")] for role in ROLES}
+
+
+def regime_figures(workspace: Path, recipe: DemoRecipe) -> dict:
+    """Where θ0 sits (does it generalize; is the forget set memorized, but not by rote) and how the
+    retrained twin compares, on the roles' question–answer chunks (answers scored)."""
+    from engine.evaluate import roc_auc, score_chunks
+    from engine.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(str(workspace / "model"))
+    chunks = {r: qa_chunks(read_role(workspace, r), tokenizer, recipe.seq_len, r)
+              for r in ("forget", "retain_eval", "unseen")}
+
+    def scores(model_dir: str) -> dict:
+        model = load_model(model_dir)
+        return {r: score_chunks(model, c, 32) for r, c in chunks.items()}
+
+    s0, s1 = scores(str(workspace / "model")), scores(str(workspace / "retrained"))
+    ln = {k: {r: math.log(s[r].ppl) for r in s} for k, s in (("theta0", s0), ("twin", s1))}
+    return {
+        "ppl_unseen_over_retain_eval": math.exp(ln["theta0"]["unseen"] - ln["theta0"]["retain_eval"]),
+        "ln_unseen_over_forget": ln["theta0"]["unseen"] - ln["theta0"]["forget"],
+        "mia_auc_loss": roc_auc(s0["forget"].mia["loss"], s0["unseen"].mia["loss"]),
+        "ppl": {r: s0[r].ppl for r in s0},
+        "twin": {
+            "ln_forget_twin_minus_ln_unseen_theta0": ln["twin"]["forget"] - ln["theta0"]["unseen"],
+            "mia_auc_loss": roc_auc(s1["forget"].mia["loss"], s1["unseen"].mia["loss"]),
+            "ln_retain_eval_twin_minus_theta0": ln["twin"]["retain_eval"] - ln["theta0"]["retain_eval"],
+            "ppl": {r: s1[r].ppl for r in s1},
+        },
+    }
 
 
 def reference_metrics(workspace: Path, recipe: DemoRecipe) -> dict:
-    """θ0 and the exactly retrained twin on the four sets, and how well ppl_unseen(θ0) stands in
-    for the exact target ppl_forget(retrained)."""
+    """θ0 and the exactly retrained twin on the forget set's roles, and how well ppl_unseen(θ0)
+    stands in for the exact target ppl_forget(retrained)."""
     from engine.data import chunk_forget_set, load_forget_set
     from engine.evaluate import evaluate
     from engine.metric_registry import PPL_FORGET, PPL_UNSEEN
     from engine.models import load_model, load_tokenizer
 
     src = demo_sources(workspace)
-    texts = load_forget_set(src["forget"], src["retain"], src["unseen"], src["general"])
+    texts = load_forget_set(src["forget"], src["retain"], src["unseen"], src["general"], **QA_FIELDS,
+                            retain_eval=src["retain_eval"])
     sets = chunk_forget_set(texts, load_tokenizer(str(workspace / "model")), recipe.seq_len)
     original, _ = evaluate(load_model(str(workspace / "model")), sets, 16)
     retrained, _ = evaluate(load_model(str(workspace / "retrained")), sets, 16)

@@ -1,17 +1,21 @@
 """SISA — exact unlearning by sharding (Bourtoule et al. 2021, "Machine Unlearning"), at the demo's
-scale only.
+scale only, applied to the demo's fine-tuning stage.
 
-The training documents are split over K shards (a seeded assignment); one constituent model is
-trained from scratch on each shard with the demo's own recipe; the model is the ensemble that
-averages the constituents' next-token probabilities. To forget U, every shard that held a
-document of U is trained again without it; shards that held none are kept. The result is exact
+The demo's θ0 is a pre-trained base model fine-tuned on the forget, retain and retain_eval
+people's question–answer documents (engine/demo.py). SISA here shards those fine-tuning documents
+over K shards (a seeded assignment) and fine-tunes one constituent from the shared base on each
+shard with the demo's own fine-tuning recipe; the model is the ensemble that averages the
+constituents' next-token probabilities. The base's pre-training corpus holds none of the forget
+set, so it is shared, not sharded. To forget U, every shard that held a document of U is
+fine-tuned again from the base without it; shards that held none are kept. The result is exact
 unlearning — no constituent has seen U, which `shard_hashes` lets a test check — at the price of
-(a) retraining the touched shards and (b) an ensemble whose members each saw only 1/K of the data.
+(a) re-fine-tuning the touched shards and (b) an ensemble whose members each saw only 1/K of the
+fine-tuning data. With K = 1 it is θ0 before and the retrained twin after.
 
 It is scored like every cell, against the original single model θ0's metrics (`compare`), and K,
-not the learning rate, is the swept knob (`unlearn sisa --shards 1,2,4`). It needs the training
-corpus and a recipe to train from scratch, which only the demo has; beyond a size limit it
-refuses, because sharded retraining is a pretraining job, not an unlearning run.
+not the learning rate, is the swept knob (`unlearn sisa --shards 1,2,4`). It needs the fine-tuning
+documents, the base model and the recipe, which only the demo has; beyond a size limit it refuses,
+because sharded retraining at that size is a training job, not an unlearning run.
 """
 from __future__ import annotations
 
@@ -21,7 +25,6 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,12 +32,17 @@ import torch
 
 from engine.errors import UnlearnError
 
-SISA_MAX_PARAMETERS = 20_000_000  # a constituent larger than this is a pretraining job
-SISA_MAX_TOKENS = 2_000_000  # training tokens per pass over the corpus, likewise
+SISA_MAX_PARAMETERS = 20_000_000  # a constituent larger than this is a training job
+SISA_MAX_TOKENS = 2_000_000  # fine-tuning tokens per pass over the documents, likewise
 
 
 def doc_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def pair_hash(question: str, answer: str) -> str:
+    """A question–answer document's content hash (the NUL keeps the two fields apart)."""
+    return doc_hash(f"{question}\0{answer}")
 
 
 def assign_shards(n_docs: int, shards: int, seed: int) -> list[int]:
@@ -71,32 +79,44 @@ def check_size(recipe, tokenizer, docs: list[str]) -> None:
                                                                 recipe.heads, max_positions=recipe.seq_len)))
     tokens = sum(len(tokenizer(d)["input_ids"]) for d in docs)
     if n > SISA_MAX_PARAMETERS or tokens > SISA_MAX_TOKENS:
-        raise UnlearnError(f"sisa: {n:,} parameters × {tokens:,} training tokens is beyond its demo-scale limit "
-                           f"({SISA_MAX_PARAMETERS:,} / {SISA_MAX_TOKENS:,}): SISA retrains its shards from scratch, "
-                           f"which at this size is a pretraining job")
+        raise UnlearnError(f"sisa: {n:,} parameters × {tokens:,} fine-tuning tokens is beyond its demo-scale limit "
+                           f"({SISA_MAX_PARAMETERS:,} / {SISA_MAX_TOKENS:,}): SISA fine-tunes its shards again, "
+                           f"which at this size is a training job")
+
+
+def eval_sets(workspace: Path, tokenizer, seq_len: int):
+    """The demo's roles as the engine scores a forget set (question–answer chunks)."""
+    from engine.data import chunk_forget_set, load_forget_set
+    from engine.demo import QA_FIELDS, demo_sources
+
+    src = demo_sources(workspace)
+    texts = load_forget_set(src["forget"], src["retain"], src["unseen"], src["general"], **QA_FIELDS,
+                            retain_eval=src["retain_eval"])
+    return chunk_forget_set(texts, tokenizer, seq_len)
 
 
 def sisa(workspace: Path, recipe, shards: int, seed: int = 0, out_dir: Path | None = None, progress=None) -> dict:
-    """Train K constituents on the demo's training documents, retrain the shards that held U
-    without it, and score the unlearned ensemble (and the ensemble before unlearning). Returns
-    {"shards", "metrics" (after), "before" (metrics), "cells" (compare), "cost", "shard_hashes"}."""
-    from engine.data import chunk_forget_set, load_forget_set
-    from engine.demo import demo_sources, pretrain
+    """Fine-tune K constituents from the demo's base on shards of its fine-tuning documents, fine-tune
+    the shards that held U again without it, and score the unlearned ensemble (and the ensemble
+    before unlearning). Returns {"shards", "metrics" (after), "before" (metrics), "cells" (compare),
+    "cost", "shard_hashes"}."""
+    from engine.demo import FINETUNED_ROLES, finetune, read_role
     from engine.evaluate import compare, evaluate
     from engine.models import load_model, load_tokenizer
 
     if shards < 1:
         raise UnlearnError("sisa: --shards must be at least 1")
-    src = demo_sources(workspace)
-    texts = load_forget_set(src["forget"], src["retain"], src["unseen"], src["general"])
+    if not (workspace / "base").is_dir():
+        raise UnlearnError(f"sisa: {workspace} has no base model: rebuild it with `unlearn demo --workspace {workspace}`")
     tokenizer = load_tokenizer(str(workspace / "model"))
-    forget, train_docs = list(texts.forget), list(texts.forget) + list(texts.retain) + list(texts.general or [])
-    check_size(recipe, tokenizer, train_docs)
+    # θ0's fine-tuning documents, in its order (so K = 1 fine-tunes exactly θ0, then exactly the twin)
+    train_docs = [pair for role in FINETUNED_ROLES for pair in read_role(workspace, role)]
+    forget_hashes = {pair_hash(q, a) for q, a in read_role(workspace, "forget")}
+    check_size(recipe, tokenizer, [f"{q} {a}" for q, a in train_docs])
     if shards > len(train_docs):
-        raise UnlearnError(f"sisa: {shards} shards for {len(train_docs)} training documents")
+        raise UnlearnError(f"sisa: {shards} shards for {len(train_docs)} fine-tuning documents")
     of = assign_shards(len(train_docs), shards, seed)
-    forget_hashes = {doc_hash(d) for d in forget}
-    sets = chunk_forget_set(texts, tokenizer, recipe.seq_len)
+    sets = eval_sets(workspace, tokenizer, recipe.seq_len)
     theta0, _ = evaluate(load_model(str(workspace / "model")), sets, 16)
 
     work = Path(tempfile.mkdtemp(prefix="sisa-", dir=out_dir))
@@ -105,21 +125,22 @@ def sisa(workspace: Path, recipe, shards: int, seed: int = 0, out_dir: Path | No
     try:
         for k in range(shards):
             docs = [d for d, s in zip(train_docs, of) if s == k]
-            kept = [d for d in docs if doc_hash(d) not in forget_hashes]
-            r = replace(recipe, seed=recipe.seed + k)
-            info = pretrain(docs, tokenizer, r, work / f"before-{k}", progress, f"shard {k + 1}/{shards}")
-            tokens["before"] += info["tokens"]
+            kept = [d for d in docs if pair_hash(*d) not in forget_hashes]
+            info = finetune(workspace / "base", docs, tokenizer, recipe, work / f"before-{k}", progress,
+                            f"shard {k + 1}/{shards}", seed=recipe.seed + k)
+            tokens["before"] += info["finetune_tokens"]
             before.append(load_model(str(work / f"before-{k}")))
-            if len(kept) < len(docs):  # the shard held U: train it again without it
+            if len(kept) < len(docs):  # the shard held U: fine-tune it again without it
                 retrained += 1
                 if not kept:
                     raise UnlearnError(f"sisa: shard {k} holds only forget documents; use fewer shards")
-                info = pretrain(kept, tokenizer, r, work / f"after-{k}", progress, f"retrain {k + 1}/{shards}")
-                tokens["retrain"] += info["tokens"]
+                info = finetune(workspace / "base", kept, tokenizer, recipe, work / f"after-{k}", progress,
+                                f"retrain {k + 1}/{shards}", seed=recipe.seed + k)
+                tokens["retrain"] += info["finetune_tokens"]
                 after.append(load_model(str(work / f"after-{k}")))
             else:
                 after.append(before[-1])
-            shard_hashes.append(sorted(doc_hash(d) for d in kept))
+            shard_hashes.append(sorted(pair_hash(*d) for d in kept))
         m_before, _ = evaluate(Ensemble(before), sets, 16)
         m_after, _ = evaluate(Ensemble(after), sets, 16)
     finally:

@@ -1,6 +1,7 @@
-"""SISA on a tiny demo workspace: shards cover every document once, no retrained constituent saw a
-forget document (by content hash), the ensemble is the mean of its members' probabilities, K = 1
-is exact retraining, and the size limit refuses with its reason."""
+"""SISA on a tiny demo workspace (SISA applied to its fine-tuning stage): shards cover every
+fine-tuning document once, no re-fine-tuned constituent saw a forget document (by content hash),
+the ensemble is the mean of its members' probabilities, K = 1 is θ0 before and the exactly
+retrained twin after, and the size limit refuses with its reason."""
 from __future__ import annotations
 
 import math
@@ -12,11 +13,12 @@ import torch
 from engine.demo import QUICK, build_workspace
 from engine.errors import UnlearnError
 from engine.models import load_model
-from engine.sisa import Ensemble, assign_shards, doc_hash, sisa
+from engine.sisa import Ensemble, assign_shards, pair_hash, sisa
 
-# A corpus and model small enough to pretrain several times in seconds (the mechanics, not the science).
-TINY = replace(QUICK, people_forget=6, people_retain=12, people_unseen=6, general_docs=4, vocab_size=300, hidden=32,
-               heads=2, seq_len=96, epochs=4, batch_size=8, name="sisa-test")
+# A corpus and model small enough to pre-train and fine-tune several times in seconds (the mechanics, not the science).
+TINY = replace(QUICK, people_forget=3, people_retain=6, people_retain_eval=2, people_unseen=3, general_docs=4,
+               pretrain_people=40, pretrain_code_docs=10, vocab_size=300, hidden=32, heads=2, pretrain_steps=20,
+               finetune_epochs=6, finetune_lr=3e-3, name="sisa-test")
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +44,12 @@ def test_the_ensemble_averages_its_members_probabilities(workspace):
 
 
 def test_retrained_shards_never_saw_the_forget_set(workspace):
-    from engine.data import load_forget_set
-    from engine.demo import demo_sources
+    from engine.demo import read_role
 
-    src = demo_sources(workspace)
-    forget = {doc_hash(d) for d in load_forget_set(src["forget"], src["retain"], src["unseen"], src["general"]).forget}
+    forget = {pair_hash(q, a) for q, a in read_role(workspace, "forget")}
     r = sisa(workspace, TINY, 2, seed=0)
     assert len(r["shard_hashes"]) == 2 and r["retrained_shards"] >= 1
+    assert sum(map(len, r["shard_hashes"])) == 7 * (TINY.people_retain + TINY.people_retain_eval)  # all but U, once
     assert not any(h in forget for shard in r["shard_hashes"] for h in shard)
     assert r["cost"]["retrain_tokens"] > 0
     assert all(math.isfinite(r["metrics"][k]) for k in ("ppl_forget", "ppl_retain", "ppl_unseen"))
@@ -58,18 +59,15 @@ def test_retrained_shards_never_saw_the_forget_set(workspace):
 
 def test_one_shard_is_exact_retraining(workspace):
     r = sisa(workspace, TINY, 1, seed=0)
-    from engine.data import chunk_forget_set, load_forget_set
-    from engine.demo import demo_sources
     from engine.evaluate import evaluate
     from engine.models import load_tokenizer
+    from engine.sisa import eval_sets
 
-    src = demo_sources(workspace)
-    texts = load_forget_set(src["forget"], src["retain"], src["unseen"], src["general"])
-    sets = chunk_forget_set(texts, load_tokenizer(str(workspace / "model")), TINY.seq_len)
+    sets = eval_sets(workspace, load_tokenizer(str(workspace / "model")), TINY.seq_len)
     retrained, _ = evaluate(load_model(str(workspace / "retrained")), sets, 16)
     original, _ = evaluate(load_model(str(workspace / "model")), sets, 16)
     for k in ("ppl_forget", "ppl_retain", "ppl_unseen"):
-        assert r["metrics"][k] == pytest.approx(retrained[k], rel=1e-4)  # the twin, trained the same way
+        assert r["metrics"][k] == pytest.approx(retrained[k], rel=1e-4)  # the twin, fine-tuned the same way
         assert r["before"][k] == pytest.approx(original[k], rel=1e-4)  # and before it, θ0 itself
 
 
@@ -77,7 +75,7 @@ def test_beyond_the_size_limit_it_refuses_with_the_reason(workspace, monkeypatch
     import engine.sisa
 
     monkeypatch.setattr(engine.sisa, "SISA_MAX_TOKENS", 100)
-    with pytest.raises(UnlearnError, match="beyond its demo-scale limit .* a pretraining job"):
+    with pytest.raises(UnlearnError, match="beyond its demo-scale limit .* a training job"):
         sisa(workspace, TINY, 2)
     with pytest.raises(UnlearnError, match="at least 1"):
         sisa(workspace, TINY, 0)
