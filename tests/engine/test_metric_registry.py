@@ -17,10 +17,15 @@ def test_the_registry_never_imports_torch():
 
 
 def test_every_run_metrics_are_the_plain_cell_metrics_in_table_order():
-    assert M.every_run_paths() == ("score", "forget_gap", "retain_drift", "ppl_forget", "ppl_retain", "ppl_unseen",
-                                   "ppl_general", "mia_auc.loss", "mia_auc.zlib", "mia_auc.min_k", "mia_auc.min_k_pp")
-    assert M.every_run_paths(max_tier=M.HEADLINE) == ("score", "forget_gap", "retain_drift", "ppl_forget", "ppl_retain",
-                                             "mia_auc.loss", "mia_auc.min_k")
+    assert M.every_run_paths() == ("eval_score", "forget_gap", "retain_eval_drift", "ppl_forget", "ppl_retain",
+                                   "ppl_retain_eval", "ppl_unseen", "ppl_general", "mia_auc.loss", "mia_auc.zlib",
+                                   "mia_auc.min_k", "mia_auc.min_k_pp", "mia_auc_lo", "mia_auc_hi", "score",
+                                   "retain_drift")
+    assert M.every_run_paths(max_tier=M.HEADLINE) == ("eval_score", "forget_gap", "retain_eval_drift", "ppl_forget",
+                                                      "ppl_retain_eval", "mia_auc.loss", "mia_auc.min_k")
+    # the objective is judged on held-out utility; the figures on the trained-on retain keep their names
+    assert M.SCORE == "eval_score" and [m.path for m in M.objective()] == ["eval_score", "forget_gap", "retain_eval_drift"]
+    assert M.paths(M.TRAINED_ON) == ("score", "retain_drift")
     assert M.paths(M.RECOVERY) == tuple(f"{a}_recovery" for a in M.ROBUSTNESS_ATTACKS)
 
 
@@ -37,7 +42,7 @@ def test_badness_runs_lower_is_better(path, x, want):
 
 def test_only_the_forget_side_perplexities_have_no_better_direction():
     assert [m.path for m in M.every() if not m.good_bad] == ["ppl_forget", "ppl_unseen", "ppl_general"]
-    assert M.get("retain_drift").scale == "|drift| lower = greener"
+    assert M.get("retain_eval_drift").scale == "|drift| lower = greener"
     assert M.get("mia_auc.loss").scale == "closer to 0.5 = greener"
     assert M.get("ppl_retain").scale == "log scale, lower = greener"
 
@@ -51,8 +56,8 @@ def test_unknown_paths_are_one_line_errors():
 
 def test_a_blank_cell_has_every_measured_field_nested_as_a_cell_nests_them():
     assert M.blank(M.PERPLEXITY, M.MIA) == {
-        "ppl_forget": None, "ppl_retain": None, "ppl_unseen": None, "ppl_general": None,
-        "mia_auc": {"loss": None, "zlib": None, "min_k": None, "min_k_pp": None}}
+        "ppl_forget": None, "ppl_retain": None, "ppl_retain_eval": None, "ppl_unseen": None, "ppl_general": None,
+        "mia_auc": {"loss": None, "zlib": None, "min_k": None, "min_k_pp": None}, "mia_auc_lo": None, "mia_auc_hi": None}
 
 
 def test_the_cell_type_has_a_key_for_every_metric():

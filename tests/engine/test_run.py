@@ -214,7 +214,7 @@ def test_result_json_structure(tiny_model_dir, forget_set_texts, tiny_sets, tmp_
     assert cost["wall_seconds"] > 0
 
     # the baseline is now cached: a second run spends no eval tokens on it and reports the same one
-    again = run(tiny_model_dir, forget_set_texts, tmp_path / "cache", "ga_gd", [1], lr=1e-3)
+    again = run(tiny_model_dir, forget_set_texts, tmp_path / "cache", "ga_gd", [1], lr=1e-3, watch_every=0)
     assert again["baseline"] == base
     assert again["cost"]["eval_tokens"] == set_tokens
 
