@@ -11,29 +11,40 @@ from pathlib import Path
 
 from sqlmodel import select
 
-BASELINE = {"ppl_forget": 4.0, "ppl_retain": 5.0, "ppl_unseen": 20.0, "ppl_general": 30.0,
+BASELINE = {"ppl_forget": 4.0, "ppl_retain": 5.0, "ppl_retain_eval": 6.0, "ppl_unseen": 20.0, "ppl_general": 30.0,
             "mia_auc": {"loss": 0.9, "zlib": 0.88, "min_k": 0.91, "min_k_pp": 0.86}}
 FIXED_TIME = dt.datetime(2026, 11, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+# The verdict's bands for these cells (engine.verdict): fixed, as --tol-forget 0.5 --tol-retain 0.1 would make them.
+FORGET_BAND, UTILITY_BAND = math.log1p(0.5), math.log1p(0.1)
+MIA_HALF_WIDTH = 0.32  # the loss AUC's bootstrap interval: wide, as on a small forget set
 
 
 def synthetic_cell(method_index: int, lr_index: int, step: int, diverge_after: int | None = None) -> dict:
-    """An engine-shaped cell dict whose numbers vary smoothly with (method, lr, step)."""
+    """An engine-shaped cell dict whose numbers vary smoothly with (method, lr, step): the objective
+    eval_score on held-out retain_eval (which drifts a little more than the trained-on retain set),
+    the old score and retain_drift beside it, the loss AUC's interval and the verdict."""
     if diverge_after is not None and step > diverge_after:
-        return {"step": step, "ppl_forget": None, "ppl_retain": None, "ppl_unseen": None, "ppl_general": None,
-                "mia_auc": {}, "forget_gap": None, "retain_drift": None, "score": None, "success": False,
+        return {"step": step, "ppl_forget": None, "ppl_retain": None, "ppl_retain_eval": None, "ppl_unseen": None,
+                "ppl_general": None, "mia_auc": {}, "mia_auc_lo": None, "mia_auc_hi": None, "forget_gap": None,
+                "retain_eval_drift": None, "eval_score": None, "retain_drift": None, "score": None,
+                "verdict": {"forget": False, "mia": False, "utility": False}, "success": False,
                 "diverged": True, "train_loss": None}
     strength = (1 + lr_index) * step / 40.0 * (1 + 0.3 * method_index)
     ppl_forget = BASELINE["ppl_forget"] * math.exp(strength)
     forget_gap = abs(math.log(ppl_forget) - math.log(BASELINE["ppl_unseen"]))
     retain_drift = max(0.0, 0.02 * strength ** 2 - 0.01 * method_index)
-    ppl_retain = BASELINE["ppl_retain"] * math.exp(retain_drift)
+    retain_eval_drift = retain_drift + 0.01 * strength
     auc = max(0.5, 0.9 - 0.08 * strength)
-    return {"step": step, "ppl_forget": ppl_forget, "ppl_retain": ppl_retain,
+    lo, hi = auc - MIA_HALF_WIDTH, min(1.0, auc + MIA_HALF_WIDTH)
+    verdict = {"forget": forget_gap <= FORGET_BAND, "mia": lo <= 0.5 <= hi, "utility": retain_eval_drift <= UTILITY_BAND}
+    return {"step": step, "ppl_forget": ppl_forget, "ppl_retain": BASELINE["ppl_retain"] * math.exp(retain_drift),
+            "ppl_retain_eval": BASELINE["ppl_retain_eval"] * math.exp(retain_eval_drift),
             "ppl_unseen": BASELINE["ppl_unseen"] * math.exp(0.01 * strength), "ppl_general": 30.0 + strength,
             "mia_auc": {"loss": auc, "zlib": auc - 0.01, "min_k": auc + 0.01, "min_k_pp": auc - 0.02},
-            "forget_gap": forget_gap, "retain_drift": retain_drift, "score": forget_gap + retain_drift,
-            "success": forget_gap <= math.log1p(0.5) and retain_drift <= math.log1p(0.1),
-            "diverged": False, "train_loss": 3.0 - 0.1 * strength}
+            "mia_auc_lo": lo, "mia_auc_hi": hi, "forget_gap": forget_gap,
+            "retain_eval_drift": retain_eval_drift, "eval_score": forget_gap + retain_eval_drift,
+            "retain_drift": retain_drift, "score": forget_gap + retain_drift,
+            "verdict": verdict, "success": all(verdict.values()), "diverged": False, "train_loss": 3.0 - 0.1 * strength}
 
 
 def make_study(store, name: str, model_dir: str, forget_set: str, methods=("ga", "ga_gd"), lrs=(1e-5, 1e-4, 1e-3),

@@ -183,6 +183,7 @@ def test_the_dashboard_follows_new_cells_incrementally(fresh_store):
 
 
 def test_the_metric_picker_changes_every_heatmap(store_url):
+    from engine.metric_registry import SCORE, every_run_paths
     from tui.app.messages import OpenStudy
     from tui.app.screens.dashboard import DashboardScreen
     from tui.app.widgets.heatmap import HeatmapGrid
@@ -194,12 +195,13 @@ def test_the_metric_picker_changes_every_heatmap(store_url):
             app.post_message(OpenStudy("sweep-done"))
             await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen)
                              and len(app.screen.query(HeatmapGrid)) == 2, what="the heatmaps")
+            assert {w.metric for w in app.screen.query(HeatmapGrid)} == {SCORE}
             await pilot.press("m")
             await pilot.pause(0.2)
             assert {w.metric for w in app.screen.query(HeatmapGrid)} == {"forget_gap"}
-            await pilot.press("M", "M")
+            await pilot.press("M", "M")  # back past the objective (eval_score) to the last metric
             await pilot.pause(0.2)
-            assert {w.metric for w in app.screen.query(HeatmapGrid)} == {"mia_auc.min_k_pp"}
+            assert {w.metric for w in app.screen.query(HeatmapGrid)} == {every_run_paths()[-1]}
 
     asyncio.run(go())
 

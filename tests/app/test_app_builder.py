@@ -97,14 +97,16 @@ async def test_builder_saves_what_forgetset_create_saves(store, forget_set_files
         assert screen.query_one(SourceTable).row_count == 4
         counts = await until(pilot, lambda: all(v is not None for v in screen.doc_counts().values())
                              and screen.doc_counts(), "the documents to be counted")
-        assert counts == {"forget": 16, "retain": 32, "unseen": 16, "general": 12}
+        assert counts == {"forget": 16, "retain": 32, "retain_eval": 0, "unseen": 16, "general": 12}
         assert "general.jsonl: 12 documents" in str(screen.query_one("#preview").content)  # the last added
+        # no retain_eval source: saving holds out a seeded 20 % of retain, and the builder says so
+        assert "6 of the 32 retain documents" in screen.held_out_note().plain
         screen.query_one("#name", Input).value = "people"
         await pilot.press("ctrl+s")
         await until(pilot, lambda: app.result is not UNSET, "the builder to save and close", timeout=60)
     assert app.result == "people"
     fs = store.forget_set("people")
-    assert fs.counts == counts
+    assert fs.counts == {**counts, "retain": 26, "retain_eval": 6}
     assert fs.hash == forget_set_texts.hash  # the same texts as load_forget_set reads, the same hash
     assert fs.sources["forget"] == [forget_set_files["forget"]]
     assert "general.jsonl" in fs.sources["general"][0]
@@ -120,13 +122,47 @@ async def test_builder_roles_can_change_and_sources_go(store, forget_set_files):
         table = screen.query_one(SourceTable)
         table.focus()
         table.move_cursor(row=0)
-        await pilot.press("r", "r", "r")  # retain → unseen → general → forget
+        await pilot.press("r")  # retain → retain_eval
+        assert [s.role for s in screen.sources] == ["retain_eval", "unseen"]
+        assert str(table.get_cell(forget_set_files["forget"], "role")) == "retain_eval"  # the whole name shows
+        await pilot.press("r", "r", "r")  # → unseen → general → forget
         assert [s.role for s in screen.sources] == ["forget", "unseen"]
         table.move_cursor(row=1)
         await pilot.press("x")
         assert [s.spec for s in screen.sources] == [forget_set_files["forget"]]
         assert table.row_count == 1
         await until(pilot, lambda: screen.doc_counts()["forget"] == 16, "the forget documents")
+
+
+@sync
+async def test_a_one_document_retain_set_needs_a_retain_eval_source(store, forget_set_files, tmp_path):
+    """Without a retain_eval source a seeded share of retain is held out, which one document cannot
+    give: the builder says so under the counts, saving refuses it in one line, and a retain_eval
+    source (saved in this process, as create_forget_set's retain_eval) makes the set."""
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"text": "the only document the retain terms train on"}\n')
+    app = Harness(lambda: ForgetSetBuilderScreen(store))
+    async with app.run_test(size=(100, 40)) as pilot:
+        screen = app.screen
+        await add(pilot, screen, forget_set_files["forget"], "forget")
+        await add(pilot, screen, str(one), "retain")
+        await add(pilot, screen, forget_set_files["unseen"], "unseen")
+        await until(pilot, lambda: screen.doc_counts()["retain"] == 1, "the retain document")
+        assert "needs at least 2" in screen.held_out_note().plain
+        screen.query_one("#name", Input).value = "small"
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: text(screen, "#save-error") not in ("", "saving…"), "the refusal")
+        assert "needs at least 2" in text(screen, "#save-error") and "\n" not in text(screen, "#save-error")
+        assert app.result is UNSET
+
+        await add(pilot, screen, forget_set_files["general"], "retain_eval")
+        await until(pilot, lambda: screen.doc_counts()["retain_eval"] == 12, "the retain_eval documents")
+        assert screen.held_out_note() is None
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: app.result is not UNSET, "the builder to save and close", timeout=60)
+    fs = store.forget_set("small")
+    assert fs.counts == {"forget": 16, "retain": 1, "retain_eval": 12, "unseen": 16, "general": 0}
+    assert fs.sources["retain_eval"] == [forget_set_files["general"]]
 
 
 @sync
@@ -188,7 +224,8 @@ async def test_builder_refuses_a_name_already_taken(store, forget_set_files):
 @sync
 async def test_builder_reads_and_saves_hf_sources_through_subprocesses(store, forget_set_files, tmp_path):
     """An hf: source would import `datasets`: its documents are read by studies.running.probe, and the set is
-    saved by `unlearn forgetset create` in a child, with the store URL in its environment."""
+    saved by `unlearn forgetset create` in a child, with the store URL in its environment (a retain_eval
+    source given here goes there as --retain-eval, and nothing is held out of retain)."""
     import datasets
 
     texts = ["the first record to forget", "the second record to forget", "and a third one"]
@@ -200,8 +237,10 @@ async def test_builder_reads_and_saves_hf_sources_through_subprocesses(store, fo
         await add(pilot, screen, spec, "forget")
         await add(pilot, screen, forget_set_files["retain"], "retain")
         await add(pilot, screen, forget_set_files["unseen"], "unseen")
+        await add(pilot, screen, forget_set_files["general"], "retain_eval")
         counts = await until(pilot, lambda: None not in (c := screen.doc_counts()).values() and c, "the counts", 120)
-        assert counts == {"forget": 3, "retain": 32, "unseen": 16, "general": 0}
+        assert counts == {"forget": 3, "retain": 32, "retain_eval": 12, "unseen": 16, "general": 0}
+        assert screen.held_out_note() is None
         screen.query_one(SourceTable).move_cursor(row=0)
         await pilot.pause()
         assert "and a third one" in str(screen.query_one("#preview").content)
@@ -210,6 +249,7 @@ async def test_builder_reads_and_saves_hf_sources_through_subprocesses(store, fo
         await until(pilot, lambda: app.result is not UNSET, "the save", timeout=120)
     fs = store.forget_set("from-hf")
     assert fs.sources["forget"] == [spec] and fs.counts == counts
+    assert fs.sources["retain_eval"] == [forget_set_files["general"]]
 
 
 @pytest.mark.slow
@@ -233,7 +273,9 @@ async def test_builder_counts_tokens_and_saves_with_a_tokenizer_in_a_subprocess(
         await until(pilot, lambda: app.result is not UNSET, "the save", timeout=120)
     fs = store.forget_set("chunked")
     assert fs.tokenizer == str(tiny_model_dir) and fs.seq_len == 128
-    assert fs.chunks == {"forget": len(tiny_sets.forget), "retain": len(tiny_sets.retain), "unseen": len(tiny_sets.unseen)}
+    # retain_eval held out of retain as forget_set_texts holds it out (the same seeded split)
+    assert fs.chunks == {"forget": len(tiny_sets.forget), "retain": len(tiny_sets.retain),
+                         "retain_eval": len(tiny_sets.retain_eval), "unseen": len(tiny_sets.unseen)}
 
 
 # ------------------------------------------------------------------ parsing the study form
@@ -397,7 +439,8 @@ from studies.running.probe import source_summary
 files = json.loads(sys.argv[1])
 store = Store(sys.argv[2])
 answer, error = save_here(store, SaveForm("fs", {"forget": [files["forget"]], "retain": [files["retain"]],
-                                                  "unseen": [files["unseen"]], "general": []}, "text", None, 128, None))
+                                                  "retain_eval": [], "unseen": [files["unseen"]], "general": []},
+                                          "text", None, 128, None))
 assert error is None, error
 assert source_summary(files["general"])["documents"] == 12
 probe_devices()

@@ -232,10 +232,15 @@ def test_trial_screen_shows_milestones_curves_and_command(store):
             table = screen.query_one("#trial-milestones", DataTable)
             assert table.row_count == 3 and table.cursor_row == 1  # on the cell's own milestone (10 steps)
             assert [str(table.get_row_at(i)[0]).strip() for i in range(3)] == ["5", "▶ 10", "20"]
+            assert [str(table.get_row_at(i)[1]) for i in range(3)] == ["·", "·", "✓"]  # success, beside the step
+            params = str(screen.query_one("#trial-params", Static).content)
+            assert "tol_forget auto" in params and "tol_retain auto" in params  # unset: the automatic bands
+            assert "eval_score 0.966" in params and "retain_eval_drift 0.0065" in params  # the objective, held out
+            assert "success no (forget✗ mia✗ utility✓)" in params
             command = str(screen.query_one("#trial-command", Static).content)
             assert command.startswith("unlearn run") and "--method ga_gd" in command and "--steps 10" in command
             ppl = screen.query_one("#curve-ppl", Curves)
-            assert list(ppl.series) == ["forget", "retain", "unseen"] and ppl.series["forget"][0] == [5.0, 10.0, 20.0]
+            assert list(ppl.series) == ["forget", "retain", "retain_eval", "unseen"] and ppl.series["forget"][0] == [5.0, 10.0, 20.0]
             assert ppl.hlines["target (θ0 unseen)"] == 20.0
             assert screen.query_one("#curve-mia", Curves).hlines["target 0.5"] == 0.5
             assert len(screen.query_one("#curve-loss", Curves).series["train loss"][0]) == 20
@@ -254,6 +259,20 @@ def test_trial_screen_shows_milestones_curves_and_command(store):
             await pilot.pause()
             assert not isinstance(app.screen, TrialScreen)
     run(go())
+
+
+def test_an_at_target_milestone_is_marked_with_its_step():
+    from tests.app.app_stores import synthetic_cell
+    from tui.app.screens.trial import milestone_columns, milestone_row
+
+    columns = milestone_columns()
+    at_target = {**synthetic_cell(1, 1, 14), "at_target": True}
+    row = milestone_row(at_target, False, columns)
+    assert str(row[0]).strip() == "@14" and len(row) == len(columns) + 2
+    assert str(milestone_row(synthetic_cell(1, 1, 20), True, columns)[1]) == "✓"
+    headers = [h for h, _ in columns]
+    assert headers[:3] == ["eval_score", "forget_gap", "retain_eval_drift"]
+    assert "score (retain)" in headers and "drift (retain)" in headers  # the trained-on figures say so
 
 
 def test_trial_screen_of_a_running_trial(store):

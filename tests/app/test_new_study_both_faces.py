@@ -155,7 +155,8 @@ def setting_groups(tmp_path) -> list[dict[str, str | bool]]:
          "--gradient-checkpointing": True, "--optim": "adamw8bit", "--bench-samples": "10",
          "--tofu-retain-truth-ratios": str(ratios), "--muse-retrained-auc": "0.6", "--eval-tasks": "arc_easy, piqa",
          "--eval-tasks-dir": str(tasks), "--eval-tasks-limit": "5",
-         "--max-attempts": "3", "--eval-tasks-at": "every", "--trust-remote-code": True},
+         "--max-attempts": "3", "--eval-tasks-at": "every", "--trust-remote-code": True, "--target-spread": "0.05",
+         "--watch-every": "2", "--stop-at-target": True},
         {"--lora": "4", "--lora-alpha": "8", "--lora-targets": "q_proj,v_proj", "--fsdp": True, "--gpus-per-run": "2",
          "--attacks": ""},
     ]
@@ -196,12 +197,26 @@ def test_a_setting_typed_in_the_form_lands_in_the_spec_as_its_flag_puts_it(capsy
         if group.get("--gpus-per-run"):
             fields["workers"] = group["--gpus-per-run"]  # the form wants as many devices as a run takes
         forms.append((f"a{i}", fields))
-    for i, (group, (app_spec, errors)) in enumerate(zip(groups, app_create(store, forms))):
+    in_app = app_create(store, forms)
+    for i, (group, (app_spec, errors)) in enumerate(zip(groups, in_app)):
         flags = [a for flag, v in group.items() if v != "" for a in ((flag,) if v is True else (flag, v))]
         cli_spec = spec_of(cli_create(capsys, store, f"c{i}", "--lr", "1e-4", "--steps", "2", *flags))
         assert errors == {} and app_spec == cli_spec, errors
         changed = {k for k, v in app_spec["run"].items() if v != defaults[k]}
         assert {f.name for f in settings_fields() if f.metadata["flag"] in group and group[f.metadata["flag"]]} <= changed
+    # --tol-forget / --tol-retain: a number where typed (the first group), "auto" (None) where left blank
+    assert [(spec["run"]["tol_forget"], spec["run"]["tol_retain"]) for spec, _ in in_app] == [(0.2, 0.1), (None, None)]
+
+
+def test_an_auto_setting_says_so_in_its_field(store):
+    """An Optional setting whose unset value has a name (--tol-forget: auto) shows that name as its
+    field's default, as `study create --help` does."""
+    async def placeholders():
+        app = Harness(store)
+        async with app.run_test(size=(120, 50)):
+            return {wid: app.screen.query_one(f"#{wid}", Input).placeholder for wid in ("tol-forget", "tol-retain")}
+
+    assert all(p.startswith("auto · success needs") for p in asyncio.run(placeholders()).values())
 
 
 def test_a_bad_setting_is_one_line_beside_its_field(store):

@@ -1,5 +1,5 @@
 """Cells side by side: a table (rows = metrics, columns = cells, A, B, C, ...) and the Pareto
-scatter of forget_gap against retain_drift, with the front over the compared cells highlighted.
+scatter of forget_gap against retain_eval_drift (utility on held-out retain_eval), with the front over the compared cells highlighted.
 
 Read in a thread worker (studies.reading.trials.compare_cells), which refuses cells on different forget sets.
 """
@@ -19,8 +19,7 @@ from textual.widgets import DataTable, Footer, Static
 from textual.worker import get_current_worker
 
 from engine.errors import UnlearnError
-from engine.metric_registry import FORGET_GAP
-from engine.metric_registry import UTILITY_DRIFT as RETAIN_DRIFT  # the front's utility axis: held out
+from engine.metric_registry import FORGET_GAP, UTILITY_DRIFT  # the front's axes (utility: held out)
 from studies.reading.trials import compare_cells
 from studies.store.db import Store
 from tui.app.messages import CellRef
@@ -109,7 +108,7 @@ class CompareScreen(Screen):
             yield Static("", id="compare-error")
             yield Static("loading…", id="compare-cells")
             yield DataTable(id="compare-table", cursor_type="row", zebra_stripes=True)
-            yield Curves("Pareto front", f"{FORGET_GAP} (lower is better)", RETAIN_DRIFT, id="compare-pareto")
+            yield Curves("Pareto front", f"{FORGET_GAP} (lower is better)", UTILITY_DRIFT, id="compare-pareto")
             yield Static("", id="compare-front")
         yield Footer()
 
@@ -173,7 +172,7 @@ class CompareScreen(Screen):
 
     def _show_pareto(self, comp: dict) -> None:
         cells = comp["cells"]
-        points = [(i, c["values"][FORGET_GAP], c["values"][RETAIN_DRIFT]) for i, c in enumerate(cells)]
+        points = [(i, c["values"][FORGET_GAP], c["values"][UTILITY_DRIFT]) for i, c in enumerate(cells)]
         points = [p for p in points if p[1] is not None and p[2] is not None]
         front = [i for i in comp["front"]]
         others = [p for p in points if p[0] not in front]
@@ -183,7 +182,7 @@ class CompareScreen(Screen):
             front=([by_index[i][1] for i in front], [by_index[i][2] for i in front]),
             labels=[(f" {letter(i)}", x, y) for i, x, y in points])
         missing = [letter(i) for i in range(len(cells)) if i not in by_index]
-        text = Text("Pareto front ", style="bold").append("(forget_gap ↓, retain_drift ↓): ", style="dim")
+        text = Text("Pareto front ", style="bold").append(f"({FORGET_GAP} ↓, {UTILITY_DRIFT} ↓): ", style="dim")
         text.append(", ".join(letter(i) for i in front) or "none (no cell computed)")
         if missing:
             text.append(f"\nnot plotted (not computed or diverged): {', '.join(missing)}", style="dim")

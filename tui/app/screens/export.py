@@ -27,6 +27,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, RadioButton, RadioSet, Static
 from textual.worker import get_current_worker
 
+from engine.metric_registry import FORGET_GAP, UTILITY_DRIFT
 from studies.store.db import Store
 from tui.app.messages import CellRef
 
@@ -176,7 +177,8 @@ class ExportDialog(ModalScreen[Optional[str]]):
                 yield Label("What", classes="export-label")
                 with RadioSet(id="export-what", compact=True):
                     yield RadioButton("best configuration per method", value=True, id="export-best", compact=True)
-                    yield RadioButton("Pareto front per method (forget_gap × retain_drift)", id="export-pareto", compact=True)
+                    yield RadioButton(f"Pareto front per method ({FORGET_GAP} × {UTILITY_DRIFT})", id="export-pareto",
+                                      compact=True)
                 if self.cell is not None:
                     yield Checkbox(f"only method {self.cell.method}", value=True, id="export-only-method", compact=True)
                 yield Label("Format", classes="export-label")

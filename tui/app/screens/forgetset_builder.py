@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 from textual import on, work
@@ -29,13 +30,13 @@ from textual.screen import Screen
 from textual.widgets import Button, DataTable, DirectoryTree, Footer, Input, Label, Select, Static
 from textual.worker import get_current_worker
 
-from engine.data import ROLES
+from engine.data import RETAIN_EVAL_SHARE, ROLES, DataError, ForgetSetTexts, hold_out_retain_eval
 from engine.errors import UnlearnError
 from studies.running.probe import count_tokens, needs_child, source_summary
 from studies.store.db import Store
 from studies.store.forgetsets import check_name
 
-REQUIRED_ROLES = ("forget", "retain", "unseen")  # general is optional
+REQUIRED_ROLES = ("forget", "retain", "unseen")  # general is optional; retain_eval is held out of retain if not given
 FIELD_DEBOUNCE_S = 0.5
 
 
@@ -129,7 +130,7 @@ class ForgetSetBuilderScreen(Screen[str | None]):
     ForgetSetBuilderScreen .row { height: auto; }
     ForgetSetBuilderScreen .row > Label { width: 13; padding: 1 1 0 0; }
     ForgetSetBuilderScreen .row > Input { width: 1fr; }
-    ForgetSetBuilderScreen #role { width: 16; }
+    ForgetSetBuilderScreen #role { width: 19; }  /* the longest role, retain_eval, whole */
     ForgetSetBuilderScreen #seq-len { width: 12; }
     ForgetSetBuilderScreen .error { width: 1fr; padding: 0 1; }
     ForgetSetBuilderScreen .error.-empty { display: none; }
@@ -199,7 +200,7 @@ class ForgetSetBuilderScreen(Screen[str | None]):
 
     def on_mount(self) -> None:
         table = self.query_one(SourceTable)
-        table.add_column("role", key="role", width=8)
+        table.add_column("role", key="role", width=max(map(len, ROLES)))
         table.add_column("source", key="source")
         table.add_column("documents", key="docs", width=24)
         self._show_counts()
@@ -385,7 +386,23 @@ class ForgetSetBuilderScreen(Screen[str | None]):
             n = docs[role]
             t.add_row(role, str(len(by_role[role])), "—" if not by_role[role] else "…" if n is None else str(n),
                       _num(tok.get("tokens")), _num(tok.get("chunks")))
-        self.query_one("#counts", Static).update(t)
+        note = self.held_out_note()
+        self.query_one("#counts", Static).update(Group(t, note) if note is not None else t)
+
+    def held_out_note(self) -> Text | None:
+        """What saving will do without a retain_eval source: hold out a seeded share of the retain
+        documents (engine.data.hold_out_retain_eval), or refuse a retain set too small for it."""
+        by_role, docs = self._by_role(), self.doc_counts()
+        n = docs["retain"]
+        if by_role["retain_eval"] or not by_role["retain"] or n is None:
+            return None
+        try:
+            k = retain_eval_held_out(n)
+        except DataError:
+            return Text(f"no retain_eval source and {n} retain document{'s' if n != 1 else ''}: holding out "
+                        "retain_eval needs at least 2 (or add a retain_eval source)", style="red")
+        return Text(f"no retain_eval source: {k} of the {n} retain documents (a seeded {RETAIN_EVAL_SHARE:.0%}) are "
+                    "held out as retain_eval, where utility is measured; no retain term trains on them", style="dim")
 
     # ------------------------------------------------------------------ tokens and chunks
     @on(Input.Changed, "#tokenizer, #seq-len")
@@ -563,6 +580,13 @@ def save_in_subprocess(store: Store, form: SaveForm, should_stop) -> tuple[dict 
             return None, "`unlearn forgetset create` printed no JSON"
     lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
     return None, (lines[-1].removeprefix("error: ") if lines else f"`unlearn forgetset create` exited with {proc.returncode}")
+
+
+def retain_eval_held_out(n: int) -> int:
+    """How many of n retain documents saving holds out as retain_eval when no retain_eval source is
+    given (the engine's own split, on placeholders); DataError where n is too small."""
+    placeholders = ForgetSetTexts(forget=[], retain=[""] * n, unseen=[], general=[], sources={})
+    return len(hold_out_retain_eval(placeholders, RETAIN_EVAL_SHARE).retain_eval)
 
 
 def _num(n) -> str:

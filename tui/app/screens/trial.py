@@ -21,6 +21,7 @@ from textual.timer import Timer
 from textual.widgets import DataTable, Footer, Static
 from textual.worker import get_current_worker
 
+from engine.config import settings_fields
 from engine.errors import UnlearnError
 from engine.metric_registry import (
     MIA,
@@ -29,7 +30,9 @@ from engine.metric_registry import (
     MIA_LOSS,
     PPL_FORGET,
     PPL_RETAIN,
+    PPL_RETAIN_EVAL,
     PPL_UNSEEN,
+    TRAINED_ON,
     every_run,
     objective,
     read,
@@ -57,8 +60,15 @@ def _count(x) -> str:
 
 def milestone_columns() -> list[tuple[str, str]]:
     """(header, metric path) of the milestones table's figures: every metric every cell has, by its
-    path, but the MIA AUCs by their short labels (mia.loss, ...) so that four of them fit."""
-    return [(m.label if m.group == MIA else m.path, m.path) for m in every_run()]
+    path, but the MIA AUCs by their short labels (mia.loss, ...) so that four of them fit, and the
+    figures on the trained-on retain set (score, retain_drift) by theirs, which say so."""
+    return [(m.label if m.group in (MIA, TRAINED_ON) else m.path, m.path) for m in every_run()]
+
+
+def verdict_text(cell: dict) -> str:
+    """The verdict's parts (engine.verdict) in one line: "forget✓ mia✗ utility✓"; "" for a cell without one."""
+    verdict = cell.get("verdict") or {}
+    return " ".join(f"{part}{SUCCESS if ok else '✗'}" for part, ok in verdict.items())  # a line wraps between parts
 
 
 def milestone_row(m: dict, chosen: bool, columns: list[tuple[str, str]]) -> list:
@@ -66,8 +76,11 @@ def milestone_row(m: dict, chosen: bool, columns: list[tuple[str, str]]) -> list
         success = Text("div", style="bold red")
     else:
         success = Text(SUCCESS, style="bold green") if m.get("success") else Text("·", style="dim")
-    step = Text(("▶ " if chosen else "  ") + str(m.get("step")), style="bold" if chosen else "")
-    return [step, *(_num(read(m, path)) for _, path in columns), success]
+    # An at-target cell (where the forget perplexity first reached the target) is marked @step, as
+    # the heatmap's "at target" column marks it.
+    step = ("@" if m.get("at_target") else "") + str(m.get("step"))
+    step = Text(("▶ " if chosen else "  ") + step, style="bold" if chosen else "")
+    return [step, success, *(_num(read(m, path)) for _, path in columns)]  # success first: always in view
 
 
 class TrialScreen(Screen):
@@ -165,7 +178,7 @@ class TrialScreen(Screen):
     def on_mount(self) -> None:
         self.sub_title = f"trial · {self.cell.study}"
         table = self.query_one("#trial-milestones", DataTable)
-        table.add_columns("step", *(header for header, _ in self.columns), "success")
+        table.add_columns("step", "success", *(header for header, _ in self.columns))
         self.query_one("#trial-body").focus()
         self.load()
 
@@ -221,13 +234,18 @@ class TrialScreen(Screen):
         text.append("model ", style="dim").append(str(d["model"]))
         text.append("   forget set ", style="dim").append(f"{d['forget_set']['name']} ({d['forget_set']['hash'][:12]})")
         text.append("\n")
-        parts = [(k, fmt_lr(v) if k == "lr" else ("—" if v is None or v == "" else str(v))) for k, v in d["params"].items()]
+        unset = {f.name: f.metadata.get("default_text") or "—" for f in settings_fields()}  # None: "auto" where it means that
+        parts = [(k, fmt_lr(v) if k == "lr" else (unset.get(k, "—") if v is None else "—" if v == "" else str(v)))
+                 for k, v in d["params"].items()]
         for i, (k, v) in enumerate(parts):
             text.append(("  " if i else "") + k + " ", style="dim").append(v)
         cell = d["cell"]
         for i, x in enumerate(objective()):
             text.append(("  " if i else "\n") + x.path + " ", style="dim").append(_num(cell.get(x.path)))
         text.append("  success ", style="dim").append("yes" if cell.get("success") else "no")
+        own = next((m for m in d["milestones"] if m.get("step") == d["steps"]), {})  # the cell's stored metrics
+        if verdict_text(own):
+            text.append(f" ({verdict_text(own)})", style="dim")
         self.query_one("#trial-params", Static).update(text)
 
     def _show_milestones(self, d: dict) -> None:
@@ -250,7 +268,7 @@ class TrialScreen(Screen):
         base = d["baseline"] or {}
         target = d["target"]
         self.query_one("#curve-ppl", Curves).set_series(
-            steps, {get_metric(p).label: [m.get(p) for m in ms] for p in (PPL_FORGET, PPL_RETAIN, PPL_UNSEEN)},
+            steps, {get_metric(p).label: [m.get(p) for m in ms] for p in (PPL_FORGET, PPL_RETAIN, PPL_RETAIN_EVAL, PPL_UNSEEN)},
             hlines={"target (θ0 unseen)": target.get(PPL_FORGET), "θ0 forget": base.get(PPL_FORGET)})
         base_auc = read(base, MIA_LOSS)
         self.query_one("#curve-mia", Curves).set_series(
