@@ -3,7 +3,16 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from engine.metric_registry import FORGET_GAP, MIA_LOSS, PPL_FORGET, PPL_RETAIN_EVAL, PPL_UNSEEN, SCORE, UTILITY_DRIFT, read
+from engine.metric_registry import (
+    FORGET_GAP,
+    MIA_LOSS,
+    PPL_FORGET,
+    PPL_RETAIN_EVAL,
+    PPL_UNSEEN,
+    SCORE,
+    UTILITY_DRIFT,
+    read,
+)
 from engine.metric_registry import get as get_metric
 
 
