@@ -78,14 +78,15 @@ QUICK = DemoRecipe(people_forget=12, people_retain=36, people_retain_eval=12, pe
 FULL = DemoRecipe(people_forget=20, people_retain=80, people_retain_eval=20, people_unseen=20, general_docs=48,
                   pretrain_people=3000, pretrain_code_docs=800, vocab_size=768, hidden=96, layers=3, heads=4,
                   seq_len=96, pretrain_steps=3000, pretrain_lr=3e-3, pretrain_batch=16,
-                  finetune_epochs=5, finetune_lr=2e-3, finetune_batch=16, name="full")
+                  finetune_epochs=12, finetune_lr=4e-3, finetune_batch=16, name="full")
 
 DEMO_METHODS = ("ga", "random_label", "adversarial", "ga_gd", "ga_kl", "ga_gd_general", "ga_kl_general")
-# The demo study's learning-rate grid per recipe, fixed from the fine-tuning lr alone (2e-3 peak, cosine
-# to 0, so about 1e-3 on average) before any method ran on this workspace: undoing a fine-tuning takes
-# steps of the size that made it, so the grid holds the fine-tuning peak and lrs a half and a quarter of
-# it (QUICK, 2 workers × 14 runs in its time budget, keeps the two ends).
-DEMO_LRS = {"quick": (5e-4, 2e-3), "full": (5e-4, 1e-3, 2e-3)}
+# The demo study's learning-rate grid per recipe, fixed from each recipe's fine-tuning lr alone (peak
+# 2e-3 QUICK, 4e-3 FULL; cosine to 0, so about half that on average) before any method ran on these
+# workspaces: undoing a fine-tuning takes steps of the size that made it, so each grid holds the
+# fine-tuning peak and a quarter of it (FULL also the half; QUICK, 2 workers × 14 runs within its time
+# budget, keeps the two ends).
+DEMO_LRS = {"quick": (5e-4, 2e-3), "full": (1e-3, 2e-3, 4e-3)}
 
 
 def person_record(rng: random.Random, number: int) -> str:
