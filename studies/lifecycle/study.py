@@ -62,7 +62,7 @@ def create_study(store: Store, name: str, model: str, forget_set: str, *, method
         ostudy.set_user_attr("unlearn_lab", {"model": model, "forget_set": fs.name, "forget_set_hash": fs.hash,
                                              "methods": list(spec.methods), "steps": list(spec.steps),
                                              "sampler": spec.sampler,
-                                             "objective": "score = forget_gap + max(0, retain_drift)"})
+                                             "objective": "eval_score = forget_gap + max(0, retain_eval_drift)"})
         with store.write() as s:
             study = Study(name=name, model=model, forgetset_id=fs.id, spec=spec.to_dict())
             s.add(study)

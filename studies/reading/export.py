@@ -169,8 +169,10 @@ def model_card(entry: dict, reached: dict, result: dict) -> str:
         lines.append(f"| {k} | {num(v)} | {num(read(base, k))} | {num(read(study_cell, k))} |")
     lines += [
         "",
-        "forget_gap = |ln ppl_forget(θ) − ln ppl_unseen(θ0)|; retain_drift = ln ppl_retain(θ) − ln ppl_retain(θ0); "
-        "score = forget_gap + max(0, retain_drift), lower is better.",
+        "forget_gap = |ln ppl_forget(θ) − ln ppl_unseen(θ0)|; retain_eval_drift = ln ppl_retain_eval(θ) − "
+        "ln ppl_retain_eval(θ0), on retain_eval, which no retain term trains on; "
+        "eval_score = forget_gap + max(0, retain_eval_drift), lower is better (the study's objective). "
+        "retain_drift and score are the same figures on the retain documents the retain terms train on.",
         "",
         "## Reproduce",
         "",

@@ -361,4 +361,4 @@ def original_note(baseline: Optional[dict]) -> Optional[str]:
     said = {"forget": f"forget_gap {baseline.get(FORGET_GAP, 0):.3g} ≤ band {band:.3g}" if band is not None else "forget",
             "mia": f"MIA AUC interval [{baseline.get('mia_auc_lo', 0):.2f}, {baseline.get('mia_auc_hi', 0):.2f}] holds 0.5"}
     return (f"θ0 itself passes the {' and '.join(parts)} part{'s' if len(parts) > 1 else ''} of the verdict "
-            f"({'; '.join(said[p] for p in parts)}): {'those parts' if len(parts) > 1 else 'that part'} alone show nothing here")
+            f"({'; '.join(said[p] for p in parts)}): {'those parts alone show' if len(parts) > 1 else 'that part alone shows'} nothing here")

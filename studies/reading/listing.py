@@ -50,15 +50,37 @@ def list_row(st, spec, fs, runs: list, now: dt.datetime) -> dict:
             "created_at": aware(st.created_at).isoformat() if st.created_at else None}
 
 
-# The same aggregates `studies.reading.status.list_studies` asks SQLAlchemy for (booleans are 0/1 in SQLite).
+def fold_at_target(rows: list, steps) -> list[tuple]:
+    """Per run, the aggregates `list_row` takes, from rows of (run id, study id, method, state, cells,
+    diverged cells, successful cells, best score, at-target step): the query keeps a run's at-target
+    cell (where its forget perplexity first reached the target) in a row of its own, with its step.
+    At one of the study's steps it is that milestone's cell and counts; between milestones it is no
+    cell of the grid (studies.reading.grid leaves it out too) and counts nowhere."""
+    grid_steps = {int(x) for x in steps}
+    out: dict[int, list] = {}
+    for run_id, study_id, method, state, n_ms, n_div, n_ok, best_score, at_step in rows:
+        if at_step is not None and int(at_step) not in grid_steps:
+            n_ms, n_div, n_ok, best_score = 0, 0, 0, None
+        acc = out.setdefault(run_id, [study_id, method, state, 0, 0, 0, None])
+        acc[3] += int(n_ms or 0)
+        acc[4] += int(n_div or 0)
+        acc[5] += int(n_ok or 0)
+        if best_score is not None and (acc[6] is None or best_score < acc[6]):
+            acc[6] = best_score
+    return [tuple(v) for v in out.values()]
+
+
+# The same aggregates `studies.reading.status.list_studies` asks SQLAlchemy for (booleans are 0/1 in SQLite),
+# a run's at-target cell in a row of its own (fold_at_target).
 _PER_RUN = """
-SELECT r.study_id, r.method, r.state, COUNT(m.id),
+SELECT r.id, r.study_id, r.method, r.state, COUNT(m.id),
        SUM(CASE WHEN m.diverged = 1 THEN 1 ELSE 0 END),
        SUM(CASE WHEN m.id IS NOT NULL AND m.diverged = 0 AND m.success = 1 THEN 1 ELSE 0 END),
-       MIN(CASE WHEN m.id IS NOT NULL AND m.diverged = 0 THEN m.score END)
+       MIN(CASE WHEN m.id IS NOT NULL AND m.diverged = 0 THEN m.score END),
+       CASE WHEN JSON_EXTRACT(m.metrics, '$."at_target"') THEN m.step END AS at_step
 FROM ul_run AS r LEFT OUTER JOIN ul_milestone AS m ON m.run_id = r.id
 WHERE r.state IN ({states})
-GROUP BY r.id
+GROUP BY r.id, at_step
 """
 
 
@@ -99,12 +121,12 @@ def list_studies_sqlite(url: str, now: Optional[dt.datetime] = None) -> Optional
         con.close()
     by_study: dict[int, list] = {}
     for row in per_run:
-        by_study.setdefault(row[0], []).append(row)
+        by_study.setdefault(row[1], []).append(row)
     now = now or utcnow()
     rows = []
     for sid, name, model, fs_id, spec, state, heartbeat, created in studies:
         st = SimpleNamespace(name=name, model=model, state=state,
                              scheduler_heartbeat=_when(heartbeat), created_at=_when(created))
         spec = StudySpec.from_dict(json.loads(spec) if spec else {})
-        rows.append(list_row(st, spec, sets.get(fs_id), by_study.get(sid, []), now))
+        rows.append(list_row(st, spec, sets.get(fs_id), fold_at_target(by_study.get(sid, []), spec.steps), now))
     return rows

@@ -12,7 +12,7 @@ from sqlmodel import select
 
 from studies.lifecycle.spec import StudySpec, study_spec
 from studies.reading.grid import best, cells_from_rows, count_status, fetch_rows, grids, robustness
-from studies.reading.listing import list_row
+from studies.reading.listing import fold_at_target, list_row
 from studies.store.clock import age_s
 from studies.store.db import CellRow, ForgetSet, Run, Store, Study, utcnow
 from studies.store.states import REAL_RUN_STATES, RunState
@@ -87,17 +87,22 @@ def list_studies(store: Store, now=None) -> list[dict]:
         studies = list(s.exec(select(Study).order_by(Study.created_at, Study.id)).all())
         sets = {f.id: f for f in s.exec(select(ForgetSet)).all()}
         ok = and_(CellRow.id.is_not(None), CellRow.diverged.is_(False))
+        # a run's at-target cell in a row of its own, with its step (listing.fold_at_target)
+        at_step = case((CellRow.metrics["at_target"].as_boolean(), CellRow.step), else_=None)
         per_run = s.exec(
-            select(Run.study_id, Run.method, Run.state, func.count(CellRow.id),
+            select(Run.id, Run.study_id, Run.method, Run.state, func.count(CellRow.id),
                    func.sum(case((CellRow.diverged.is_(True), 1), else_=0)),
                    func.sum(case((and_(ok, CellRow.success.is_(True)), 1), else_=0)),
-                   func.min(case((ok, CellRow.score), else_=None)))
+                   func.min(case((ok, CellRow.score), else_=None)), at_step)
             .outerjoin(CellRow, CellRow.run_id == Run.id)
             .where(Run.state.in_(REAL_RUN_STATES))
-            .group_by(Run.id)).all()
+            .group_by(Run.id, at_step)).all()
     by_study: dict[int, list] = {}
     for row in per_run:
-        by_study.setdefault(row[0], []).append(row)
+        by_study.setdefault(row[1], []).append(row)
     now = now or utcnow()
-    return [list_row(st, study_spec(st), sets.get(st.forgetset_id), by_study.get(st.id, []), now)
-            for st in studies]
+    out = []
+    for st in studies:
+        spec = study_spec(st)
+        out.append(list_row(st, spec, sets.get(st.forgetset_id), fold_at_target(by_study.get(st.id, []), spec.steps), now))
+    return out

@@ -1,4 +1,5 @@
-"""Writing one cell: its row (CellRow) and its Optuna trial (params method, lr, steps; value score).
+"""Writing one cell: its row (CellRow) and its Optuna trial (params method, lr, steps; value the
+objective, eval_score); an at-target cell between milestones gets its row only.
 
 Idempotent, because a retried run passes its milestones again: a cell already written stays
 as it is, and a trial already in Optuna for (run, step) is found instead of added twice."""
@@ -28,8 +29,9 @@ def _find_trial(ostudy: optuna.Study, run_id: int, step: int) -> int | None:
     return None
 
 
-def record_cell(store: Store, study_name: str, spec: StudySpec, run: Run, cell: dict) -> int:
-    """Store one cell and its Optuna trial. Returns the trial number."""
+def record_cell(store: Store, study_name: str, spec: StudySpec, run: Run, cell: dict) -> int | None:
+    """Store one cell and its Optuna trial. Returns the trial number (None: an at-target cell
+    between milestones, which has no trial)."""
     step = cell["step"]
     with store.write() as s:
         ms = s.exec(select(CellRow).where(CellRow.run_id == run.id, CellRow.step == step)).first()
