@@ -90,17 +90,23 @@ def peer_attack(model, chunks, attack: str, batch_size: int, min_k: float) -> li
 
 
 def per_metric(model, sets, batch_size: int = 8, min_k: float = 0.2) -> dict:
-    """The metrics of `evaluate`, one forward pass per metric (and per set an attack compares)."""
+    """The metrics of `evaluate`, one forward pass per metric (and per set an attack compares): the
+    perplexity of every role (retain_eval too), the attacks' AUCs, and the loss AUC's bootstrap
+    interval (a statistic of the loss attack's scores, no pass of its own)."""
     import numpy as np
 
+    from engine.data import ROLES
     from engine.evaluate import ATTACKS, roc_auc
+    from engine.verdict import auc_interval
 
     model.eval()
     out = {f"ppl_{role}": (None if getattr(sets, role) is None else peer_ppl(model, getattr(sets, role), batch_size))
-           for role in ("forget", "retain", "unseen", "general")}
+           for role in ROLES}
     out = {k: (v if v is None or math.isfinite(v) else None) for k, v in out.items()}
-    out["mia_auc"] = {a: roc_auc(np.array(peer_attack(model, sets.forget, a, batch_size, min_k)),
-                                 np.array(peer_attack(model, sets.unseen, a, batch_size, min_k))) for a in ATTACKS}
+    scores = {a: (np.array(peer_attack(model, sets.forget, a, batch_size, min_k)),
+                  np.array(peer_attack(model, sets.unseen, a, batch_size, min_k))) for a in ATTACKS}
+    out["mia_auc"] = {a: roc_auc(*scores[a]) for a in ATTACKS}
+    out["mia_auc_lo"], out["mia_auc_hi"] = auc_interval(*scores["loss"])
     return out
 
 
@@ -135,7 +141,9 @@ def passes(ratio: float, problems: list[str]) -> bool:
 # ---------------------------------------------------------------- the evaluation's share of a run
 
 def eval_share(model_dir: Path, sets, milestones: tuple[int, ...], lr: float, batch_size: int) -> dict:
-    """One ga_gd run to the last milestone: its wall time and the part spent evaluating milestones."""
+    """One ga_gd run to the last milestone: its wall time and the part spent evaluating milestones
+    (the run does not watch for its at-target cell: that cell and the watch's forward passes are no
+    milestone's evaluation, and between milestones the watch's time would count as training here)."""
     from engine.config import RunConfig
     from engine.evaluate import evaluate
     from engine.models import load_model, load_tokenizer
@@ -153,7 +161,7 @@ def eval_share(model_dir: Path, sets, milestones: tuple[int, ...], lr: float, ba
         spent[0] += time.perf_counter() - last[0]
 
     cfg = RunConfig(method="ga_gd", lr=lr, milestones=milestones, batch_size=batch_size,
-                    seq_len=sets.forget.input_ids.shape[1])
+                    seq_len=sets.forget.input_ids.shape[1], watch_every=0)
     t0 = time.perf_counter()
     train_to_milestones(model, tok, sets, cfg, baseline, on_step, on_milestone)
     wall = time.perf_counter() - t0

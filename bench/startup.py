@@ -37,10 +37,11 @@ def write_store(url: str, trials: int, workdir: Path) -> int:
     from studies.store.forgetsets import create_forget_set
     from studies.store.states import RunState
 
-    for role in ("forget", "retain", "unseen"):
+    for role in ("forget", "retain", "retain_eval", "unseen"):
         (workdir / f"{role}.txt").write_text(f"a {role} document, synthetic and long enough to be one " * 4)
     store = Store(url)
-    create_forget_set(store, "fs", *([str(workdir / f"{r}.txt")] for r in ("forget", "retain", "unseen")))
+    create_forget_set(store, "fs", *([str(workdir / f"{r}.txt")] for r in ("forget", "retain", "unseen")),
+                      retain_eval=[str(workdir / "retain_eval.txt")])  # one retain document: none to hold out
     steps = [5, 10, 20, 40, 80]
     n_lrs = math.ceil(trials / (2 * len(steps)))
     lrs = [1e-6 * 10 ** (3 * i / max(1, n_lrs - 1)) for i in range(n_lrs)]
@@ -54,10 +55,14 @@ def write_store(url: str, trials: int, workdir: Path) -> int:
             if written == trials:
                 break
             gap = abs(math.sin(i * 7 + step))  # synthetic, deterministic numbers: only their reading is timed
-            cell = {"step": step, M.PPL_FORGET: 10 * math.exp(gap), M.PPL_RETAIN: 5.0, M.PPL_UNSEEN: 10.0,
-                    M.PPL_GENERAL: None, M.MIA_AUC: {a: 0.5 + gap / 2 if a == "loss" else 0.5 for a in M.MIA_ATTACKS},
-                    M.FORGET_GAP: gap, M.RETAIN_DRIFT: 0.01, M.SCORE: gap + 0.01, "success": gap < 0.09,
-                    "diverged": False, "train_loss": -1.0}
+            verdict = {"forget": gap < 0.09, "mia": True, "utility": True}
+            cell = {"step": step, M.PPL_FORGET: 10 * math.exp(gap), M.PPL_RETAIN: 5.0, M.PPL_RETAIN_EVAL: 5.6,
+                    M.PPL_UNSEEN: 10.0, M.PPL_GENERAL: None,
+                    M.MIA_AUC: {a: 0.5 + gap / 2 if a == "loss" else 0.5 for a in M.MIA_ATTACKS},
+                    M.MIA_AUC_LO: 0.45, M.MIA_AUC_HI: 0.55 + gap / 2,
+                    M.FORGET_GAP: gap, M.UTILITY_DRIFT: 0.02, M.EVAL_SCORE: gap + 0.02,
+                    M.RETAIN_DRIFT: 0.01, M.TRAINED_ON_SCORE: gap + 0.01, "verdict": verdict,
+                    "success": all(verdict.values()), "at_target": False, "diverged": False, "train_loss": -1.0}
             record_cell(store, "bench", spec, run, cell)
             written += 1
         with store.write() as s:

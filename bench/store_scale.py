@@ -7,7 +7,10 @@ heatmap's aggregation in process.
 Each size is its own store holding one grid study (4 methods × lrs × 25 milestones; 11, 101 and
 1,001 lrs: room for 100 cells more, which bench/tui_scale.py records), made through the studies API: the forget set, the study and its runs by
 `create_study`, every cell a finished run's row at one milestone with its Optuna trial, synthetic metrics
-(tests/app/app_stores.synthetic_cell; some runs diverge). `studies.running.recorder.record_cell` takes 40 ms a
+(tests/app/app_stores.synthetic_cell, with the held-out figures a cell carries since retain_eval where it
+lacks them; some runs diverge), and each run's at-target cell, the row of its own a run records where its
+forget perplexity first reaches the target (no trial where that step is no milestone; `trials` counts
+trials, so these rows come on top). `studies.running.recorder.record_cell` takes 40 ms a
 cell here (Optuna's ORM: one INSERT and one SELECT per user attribute), so 100,000 cells would take
 over an hour; the cells are written instead by `write_cells`, which inserts in bulk the very rows
 record_cell writes (tests/bench/test_bench.py holds the two stores equal, table by table, row by row, but
@@ -37,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CACHE, ROOT, finish, medians, spread, timed  # noqa: E402
+from engine import metric_registry as M  # noqa: E402
 from engine.metric_registry import SCORE  # noqa: E402
 
 METHODS = ("ga", "ga_gd", "ga_kl", "npo")
@@ -57,16 +61,70 @@ def diverge_after(run_index: int) -> int | None:
     return STEPS[11] if run_index % 9 == 4 else None
 
 
-def planned_cells(runs, trials: int) -> list[tuple]:
-    """(run, cell) for the first `trials` cells, run by run in id order, step by step."""
+RETAIN_EVAL_0 = 5.5  # θ0's ppl_retain_eval in the synthetic cells
+HELD_OUT_FACTOR = 1.5  # utility on held-out documents suffers more than on those the retain terms train on
+
+
+def held_out(cell: dict) -> dict:
+    """A synthetic cell with what a cell carries since retain_eval, where it lacks it: utility on
+    retain_eval (retain_eval_drift, ppl_retain_eval), the objective eval_score, the loss AUC's
+    interval, the verdict (success = all three parts) and at_target. The cell's own keys win."""
+    if cell.get("diverged"):
+        extra = {M.UTILITY_DRIFT: None, M.EVAL_SCORE: None, M.PPL_RETAIN_EVAL: None, M.MIA_AUC_LO: None,
+                 M.MIA_AUC_HI: None, "verdict": {"forget": False, "mia": False, "utility": False}, "success": False}
+        return {**extra, **cell} if "verdict" not in cell else cell
+    drift = HELD_OUT_FACTOR * cell[M.RETAIN_DRIFT]
+    auc = cell[M.MIA_AUC]["loss"]
+    lo, hi = auc - 0.05, auc + 0.05
+    extra = {M.PPL_RETAIN_EVAL: RETAIN_EVAL_0 * math.exp(drift), M.UTILITY_DRIFT: drift,
+             M.EVAL_SCORE: cell[M.FORGET_GAP] + max(0.0, drift), M.MIA_AUC_LO: lo, M.MIA_AUC_HI: hi,
+             "at_target": False}
+    out = {**extra, **cell}
+    if "verdict" not in cell:
+        verdict = {"forget": cell[M.FORGET_GAP] <= math.log1p(0.5), "mia": lo <= 0.5 <= hi,
+                   "utility": out[M.UTILITY_DRIFT] <= math.log1p(0.1)}
+        out.update(verdict=verdict, success=all(verdict.values()))
+    return out
+
+
+def at_target_step(method_index: int, lr_index: int) -> int:
+    """The first step at which synthetic_cell's forget perplexity reaches the target, ppl_unseen(θ0)
+    (its strength, (1 + lr_index) · step / 40 · (1 + 0.3 · method_index), reaches ln of their ratio)."""
+    from tests.app.app_stores import BASELINE
+
+    reach = math.log(BASELINE["ppl_unseen"] / BASELINE["ppl_forget"])
+    return math.ceil(round(reach * 40.0 / ((1 + lr_index) * (1 + 0.3 * method_index)), 9))
+
+
+def is_trial(cell: dict) -> bool:
+    """Whether record_cell gives the cell an Optuna trial: every cell but an at-target one between milestones."""
+    return not (cell.get("at_target") and cell["step"] not in STEPS)
+
+
+def planned_cells(runs, trials: int, skip: int = 0) -> list[tuple]:
+    """(run, cell) for the first `trials` trial cells, run by run in id order, step by step, with
+    each run's at-target cell where its forget perplexity first reaches the target (a milestone's
+    cell marked at_target, or a row of its own just before the next milestone's); without the
+    cells of the first `skip` trials (those written already)."""
     from tests.app.app_stores import synthetic_cell
 
-    out = []
+    out, n = [], 0
     for i, run in enumerate(runs):
+        m, lr_index, cut = METHODS.index(run.method), i % 10, diverge_after(i)
+        reach = at_target_step(m, lr_index)
         for step in STEPS:
-            if len(out) == trials:
+            if n == trials:
                 return out
-            out.append((run, synthetic_cell(METHODS.index(run.method), i % 10, step, diverge_after(i))))
+            cells = []
+            if step - 5 < reach < step and (cut is None or reach <= cut):
+                cells.append({**held_out(synthetic_cell(m, lr_index, reach)), "at_target": True})
+            cell = held_out(synthetic_cell(m, lr_index, step, cut))
+            if step == reach and not cell["diverged"]:
+                cell["at_target"] = True
+            cells.append(cell)
+            if n >= skip:
+                out += [(run, c) for c in cells]
+            n += 1
     return out
 
 
@@ -80,7 +138,7 @@ def _stamp(t: dt.datetime) -> str:
 def write_cells(store, study_name: str, spec, cells: list[tuple]) -> None:
     """The rows `studies.running.recorder.record_cell` writes for each (run, cell) of a fresh study, every cell
     new: the cell's row and its Optuna trial (params method, lr, steps; the value; the user
-    attributes), inserted in one transaction. The trial itself is built as record_cell builds it
+    attributes), or the row alone for an at-target cell between milestones, inserted in one transaction. The trial itself is built as record_cell builds it
     (optuna.trial.create_trial), so its states, params and attributes are Optuna's own."""
     from optuna.distributions import distribution_to_json
     from optuna.storages._rdb.models import TrialValueModel
@@ -99,8 +157,12 @@ def write_cells(store, study_name: str, spec, cells: list[tuple]) -> None:
         distributions = spec.optuna_distributions()
         trials, params, values, attrs, milestones = [], [], [], [], []
         for run, cell in cells:
-            trial_id += 1
             value = cell.get(SCORE)
+            if not is_trial(cell):  # an at-target cell between milestones: its row, no trial
+                milestones.append((run.id, cell["step"], json.dumps(cell), value, bool(cell.get("success")),
+                                   bool(cell.get("diverged")), None, _stamp(utcnow())))
+                continue
+            trial_id += 1
             p = {"method": run.method, "lr": run.lr, "steps": cell["step"], **parse_variant(run.method)[1]}
             frozen = create_trial(params=p, distributions={k: d for k, d in distributions.items() if k in p},
                                   value=value, state=TrialState.COMPLETE if value is not None else TrialState.FAIL,
@@ -160,11 +222,12 @@ def make_store(path: Path, trials: int, inputs: Path, bulk: bool = True, capacit
     from studies.store.forgetsets import create_forget_set
 
     inputs.mkdir(parents=True, exist_ok=True)
-    for role in ("forget", "retain", "unseen"):
+    for role in ("forget", "retain", "retain_eval", "unseen"):
         (inputs / f"{role}.txt").write_text(f"a {role} document, synthetic and long enough to be one " * 4)
     t0 = time.perf_counter()
     store = Store(f"sqlite:///{path}")
-    create_forget_set(store, "fs", *([str(inputs / f"{r}.txt")] for r in ("forget", "retain", "unseen")))
+    create_forget_set(store, "fs", *([str(inputs / f"{r}.txt")] for r in ("forget", "retain", "unseen")),
+                      retain_eval=[str(inputs / "retain_eval.txt")])  # one retain document: none to hold out
     create_study(store, STUDY, "EleutherAI/pythia-14m", "fs", methods=list(METHODS), lrs=grid_lrs(capacity or trials),
                  steps=list(STEPS))
     spec = StudySpec.from_dict(store.study(STUDY).spec)
@@ -181,7 +244,8 @@ def make_store(path: Path, trials: int, inputs: Path, bulk: bool = True, capacit
     store.write_engine.dispose()
     if store._optuna is not None:
         store._optuna.engine.dispose()
-    return {"trials": len(cells), "build_s": time.perf_counter() - t0}
+    return {"trials": sum(is_trial(c) for _, c in cells), "at_target_rows": sum(not is_trial(c) for _, c in cells),
+            "build_s": time.perf_counter() - t0}
 
 
 def cache_key() -> str:

@@ -61,9 +61,10 @@ def add_cells(url: str, trials: int) -> None:
     spec = StudySpec.from_dict(store.study(store_scale.STUDY).spec)
     with store.read() as s:
         runs = list(s.exec(select(Run).order_by(Run.id)).all())
-    for run, cell in store_scale.planned_cells(runs, trials + store_scale.ROOM)[trials:]:
+    cells = store_scale.planned_cells(runs, trials + store_scale.ROOM, skip=trials)
+    for run, cell in cells:
         record_cell(store, store_scale.STUDY, spec, run, cell)
-    store_scale.finish_runs(store, store_scale.planned_cells(runs, trials + store_scale.ROOM)[trials:])
+    store_scale.finish_runs(store, cells)
 
 
 async def measure(url: str, trials: int) -> dict[str, float]:

@@ -115,19 +115,28 @@ def read_store(tmp_path_factory):
     from studies.store.forgetsets import create_forget_set
 
     d = tmp_path_factory.mktemp("read")
-    for role in ("forget", "retain", "unseen"):
+    for role in ("forget", "retain", "retain_eval", "unseen"):
         (d / f"{role}.txt").write_text(f"the {role} document, long enough to be a document " * 3)
     store = Store(f"sqlite:///{d / 'lab.db'}")
-    create_forget_set(store, "fs", [str(d / "forget.txt")], [str(d / "retain.txt")], [str(d / "unseen.txt")])
+    create_forget_set(store, "fs", [str(d / "forget.txt")], [str(d / "retain.txt")], [str(d / "unseen.txt")],
+                      retain_eval=[str(d / "retain_eval.txt")])
     create_study(store, "S", "EleutherAI/pythia-14m", "fs", methods=["ga", "ga_gd"], lrs=[1e-4], steps=[2, 4])
+    verdict = {"forget": False, "mia": False, "utility": True}
     with store.write() as s:
         for run in s.exec(select(Run)).all():
             run.state = "done"
-            for step in (2, 4):
-                m = {"step": step, "score": 0.5 / step, "forget_gap": 0.5 / step, "retain_drift": 0.0,
-                     "success": False, "diverged": False, "ppl_forget": 2.0, "ppl_retain": 2.0, "ppl_unseen": 2.0,
-                     "mia_auc": {"loss": 0.6}}
-                s.add(CellRow(run_id=run.id, step=step, metrics=m, score=m["score"]))
+            # θ0's figures and verdict, as a finished run records them (the heatmap's note reads them)
+            run.result = {"baseline": {"ppl_forget": 1.5, "ppl_unseen": 2.0, "forget_gap": 0.29, "mia_auc_lo": 0.45,
+                                       "mia_auc_hi": 0.62, "verdict": {"forget": False, "mia": True, "utility": True},
+                                       "success": False, "target": {"band": 0.1}}}
+            # step 3: the at-target cell between the milestones, a row of its own (the heatmap's column)
+            for step, at_target in ((2, False), (3, True), (4, False)):
+                m = {"step": step, "eval_score": 0.5 / step, "forget_gap": 0.5 / step, "retain_eval_drift": 0.0,
+                     "score": 0.5 / step, "retain_drift": 0.0, "verdict": verdict, "success": False,
+                     "at_target": at_target, "diverged": False, "ppl_forget": 2.0, "ppl_retain": 2.0,
+                     "ppl_retain_eval": 2.0, "ppl_unseen": 2.0, "mia_auc": {"loss": 0.6}, "mia_auc_lo": 0.55,
+                     "mia_auc_hi": 0.65}
+                s.add(CellRow(run_id=run.id, step=step, metrics=m, score=m["eval_score"]))
     return store.url
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.metric_registry import SCORE, TRAINED_ON_SCORE
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -26,8 +28,11 @@ def load(name: str):
     return module
 
 
-def cell(step, score, diverged=False):
-    return {"step": step, "score": score, "diverged": diverged}
+def cell(step, score, diverged=False, at_target=False, trained_on=None):
+    """A cell as the bench reads it: the objective (eval_score), and the old figure on the retain
+    documents (score), which the check does not compare."""
+    return {"step": step, SCORE: score, TRAINED_ON_SCORE: score if trained_on is None else trained_on,
+            "diverged": diverged, "at_target": at_target}
 
 
 def test_prefix_sharing_matches_cells_by_step():
@@ -37,6 +42,22 @@ def test_prefix_sharing_matches_cells_by_step():
     assert compare([20, 5, 10], shared, naive) == []
     assert compare([20, 5, 10], shared, {**naive, 10: cell(10, 0.41)}) == [
         "step 10: scores differ, shared 0.4 vs naive 0.41"]
+    # the objective is what is compared: eval_score, not the old score on the trained-on retain documents
+    assert compare([5], [cell(5, 0.5, trained_on=0.7)], {5: cell(5, 0.5, trained_on=0.6)}) == []
+
+
+def test_prefix_sharing_does_not_count_the_at_target_cell_as_a_milestone():
+    """A run evaluates an extra cell where its forget perplexity first reaches the target; between
+    milestones it is no milestone, and the naive runs (one per milestone) need not have it."""
+    compare = load("prefix_sharing").compare_cells
+    shared = [cell(5, 0.5), cell(7, 0.45, at_target=True), cell(10, 0.4)]
+    naive = {5: cell(5, 0.5), 10: cell(10, 0.4)}
+    assert compare([5, 10], shared, naive) == []
+    assert compare([5, 10], shared, {**naive, 10: cell(10, 0.41)}) == ["step 10: scores differ, shared 0.4 vs naive 0.41"]
+    # at a milestone the at-target cell is that milestone's cell, compared as any other
+    assert compare([5, 10], [cell(5, 0.5), cell(10, 0.4, at_target=True)], naive) == []
+    assert compare([5, 10], [cell(5, 0.5), cell(10, 0.3, at_target=True)], naive) == [
+        "step 10: scores differ, shared 0.3 vs naive 0.4"]
 
 
 def test_prefix_sharing_never_calls_diverged_cells_identical():
@@ -45,6 +66,22 @@ def test_prefix_sharing_never_calls_diverged_cells_identical():
     problems = compare([5, 10], shared, {5: cell(5, 0.5), 10: cell(10, None, True)})
     assert len(problems) == 1 and problems[0].startswith("step 10: no score to compare")
     assert compare([5, 10], shared[:1], {5: cell(5, 0.5), 10: cell(10, 0.2)}) == ["step 10: missing from the shared run"]
+
+
+def test_prefix_sharing_finds_the_at_target_cell_the_same_way_in_every_run():
+    at = load("prefix_sharing").compare_at_target
+    shared = cell(7, 0.45, at_target=True)
+    naive = {5: None, 10: cell(7, 0.45, at_target=True), 20: cell(7, 0.45, at_target=True)}
+    assert at(shared, naive) == []
+    assert at(None, {5: None, 10: None}) == []
+    assert at(shared, {**naive, 20: None}) == ["run to 20: no at-target cell, the shared run has it at step 7"]
+    assert at(shared, {**naive, 5: cell(4, 0.5, at_target=True)}) == [
+        "run to 5: an at-target cell at step 4, the shared run has it at step 7"]
+    assert at(shared, {**naive, 10: cell(8, 0.45, at_target=True)}) == [
+        "run to 10: at-target cell at step 8 score 0.45, shared at step 7 score 0.45"]
+    assert at(shared, {**naive, 10: cell(7, 0.46, at_target=True)}) == [
+        "run to 10: at-target cell at step 7 score 0.46, shared at step 7 score 0.45"]
+    assert len(at(cell(7, None, True, True), {10: cell(7, None, True, True)})) == 1  # no score is never identical
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/run installs it)")
@@ -86,18 +123,30 @@ def table_rows(path) -> dict[str, list[tuple]]:
 
 def test_store_scale_bulk_writer_writes_what_record_cell_writes(tmp_path):
     """The stores bench/store_scale.py times are written in bulk; the bulk writer must leave the very
-    rows record_cell leaves, every table, every column but timestamps (diverged cells and a run
-    written part way included)."""
+    rows record_cell leaves, every table, every column but timestamps (diverged cells, a run
+    written part way and at-target cells, between milestones and at one, included)."""
+    import sqlite3
+
     scale = load("store_scale")
     trials = 5 * len(scale.STEPS) + 7  # five runs (the fifth diverges) and part of a sixth
     inputs = tmp_path / "inputs"
     bulk, one_by_one = tmp_path / "bulk.db", tmp_path / "record_cell.db"
-    assert scale.make_store(bulk, trials, inputs, bulk=True)["trials"] == trials
+    made = scale.make_store(bulk, trials, inputs, bulk=True)
+    assert made["trials"] == trials and made["at_target_rows"] > 0
     assert scale.make_store(one_by_one, trials, inputs, bulk=False)["trials"] == trials
     a, b = table_rows(bulk), table_rows(one_by_one)
     assert a.keys() == b.keys()
-    assert len(a["trials"]) == len(a["ul_milestone"]) == trials
+    assert len(a["trials"]) == trials and len(a["ul_milestone"]) == trials + made["at_target_rows"]
     assert any(r[3] == "FAIL" for r in a["trials"]), "the plan has diverged cells"
+    with sqlite3.connect(bulk) as con:
+        rows = [(step, number, json.loads(metrics)) for step, number, metrics in
+                con.execute("SELECT step, trial_number, metrics FROM ul_milestone ORDER BY id")]
+    con.close()
+    between = [(step, number) for step, number, m in rows if m.get("at_target") and step not in scale.STEPS]
+    assert len(between) == made["at_target_rows"] and all(number is None for _, number in between)
+    assert any(m.get("at_target") and step in scale.STEPS and number is not None for step, number, m in rows), \
+        "the plan has an at-target cell at a milestone: a trial like any milestone's"
+    assert all(m[SCORE] is not None for _, _, m in rows if not m["diverged"]), "every computed cell has the objective"
     for table in a:
         assert a[table] == b[table], table
 
@@ -185,9 +234,12 @@ def test_step_overhead_needs_the_same_losses_and_both_targets():
 
 def test_eval_pass_compares_every_figure():
     ep = load("eval_pass")
-    m = {"ppl_forget": 10.0, "ppl_retain": 5.0, "ppl_unseen": 20.0, "ppl_general": None,
-         "mia_auc": {"loss": 0.9, "zlib": 0.8, "min_k": 0.7, "min_k_pp": 0.6}}
+    m = {"ppl_forget": 10.0, "ppl_retain": 5.0, "ppl_retain_eval": 6.0, "ppl_unseen": 20.0, "ppl_general": None,
+         "mia_auc": {"loss": 0.9, "zlib": 0.8, "min_k": 0.7, "min_k_pp": 0.6}, "mia_auc_lo": 0.8, "mia_auc_hi": 0.95}
     assert ep.differences(m, m) == ([], 0.0)
+    assert ep.differences(m, {**m, "mia_auc_hi": 0.96})[0] == ["mia_auc_hi: 0.95 vs 0.96"]
+    assert ep.differences(m, {k: v for k, v in m.items() if k != "ppl_retain_eval"})[0] == [
+        "ppl_retain_eval: 6.0 vs None"]
     off = {**m, "mia_auc": {**m["mia_auc"], "zlib": 0.81}}
     assert ep.differences(m, off)[0] == ["mia_auc.zlib: 0.8 vs 0.81"]
     assert ep.differences(m, {**m, "ppl_general": 3.0})[0] == ["ppl_general: None vs 3.0"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from sqlmodel import select
 
 from engine.config import RunConfig, RunSettings, settings_fields
 from engine.errors import UnlearnError
+from engine.metric_registry import SCORE
 from studies.lifecycle.spec import StudySpec
 from studies.reading.export import export_best
 from studies.store.db import CellRow, Run, Store
@@ -22,7 +24,8 @@ from tui.cli import app
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 # A value other than the default for every field (a new field without one here fails the test below).
 NON_DEFAULT = {"batch_size": 3, "seq_len": 96, "seed": 5, "warmup_steps": 2, "retain_weight": 2.5,
-               "eval_batch_size": 5, "min_k": 0.3, "tol_forget": 0.2, "tol_retain": 0.1, "divergence_factor": 500.0,
+               "eval_batch_size": 5, "min_k": 0.3, "tol_forget": 0.2, "tol_retain": 0.1, "target_spread": 0.03,
+               "watch_every": 2, "stop_at_target": True, "divergence_factor": 500.0,
                "attacks": "relearn,quant4", "params": "mlp", "dtype": "bf16", "gradient_checkpointing": True,
                "optim": "adamw8bit", "lora": 4, "lora_alpha": 16.0, "lora_targets": "q_proj,v_proj",
                "bench_samples": 20, "tofu_retain_truth_ratios": str(FIXTURES / "presets" / "tofu" / "forget01.json"),
@@ -66,7 +69,7 @@ def test_settings_round_trip_through_a_study_and_its_export(tmp_path, forget_set
     with store.write() as s:  # one computed cell per run, so each method has a best cell to export
         for run in s.exec(select(Run)).all():
             run.state = RunState.DONE
-            s.add(CellRow(run_id=run.id, step=2, metrics={"score": 0.5}, score=0.5))
+            s.add(CellRow(run_id=run.id, step=2, metrics={SCORE: 0.5}, score=0.5))
     entries = {e["method"]: e for e in export_best(store, "S")}
     run_cmd = command("run")
     for method, expected in (("ga_gd", RunSettings(**given)),
@@ -93,8 +96,20 @@ def test_a_spec_stored_before_run_settings_had_their_key_still_reads():
               "seq_len": 128, "warmup_steps": 1, "eval_batch_size": 8, "min_k": 0.2, "tol_forget": 0.1,
               "tol_retain": 0.05, "max_attempts": 2, "trust_remote_code": False, "has_general": False, "extra": {}}
     spec = StudySpec.from_dict(legacy)
-    assert spec.run == RunSettings(seed=3, batch_size=8, seq_len=128, warmup_steps=1)
+    # The tolerances it stored were the defaults of its day; now that the default is auto (None),
+    # they read back as the explicit values they are, so the old study keeps its bands.
+    assert spec.run == RunSettings(seed=3, batch_size=8, seq_len=128, warmup_steps=1, tol_forget=0.1, tol_retain=0.05)
     assert StudySpec.from_dict(spec.to_dict()) == spec
+
+
+def test_an_auto_tolerance_reads_back_as_auto():
+    """An Optional float left at None (auto) is stored as None and read back as None, not as a number."""
+    spec = StudySpec(model="m", forget_set="fs", forget_set_hash="h", methods=["ga"], steps=[2], lrs=[1e-3],
+                     run=RunSettings(tol_retain=0.2)).validate()
+    stored = json.loads(json.dumps(spec.to_dict()))  # as the store keeps it: plain JSON
+    back = StudySpec.from_dict(stored)
+    assert (back.run.tol_forget, back.run.tol_retain) == (None, 0.2)
+    assert back == spec and back.run.validate() == back.run
 
 
 def test_validate_never_mutates_and_names_the_flag():

@@ -22,6 +22,7 @@ from rich.console import Console
 
 from engine.config import RunSettings
 from engine.errors import UnlearnError
+from engine.metric_registry import SCORE
 from studies.lifecycle.spec import StudySpec
 from studies.reading.export import export_best, reproduce_command, save_model, to_json, to_yaml
 from studies.reading.grid import Cell, best, load_cells, pareto, robustness
@@ -36,22 +37,34 @@ LN_TOL_F, LN_TOL_R = math.log(1.10), math.log(1.05)
 TPE_LR = (1 / 3) * 1e-4  # 3.3333333333333335e-05: must survive the command exactly
 
 
-def metrics(step: int, gap: float | None, drift: float | None, diverged: bool = False) -> dict:
-    """An engine cell dict (the numbers around gap/drift are plausible, not computed)."""
+def metrics(step: int, gap: float | None, drift: float | None, diverged: bool = False,
+            at_target: bool = False) -> dict:
+    """An engine cell dict (the numbers around gap/drift are plausible, not computed). `drift` is the
+    utility the objective counts, on retain_eval; the old figures on the trained-on retain documents
+    (retain_drift, score) are given a drift of their own, half of it, so the two never coincide."""
     if diverged or gap is None:
-        return {"step": step, "ppl_forget": None, "ppl_retain": None, "ppl_unseen": None, "ppl_general": None,
-                "mia_auc": {"loss": None, "zlib": None, "min_k": None, "min_k_pp": None}, "forget_gap": None,
-                "retain_drift": None, "score": None, "success": False, "diverged": True, "train_loss": None}
-    score = gap + max(0.0, drift)
-    return {"step": step, "ppl_forget": 20.0 * math.exp(gap), "ppl_retain": 5.0 * math.exp(drift), "ppl_unseen": 20.0,
-            "ppl_general": 40.0, "mia_auc": {"loss": 0.5 + gap / 2, "zlib": 0.55, "min_k": 0.5 + gap / 3, "min_k_pp": 0.6},
-            "forget_gap": gap, "retain_drift": drift, "score": score,
-            "success": gap <= LN_TOL_F and drift <= LN_TOL_R, "diverged": False, "train_loss": -1.0}
+        return {"step": step, "ppl_forget": None, "ppl_retain": None, "ppl_retain_eval": None, "ppl_unseen": None,
+                "ppl_general": None, "mia_auc": {"loss": None, "zlib": None, "min_k": None, "min_k_pp": None},
+                "mia_auc_lo": None, "mia_auc_hi": None, "forget_gap": None, "retain_eval_drift": None,
+                "eval_score": None, "retain_drift": None, "score": None,
+                "verdict": {"forget": False, "mia": False, "utility": False}, "success": False, "diverged": True,
+                "train_loss": None}
+    trained = drift / 2
+    auc = 0.5 + gap / 2
+    verdict = {"forget": gap <= LN_TOL_F, "mia": auc - 0.1 <= 0.5 <= auc + 0.1, "utility": drift <= LN_TOL_R}
+    return {"step": step, "ppl_forget": 20.0 * math.exp(gap), "ppl_retain": 5.0 * math.exp(trained),
+            "ppl_retain_eval": 6.0 * math.exp(drift), "ppl_unseen": 20.0, "ppl_general": 40.0,
+            "mia_auc": {"loss": auc, "zlib": 0.55, "min_k": 0.5 + gap / 3, "min_k_pp": 0.6},
+            "mia_auc_lo": auc - 0.1, "mia_auc_hi": auc + 0.1,
+            "forget_gap": gap, "retain_eval_drift": drift, "eval_score": gap + max(0.0, drift),
+            "retain_drift": trained, "score": gap + max(0.0, trained),
+            "verdict": verdict, "success": all(verdict.values()), "at_target": at_target, "diverged": False,
+            "train_loss": -1.0}
 
 
-def milestone(run: Run, step: int, gap=None, drift=None, diverged=False, trial=None) -> CellRow:
-    m = metrics(step, gap, drift, diverged)
-    return CellRow(run_id=run.id, step=step, metrics=m, score=m["score"], success=m["success"],
+def milestone(run: Run, step: int, gap=None, drift=None, diverged=False, trial=None, at_target=False) -> CellRow:
+    m = metrics(step, gap, drift, diverged, at_target)
+    return CellRow(run_id=run.id, step=step, metrics=m, score=m[SCORE], success=m["success"],
                      diverged=m["diverged"], trial_number=trial)
 
 
@@ -74,7 +87,8 @@ def lab(tmp_path):
                            [str(data / "unseen.jsonl")], [str(data / "general.jsonl")], text_field="body", seq_len=128)
     spec = StudySpec(model="/models/tiny llama", forget_set="people", forget_set_hash=fs.hash,
                      methods=["ga", "ga_gd", "ga_kl"], steps=[20, 5, 10], lrs=[1e-4, 1e-5, 3e-5],
-                     run=RunSettings(seq_len=128, batch_size=2, seed=7, warmup_steps=1, eval_batch_size=3, min_k=0.25),
+                     run=RunSettings(seq_len=128, batch_size=2, seed=7, warmup_steps=1, eval_batch_size=3, min_k=0.25,
+                                     tol_forget=0.10),  # a tolerance given; tol_retain left auto
                      has_general=True).validate()
     now = utcnow()
     with store.write() as s:
@@ -104,8 +118,12 @@ def lab(tmp_path):
         s.add_all([
             milestone(R["ga", 1e-5], 5, 0.50, 0.01, trial=0), milestone(R["ga", 1e-5], 10, 0.08, 0.02, trial=1),
             milestone(R["ga", 1e-5], 20, 0.05, 0.20, trial=2),
+            # where the run's forget perplexity first reached the target, between two milestones: a row of its
+            # own, no trial, in no grid, count or best (the lowest score of the study, and a success)
+            milestone(R["ga", 1e-5], 7, 0.03, 0.0, at_target=True),
             milestone(R["ga", 3e-5], 5, 0.09, 0.04, trial=3), milestone(R["ga", 3e-5], 10, diverged=True, trial=4),
-            milestone(R["ga_gd", 1e-5], 5, 0.30, 0.0), milestone(R["ga_gd", 1e-5], 10, 0.06, -0.01),
+            # at a milestone, the at-target cell is that milestone's cell
+            milestone(R["ga_gd", 1e-5], 5, 0.30, 0.0), milestone(R["ga_gd", 1e-5], 10, 0.06, -0.01, at_target=True),
             milestone(R["ga_gd", 1e-5], 20, 0.04, 0.03),
             milestone(R["ga_gd", 3e-5], 5, 0.20, 0.01),
         ])
@@ -162,10 +180,12 @@ def test_robustness_best_and_pareto(lab):
     b = best(cells)
     assert set(b) == {"ga", "ga_gd"}  # ga_kl has nothing computed
     assert (b["ga"]["lr"], b["ga"]["steps"], b["ga"]["success"]) == (1e-5, 10, True)
-    assert b["ga"]["score"] == pytest.approx(0.10) and b["ga"]["forget_gap"] == pytest.approx(0.08)
+    assert b["ga"][SCORE] == pytest.approx(0.10) and b["ga"]["forget_gap"] == pytest.approx(0.08)
+    assert b["ga"]["retain_eval_drift"] == pytest.approx(0.02)
+    assert b["ga"]["score"] == pytest.approx(0.09) and b["ga"]["retain_drift"] == pytest.approx(0.01)  # the old figures
     assert b["ga"]["ppl_forget"] == pytest.approx(20 * math.exp(0.08))
-    assert (b["ga_gd"]["lr"], b["ga_gd"]["steps"]) == (1e-5, 10) and b["ga_gd"]["score"] == pytest.approx(0.06)
-    front = pareto(cells, "ga")
+    assert (b["ga_gd"]["lr"], b["ga_gd"]["steps"]) == (1e-5, 10) and b["ga_gd"][SCORE] == pytest.approx(0.06)
+    front = pareto(cells, "ga")  # on forget_gap × retain_eval_drift
     assert [(c.lr, c.steps) for c in front] == [(1e-5, 20), (1e-5, 10), (1e-5, 5)]  # (.09, .04) is dominated
     assert pareto(cells, "ga_kl") == []
 
@@ -230,7 +250,7 @@ def test_list_studies(lab):
         st = study_status(lab["store"], name)
         assert row["cells"] == {k: st["cells"][k] for k in ("done", "diverged", "total")}, name
         assert row["robustness"] == pytest.approx(st["robustness"]), name
-        best_scores = [b["score"] for b in st["best"].values()]
+        best_scores = [b[SCORE] for b in st["best"].values()]
         assert row["best_score"] == (pytest.approx(min(best_scores)) if best_scores else None), name
     assert list(rows) == ["s1", "t1", "e1"]
     assert rows["s1"]["cells"] == {"done": 8, "diverged": 2, "total": 27}
@@ -256,7 +276,7 @@ def render(renderable, width=80) -> str:
 
 def test_heatmap_at_80_columns(lab):
     cells = load_cells(lab["store"], "s1")
-    text = render(render_heatmaps(cells, "score"))
+    text = render(render_heatmaps(cells, SCORE))
     lines = text.splitlines()
     assert max(len(line) for line in lines) <= 80
     assert "✓" in text and "div" in text and "✗" in text and "…" in text and "·" in text
@@ -267,7 +287,7 @@ def test_heatmap_at_80_columns(lab):
     with pytest.raises(UnlearnError, match="unknown metric"):
         render_heatmaps(cells, "accuracy")
     with pytest.raises(UnlearnError, match="no method 'npo'"):
-        render_heatmaps(cells, "score", method="npo")
+        render_heatmaps(cells, SCORE, method="npo")
 
 
 def test_heatmap_six_steps_fit_80_columns():
@@ -278,9 +298,9 @@ def test_heatmap_six_steps_fit_80_columns():
             gap, drift = 10 ** (i - 2) * (j + 1), -0.0123 * (j + 1)
             m = metrics(s, gap, drift)
             m["ppl_forget"] = 12345.678 * (i + 1)
-            cells.append(Cell("ga_kl_general", lr, s, "done", metrics=m, score=m["score"], success=m["success"]))
+            cells.append(Cell("ga_kl_general", lr, s, "done", metrics=m, score=m[SCORE], success=m["success"]))
     cells[-1] = Cell("ga_kl_general", 1.2345e-3, 10000, "diverged", metrics=metrics(10000, None, None, True), diverged=True)
-    for metric in ("score", "retain_drift", "ppl_forget", "mia_auc.loss"):
+    for metric in (SCORE, "retain_eval_drift", "score", "retain_drift", "ppl_forget", "mia_auc.loss"):
         text = render(render_heatmaps(cells, metric))
         assert max(len(line) for line in text.splitlines()) <= 80, text
         assert sum(1 for line in text.splitlines() if line.lstrip().startswith(("1e-06", "2.5e-05", "3e-04", "1.23e-03"))) == 4, text
@@ -309,14 +329,16 @@ def test_export_best_entries_and_command(lab):
     entries = export_best(lab["store"], "s1")
     assert [e["method"] for e in entries] == ["ga", "ga_gd"]
     e = entries[0]
-    for key in ("method", "lr", "steps", "score", "forget_gap", "retain_drift", "success", "metrics", "model",
+    for key in ("method", "lr", "steps", SCORE, "forget_gap", "retain_eval_drift", "success", "metrics", "model",
                 "forget_set", "hyperparameters", "study", "command"):
         assert key in e
     assert (e["lr"], e["steps"], e["success"], e["study"]) == (1e-5, 10, True, "s1")
-    assert e["score"] == pytest.approx(0.10) and e["metrics"]["mia_auc"]["loss"] == pytest.approx(0.54)
+    assert e[SCORE] == pytest.approx(0.10) and e["metrics"]["mia_auc"]["loss"] == pytest.approx(0.54)
+    assert e["metrics"]["score"] == pytest.approx(0.09)  # the old figure travels in the cell's metrics
     assert e["forget_set"] == {"name": "people", "hash": lab["fs"].hash}
     assert e["hyperparameters"] == {"batch_size": 2, "seq_len": 128, "seed": 7, "warmup_steps": 1, "retain_weight": None,
-                                    "eval_batch_size": 3, "min_k": 0.25, "tol_forget": 0.10, "tol_retain": 0.05,
+                                    "eval_batch_size": 3, "min_k": 0.25, "tol_forget": 0.10, "tol_retain": None,
+                                    "target_spread": 0.0, "watch_every": 1, "stop_at_target": False,
                                     "divergence_factor": 1e4, "attacks": "", "params": "", "dtype": "auto",
                                     "gradient_checkpointing": False, "optim": "adamw", "lora": 0, "lora_alpha": None,
                                     "lora_targets": "", "bench_samples": 100, "tofu_retain_truth_ratios": "",
@@ -331,7 +353,9 @@ def test_export_best_entries_and_command(lab):
     assert v["--text-field"] == ["body"] and v["--method"] == ["ga"] and float(v["--lr"][0]) == 1e-5
     assert v["--steps"] == ["10"]
     assert (v["--batch-size"], v["--seq-len"], v["--seed"], v["--warmup"], v["--eval-batch-size"]) == (["2"], ["128"], ["7"], ["1"], ["3"])
-    assert float(v["--min-k"][0]) == 0.25 and float(v["--tol-forget"][0]) == 0.10 and float(v["--tol-retain"][0]) == 0.05
+    assert float(v["--min-k"][0]) == 0.25 and float(v["--tol-forget"][0]) == 0.10
+    assert "--tol-retain" not in v and "--stop-at-target" not in bare  # auto, and off: the run's own defaults
+    assert v["--watch-every"] == ["1"]
     assert "'" in e["command"]  # the paths with a space are quoted
 
     [t] = export_best(lab["store"], "t1")
@@ -394,7 +418,7 @@ def test_report_commands(lab, tmp_path):
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)
     assert [r["method"] for r in rows] == ["ga", "ga_gd"]
-    assert {"method", "lr", "steps", "score", "command"} <= set(rows[0])
+    assert {"method", "lr", "steps", SCORE, "command"} <= set(rows[0])
     res = runner.invoke(app, ["export", "s1", "--storage", url])  # yaml by default
     assert yaml.safe_load(res.stdout) == rows
     target = tmp_path / "out" / "best.yaml"
@@ -450,16 +474,16 @@ def test_exported_command_reproduces_the_score(tiny_model_dir, forget_set_files,
                             cache_dir=tmp_path / "cache")
     with store.write() as s:
         for c in result["milestones"]:
-            s.add(CellRow(run_id=run.id, step=c["step"], metrics=c, score=c["score"], success=c["success"],
+            s.add(CellRow(run_id=run.id, step=c["step"], metrics=c, score=c[SCORE], success=c["success"],
                             diverged=c["diverged"]))
         r = s.get(Run, run.id)
         r.state, r.step = "done", 4
         s.add(r)
-    scores = {c["step"]: c["score"] for c in result["milestones"]}
+    scores = {c["step"]: c[SCORE] for c in result["milestones"]}
     assert None not in scores.values()
 
     [entry] = export_best(store, "e2e")
-    assert entry["score"] == min(scores.values())
+    assert entry[SCORE] == min(scores.values())
     _, v, _ = flags(entry["command"])
     assert (v["--retain-weight"], v["--warmup"]) == (["2.0"], ["3"])  # the study's settings travel with it
     commands = {entry["steps"]: entry["command"]}
@@ -478,14 +502,15 @@ def test_exported_command_reproduces_the_score(tiny_model_dir, forget_set_files,
         out = json.loads(proc.stdout)
         assert [c["step"] for c in out["milestones"]] == [steps]
         assert out["forget_set"]["hash"] == fs.hash
-        assert out["milestones"][0]["score"] == pytest.approx(scores[steps], rel=1e-6)
+        assert out["milestones"][0][SCORE] == pytest.approx(scores[steps], rel=1e-6)
 
     saved = save_model(store, entry, tmp_path / "models", device="cpu")
     folder = tmp_path / "models" / "ga_gd"
     assert saved["path"] == str(folder) and saved["matches"]
-    assert saved["score"] == pytest.approx(entry["score"], rel=1e-6)
+    assert saved[SCORE] == pytest.approx(entry[SCORE], rel=1e-6)
     card = (folder / "README.md").read_text()
     assert spec.model in card and "ga_gd" in card and fs.hash in card and entry["command"] in card
+    assert f"| {SCORE} |" in card and "eval_score = forget_gap + max(0, retain_eval_drift)" in card
     assert (folder / "config.json").is_file() and not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]
     from engine.models import load_model
 

@@ -13,6 +13,7 @@ from engine.config import RunConfig
 from engine.errors import UnlearnError
 from engine.methods import get_method
 from engine.methods.base import parse_variant, variant_id
+from engine.metric_registry import SCORE
 from studies.lifecycle.spec import StudySpec, expand_knobs
 from studies.reading.export import export_best
 from studies.store.db import Store
@@ -81,8 +82,9 @@ def test_a_retain_weight_sweep_runs_each_value_and_exports_commands_that_reprodu
         assert p.returncode == 0, p.stderr
         rerun = json.loads(p.stdout)
         assert rerun["config"]["method"] == variant
-        assert rerun["milestones"][0]["score"] == e["score"]  # bitwise on CPU
-    scores = [entries[v]["score"] for v in ("ga_gd[retain_weight=0.5]", "ga_gd[retain_weight=1.0]")]
+        assert rerun["milestones"][0][SCORE] == e[SCORE]  # bitwise on CPU
+        assert rerun["milestones"][0]["score"] == e["metrics"]["score"]  # the figure on the trained-on retain set too
+    scores = [entries[v][SCORE] for v in ("ga_gd[retain_weight=0.5]", "ga_gd[retain_weight=1.0]")]
     assert scores[0] != scores[1]  # the knob reached the loss
 
     # The app shows a variant like any method: its name is not markup, nor a widget id; and at 120×50

@@ -28,10 +28,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def store(tmp_path) -> Store:
-    for role in ("forget", "retain", "unseen"):
+    for role in ("forget", "retain", "retain_eval", "unseen"):
         (tmp_path / f"{role}.txt").write_text(f"the {role} document, long enough to be one " * 3)
     store = Store(f"sqlite:///{tmp_path / 'lab.db'}")
-    create_forget_set(store, "fs", *([str(tmp_path / f"{r}.txt")] for r in ("forget", "retain", "unseen")))
+    create_forget_set(store, "fs", *([str(tmp_path / f"{r}.txt")] for r in ("forget", "retain", "unseen")),
+                      retain_eval=[str(tmp_path / "retain_eval.txt")])
     create_study(store, "S", "EleutherAI/pythia-14m", "fs", methods=["ga", "ga_gd"], lrs=[1e-4], steps=[2, 4])
     return store
 

@@ -51,9 +51,15 @@ def test_count_documents_tokens_and_chunks(forget_set_files, tiny_model_dir, tin
     roles = answer["roles"]
     assert set(roles) == {"forget", "retain", "unseen"}
     assert {r: roles[r]["documents"] for r in roles} == {"forget": 16, "retain": 32, "unseen": 16}
-    for role in roles:  # the engine's own chunking of the same texts, with the same tokenizer
-        assert roles[role]["chunks"] == len(getattr(tiny_sets, role))
-        assert roles[role]["tokens"] == getattr(tiny_sets, role).n_tokens
+    # The engine's own chunking of the same texts, with the same tokenizer. The probe counts the
+    # sources as given; the forget set holds a seeded share of the retain documents out as retain_eval
+    # (chunked per document), so the retain sources are its retain and retain_eval together.
+    sets = {"forget": [tiny_sets.forget], "retain": [tiny_sets.retain, tiny_sets.retain_eval],
+            "unseen": [tiny_sets.unseen]}
+    assert len(tiny_sets.retain) and len(tiny_sets.retain_eval)
+    for role in roles:
+        assert roles[role]["chunks"] == sum(len(c) for c in sets[role])
+        assert roles[role]["tokens"] == sum(c.n_tokens for c in sets[role])
 
 
 def test_count_without_tokenizer_gives_documents_only(forget_set_files):

@@ -285,10 +285,11 @@ def test_a_v1_store_is_upgraded_in_place_and_keeps_its_forget_sets(url, tmp_path
 
     src = tmp_path / "src"
     src.mkdir()
-    for role in ("forget", "retain", "unseen"):
+    for role in ("forget", "retain", "retain_eval", "unseen"):
         (src / f"{role}.txt").write_text(f"the {role} document, long enough to be a document " * 3)
     store = Store(url)
-    create_forget_set(store, "fs", [str(src / "forget.txt")], [str(src / "retain.txt")], [str(src / "unseen.txt")])
+    create_forget_set(store, "fs", [str(src / "forget.txt")], [str(src / "retain.txt")], [str(src / "unseen.txt")],
+                      retain_eval=[str(src / "retain_eval.txt")])
     path = url.split("///", 1)[1]
     with sqlite3.connect(path) as c:  # make it exactly a v1 store
         c.execute('ALTER TABLE ul_forgetset DROP COLUMN "column"')
@@ -300,7 +301,8 @@ def test_a_v1_store_is_upgraded_in_place_and_keeps_its_forget_sets(url, tmp_path
         assert c.execute("SELECT value FROM ul_meta").fetchone() == (str(SCHEMA_VERSION),)  # v1 -> v2 -> ... now
     fs = upgraded.forget_set("fs")
     assert fs.column is None
-    assert forget_set_texts(upgraded, fs).counts() == {"forget": 1, "retain": 1, "unseen": 1, "general": 0}
+    assert forget_set_texts(upgraded, fs).counts() == {"forget": 1, "retain": 1, "retain_eval": 1, "unseen": 1,
+                                                       "general": 0}
 
 
 # ------------------------------------------------------------------ stores that cannot be opened

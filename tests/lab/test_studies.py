@@ -77,11 +77,21 @@ def cells_of_trials(trials) -> list[tuple]:
     return sorted((t.user_attrs["ul_run_id"], t.user_attrs["ul_step"]) for t in trials)
 
 
+def on_grid(m, steps) -> bool:
+    """Whether a CellRow is a cell of the grid: every row but a run's at-target cell between milestones."""
+    return not (m.metrics or {}).get("at_target") or m.step in steps
+
+
 def check_every_cell(store, url: str, name: str, steps: list[int]) -> tuple[list, list, list]:
     """Every run finished, every (run, step) cell present exactly once in ul_milestone and in Optuna,
-    with params exactly {method, lr, steps} matching its run."""
+    with params exactly {method, lr, steps} matching its run. A run's at-target cell between
+    milestones is a row of its own (at most one per run) with no trial; the cells returned leave it out."""
     runs = runs_of(store, name)
-    ms = milestones_of(store, name)
+    every = milestones_of(store, name)
+    ms = [m for m in every if on_grid(m, steps)]
+    between = [m for m in every if not on_grid(m, steps)]
+    assert all(m.trial_number is None for m in between), "an at-target cell between milestones got a trial"
+    assert len({m.run_id for m in between}) == len(between), "a run has two at-target cells"
     trials = optuna_trials(url, name)
     assert [r.state for r in runs if r.state not in FINISHED] == [], [(r.id, r.state, r.last_error) for r in runs]
     expected = sorted((r.id, s) for r in runs for s in steps)
@@ -124,9 +134,11 @@ def test_forgetset_create_ls_show_json(tmp_path, forget_set_files):
     assert r.returncode == 0, r.stderr
     created = json.loads(r.stdout)
     assert created["name"] == "records" and len(created["hash"]) == 64
-    assert created["documents"] == {"forget": 16, "retain": 32, "unseen": 16, "general": 12}
+    # no --retain-eval: a seeded 20 % of the 32 retain documents is held out as retain_eval, and the set says how
+    assert created["documents"] == {"forget": 16, "retain": 26, "retain_eval": 6, "unseen": 16, "general": 12}
+    assert created["meta"]["retain_eval"] == {"held_out_share": 0.2, "seed": 0}
     assert created["seq_len"] == SEQ_LEN
-    assert created["sources"]["forget"] == [forget_set_files["forget"]]
+    assert created["sources"]["forget"] == [forget_set_files["forget"]] and created["sources"]["retain_eval"] == []
 
     with ThreadPoolExecutor(2) as pool:
         ls, show = pool.map(lambda args: cli(*args, "--storage", url, "--json", home=home),
@@ -239,11 +251,14 @@ def test_optuna_dashboard_serves_the_store(lab, tiny_model_dir):
 HUB_MODEL = "EleutherAI/pythia-14m"  # stored, never loaded: these tests write cells by hand
 
 
-def cell(step: int, score: float | None) -> dict:
-    """A cell as the engine hands it to on_milestone (numbers are test data, not computed)."""
+def cell(step: int, score: float | None, at_target: bool = False) -> dict:
+    """A cell as the engine hands it to on_milestone (numbers are test data, not computed); `score`
+    is the objective, eval_score (the old score, on the trained-on retain set, is a little lower)."""
     return {"step": step, "ppl_forget": None if score is None else 10.0 + score, "ppl_retain": 5.0,
-            "mia_auc": {"loss": 0.5, "zlib": 0.5, "min_k": 0.5, "min_k_pp": 0.5}, "forget_gap": score,
-            "retain_drift": 0.0, "score": score, "success": False, "diverged": score is None, "train_loss": -1.0}
+            "ppl_retain_eval": 5.5, "mia_auc": {"loss": 0.5, "zlib": 0.5, "min_k": 0.5, "min_k_pp": 0.5},
+            "forget_gap": score, "retain_eval_drift": 0.0, "eval_score": score, "retain_drift": 0.0,
+            "score": None if score is None else score - 0.01, "success": False, "at_target": at_target,
+            "diverged": score is None, "train_loss": -1.0}
 
 
 def test_record_cell_is_idempotent(lab):
@@ -267,6 +282,31 @@ def test_record_cell_is_idempotent(lab):
     assert [(t.number, t.state.name, t.value, t.params["steps"]) for t in trials] == [
         (first, "COMPLETE", 0.3, 2), (diverged, "FAIL", None, 4)]
     assert [(m.step, m.score, m.trial_number) for m in milestones_of(lab.store, "g")] == [(2, 0.3, first), (4, None, diverged)]
+
+
+def test_record_cell_writes_an_at_target_cell_between_milestones_without_a_trial(lab):
+    """A run's at-target cell at a step that is no milestone: its row, no Optuna trial (the trial's
+    `steps` is the study's grid of milestones), also when a retried run passes it again; at a
+    milestone it is that milestone's cell and trial."""
+    from studies.lifecycle.study import study_spec
+    from studies.reading.grid import load_at_target, load_cells
+    from studies.running.recorder import record_cell
+
+    create_study(lab.store, "a", HUB_MODEL, "fs", methods=["ga"], lrs=[1e-3, 3e-3], steps=[2, 4])
+    spec, (slow, fast) = study_spec(lab.store.study("a")), runs_of(lab.store, "a")
+    first = record_cell(lab.store, "a", spec, slow, cell(2, 0.5))
+    assert record_cell(lab.store, "a", spec, slow, cell(3, 0.2, at_target=True)) is None
+    assert record_cell(lab.store, "a", spec, slow, cell(3, 0.9, at_target=True)) is None  # retried: kept as written
+    last = record_cell(lab.store, "a", spec, slow, cell(4, 0.4))
+    at_milestone = record_cell(lab.store, "a", spec, fast, cell(2, 0.3, at_target=True))
+    trials = optuna_trials(lab.url, "a")
+    assert [(t.number, t.value, t.params["steps"]) for t in trials] == [(first, 0.5, 2), (last, 0.4, 4),
+                                                                       (at_milestone, 0.3, 2)]
+    assert [(m.run_id, m.step, m.score, m.trial_number) for m in milestones_of(lab.store, "a")] == [
+        (slow.id, 2, 0.5, first), (slow.id, 3, 0.2, None), (slow.id, 4, 0.4, last), (fast.id, 2, 0.3, at_milestone)]
+    assert sorted((c.lr, c.steps) for c in load_cells(lab.store, "a")) == [(1e-3, 2), (1e-3, 4), (3e-3, 2), (3e-3, 4)]
+    assert sorted((c.lr, c.steps, c.value("eval_score")) for c in load_at_target(lab.store, "a")) == [
+        (1e-3, 3, 0.2), (3e-3, 2, 0.3)]
 
 
 def test_record_cell_tells_the_trial_tpe_asked_for(lab):
@@ -377,7 +417,7 @@ def test_a_killed_run_is_retried_and_no_cell_is_written_twice(lab, tiny_model_di
     scheduler = _scheduler_pid(r.stdout)
     try:
         def victim():  # a run that is running and has written a milestone already
-            written = {m.run_id for m in milestones_of(lab.store, "S2")}
+            written = {m.run_id for m in milestones_of(lab.store, "S2") if on_grid(m, steps)}
             return next((x for x in runs_of(lab.store, "S2")
                          if x.state == "running" and x.pid and x.id in written and pid_alive(x.pid)), None)
 
@@ -426,7 +466,7 @@ def test_a_killed_scheduler_resumes_where_the_store_says(lab, tiny_model_dir):
     try:
         def moment():  # ≥ 1 run done, and the next one running with a milestone written (on the
             rows = runs_of(lab.store, "S3")  # last run, whatever it has written)
-            written = {m.run_id for m in milestones_of(lab.store, "S3")}
+            written = {m.run_id for m in milestones_of(lab.store, "S3") if on_grid(m, steps)}
             done = sum(x.state in FINISHED for x in rows)
             return done and any(x.state == "running" and (x.id in written or done == len(rows) - 1) for x in rows)
 

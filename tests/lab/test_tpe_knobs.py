@@ -12,6 +12,7 @@ import pytest
 from optuna.distributions import FloatDistribution
 
 from engine.errors import UnlearnError
+from engine.metric_registry import SCORE
 from studies.lifecycle.spec import StudySpec, parse_knob_options, without_ranged_knobs
 from studies.reading.export import export_best
 from studies.reading.grid import best_cell, load_cells
@@ -135,7 +136,7 @@ def test_a_tpe_study_samples_a_knob_range_and_attacks_its_best_cells(tmp_path, f
     assert argv[argv.index("--method") + 1] == "npo" and argv[argv.index("--param") + 1].startswith("beta=")
     rerun = cli_in_process(capsys, *argv[1:])
     assert rerun.returncode == 0, rerun.stderr
-    assert json.loads(rerun.stdout)["milestones"][-1]["score"] == e["score"]
+    assert json.loads(rerun.stdout)["milestones"][-1][SCORE] == e[SCORE]
 
     assert_one_line_error(cli_in_process(capsys, "study", "create", "G", "--model", tiny_model_dir, "--forget-set", "fs",
                                          "--methods", "npo", "--lr", "1e-3", "--steps", "2", "--param", "beta=0.1:1",

@@ -156,17 +156,57 @@ def test_compare_puts_cells_side_by_side(store):
     assert out["forget_set"]["name"] == "people"
 
 
+def front_study(store) -> list[tuple]:
+    """A study of its own (utility held out, unlike the sweeps' synthetic cells): one run, six steps,
+    the cells' (forget_gap, retain_eval_drift) and their retain_drift chosen so that the front on the
+    held-out drift and the one on the trained-on drift differ; step 6 diverged."""
+    from studies.lifecycle.study import create_study, study_spec
+    from studies.running.recorder import record_cell
+
+    if "front" not in {s.name for s in _studies(store)}:
+        create_study(store, "front", "EleutherAI/pythia-14m", "people", methods=["ga"], lrs=[1e-4], steps=[1, 2, 3, 4, 5, 6])
+        spec = study_spec(store.study("front"))
+        with store.read() as s:
+            run = s.exec(select(Run).where(Run.study_id == store.study("front").id)).one()
+        # step: (forget_gap, retain_eval_drift, retain_drift)
+        points = {1: (0.1, 0.4, 0.0), 2: (0.2, 0.2, 0.3), 3: (0.3, 0.3, 0.0), 4: (0.4, 0.1, 0.5), 5: (0.5, 0.1, 0.5)}
+        for step, (gap, drift, trained) in points.items():
+            record_cell(store, "front", spec, run, {
+                "step": step, "forget_gap": gap, "retain_eval_drift": drift, "eval_score": gap + drift,
+                "retain_drift": trained, "score": gap + trained, "success": False, "diverged": False})
+        record_cell(store, "front", spec, run, {"step": 6, "forget_gap": None, "retain_eval_drift": None,
+                                                "eval_score": None, "success": False, "diverged": True})
+        with store.write() as s:
+            row = s.get(Run, run.id)
+            row.state = RunState.DONE
+            s.add(row)
+    return [("front", "ga", 1e-4, s) for s in range(1, 7)]
+
+
+def _studies(store):
+    from studies.store.db import Study
+
+    with store.read() as s:
+        return list(s.exec(select(Study)).all())
+
+
 def test_compare_front_is_the_pareto_front_of_the_cells(store):
-    refs = [("sweep-done", m, lr, s) for m in ("ga", "ga_gd") for lr in (1e-5, 1e-4, 1e-3) for s in (5, 10, 20)]
+    """The front is taken on forget_gap × retain_eval_drift, the utility held out from every retain term."""
+    refs = front_study(store)
     out = compare_cells(store, refs)
-    pts = {i: (c["values"]["forget_gap"], c["values"]["retain_drift"]) for i, c in enumerate(out["cells"])
+    pts = {i: (c["values"]["forget_gap"], c["values"]["retain_eval_drift"]) for i, c in enumerate(out["cells"])
            if c["values"]["forget_gap"] is not None}
     brute = {i for i, (g, d) in pts.items()
              if not any(g2 <= g and d2 <= d and (g2, d2) != (g, d) for g2, d2 in pts.values())}
-    assert set(out["front"]) == brute and brute
+    assert set(out["front"]) == brute == {0, 1, 3}  # steps 1, 2, 4; step 3 is dominated by 2, step 5 by 4
     assert [c["pareto"] for c in out["cells"]] == [i in brute for i in range(len(out["cells"]))]
+    # on the trained-on retain_drift, step 1 (gap .1, drift 0) alone would dominate every other
+    trained = {i: (c["values"]["forget_gap"], c["values"]["retain_drift"]) for i, c in enumerate(out["cells"])
+               if c["values"]["forget_gap"] is not None}
+    assert {i for i, (g, d) in trained.items()
+            if not any(g2 <= g and d2 <= d and (g2, d2) != (g, d) for g2, d2 in trained.values())} == {0}
     diverged = next(i for i, c in enumerate(out["cells"]) if c["status"] == "diverged")
-    assert diverged not in out["front"]
+    assert diverged == 5 and diverged not in out["front"]
     gaps = [pts[i][0] for i in out["front"]]
     assert gaps == sorted(gaps)
 
