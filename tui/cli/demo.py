@@ -115,9 +115,9 @@ def sisa_cmd(
     seed: int = typer.Option(0, "--seed", help="seed of the shard assignment"),
     as_json: Json = False,
 ):
-    """Exact unlearning by sharding (SISA) on the demo: train K models from scratch on K shards of the
-    training documents, retrain the shards that held the forget set without it, and score the ensemble
-    like any cell. Demo scale only: it needs the training corpus and trains from scratch."""
+    """Exact unlearning by sharding (SISA) on the demo's fine-tuning stage: fine-tune K models from the demo's base
+    model on K shards of the fine-tuning documents, fine-tune the shards that held the forget set again without it,
+    and score the ensemble like any cell. Demo scale only: it needs the fine-tuning corpus and the base model."""
     import json
 
     from rich.table import Table
@@ -142,7 +142,7 @@ def sisa_cmd(
         raise UnlearnError("--shards: each K must be at least 1")
     rows = []
     for k in ks:
-        err.print(f"sisa: K = {k} (training {k} constituent model(s) from scratch)", markup=False)
+        err.print(f"sisa: K = {k} (fine-tuning {k} constituent model(s) from the base)", markup=False)
         r = sisa(workspace, recipe, k, seed)
         r.pop("shard_hashes")
         rows.append(r)
