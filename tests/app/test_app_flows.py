@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import time
 
 import pytest
@@ -13,6 +14,8 @@ import yaml
 
 from tests.app.pilot_helpers import wait_until
 from tests.studies_helpers import pid_alive, wait_for
+
+QA_PER_PERSON = 7  # engine.demo_corpus.Person.qa: seven question–answer pairs a person, in order
 
 # func_only: the test's own 600 s; the quick demo it may build first has its own limit (conftest.py)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600, func_only=True)]
@@ -42,6 +45,16 @@ def test_build_create_launch_watch_walk_compare_export(quick_demo, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     store = Store(url, create=False)
     study = f"flow-{int(time.time())}"
+    # The builder reads plain text (the CLI also reads question–answer rows): one document per demo person,
+    # its question–answer rows joined, as a user would type in a folder of plain records.
+    people, n_people = {}, {}
+    for role in ("forget", "retain", "unseen"):
+        rows = [json.loads(line) for line in (ws / "data" / f"{role}.jsonl").read_text().splitlines() if line.strip()]
+        per = QA_PER_PERSON
+        docs = [" ".join(f"{r['question']} {r['answer']}" for r in rows[i:i + per]) for i in range(0, len(rows), per)]
+        people[role] = tmp_path / f"{role}.jsonl"
+        people[role].write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        n_people[role] = len(docs)
 
     async def go():
         app = create_app(url, refresh_s=0.3)
@@ -56,7 +69,7 @@ def test_build_create_launch_watch_walk_compare_export(quick_demo, tmp_path, mon
             for role in ("forget", "retain", "unseen"):
                 builder.query_one("#role", Select).value = role
                 field = builder.query_one("#source-input", Input)
-                field.value = str(ws / "data" / f"{role}.jsonl")
+                field.value = str(people[role])
                 field.focus()
                 await pilot.press("enter")
                 await until(pilot, lambda role=role: builder.doc_counts().get(role), what=f"the {role} count")
@@ -64,7 +77,8 @@ def test_build_create_launch_watch_walk_compare_export(quick_demo, tmp_path, mon
             await pilot.press("ctrl+s")
             await until(pilot, lambda: isinstance(app.screen, StudiesScreen), what="the builder to save and close")
             fs = {f.name: f for f in list_forget_sets(store)}[f"{study}-set"]
-            assert fs.counts["forget"] == 24 and fs.counts["retain"] == 72
+            assert fs.counts["forget"] == n_people["forget"]
+            assert fs.counts["retain"] + fs.counts["retain_eval"] == n_people["retain"] and fs.counts["retain_eval"]
             # 2. a study on it, launched with one CPU worker
             await pilot.press("n")
             await until(pilot, lambda: isinstance(app.screen, NewStudyScreen), what="the new-study form")
