@@ -246,8 +246,21 @@ class StudySpec:
               else FloatDistribution(self.lr_range[0], self.lr_range[1], log=True))
         return {"method": CategoricalDistribution(list(self.methods)), "lr": lr,
                 "steps": CategoricalDistribution(list(self.steps)),
-                **{k: CategoricalDistribution(list(v)) for k, v in (self.knobs or {}).items()},
+                **{k: CategoricalDistribution(v) for k, v in self._knob_choices().items()},
                 **{k: FloatDistribution(r["low"], r["high"], log=r["log"]) for k, r in (self.knob_ranges or {}).items()}}
+
+    def _knob_choices(self) -> dict[str, list]:
+        """Each listed knob's values: the swept ones (`knobs`), and those of the variants the study
+        names among its methods (`npo[beta=0.01]`), which are trial params too. From the spec alone,
+        in its order, so every trial of the study gets the same distribution."""
+        from engine.methods.base import parse_variant
+
+        out: dict[str, list] = {k: list(v) for k, v in (self.knobs or {}).items()}
+        for m in self.methods:
+            for k, v in parse_variant(m)[1].items():
+                if k not in (self.knob_ranges or {}) and v not in out.setdefault(k, []):
+                    out[k].append(v)
+        return out
 
     def trial_params(self, method: str, lr: float, steps: int) -> dict:
         """The Optuna params of a cell: method (as the study lists it), lr, steps, and every knob of

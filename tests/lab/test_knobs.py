@@ -109,3 +109,21 @@ def test_a_retain_weight_sweep_runs_each_value_and_exports_commands_that_reprodu
         return seen
 
     assert asyncio.run(walk()) == ["DashboardScreen", "TrialScreen", "CompareScreen", "ExportDialog"]
+
+
+def test_a_variant_named_among_the_methods_is_an_optuna_trial_with_its_knob():
+    """`--methods npo,npo[beta=0.01]` (no --param): the variant's knob is a trial param, so its
+    distribution must be declared too, the same for every trial (Optuna refuses a trial whose
+    params lack one: each such run failed before)."""
+    from optuna.trial import create_trial
+
+    spec = StudySpec(model="m", forget_set="fs", forget_set_hash="h", methods=("npo", "npo[beta=0.01]", "simnpo[delta=0.8]"),
+                     steps=(2, 4), lrs=(1e-3,))
+    dists = spec.optuna_distributions()
+    assert dists["beta"].choices == (0.01,) and dists["delta"].choices == (0.8,)
+    for method in spec.methods:
+        params = spec.trial_params(method, 1e-3, 2)
+        create_trial(params=params, distributions={k: d for k, d in dists.items() if k in params}, value=0.5)
+    swept = StudySpec(model="m", forget_set="fs", forget_set_hash="h", methods=("npo[beta=0.1]", "npo[beta=0.2]", "npo[beta=0.05]"),
+                      steps=(2,), lrs=(1e-3,), knobs={"beta": [0.1, 0.2]})
+    assert swept.optuna_distributions()["beta"].choices == (0.1, 0.2, 0.05)
