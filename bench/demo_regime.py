@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -25,21 +26,29 @@ if str(ROOT) not in sys.path:  # `python bench/demo_regime.py` puts bench/ first
     sys.path.insert(0, str(ROOT))
 
 BUDGET_S = {"quick": 45.0, "full": 150.0}
-BANDS = {"ppl_unseen_over_retain_eval": (0.0, 3.0), "ln_unseen_over_forget": (0.05, 1.5), "mia_auc_loss": (0.65, 0.95)}
 
 
 def measure(recipe) -> dict:
-    from engine.demo import build_workspace, regime_figures
+    from engine.demo import build_workspace, demo_controls
+    from engine.metric_registry import MIA_AUC, PPL_FORGET, PPL_RETAIN_EVAL, PPL_UNSEEN
 
     ws = Path(tempfile.mkdtemp(prefix=f"demo-regime-{recipe.name}-"))
     try:
         t0 = time.perf_counter()
         manifest = build_workspace(ws, recipe)
         build_s = time.perf_counter() - t0
-        figures = regime_figures(ws, recipe)
+        refs = demo_controls(ws, recipe, manifest)  # the regime and controls `unlearn demo` prints
     finally:
         shutil.rmtree(ws, ignore_errors=True)
-    inside = {k: lo <= figures[k] <= hi for k, (lo, hi) in BANDS.items()}
+    regime, theta0, twin = refs["regime"], refs["original_metrics"], refs["retrained_metrics"]
+    roles = {"forget": PPL_FORGET, "retain_eval": PPL_RETAIN_EVAL, "unseen": PPL_UNSEEN}
+    figures = {k: regime[k] for k in regime["bands"]}
+    figures["ppl"] = {r: theta0[p] for r, p in roles.items()}
+    figures["twin"] = {"ln_forget_twin_minus_ln_unseen_theta0": math.log(twin[PPL_FORGET] / theta0[PPL_UNSEEN]),
+                       "mia_auc_loss": twin[MIA_AUC]["loss"],
+                       "ln_retain_eval_twin_minus_theta0": math.log(twin[PPL_RETAIN_EVAL] / theta0[PPL_RETAIN_EVAL]),
+                       "ppl": {r: twin[p] for r, p in roles.items()}, "success": refs["controls"]["retrained"]["success"]}
+    inside = regime["inside"]
     return {"recipe": recipe.name, "seed": recipe.seed, "build_s": build_s, "timings": manifest["timings"],
             "roles": manifest["roles"], "parameters": manifest["original"]["parameters"], **figures,
             "inside": inside, "in_time": build_s <= BUDGET_S[recipe.name],

@@ -59,9 +59,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from engine.config import RunConfig
-    from engine.demo import DEMO_LRS, FULL, build_workspace, demo_sources
+    from engine.demo import DEMO_LRS, FULL, build_workspace, demo_controls, demo_sources, demo_texts
     from engine.run import run_unlearning
-    from studies.lifecycle.demo import demo_store, demo_texts, measure_controls
+    from studies.lifecycle.demo import demo_store
     from studies.lifecycle.study import create_study, resume_study
     from studies.reading.grid import best_cell, load_at_target, load_cells
     from studies.running.pool import WorkerPool
@@ -70,7 +70,7 @@ def main() -> None:
     ws = args.workspace.resolve()
     t0 = time.perf_counter()
     manifest = build_workspace(ws, FULL, lambda what, i, n: None)
-    refs = measure_controls(ws, FULL, manifest)
+    refs = demo_controls(ws, FULL, manifest)
     delta = refs["target"]["value"]  # ln ppl_unseen(θ0): SimNPO's δ on the target's scale
     methods = variants(delta)
     store = demo_store(ws)

@@ -289,49 +289,22 @@ def demo_sources(workspace: Path) -> dict[str, list[str]]:
     return {role: [str(workspace / "data" / f"{role}.jsonl")] for role in ROLES}
 
 
-def regime_figures(workspace: Path, recipe: DemoRecipe) -> dict:
-    """Where θ0 sits (does it generalize; is the forget set memorized, but not by rote) and how the
-    retrained twin compares, on the roles' question–answer chunks (answers scored)."""
-    from engine.evaluate import roc_auc, score_chunks
-    from engine.models import load_model, load_tokenizer
-
-    tokenizer = load_tokenizer(str(workspace / "model"))
-    chunks = {r: qa_chunks(read_role(workspace, r), tokenizer, recipe.seq_len, r)
-              for r in ("forget", "retain_eval", "unseen")}
-
-    def scores(model_dir: str) -> dict:
-        model = load_model(model_dir)
-        return {r: score_chunks(model, c, 32) for r, c in chunks.items()}
-
-    s0, s1 = scores(str(workspace / "model")), scores(str(workspace / "retrained"))
-    ln = {k: {r: math.log(s[r].ppl) for r in s} for k, s in (("theta0", s0), ("twin", s1))}
-    return {
-        "ppl_unseen_over_retain_eval": math.exp(ln["theta0"]["unseen"] - ln["theta0"]["retain_eval"]),
-        "ln_unseen_over_forget": ln["theta0"]["unseen"] - ln["theta0"]["forget"],
-        "mia_auc_loss": roc_auc(s0["forget"].mia["loss"], s0["unseen"].mia["loss"]),
-        "ppl": {r: s0[r].ppl for r in s0},
-        "twin": {
-            "ln_forget_twin_minus_ln_unseen_theta0": ln["twin"]["forget"] - ln["theta0"]["unseen"],
-            "mia_auc_loss": roc_auc(s1["forget"].mia["loss"], s1["unseen"].mia["loss"]),
-            "ln_retain_eval_twin_minus_theta0": ln["twin"]["retain_eval"] - ln["theta0"]["retain_eval"],
-            "ppl": {r: s1[r].ppl for r in s1},
-        },
-    }
-
-
-def reference_metrics(workspace: Path, recipe: DemoRecipe) -> dict:
-    """θ0 and the exactly retrained twin on the forget set's roles, and how well ppl_unseen(θ0)
-    stands in for the exact target ppl_forget(retrained)."""
-    from engine.data import chunk_forget_set, load_forget_set
-    from engine.evaluate import evaluate
-    from engine.metric_registry import PPL_FORGET, PPL_UNSEEN
-    from engine.models import load_model, load_tokenizer
+def demo_texts(workspace: Path, manifest: dict):
+    """The workspace's forget set: its five roles, question–answer rows where the manifest says so."""
+    from engine.data import load_forget_set
 
     src = demo_sources(workspace)
-    texts = load_forget_set(src["forget"], src["retain"], src["unseen"], src["general"], **QA_FIELDS,
-                            retain_eval=src["retain_eval"])
+    qa = manifest.get("qa") or {}
+    return load_forget_set(src["forget"], src["retain"], src["unseen"], src["general"], retain_eval=src["retain_eval"],
+                           prompt_field=qa.get("prompt_field"), answer_field=qa.get("answer_field"))
+
+
+def demo_controls(workspace: Path, recipe: DemoRecipe, manifest: dict) -> dict:
+    """θ0's regime, the target and its band, and both controls (engine.controls), on the demo's set."""
+    from engine.controls import controls
+    from engine.data import chunk_forget_set
+    from engine.models import load_tokenizer
+
+    texts = demo_texts(workspace, manifest)
     sets = chunk_forget_set(texts, load_tokenizer(str(workspace / "model")), recipe.seq_len)
-    original, _ = evaluate(load_model(str(workspace / "model")), sets, 16)
-    retrained, _ = evaluate(load_model(str(workspace / "retrained")), sets, 16)
-    return {"original": original, "retrained": retrained, "forget_set_hash": texts.hash,
-            "target_error": abs(math.log(original[PPL_UNSEEN]) - math.log(retrained[PPL_FORGET]))}
+    return {**controls(workspace / "model", workspace / "retrained", sets), "forget_set_hash": texts.hash}

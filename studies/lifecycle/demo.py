@@ -14,7 +14,7 @@ from typing import Callable
 
 from sqlmodel import select
 
-from engine.demo import DEMO_LRS, DEMO_METHODS, DemoRecipe, build_workspace, demo_sources
+from engine.demo import DEMO_LRS, DEMO_METHODS, DemoRecipe, build_workspace, demo_controls, demo_sources
 from engine.errors import UnlearnError
 from studies.lifecycle.spec import study_spec
 from studies.lifecycle.study import create_study, resume_study
@@ -29,33 +29,12 @@ def demo_store(workspace: Path) -> Store:
     return Store(f"sqlite:///{workspace / 'unlearn.db'}")
 
 
-def demo_texts(workspace: Path, manifest: dict):
-    """The workspace's forget set: its five roles, question–answer rows where the manifest says so."""
-    from engine.data import load_forget_set
-
-    src = demo_sources(workspace)
-    qa = manifest.get("qa") or {}
-    return load_forget_set(src["forget"], src["retain"], src["unseen"], src["general"], retain_eval=src["retain_eval"],
-                           prompt_field=qa.get("prompt_field"), answer_field=qa.get("answer_field"))
-
-
-def measure_controls(workspace: Path, recipe: DemoRecipe, manifest: dict) -> dict:
-    """θ0's regime, the target and its band, and both controls (engine.controls), on the demo's set."""
-    from engine.controls import controls
-    from engine.data import chunk_forget_set
-    from engine.models import load_tokenizer
-
-    texts = demo_texts(workspace, manifest)
-    sets = chunk_forget_set(texts, load_tokenizer(str(workspace / "model")), recipe.seq_len)
-    return {**controls(workspace / "model", workspace / "retrained", sets), "forget_set_hash": texts.hash}
-
-
 def run_demo(workspace: Path, recipe: DemoRecipe, workers: int = 2,
              on_build: Callable[[str, int, int], None] | None = None,
              on_tick: Callable[[dict], None] | None = None,
              on_regime: Callable[[dict], None] | None = None) -> dict:
     manifest = build_workspace(workspace, recipe, on_build)
-    refs = measure_controls(workspace, recipe, manifest)
+    refs = demo_controls(workspace, recipe, manifest)
     if on_regime:  # printed before any method runs
         on_regime(refs)
     store = demo_store(workspace)
