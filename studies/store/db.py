@@ -21,6 +21,7 @@ from sqlmodel import Field, Session, SQLModel, create_engine, select
 from engine.errors import UnlearnError
 from studies.store.clock import utcnow  # noqa: F401 - re-exported
 from studies.store.sqlite_file import (  # noqa: F401 - SCHEMA_VERSION, StoreMissing, describe_url, sqlite_path re-exported
+    NOT_A_DATABASE,
     SCHEMA_VERSION,
     SQLITE_BUSY_MS,
     StoreMissing,
@@ -226,6 +227,8 @@ class Store:
         except UnlearnError as exc:
             raise type(exc)(str(exc).replace(url, self.safe_url)) from None
         except DBAPIError as exc:  # unreachable server, bad credentials, not a database, locked, ...
+            if is_sqlite(url) and NOT_A_DATABASE in str(exc.orig):
+                raise UnlearnError(f"store {sqlite_path(url)} is not an SQLite database") from None
             raise UnlearnError(f"cannot open store {self.safe_url}: {_first_line(exc.orig)}") from None
         except (ModuleNotFoundError, NoSuchModuleError) as exc:
             raise UnlearnError(f"cannot open store {self.safe_url}: missing database driver "

@@ -42,7 +42,7 @@ class StoreMissing(UnlearnError):
     """A command that only reads found no store at the SQLite path it was given."""
 
 
-SQLITE_HEADER = b"SQLite format 3\x00"
+NOT_A_DATABASE = "file is not a database"  # SQLite's own message for a file whose header is not its own
 
 
 def check_sqlite_file(url: str, create: bool) -> None:
@@ -62,10 +62,11 @@ def check_sqlite_file(url: str, create: bool) -> None:
         return
     if not path.is_file():
         raise UnlearnError(f"store {path} is not a file")
-    with open(path, "rb") as f:
-        head = f.read(len(SQLITE_HEADER))
-    if head and head != SQLITE_HEADER:  # an empty file is a valid, empty SQLite database
-        raise UnlearnError(f"store {path} is not an SQLite database")
+    # The header is not read here: opening and closing the file in a process that already has SQLite
+    # connections to it drops that process's POSIX locks on it (close() releases every lock the process
+    # holds on the inode), among them WAL mode's "a connection is still open" lock; another process
+    # closing its last connection then resets the WAL under this one's feet, and the store reads back
+    # "database disk image is malformed". SQLite checks the header itself (Store: NOT_A_DATABASE).
     if not os.access(path, os.W_OK) or not path.stat().st_mode & 0o222:  # (root ignores a 0444 mode; we do not)
         raise UnlearnError(f"store {path} is read-only; unlearn-lab writes to its store (WAL, heartbeats): "
                            f"copy it somewhere writable to read it")
