@@ -62,6 +62,20 @@ async def settle(pilot, predicate, timeout: float = 20.0) -> None:
     raise AssertionError("the screen never finished loading")
 
 
+def _measured(table) -> bool:
+    """True once the table has measured its rows (it does so when next idle): every column at least
+    as wide as its widest cell. A picture taken before that shows columns as wide as their labels."""
+    from rich.text import Text
+
+    for key, column in table.columns.items():
+        cells = table.get_column(key)
+        widest = max((c.cell_len if isinstance(c, Text) else Text.from_markup(str(c)).cell_len for c in cells),
+                     default=0)
+        if column.content_width < widest:
+            return False
+    return True
+
+
 def _studies_ready(app) -> bool:
     from textual.widgets import DataTable
 
@@ -81,8 +95,10 @@ def _dashboard_ready(app) -> bool:
     from tui.app.screens.dashboard import DashboardScreen
     from tui.app.widgets.heatmap import HeatmapGrid
 
-    return (isinstance(app.screen, DashboardScreen) and len(app.screen.query(HeatmapGrid)) == 2
-            and app.screen.query_one("#trials", DataTable).row_count == 18)
+    if not (isinstance(app.screen, DashboardScreen) and len(app.screen.query(HeatmapGrid)) == 2):
+        return False
+    trials = app.screen.query_one("#trials", DataTable)
+    return trials.row_count == 18 and _measured(trials)
 
 
 async def studies_drawn(pilot):

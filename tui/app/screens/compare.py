@@ -24,6 +24,7 @@ from studies.reading.trials import compare_cells
 from studies.store.db import Store
 from tui.app.messages import CellRef
 from tui.app.widgets.curves import Curves
+from tui.app.widgets.table import MeasuredTable
 from tui.heatmap import SUCCESS, badness, diverging, fmt_lr, fmt_value
 
 
@@ -107,7 +108,7 @@ class CompareScreen(Screen):
             yield Static(f"compare {len(self.cells)} cells", id="compare-title")
             yield Static("", id="compare-error")
             yield Static("loading…", id="compare-cells")
-            yield DataTable(id="compare-table", cursor_type="row", zebra_stripes=True)
+            yield MeasuredTable(id="compare-table", cursor_type="row", zebra_stripes=True)
             yield Curves("Pareto front", f"{FORGET_GAP} (lower is better)", UTILITY_DRIFT, id="compare-pareto")
             yield Static("", id="compare-front")
         yield Footer()

@@ -30,6 +30,7 @@ from tui.app.messages import CellRef, CompareCells, ExportRequested, OpenTrial, 
 from tui.app.widgets.devices import DevicesPanel
 from tui.app.widgets.heatmap import HeatmapGrid
 from tui.app.widgets.running import RunningRuns
+from tui.app.widgets.table import MeasuredTable
 from tui.heatmap import badness
 
 PAGE = 200  # rows of the trial table read at once: the rest stay in the database
@@ -159,7 +160,7 @@ class DashboardScreen(Screen):
                     with Horizontal(id="trial-filters"):
                         yield Select([], prompt="every method", id="method-filter")
                         yield Checkbox("only ✓", id="only-success")
-                    yield DataTable(id="trials", cursor_type="row", zebra_stripes=True)
+                    yield MeasuredTable(id="trials", cursor_type="row", zebra_stripes=True)
                     yield Static("Devices", classes="section")
                     yield DevicesPanel(id="devices")
         yield Footer()

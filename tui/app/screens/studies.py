@@ -21,6 +21,7 @@ from textual.widgets.data_table import ColumnKey
 
 from tui.app.format import age, robustness_bars, score
 from tui.app.messages import ExportRequested, OpenStudy, StudyAction
+from tui.app.widgets.table import MeasuredTable
 
 COLUMNS = (("name", "study"), ("state", "state"), ("cells", "cells"), ("best", "best"),
            ("robustness", "robust"), ("heartbeat", "beat"), ("model", "model"), ("forget_set", "forget set"),
@@ -79,7 +80,7 @@ class StudiesScreen(Screen):
         yield Header()
         with Vertical(id="studies-body"):
             yield Input(placeholder="filter: part of a name, model, forget set or state", id="filter", classes="hidden")
-            yield DataTable(id="studies", cursor_type="row", zebra_stripes=True)
+            yield MeasuredTable(id="studies", cursor_type="row", zebra_stripes=True)
             yield Static("", id="studies-empty")
         yield Footer()
 

@@ -42,6 +42,7 @@ from studies.reading.trials import trial_detail
 from studies.store.db import Store
 from tui.app.messages import CellRef, ExportRequested
 from tui.app.widgets.curves import Curves
+from tui.app.widgets.table import MeasuredTable
 from tui.heatmap import SUCCESS, fmt_lr, fmt_value
 
 RELOAD_S = 3.0  # a running trial is read again this often
@@ -163,7 +164,7 @@ class TrialScreen(Screen):
             yield Static(escape(f"{c.study} · {c.method}  lr {fmt_lr(c.lr)} × {c.steps} steps"), id="trial-title")
             yield Static("", id="trial-error")
             yield Static("loading…", id="trial-params")
-            table = DataTable(id="trial-milestones", cursor_type="row", zebra_stripes=True)
+            table = MeasuredTable(id="trial-milestones", cursor_type="row", zebra_stripes=True)
             table.border_title = "milestones"
             yield table
             with Container(id="trial-curves"):

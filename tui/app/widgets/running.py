@@ -19,6 +19,7 @@ from textual.widgets import DataTable, Log, Static
 from textual.worker import get_current_worker
 
 from studies.store.db import Store
+from tui.app.widgets.table import MeasuredTable
 from tui.heatmap import fmt_lr
 
 COLUMNS = (("method", "method"), ("lr", "lr"), ("attempt", "try"), ("progress", "step"),
@@ -109,7 +110,7 @@ class RunningRuns(Widget):
 
     def compose(self) -> ComposeResult:
         yield Static("no run is running", id="running-empty")
-        table = DataTable(id="running-table", cursor_type="row", zebra_stripes=True)
+        table = MeasuredTable(id="running-table", cursor_type="row", zebra_stripes=True)
         table.display = False
         yield table
         title = Static("", id="running-tail-title", markup=False)
