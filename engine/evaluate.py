@@ -199,4 +199,6 @@ def compare(metrics: dict, baseline: dict, tol_forget: float | None = None, tol_
         TRAINED_ON_SCORE: forget_gap + max(0.0, retain_drift),
         "verdict": verdict,
         "success": all(verdict.values()),
+        # what the verdict was judged against, so a reader can judge a mean over seeds the same way
+        "bands": {"forget": b["forget"]["band"], "utility": b["utility"]["band"]},
     }

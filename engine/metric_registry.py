@@ -262,6 +262,7 @@ def cell_fields() -> dict[str, object]:
     fields[DOWNSTREAM] = dict[str, Optional[float]]
     fields.update(verdict=dict[str, bool], success=bool, diverged=bool, train_loss=Optional[float],
                   at_target=bool, noise=dict[str, Optional[float]],
+                  bands=dict[str, float],  # the forget and utility bands the verdict used (engine.verdict)
                   attacks=dict[str, dict])  # per --attacks name: the attacked model's metrics and its recovery
     return fields
 

@@ -97,7 +97,9 @@ class Heatmap:
             mark, style = MARKS.get(c.status, ("?", ""))
             return Text(mark, style=style, justify="center")
         v = c.value(self.metric)
-        label = fmt_value(v) + (SUCCESS if c.success else " ")
+        spread = (((c.metrics or {}).get("seeds") or {}).get("spread") or {}).get(self.metric)
+        # a mean over seeds (study create --seeds) shows its 95 % half width
+        label = fmt_value(v) + (f"±{fmt_value(spread)}" if spread is not None else "") + (SUCCESS if c.success else " ")
         if v is None:
             return Text(label, style="dim", justify="right")
         bg = colour(self._t(v), diverging(self.metric))
@@ -113,8 +115,9 @@ class Heatmap:
     def table(self, grid: Grid) -> Table:
         t = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False, collapse_padding=True)
         t.add_column("lr \\ steps", justify="right", no_wrap=True, style="bold")
+        seeded = any((c.metrics or {}).get("seeds") for c in grid.cells.values())
         for s in grid.steps:
-            t.add_column(str(s), justify="right", no_wrap=True, min_width=6, max_width=8)
+            t.add_column(str(s), justify="right", no_wrap=True, min_width=6, max_width=14 if seeded else 8)
         at = self.at_target.get(grid.method)
         if at is not None:
             t.add_column("at target", justify="right", no_wrap=True, min_width=9, max_width=12)
@@ -130,6 +133,8 @@ class Heatmap:
     def legend_text(self) -> Text:
         scale = get_metric(self.metric).scale
         at = "  @N: at target, step N" if self.at_target else ""
+        if any((c.metrics or {}).get("seeds") for g in self.grids.values() for c in g.cells.values()):
+            at += "  ±: 95 % interval over the seeds"
         return Text.assemble(f"{SUCCESS} success{at}  ", ("div", MARKS[CellStatus.DIVERGED][1]), " diverged  ",
                              ("…", MARKS[CellStatus.RUNNING][1]), " running  ", ("·", "dim"), " pending  ",
                              ("✗", MARKS[CellStatus.FAILED][1]), f" failed  {scale}")

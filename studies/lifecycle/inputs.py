@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 from engine.errors import UnlearnError
 
@@ -46,6 +46,21 @@ class StudyOption:
     help: str
     default: object  # create_study's default
     choices: tuple[str, ...] = ()
+    parse: Optional[Callable[[str, str], object]] = None  # typed text, flag -> value (None: parse_count)
+    default_text: str = ""  # what a blank field means, where the default says nothing (None)
+
+
+def parse_seeds(text: str | None, label: str = "--seeds") -> tuple[int, ...] | None:
+    """`0,1,2` -> (0, 1, 2): the seeds every cell of a grid study runs under; blank: None (--seed)."""
+    if text is None or not str(text).strip():
+        return None
+    try:
+        seeds = tuple(int(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        raise UnlearnError(f"{label} takes whole numbers separated by commas, e.g. 0,1,2, not {str(text).strip()!r}") from None
+    if not seeds or any(x < 0 for x in seeds):
+        raise UnlearnError(f"{label} takes whole numbers of 0 or more, e.g. 0,1,2")
+    return seeds
 
 
 STUDY_OPTIONS = (
@@ -55,6 +70,9 @@ STUDY_OPTIONS = (
                 "parallel: each holds the whole model and trains 1/N of every batch)", 1),
     StudyOption("eval_tasks_at", "--eval-tasks-at", "best: the --eval-tasks (lm-eval) at each method's best cell, once "
                 "the runs are done; every: at every cell, with the runs", "best", ("best", "every")),
+    StudyOption("seeds", "--seeds", "run every cell under each of these seeds (e.g. 0,1,2): a cell is then their mean "
+                "with a 95 % interval, and succeeds only if the interval is inside the band", None,
+                parse=parse_seeds, default_text="one seed (--seed)"),
 )
 
 

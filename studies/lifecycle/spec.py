@@ -134,6 +134,7 @@ class StudySpec:
     max_attempts: int = 2
     trust_remote_code: bool = False
     has_general: bool = False
+    seeds: tuple[int, ...] | None = None  # each grid cell run under every seed (None: the one seed run.seed)
 
     def validate(self) -> "StudySpec":
         """A checked, normalized copy (sorted unique steps and lrs); raises UnlearnError."""
@@ -191,6 +192,15 @@ class StudySpec:
             if not self.trials or self.trials < 1:
                 raise UnlearnError("the tpe sampler needs --trials N (N ≥ 1)")
             lr_range, trials = (lo, hi), int(self.trials)
+        seeds = None
+        if self.seeds is not None:
+            if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.seeds) or not self.seeds:
+                raise UnlearnError(f"--seeds must be whole numbers of 0 or more, e.g. --seeds 0,1,2, not {self.seeds!r}")
+            if len(set(self.seeds)) != len(self.seeds):
+                raise UnlearnError("--seeds lists a seed twice")
+            if self.sampler != "grid" and len(self.seeds) > 1:
+                raise UnlearnError("--seeds averages a grid's cells over seeds; the tpe sampler runs one seed (--seed)")
+            seeds = tuple(sorted(int(x) for x in self.seeds)) if len(self.seeds) > 1 else None
         if self.max_attempts < 1:
             raise UnlearnError("--max-attempts must be at least 1")
         if isinstance(self.gpus_per_run, bool) or not isinstance(self.gpus_per_run, int) or self.gpus_per_run < 1:
@@ -199,15 +209,18 @@ class StudySpec:
             raise UnlearnError("--retain-weight is given, but none of the methods has a retain term")
         spec = replace(self, methods=methods, steps=tuple(sorted({int(s) for s in self.steps})),
                        lrs=lrs, lr_range=lr_range, trials=trials, run=self.run.validate(), knobs=knobs,
-                       knob_ranges=ranges)
+                       knob_ranges=ranges, seeds=seeds)
+        if self.seeds is not None and len(self.seeds) == 1:  # one seed is --seed
+            spec = replace(spec, run=replace(spec.run, seed=int(self.seeds[0])))
         for m in spec.methods:  # what every run of the study will be checked against, checked now
             spec.run_config(m, (lrs or lr_range)[0]).validate()
         return spec
 
-    def run_config(self, method: str, lr: float) -> RunConfig:
-        """The RunConfig of the run (method, lr). A retain weight applies to methods with a retain term;
-        attacks saved for the best cells (`attacks_at="best"`) are not run with the runs."""
-        settings = self.run
+    def run_config(self, method: str, lr: float, seed: int | None = None) -> RunConfig:
+        """The RunConfig of the run (method, lr, seed; None: the study's --seed). A retain weight
+        applies to methods with a retain term; attacks saved for the best cells (`attacks_at="best"`)
+        are not run with the runs."""
+        settings = self.run if seed is None else replace(self.run, seed=int(seed))
         if settings.retain_weight is not None and get_method(method).retain is None:
             settings = replace(settings, retain_weight=None)
         if self.attacks_at == "best":
@@ -217,13 +230,23 @@ class StudySpec:
         return RunConfig.of(method, lr, self.steps, settings)
 
     @property
+    def run_seeds(self) -> tuple[int, ...]:
+        """The seeds every cell is run under: --seeds, or the one --seed."""
+        return self.seeds or (int(self.run.seed),)
+
+    @property
     def grid_runs(self) -> list[tuple[str, float]]:
-        """Every (method, lr) of a grid study; TPE studies grow their runs as they go."""
+        """Every (method, lr) row of a grid study; TPE studies grow their runs as they go."""
         return [(m, lr) for m in self.methods for lr in (self.lrs or ())] if self.sampler == "grid" else []
 
     @property
+    def grid_seeded_runs(self) -> list[tuple[str, float, int]]:
+        """Every (method, lr, seed) run of a grid study: one per row and seed."""
+        return [(m, lr, seed) for m, lr in self.grid_runs for seed in self.run_seeds]
+
+    @property
     def total_runs(self) -> int:
-        return len(self.grid_runs) if self.sampler == "grid" else int(self.trials or 0)
+        return len(self.grid_seeded_runs) if self.sampler == "grid" else int(self.trials or 0)
 
     @property
     def wants_best_cell_attacks(self) -> bool:
@@ -246,6 +269,7 @@ class StudySpec:
               else FloatDistribution(self.lr_range[0], self.lr_range[1], log=True))
         return {"method": CategoricalDistribution(list(self.methods)), "lr": lr,
                 "steps": CategoricalDistribution(list(self.steps)),
+                **({"seed": CategoricalDistribution(list(self.seeds))} if self.seeds else {}),
                 **{k: CategoricalDistribution(v) for k, v in self._knob_choices().items()},
                 **{k: FloatDistribution(r["low"], r["high"], log=r["log"]) for k, r in (self.knob_ranges or {}).items()}}
 
@@ -262,18 +286,19 @@ class StudySpec:
                     out[k].append(v)
         return out
 
-    def trial_params(self, method: str, lr: float, steps: int) -> dict:
-        """The Optuna params of a cell: method (as the study lists it), lr, steps, and every knob of
-        the run's variant."""
+    def trial_params(self, method: str, lr: float, steps: int, seed: int | None = None) -> dict:
+        """The Optuna params of a cell: method (as the study lists it), lr, steps, the seed (a study
+        with --seeds: one trial per seed), and every knob of the run's variant."""
         from engine.methods.base import parse_variant
 
         return {"method": without_ranged_knobs(method, self.knob_ranges), "lr": lr, "steps": steps,
+                **({"seed": int(seed if seed is not None else self.run.seed)} if self.seeds else {}),
                 **parse_variant(method)[1]}
 
     def to_dict(self) -> dict:
         """Plain JSON: lists for tuples, the run settings under "run"."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "run"}
-        for k in ("methods", "steps", "lrs", "lr_range"):
+        for k in ("methods", "steps", "lrs", "lr_range", "seeds"):
             d[k] = list(d[k]) if d[k] is not None else None
         return {**d, "run": self.run.to_dict()}
 
@@ -283,7 +308,7 @@ class StudySpec:
         at the top level (and could not hold all of them): those are read the same way."""
         names = {f.name for f in fields(cls)} - {"run"}
         kw = {k: v for k, v in d.items() if k in names}
-        for k in ("methods", "steps", "lrs", "lr_range"):
+        for k in ("methods", "steps", "lrs", "lr_range", "seeds"):
             if kw.get(k) is not None:
                 kw[k] = tuple(kw[k])
         return cls(**kw, run=RunSettings.from_dict(d.get("run", d)))

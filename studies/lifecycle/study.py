@@ -21,7 +21,7 @@ SETTING_NAMES = frozenset(f.name for f in fields(RunSettings))
 def create_study(store: Store, name: str, model: str, forget_set: str, *, methods, steps, lrs=None, lr_range=None,
                  sampler: str = "grid", trials: int | None = None, max_attempts: int = 2,
                  trust_remote_code: bool = False, knobs: dict | None = None, attacks_at: str = "every",
-                 gpus_per_run: int = 1, eval_tasks_at: str = "best", **settings) -> Study:
+                 gpus_per_run: int = 1, eval_tasks_at: str = "best", seeds=None, **settings) -> Study:
     """Validate the spec, create the Optuna study and our row (with every grid run) together.
 
     `settings` are RunSettings fields given by the user (`batch_size=8, warmup_steps=3, ...`); the
@@ -30,7 +30,9 @@ def create_study(store: Store, name: str, model: str, forget_set: str, *, method
     TPE study may also give a knob a range ({"beta": {"low": 0.01, "high": 1, "log": True}}), sampled
     per run. `attacks_at="best"` runs the settings' attacks at each method's best cell once the runs
     are done, instead of at every cell; `eval_tasks_at="best"` (the default) does the same with the
-    settings' downstream --eval-tasks ("every": at every cell, with the runs)."""
+    settings' downstream --eval-tasks ("every": at every cell, with the runs). `seeds` ([0, 1, 2]) runs
+    each grid cell under every seed; the lab reads the cell as their mean with an interval
+    (studies.reading.seeds)."""
     import optuna
 
     from engine.models import check_local_model
@@ -51,7 +53,8 @@ def create_study(store: Store, name: str, model: str, forget_set: str, *, method
                      knobs={k: v for k, v in (knobs or {}).items() if not isinstance(v, dict)} or None,
                      knob_ranges={k: v for k, v in (knobs or {}).items() if isinstance(v, dict)} or None,
                      attacks_at=attacks_at, gpus_per_run=gpus_per_run, eval_tasks_at=eval_tasks_at,
-                     has_general=bool(fs.counts.get("general"))).validate()
+                     has_general=bool(fs.counts.get("general")),
+                     seeds=tuple(seeds) if seeds is not None else None).validate()
     with store.read() as s:
         if s.exec(select(Study).where(Study.name == name)).first():
             raise UnlearnError(f"a study named {name!r} already exists")
@@ -61,14 +64,14 @@ def create_study(store: Store, name: str, model: str, forget_set: str, *, method
     try:
         ostudy.set_user_attr("unlearn_lab", {"model": model, "forget_set": fs.name, "forget_set_hash": fs.hash,
                                              "methods": list(spec.methods), "steps": list(spec.steps),
-                                             "sampler": spec.sampler,
+                                             "sampler": spec.sampler, "seeds": list(spec.run_seeds),
                                              "objective": "eval_score = forget_gap + max(0, retain_eval_drift)"})
         with store.write() as s:
             study = Study(name=name, model=model, forgetset_id=fs.id, spec=spec.to_dict())
             s.add(study)
             s.flush()
-            for method, lr in spec.grid_runs:
-                s.add(Run(study_id=study.id, method=method, lr=lr))
+            for method, lr, seed in spec.grid_seeded_runs:
+                s.add(Run(study_id=study.id, method=method, lr=lr, seed=seed))
     except BaseException as exc:
         optuna.delete_study(study_name=name, storage=store.optuna)  # never half a study
         if isinstance(exc, IntegrityError):  # created by another process meanwhile

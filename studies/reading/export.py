@@ -29,12 +29,13 @@ from studies.store.db import ForgetSet, Store, Study
 from studies.store.states import CellStatus
 
 
-def hyperparameters(spec: StudySpec, method: str, lr: float) -> dict:
+def hyperparameters(spec: StudySpec, method: str, lr: float, seed: int | None = None) -> dict:
     """The run settings of the cell's run (every RunSettings field; retain_weight None = the method's own)."""
-    return spec.run_config(method, lr).settings.to_dict()
+    return spec.run_config(method, lr, seed).settings.to_dict()
 
 
-def reproduce_command(model: str, fs: ForgetSet, spec: StudySpec, method: str, lr: float, steps: int) -> str:
+def reproduce_command(model: str, fs: ForgetSet, spec: StudySpec, method: str, lr: float, steps: int,
+                      seed: int | None = None) -> str:
     """`unlearn run ...` for one cell, every argument shell-quoted. Local sources are the forget set's
     stored absolute paths; `hf:` specs are passed as they are; a question–answer set adds its fields;
     a preset (built from a benchmark's tables) is named with --forget-set, read from the store. The run settings' flags come from
@@ -57,7 +58,7 @@ def reproduce_command(model: str, fs: ForgetSet, spec: StudySpec, method: str, l
     for k, v in knobs.items():
         args += ["--param", f"{k}={v!r}"]
     args += ["--lr", repr(float(lr)), "--steps", str(int(steps))]
-    args += spec.run_config(method, lr).settings.to_flags()
+    args += spec.run_config(method, lr, seed).settings.to_flags()
     if spec.trust_remote_code:
         args.append("--trust-remote-code")
     args.append("--json")
@@ -65,7 +66,14 @@ def reproduce_command(model: str, fs: ForgetSet, spec: StudySpec, method: str, l
 
 
 def _entry(study: Study, spec: StudySpec, fs: ForgetSet, cell: Cell) -> dict:
+    """One exported cell. A mean over seeds also carries which seeds and each figure's 95 % half width
+    ("seeds", "spread"); its command and saved model are the first seed's, whose own score
+    ("seed_eval_score") a saved model is checked against."""
     s = cell.summary()
+    seeded = (cell.metrics or {}).get("seeds")
+    seed = seeded["seeds"][0] if seeded else None
+    extra = ({"seeds": s["seeds"], "spread": s["spread"], "seed": seed, f"seed_{SCORE}": seeded["scores"][0]}
+             if seeded else {})
     return {
         "method": cell.method,
         "lr": cell.lr,
@@ -75,11 +83,12 @@ def _entry(study: Study, spec: StudySpec, fs: ForgetSet, cell: Cell) -> dict:
         "metrics": dict(cell.metrics or {}),
         "model": study.model,
         "forget_set": {"name": fs.name, "hash": fs.hash},
-        "hyperparameters": hyperparameters(spec, cell.method, cell.lr),
+        "hyperparameters": hyperparameters(spec, cell.method, cell.lr, seed),
         "trust_remote_code": bool(spec.trust_remote_code),
         "study": study.name,
         "trial_number": cell.trial_number,
-        "command": reproduce_command(study.model, fs, spec, cell.method, cell.lr, cell.steps),
+        "command": reproduce_command(study.model, fs, spec, cell.method, cell.lr, cell.steps, seed),
+        **extra,
     }
 
 
@@ -201,7 +210,8 @@ def save_model(store: Store, entry: dict, out_dir: Path, device: str = "auto",
     if fs is None or fs.hash != entry["forget_set"]["hash"]:
         raise UnlearnError(f"study {study.name!r}: forget set {entry['forget_set']['name']!r} is not in the store as exported")
     texts = forget_set_texts(store, fs)
-    cfg = replace(spec.run_config(entry["method"], float(entry["lr"])), milestones=(int(entry["steps"]),))
+    cfg = replace(spec.run_config(entry["method"], float(entry["lr"]), entry.get("seed")),
+                  milestones=(int(entry["steps"]),))
     out_dir = Path(out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / model_dir_name(entry)
@@ -224,6 +234,6 @@ def save_model(store: Store, entry: dict, out_dir: Path, device: str = "auto",
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    score, want = reached.get(SCORE), entry.get(SCORE)
+    score, want = reached.get(SCORE), entry.get(f"seed_{SCORE}", entry.get(SCORE))  # a seeds mean: its first seed's
     matches = (score is not None and want is not None and abs(score - want) <= 1e-6 * abs(want) + 1e-12)
     return {"path": str(final), "metrics": reached, SCORE: score, "matches": matches, "device": result["device"]}

@@ -99,6 +99,9 @@ class Cell:
                 top = x.path.split(".")[0]
                 out[top] = dict(m.get(top) or {}) if top != x.path else self.value(x.path)
         out["trial_number"] = self.trial_number
+        if "seeds" in m:  # a mean over seeds: which, and each figure's 95 % half width
+            out["seeds"] = m["seeds"]["seeds"]
+            out["spread"] = dict(m["seeds"]["spread"])
         return out
 
 
@@ -185,14 +188,32 @@ def cells_from_rows(study: Study, runs: list[Run], milestones: list[CellRow]) ->
     run_ids = {r.id for r in runs}
     by_cell = {(m.run_id, m.step): m for m in milestones if m.run_id in run_ids and not _off_grid(m, spec)}
     steps = sorted(set(int(s) for s in spec.steps) | {step for _, step in by_cell})
-    runs_by_key = {(r.method, float(r.lr)): r for r in runs}
+    by_row = runs_by_row(runs)
     cells = []
-    for method, lr in sorted(row_keys(spec, runs_by_key), key=row_order(spec)):
-        run = runs_by_key.get((method, lr))
+    for method, lr in sorted(row_keys(spec, by_row), key=row_order(spec)):
+        row_runs = by_row.get((method, lr), [])
         for step in steps:
-            ms = by_cell.get((run.id, step)) if run is not None else None
-            cells.append(cell_at(method, lr, step, run, ms))
+            cells.append(row_cell(method, lr, step, row_runs, lambda run, st: by_cell.get((run.id, st))))
     return cells
+
+
+def runs_by_row(runs) -> dict[tuple[str, float], list[Run]]:
+    """A study's runs by (method, lr) row, each row's in seed order (one run, or one per --seeds)."""
+    out: dict[tuple[str, float], list[Run]] = {}
+    for r in sorted(runs, key=lambda r: (r.seed or 0, r.id or 0)):
+        out.setdefault((r.method, float(r.lr)), []).append(r)
+    return out
+
+
+def row_cell(method: str, lr: float, step: int, runs: list[Run], row_at) -> Cell:
+    """The cell at (method, lr, step) of a row's runs; `row_at(run, step)` gives a run's cell row
+    (or None). Under several seeds, their mean (studies.reading.seeds)."""
+    if len(runs) <= 1:
+        run = runs[0] if runs else None
+        return cell_at(method, lr, step, run, row_at(run, step) if run is not None else None)
+    from studies.reading.seeds import mean_cell
+
+    return mean_cell([cell_at(method, lr, step, r, row_at(r, step)) for r in runs], [r.seed for r in runs])
 
 
 def _off_grid(row: CellRow, spec: StudySpec) -> bool:
@@ -201,12 +222,27 @@ def _off_grid(row: CellRow, spec: StudySpec) -> bool:
 
 
 def at_target_from_rows(study: Study, runs: list[Run], milestones: list[CellRow]) -> list[Cell]:
-    """Each run's at-target cell (where its forget perplexity first reached the target), at its own step."""
-    by_id = {r.id: r for r in runs if r.study_id == study.id and r.state in REAL_RUN_STATES}
-    out = [cell_at(by_id[m.run_id].method, float(by_id[m.run_id].lr), m.step, by_id[m.run_id], m)
-           for m in milestones if m.run_id in by_id and (m.metrics or {}).get("at_target")]
-    for c in out:
-        c.at_target = True
+    """Each row's at-target cell (where its forget perplexity first reached the target), at its own
+    step. Under several seeds, the mean of the seeds' at-target cells, at the last seed's step, once
+    every seed reached the target (not before)."""
+    from studies.reading.seeds import mean_cell
+
+    mine = [r for r in runs if r.study_id == study.id and r.state in REAL_RUN_STATES]
+    at = {m.run_id: m for m in milestones if (m.metrics or {}).get("at_target")}
+    out = []
+    for (method, lr), row_runs in runs_by_row(mine).items():
+        found = [cell_at(method, lr, at[r.id].step, r, at[r.id]) for r in row_runs if r.id in at]
+        if len(found) != len(row_runs) or not found:
+            continue
+        for c in found:
+            c.at_target = True
+        if len(found) == 1:
+            out.append(found[0])
+        else:
+            last = max(c.steps for c in found)
+            for c in found:
+                c.steps = last
+            out.append(mean_cell(found, [r.seed for r in row_runs]))
     return out
 
 

@@ -128,5 +128,7 @@ def list_studies_sqlite(url: str, now: Optional[dt.datetime] = None) -> Optional
         st = SimpleNamespace(name=name, model=model, state=state,
                              scheduler_heartbeat=_when(heartbeat), created_at=_when(created))
         spec = StudySpec.from_dict(json.loads(spec) if spec else {})
+        if spec.seeds:  # its cells are means over seeds: the Store's path reads them (status.seeded_list_row)
+            return None
         rows.append(list_row(st, spec, sets.get(fs_id), fold_at_target(by_study.get(sid, []), spec.steps), now))
     return rows

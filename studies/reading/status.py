@@ -11,7 +11,7 @@ from sqlalchemy import and_, case, func
 from sqlmodel import select
 
 from studies.lifecycle.spec import StudySpec, study_spec
-from studies.reading.grid import best, cells_from_rows, count_status, fetch_rows, grids, robustness
+from studies.reading.grid import best, cells_from_rows, count_status, fetch_rows, grids, load_cells, robustness
 from studies.reading.listing import fold_at_target, list_row
 from studies.store.clock import age_s
 from studies.store.db import CellRow, ForgetSet, Run, Store, Study, utcnow
@@ -21,6 +21,9 @@ RUN_STATES = tuple(str(s) for s in RunState if s in REAL_RUN_STATES)
 
 
 def _total_runs(spec: StudySpec, runs: list[Run]) -> int:
+    if spec.sampler == "grid" and spec.seeds:
+        return len({(m, float(lr), seed) for m, lr, seed in spec.grid_seeded_runs}
+                   | {(r.method, float(r.lr), r.seed) for r in runs})
     if spec.sampler == "grid":
         return len({(m, float(lr)) for m, lr in spec.grid_runs} | {(r.method, float(r.lr)) for r in runs})
     return max(int(spec.trials or 0), len(runs))
@@ -33,7 +36,7 @@ def _summarize(study: Study, fs: Optional[ForgetSet], runs: list[Run], cells: li
     run_counts = {s: sum(1 for r in runs if r.state == s) for s in RUN_STATES}
     run_counts[RunState.PENDING] += max(0, total_runs - len(runs))  # grid runs not created yet / TPE trials not asked yet
     counts = count_status(cells)
-    total_cells = total_runs * len(steps)
+    total_cells = total_runs // len(spec.run_seeds) * len(steps)  # a cell is a row's, over its seeds
     cell_counts = {"total": total_cells, "done": counts["done"], "diverged": counts["diverged"],
                    "failed": counts["failed"], "running": counts["running"], "cancelled": counts["cancelled"]}
     cell_counts["pending"] = max(0, total_cells - sum(v for k, v in cell_counts.items() if k != "total"))
@@ -104,5 +107,15 @@ def list_studies(store: Store, now=None) -> list[dict]:
     out = []
     for st in studies:
         spec = study_spec(st)
-        out.append(list_row(st, spec, sets.get(st.forgetset_id), fold_at_target(by_study.get(st.id, []), spec.steps), now))
+        row = list_row(st, spec, sets.get(st.forgetset_id), fold_at_target(by_study.get(st.id, []), spec.steps), now)
+        out.append(seeded_list_row(row, load_cells(store, st)) if spec.seeds else row)
     return out
+
+
+def seeded_list_row(row: dict, cells: list) -> dict:
+    """A study with --seeds: its line's cells, robustness and best score are those of its cells as
+    means over the seeds (studies.reading.seeds), which per-run aggregates cannot give."""
+    counts = count_status(cells)
+    scores = [c.score for c in cells if c.computed and c.score is not None]
+    return {**row, "cells": {"done": counts["done"], "diverged": counts["diverged"], "total": len(cells)},
+            "robustness": robustness(cells), "best_score": min(scores) if scores else None}

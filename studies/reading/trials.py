@@ -60,24 +60,39 @@ def _target(baseline: Optional[dict]) -> dict:
     return {PPL_FORGET: (baseline or {}).get(PPL_UNSEEN), MIA_AUC: MIA_TARGET}
 
 
-def trial_detail(store: Store, study: str, method: str, lr: float, steps: int) -> dict:
+def trial_detail(store: Store, study: str, method: str, lr: float, steps: int, seed: int | None = None) -> dict:
     """Everything about one cell of a study: params, run state and failures, every milestone of its
     run, the original model's metrics and the retraining target, losses, cost and the command that
-    reproduces it. Raises UnlearnError (one line) for an unknown study, method, lr or steps."""
+    reproduces it. Raises UnlearnError (one line) for an unknown study, method, lr or steps.
+
+    In a study with --seeds, "cell" is the mean over the seeds (with its spread) and "per_seed"
+    each seed's own; the run shown is `seed`'s (default: the first seed's)."""
     st, spec, fs = _study_and_forget_set(store, study)
     if method not in spec.methods:
         raise UnlearnError(f"study {study!r} has no method {method!r}; its methods: {', '.join(spec.methods)}")
     with store.read() as s:
         runs = list(s.exec(select(Run).where(Run.study_id == st.id, Run.state.in_(REAL_RUN_STATES))).all())
-    run = next((r for r in runs if r.method == method and _same_lr(r.lr, lr)), None)
+    row_runs = sorted((r for r in runs if r.method == method and _same_lr(r.lr, lr)), key=lambda r: r.seed or 0)
+    run = next((r for r in row_runs if seed is None or r.seed == seed), None)
+    if run is None and row_runs:
+        raise UnlearnError(f"study {study!r}: {method} at lr {lr:g} has no run with seed {seed}; its seeds: "
+                           + ", ".join(str(r.seed) for r in row_runs))
     if run is None:
         known = sorted({r.lr for r in runs if r.method == method} | {x for m, x in spec.grid_runs if m == method})
         raise UnlearnError(f"study {study!r}: method {method} has no run at lr {lr:g}"
                            + (f"; its lrs: {', '.join(f'{x:g}' for x in known)}" if known else ""))
     with store.read() as s:
-        milestones = list(s.exec(select(CellRow).where(CellRow.run_id == run.id).order_by(CellRow.step)).all())
+        row_milestones = list(s.exec(select(CellRow).where(CellRow.run_id.in_([r.id for r in row_runs]))
+                                     .order_by(CellRow.step)).all())
         events = list(s.exec(select(Event).where(Event.run_id == run.id).order_by(Event.at, Event.id)).all())
-    cells = {c.steps: c for c in cells_from_rows(st, [run], milestones) if c.method == method and c.run_id == run.id}
+    milestones = [m for m in row_milestones if m.run_id == run.id]
+    cells = {c.steps: c for c in cells_from_rows(st, row_runs, row_milestones)
+             if c.method == method and c.lr == float(run.lr)}
+    per_seed = ([{"seed": r.seed, **{k: v for k, v in c.summary().items() if k not in ("lr", "steps")},
+                  "status": str(c.status)}
+                 for r in row_runs for c in cells_from_rows(st, [r], row_milestones)
+                 if c.method == method and c.lr == float(run.lr) and c.steps == int(steps)]
+                if len(row_runs) > 1 else None)
     if int(steps) != steps or int(steps) not in cells:
         raise UnlearnError(f"study {study!r} has no milestone at {steps} steps; its steps: "
                            f"{', '.join(str(k) for k in sorted(cells))}")
@@ -92,9 +107,11 @@ def trial_detail(store: Store, study: str, method: str, lr: float, steps: int) -
         "lr": float(run.lr),
         "steps": int(steps),
         "params": {"method": method, "lr": float(run.lr), "steps": int(steps),
-                   **spec.run_config(method, run.lr).settings.to_dict()},
+                   **spec.run_config(method, run.lr, run.seed).settings.to_dict()},
         "status": str(cell.status),
         "cell": {**cell.summary(), "status": str(cell.status)},
+        "seed": run.seed,
+        "per_seed": per_seed,
         "trial_number": cell.trial_number,
         "state": str(run.state),
         "attempts": int(run.attempts or 0),
@@ -118,7 +135,7 @@ def trial_detail(store: Store, study: str, method: str, lr: float, steps: int) -
         "target": _target(baseline),
         "losses": list(result.get("losses") or []),
         "cost": dict(result.get("cost") or {}),
-        "command": reproduce_command(st.model, fs, spec, method, run.lr, int(steps)),
+        "command": reproduce_command(st.model, fs, spec, method, run.lr, int(steps), run.seed),
     }
 
 

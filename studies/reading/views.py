@@ -24,7 +24,17 @@ from engine.errors import UnlearnError
 from engine.metric_registry import SCORE, every_run_paths
 from engine.metric_registry import read as read_metric
 from studies.lifecycle.spec import StudySpec, study_spec
-from studies.reading.grid import Cell, Grid, cell_at, check_metric, grids, row_keys, row_order, study_metrics
+from studies.reading.grid import (
+    Cell,
+    Grid,
+    check_metric,
+    grids,
+    row_cell,
+    row_keys,
+    row_order,
+    runs_by_row,
+    study_metrics,
+)
 from studies.store.clock import age_s
 from studies.store.db import CellRow, Run, Store, Study, utcnow
 from studies.store.states import REAL_RUN_STATES, RunState, StudyState
@@ -45,7 +55,7 @@ def _has_extra_metrics(c: Cell) -> bool:
 
 
 # What a poll reads of a run (what its cells and running_runs show) and of a cell's row.
-_RUN_COLUMNS = (Run.id, Run.method, Run.lr, Run.state, Run.step, Run.attempts, Run.device, Run.pid, Run.host,
+_RUN_COLUMNS = (Run.id, Run.method, Run.lr, Run.seed, Run.state, Run.step, Run.attempts, Run.device, Run.pid, Run.host,
                 Run.heartbeat)
 _MILESTONE_COLUMNS = (CellRow.id, CellRow.run_id, CellRow.step, CellRow.metrics, CellRow.score,
                       CellRow.success, CellRow.diverged, CellRow.trial_number)
@@ -172,7 +182,7 @@ class StudyWatch:
         steps = sorted(steps)
         if steps != self._steps:
             self._steps, full = steps, True
-        runs_by_key = {(r.method, float(r.lr)): r for r in self._runs.values()}
+        runs_by_key = runs_by_row(self._runs.values())
         keys = row_keys(spec, runs_by_key)
         if full:
             todo = keys
@@ -192,9 +202,9 @@ class StudyWatch:
                 self._cells.pop(ck, None)
         for key in todo:
             method, lr = key
-            run = runs_by_key.get(key)
-            by_step = self._ms_by_run.get(run.id, {}) if run is not None else {}
-            row = [cell_at(method, lr, step, run, by_step.get(step)) for step in self._steps]
+            row_runs = runs_by_key.get(key, [])
+            row = [row_cell(method, lr, step, row_runs, lambda run, st: self._ms_by_run.get(run.id, {}).get(st))
+                   for step in self._steps]
             self._rows[key] = row
             for c in row:
                 ck = (c.method, c.lr, c.steps)

@@ -69,7 +69,7 @@ def record_cell(store: Store, study_name: str, spec: StudySpec, run: Run, cell: 
             store.retry(lambda: ostudy.tell(number, value))
     elif number is None:
         # A method variant's knobs are trial params too, so Optuna's own views can slice by them.
-        params = spec.trial_params(run.method, run.lr, step)
+        params = spec.trial_params(run.method, run.lr, step, run.seed)
         distributions = spec.optuna_distributions()
         frozen = create_trial(
             params=params,

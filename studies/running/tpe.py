@@ -32,7 +32,7 @@ def ask(store: Store, study: Study, spec: StudySpec, host: str) -> Run | None:
         n = s.exec(select(func.count()).select_from(Run).where(Run.study_id == study.id)).one()
         if n >= spec.total_runs:
             return None
-        placeholder = Run(study_id=study.id, method="", lr=-random.random(), state=RunState.ASKING,
+        placeholder = Run(study_id=study.id, method="", lr=-random.random(), seed=int(spec.run.seed), state=RunState.ASKING,
                           heartbeat=utcnow(), host=host, pid=os.getpid())
         s.add(placeholder)
         s.flush()

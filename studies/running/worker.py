@@ -68,7 +68,7 @@ def run_one(store: Store, run_id: int, device: str) -> int:
         run.pid, run.heartbeat = os.getpid(), utcnow()
         s.add(run)
     spec = study_spec(study)
-    cfg = spec.run_config(run.method, run.lr)
+    cfg = spec.run_config(run.method, run.lr, run.seed)
     gpu_bytes = _gpu_bytes(device)
     if gpu_bytes is not None:
         refused = _does_not_fit(spec, cfg, gpu_bytes)
@@ -132,7 +132,7 @@ def _train_only(store: Store, run_id: int, device: str) -> int:
     with store.read() as s:
         run, study, fs = _run_rows(s, run_id)
     spec = study_spec(study)
-    cfg = spec.run_config(run.method, run.lr)
+    cfg = spec.run_config(run.method, run.lr, run.seed)
     gpu_bytes = _gpu_bytes(device)
     if gpu_bytes is not None and _does_not_fit(spec, cfg, gpu_bytes):
         return 3  # the main process records why; every process stops alike

@@ -88,14 +88,16 @@ class Study(SQLModel, table=True):
 
 
 class Run(SQLModel, table=True):
-    """One method at one learning rate: covers every steps milestone of the study (prefix sharing)."""
+    """One method at one learning rate under one seed: covers every steps milestone of the study
+    (prefix sharing). A study with --seeds has one run per (method, lr, seed)."""
 
     __tablename__ = "ul_run"
-    __table_args__ = (UniqueConstraint("study_id", "method", "lr"),)
+    __table_args__ = (UniqueConstraint("study_id", "method", "lr", "seed"),)
     id: Optional[int] = Field(default=None, primary_key=True)
     study_id: int = Field(foreign_key="ul_study.id", index=True)
     method: str
     lr: float
+    seed: int = 0  # v5: the run's seed (the study's --seed, or one of its --seeds)
     state: str = Field(default=RunState.PENDING, index=True)  # a studies.store.states.RunState value
     device: Optional[str] = None
     host: Optional[str] = None
@@ -182,11 +184,56 @@ def _v3_to_v4(session: Session) -> None:
                          params={"pid": int(m.group(1)), "host": m.group(2), "id": event_id})
 
 
+def _v4_to_v5(session: Session) -> None:
+    """v5: a run has a seed (a study may run each cell under several), and a study's runs are unique
+    on (method, lr, seed). Existing runs get their study's seed. A server database swaps the
+    constraint; SQLite makes the table again (`_rebuild_run_table_sqlite`)."""
+    import json
+
+    from sqlalchemy import inspect, text
+
+    conn = session.connection()
+    if conn.dialect.name == "sqlite":
+        return _rebuild_run_table_sqlite(session)
+    if "seed" not in {c["name"] for c in inspect(conn).get_columns("ul_run")}:
+        session.exec(text("ALTER TABLE ul_run ADD COLUMN seed INTEGER NOT NULL DEFAULT 0"))
+    for study_id, spec in session.exec(text("SELECT id, spec FROM ul_study")).all():
+        spec = json.loads(spec) if isinstance(spec, str) else (spec or {})
+        seed = int((spec.get("run") or spec).get("seed", 0) or 0)
+        session.exec(text("UPDATE ul_run SET seed = :seed WHERE study_id = :id"), params={"seed": seed, "id": study_id})
+    unique = {tuple(sorted(uc["column_names"])): uc["name"] for uc in inspect(conn).get_unique_constraints("ul_run")}
+    if ("lr", "method", "study_id") in unique:
+        session.exec(text(f'ALTER TABLE ul_run DROP CONSTRAINT "{unique[("lr", "method", "study_id")]}"'))
+    if ("lr", "method", "seed", "study_id") not in unique:
+        session.exec(text("ALTER TABLE ul_run ADD CONSTRAINT ul_run_study_method_lr_seed UNIQUE (study_id, method, lr, seed)"))
+
+
+def _rebuild_run_table_sqlite(session: Session) -> None:
+    """SQLite cannot change a table's unique constraint: ul_run is made again with today's definition
+    and its rows copied (ids kept, so every cell still points at its run; each run's seed read from
+    its study's spec). The migration's connection has foreign keys off, as SQLite's procedure for
+    such a change requires (the store checks them before it commits)."""
+    from sqlalchemy import text
+    from sqlalchemy.schema import CreateIndex, CreateTable
+
+    dialect = session.connection().dialect
+    table = Run.__table__
+    old = ", ".join(f'"{c.name}"' for c in table.columns if c.name != "seed")
+    seed = ("COALESCE((SELECT COALESCE(json_extract(s.spec, '$.run.seed'), json_extract(s.spec, '$.seed'))"
+            " FROM ul_study s WHERE s.id = ul_run.study_id), 0)")
+    session.exec(text(str(CreateTable(table).compile(dialect=dialect)).replace("TABLE ul_run ", "TABLE ul_run_v5 ", 1)))
+    session.exec(text(f"INSERT INTO ul_run_v5 ({old}, seed) SELECT {old}, {seed} FROM ul_run"))
+    session.exec(text("DROP TABLE ul_run"))
+    session.exec(text("ALTER TABLE ul_run_v5 RENAME TO ul_run"))
+    for index in table.indexes:
+        session.exec(text(str(CreateIndex(index).compile(dialect=dialect))))
+
+
 # Upgrades from an older schema version, in order: MIGRATIONS[v] takes a store at v to v + 1.
-MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
+MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5}
 
 
-def _make_engine(url: str, immediate: bool):
+def _make_engine(url: str, immediate: bool, foreign_keys: bool = True):
     if is_sqlite(url):
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000, "check_same_thread": False})
 
@@ -196,7 +243,7 @@ def _make_engine(url: str, immediate: bool):
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
-            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
             cur.close()
 
         @event.listens_for(engine, "begin")
@@ -257,11 +304,37 @@ class Store:
         while version < SCHEMA_VERSION:
             if version not in MIGRATIONS:
                 raise UnlearnError(f"store {self.safe_url} has schema v{version} and no migration to v{version + 1}; export it with an older unlearn-lab")
-            with self.write() as s:
+            with self._migration() as s:
                 MIGRATIONS[version](s)
                 version += 1
                 s.merge(Meta(key="schema_version", value=str(version)))
         SQLModel.metadata.create_all(self.write_engine)  # tables new in this version
+
+    @contextlib.contextmanager
+    def _migration(self) -> Iterator[Session]:
+        """One migration's transaction. On SQLite its connection has foreign keys off, which SQLite
+        allows only outside a transaction and its procedure for changing a table requires; they are
+        checked before the commit, so a migration never leaves a cell without its run."""
+        if not is_sqlite(self.url):
+            with self.write() as s:
+                yield s
+            return
+        engine = _make_engine(self.url, immediate=True, foreign_keys=False)
+        try:
+            with Session(engine, expire_on_commit=False) as s:
+                try:
+                    yield s
+                    from sqlalchemy import text
+
+                    if s.exec(text("PRAGMA foreign_key_check")).all():
+                        raise UnlearnError(f"store {self.safe_url}: the upgrade would leave rows pointing at "
+                                           "nothing; nothing was changed")
+                    s.commit()
+                except BaseException:
+                    s.rollback()
+                    raise
+        finally:
+            engine.dispose()
 
     # ------------------------------------------------------------------ sessions
     @contextlib.contextmanager

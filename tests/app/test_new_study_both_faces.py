@@ -158,7 +158,7 @@ def setting_groups(tmp_path) -> list[dict[str, str | bool]]:
          "--max-attempts": "3", "--eval-tasks-at": "every", "--trust-remote-code": True, "--target-spread": "0.05",
          "--watch-every": "2", "--stop-at-target": True},
         {"--lora": "4", "--lora-alpha": "8", "--lora-targets": "q_proj,v_proj", "--fsdp": True, "--gpus-per-run": "2",
-         "--attacks": ""},
+         "--attacks": "", "--seeds": "0,1"},
     ]
 
 

@@ -52,13 +52,14 @@ def create_cmd(
                                    help="every: the --attacks at every cell; best: only at each method's best "
                                    "cell, once the runs are done (far cheaper)"),
     eval_tasks_at: str = study_option("eval_tasks_at"),
+    seeds: Optional[str] = study_option("seeds"),
     storage: Storage = None,
     as_json: Json = False,
     given_settings: dict = None,
 ):
     """Create a study: the Optuna study and one run per (method, lr) in the store. Every run setting
     not given takes its default, except --seq-len, which defaults to the forget set's."""
-    from studies.lifecycle.inputs import parse_milestones, search_space
+    from studies.lifecycle.inputs import parse_milestones, parse_seeds, search_space
     from studies.lifecycle.spec import parse_knob_options, study_spec
     from studies.lifecycle.study import create_study
     from tui.cli.console import emit_json, out
@@ -69,13 +70,16 @@ def create_cmd(
                          lr_range=space.lr_range, sampler=space.sampler, trials=trials, steps=parse_milestones(steps),
                          max_attempts=max_attempts,
                          trust_remote_code=trust_remote_code, knobs=parse_knob_options(param), attacks_at=attacks_at,
-                         gpus_per_run=gpus_per_run, eval_tasks_at=eval_tasks_at,
+                         gpus_per_run=gpus_per_run, eval_tasks_at=eval_tasks_at, seeds=parse_seeds(seeds),
                          **given_settings)
     spec = study_spec(study)
-    info = {"name": study.name, "runs": spec.total_runs, "cells": spec.total_runs * len(spec.steps), "spec": study.spec}
+    cells = spec.total_runs // len(spec.run_seeds) * len(spec.steps)  # a cell is a (method, lr, steps), over its seeds
+    info = {"name": study.name, "runs": spec.total_runs, "cells": cells, "seeds": list(spec.run_seeds), "spec": study.spec}
     if as_json:
         return emit_json(info)
-    out.print(f"study [bold]{study.name}[/]: {info['runs']} runs → {info['cells']} cells. Start it: unlearn study run {study.name}")
+    seeded = f" (each under seeds {','.join(map(str, spec.seeds))})" if spec.seeds else ""
+    out.print(f"study [bold]{study.name}[/]: {info['runs']} runs → {info['cells']} cells{seeded}. "
+              f"Start it: unlearn study run {study.name}")
 
 
 def run_cmd(

@@ -37,7 +37,7 @@ def _option_field(o: StudyOption):
         return Checkbox("on", o.default, id=wid, tooltip=o.help)
     if o.choices:
         return Select([(c, c) for c in o.choices], value=o.default, allow_blank=False, id=wid, tooltip=o.help)
-    return Input(placeholder=f"{o.default} · {o.help}", id=wid, tooltip=o.help)
+    return Input(placeholder=f"{o.default_text or o.default} · {o.help}", id=wid, tooltip=o.help)
 
 
 def _setting_field(f):
@@ -85,6 +85,8 @@ class AdvancedSettings(Collapsible):
                     value = True if typed else None
                 elif o.choices:
                     value = typed
+                elif o.parse is not None:
+                    value = o.parse(typed, o.flag)
                 else:
                     value = parse_count(typed, o.flag)
             except UnlearnError as e:
