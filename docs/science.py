@@ -13,9 +13,11 @@ Fixed before any of it ran, and not tuned afterwards (written at the top of docs
 - every runnable method at its published knobs, and the knobs docs/science.md says cannot reach the
   target at their published value, swept as variants: NPO's β (× 0.1: the sequence-summed log-ratio's
   scale) and SimNPO's δ (0 and ln ppl_unseen(θ0), a property of θ0, measured before any run);
-- seeds SCIENCE_SEEDS (the run setting --seed: batch order, random labels), one study each; a cell's
-  figures are the mean over the seeds with the min–max spread, and a cell counts as a success when
-  it succeeds under every seed;
+- seeds SCIENCE_SEEDS (the run setting --seed: batch order, random labels), one study each (the
+  measurement began before `study create --seeds` existed; the runs are the same), read as
+  `--seeds` reads a cell (studies.reading.seeds.mean_cell): the mean over the seeds with a 95 %
+  Student-t interval, a success only when the intervals are inside the bands (and the membership
+  part holds at every seed);
 - the verdict's auto bands, with the twin's spread (engine/verdict.py), as the demo uses them;
 - at each method's best cell of seed 0 (lowest eval_score), `--attacks relearn,quant4,quant8`.
 
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import time
 from pathlib import Path
 
@@ -102,24 +103,23 @@ def main() -> None:
 
     per_seed = {s: load_cells(store, n) for s, n in names.items()}
     at_target = {s: load_at_target(store, n) for s, n in names.items()}
+    band = {part: refs["bands"][part]["band"] for part in ("forget", "utility")}
     texts = demo_texts(ws, manifest)
     rows, t2 = [], time.perf_counter()
     for m in methods:
-        row = {"method": m, **aggregate(m, per_seed, at_target, lrs), "best": None, "attacks": None}
+        row = {"method": m, **aggregate(m, per_seed, at_target, lrs, band), "attacks": None}
         best = best_cell(per_seed[0], m)
-        if best is not None:
-            row["best"] = {"lr": best.lr, "steps": best.steps, "success": best.success,
-                           **{k: best.value(k) for k in ("eval_score", "forget_gap", "retain_eval_drift", "ppl_forget",
-                                                         "mia_auc.loss", "mia_auc_lo", "mia_auc_hi")}}
+        if best is not None:  # the pre-registered attack cell: seed 0's best
+            row["attacked"] = {"lr": best.lr, "steps": best.steps, "eval_score": best.value("eval_score")}
             cfg = RunConfig(method=m, lr=best.lr, milestones=(best.steps,), batch_size=FULL.run_batch_size,
                             seq_len=FULL.seq_len, seed=0, attacks=ATTACKS, target_spread=refs["target_spread"],
                             watch_every=0)
             cell = run_unlearning(str(ws / "model"), texts, cfg, device="cpu")["milestones"][-1]
-            assert cell["eval_score"] == row["best"]["eval_score"], (m, cell["eval_score"])  # the same cell again
+            assert cell["eval_score"] == best.value("eval_score"), (m, cell["eval_score"])  # the same cell again
             row["attacks"] = {a: {"recovery": cell.get(f"{a}_recovery"), "ppl_forget": cell["attacks"][a]["ppl_forget"],
                                   "mia_auc_loss": cell["attacks"][a]["mia_auc"]["loss"]} for a in cell.get("attacks", {})}
         rows.append(row)
-        print(f"{m}: robustness {row['robustness']}, at target {row['at_target_success']}", flush=True)
+        print(f"{m}: robustness {row['robustness']:.0%}, at target {row['at_target_success']}/{len(lrs)}", flush=True)
     attack_s = time.perf_counter() - t2
 
     result = {"studies": names, "storage": store.safe_url, "grid": {"lrs": lrs, "steps": SCIENCE_STEPS,
@@ -131,45 +131,62 @@ def main() -> None:
     print_table(result)
 
 
-def aggregate(method: str, per_seed: dict, at_target: dict, lrs) -> dict:
-    """Robustness over the seeds (a cell succeeds when it succeeds under every seed; min–max of the
-    per-seed robustness), and the at-target cells per lr: step, eval_score and success, mean and
-    spread over the seeds."""
-    from studies.reading.grid import grids
+FIGURES = ("eval_score", "forget_gap", "retain_eval_drift", "mia_auc.loss", "mia_auc_lo", "mia_auc_hi")
 
-    rob = [grids(cells)[method].robustness for cells in per_seed.values()]
-    keyed = [{(c.lr, c.steps): c.success and c.computed for c in cells if c.method == method}
-             for cells in per_seed.values()]
-    every = {k for k in keyed[0] if all(d.get(k) for d in keyed)}
+
+def summary(cell) -> dict:
+    """A mean cell's figures, each with its 95 % half width, and its verdict."""
+    spread = (cell.metrics or {}).get("seeds", {}).get("spread", {})
+    return {"lr": cell.lr, "steps": cell.steps, "success": cell.success, "verdict": (cell.metrics or {}).get("verdict"),
+            **{k: cell.value(k) for k in FIGURES}, "spread": {k: spread.get(k) for k in FIGURES}}
+
+
+def aggregate(method: str, per_seed: dict, at_target: dict, lrs, band: dict) -> dict:
+    """The method's cells over the seeds, as `study create --seeds` reads them: robustness (share of
+    mean cells that succeed), its best mean cell, and its at-target cell per lr (the mean of the
+    seeds' at-target cells, once every seed reached the target)."""
+    from studies.reading.grid import best_cell, grids
+    from studies.reading.seeds import mean_cell
+
+    seeds = sorted(per_seed)
+    keyed = [{(c.lr, c.steps): c for c in per_seed[s] if c.method == method} for s in seeds]
+    means = [mean_cell([k[key] for k in keyed], seeds, band) for key in keyed[0] if all(key in k for k in keyed)]
+    best = best_cell(means, method)
     at = []
     for lr in lrs:
-        cs = [c for s in per_seed for c in at_target[s] if c.method == method and c.lr == lr]
-        if not cs:
-            at.append({"lr": lr, "reached": 0})
+        cs = [c for s in seeds for c in at_target[s] if c.method == method and c.lr == lr]
+        if len(cs) < len(seeds):
+            at.append({"lr": lr, "reached": len(cs)})
             continue
-        scores = [c.value("eval_score") for c in cs if c.value("eval_score") is not None]
-        at.append({"lr": lr, "reached": len(cs), "steps": sorted(c.steps for c in cs),
-                   "eval_score": statistics.mean(scores) if scores else None,
-                   "spread": (min(scores), max(scores)) if scores else None,
-                   "successes": sum(1 for c in cs if c.success),
-                   "verdicts": [(c.metrics or {}).get("verdict") for c in cs]})
-    cells = len(keyed[0])
-    return {"robustness": len(every) / cells if cells else 0.0, "robustness_per_seed": rob,
-            "at_target": at, "at_target_success": sum(a.get("successes", 0) for a in at)}
+        steps = sorted(c.steps for c in cs)
+        for c in cs:
+            c.steps = steps[-1]
+        at.append({"lr": lr, "reached": len(cs), "steps": steps, **summary(mean_cell(cs, seeds, band))})
+    return {"robustness": sum(1 for c in means if c.success and c.computed) / len(means) if means else 0.0,
+            "robustness_per_seed": [grids(per_seed[s])[method].robustness for s in seeds],
+            "best": summary(best) if best else None, "at_target": at,
+            "at_target_success": sum(1 for a in at if a.get("success"))}
+
+
+def pm(x, hw, spec=".3g") -> str:
+    return fmt(x, spec) + (f" ± {format(hw, spec)}" if x is not None and hw is not None else "")
 
 
 def print_table(result: dict) -> None:
-    print("\n| method | robustness (all seeds; per seed) | at target: successes / reached (of 3 lrs × 3 seeds) "
-          "| best cell (seed 0) | eval_score | forget_gap | drift | MIA AUC [95 %] | relearn | quant4 | quant8 |")
+    n = len(result["grid"]["seeds"])
+    print(f"\n| method | robustness (mean cells; per seed) | at target: successes / lrs reached by all {n} seeds "
+          "| best mean cell | eval_score | forget_gap | retain_eval_drift | MIA AUC (mean of seeds) "
+          "| relearn | quant4 | quant8 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["methods"]:
         b, a = r["best"], r["attacks"] or {}
-        reached = sum(x["reached"] for x in r["at_target"])
+        reached = sum(1 for x in r["at_target"] if x["reached"] == n)
         rec = [fmt((a.get(k) or {}).get("recovery"), ".2f") for k in ("relearn", "quant4", "quant8")]
         per = "/".join(f"{x:.0%}" for x in r["robustness_per_seed"])
-        best = (f"{b['lr']:g} × {b['steps']} | {fmt(b['eval_score'])} | {fmt(b['forget_gap'])} | "
-                f"{fmt(b['retain_eval_drift'])} | {fmt(b['mia_auc.loss'], '.2f')} [{fmt(b['mia_auc_lo'], '.2f')}, "
-                f"{fmt(b['mia_auc_hi'], '.2f')}] | " if b else "— | — | — | — | — | ")
+        sp = (b or {}).get("spread") or {}
+        best = (f"{b['lr']:g} × {b['steps']}{' ✓' if b['success'] else ''} | {pm(b['eval_score'], sp['eval_score'])} | "
+                f"{pm(b['forget_gap'], sp['forget_gap'])} | {pm(b['retain_eval_drift'], sp['retain_eval_drift'])} | "
+                f"{pm(b['mia_auc.loss'], sp['mia_auc.loss'], '.2f')} | " if b else "— | — | — | — | — | ")
         print(f"| `{r['method']}` | {r['robustness']:.0%} ({per}) | {r['at_target_success']} / {reached} | "
               + best + " | ".join(rec) + " |")
     s = result["seconds"]

@@ -222,27 +222,31 @@ def _off_grid(row: CellRow, spec: StudySpec) -> bool:
 
 
 def at_target_from_rows(study: Study, runs: list[Run], milestones: list[CellRow]) -> list[Cell]:
-    """Each row's at-target cell (where its forget perplexity first reached the target), at its own
-    step. Under several seeds, the mean of the seeds' at-target cells, at the last seed's step, once
-    every seed reached the target (not before)."""
+    """Each row's at-target cell (where its forget perplexity first reached the target), at its own step."""
+    mine = [r for r in runs if r.study_id == study.id and r.state in REAL_RUN_STATES]
+    return at_target_cells(mine, {m.run_id: m for m in milestones if (m.metrics or {}).get("at_target")})
+
+
+def at_target_cells(runs, at_rows: dict) -> list[Cell]:
+    """The at-target cell of each (method, lr) row of these runs, from each run's at-target cell row
+    (`at_rows`: run id -> row). Under several seeds, the mean of the seeds' at-target cells, at the
+    last seed's step, once every seed reached the target (not before)."""
     from studies.reading.seeds import mean_cell
 
-    mine = [r for r in runs if r.study_id == study.id and r.state in REAL_RUN_STATES]
-    at = {m.run_id: m for m in milestones if (m.metrics or {}).get("at_target")}
     out = []
-    for (method, lr), row_runs in runs_by_row(mine).items():
-        found = [cell_at(method, lr, at[r.id].step, r, at[r.id]) for r in row_runs if r.id in at]
-        if len(found) != len(row_runs) or not found:
+    for (method, lr), row_runs in runs_by_row(runs).items():
+        found = [cell_at(method, lr, at_rows[r.id].step, r, at_rows[r.id]) for r in row_runs if r.id in at_rows]
+        if not found or len(found) != len(row_runs):
             continue
         for c in found:
             c.at_target = True
         if len(found) == 1:
             out.append(found[0])
-        else:
-            last = max(c.steps for c in found)
-            for c in found:
-                c.steps = last
-            out.append(mean_cell(found, [r.seed for r in row_runs]))
+            continue
+        last = max(c.steps for c in found)
+        for c in found:
+            c.steps = last
+        out.append(mean_cell(found, [r.seed for r in row_runs]))
     return out
 
 

@@ -58,8 +58,9 @@ def _put(metrics: dict, path: str, value) -> None:
         metrics[top] = value
 
 
-def mean_cell(cells: list, seeds: list[int]):
-    """One Cell (studies.reading.grid.Cell) from the same cell at each seed, in `seeds`' order."""
+def mean_cell(cells: list, seeds: list[int], bands: Optional[dict] = None):
+    """One Cell (studies.reading.grid.Cell) from the same cell at each seed, in `seeds`' order.
+    `bands` ({"forget", "utility"}) stands in for cells recorded before cells carried their bands."""
     from studies.reading.grid import Cell
 
     first = cells[0]
@@ -82,13 +83,13 @@ def mean_cell(cells: list, seeds: list[int]):
     score = statistics.fmean(scores) if all(_is_number(s) for s in scores) else None
     if score is not None:
         spread[SCORE] = half_width(scores)
-    verdict = _verdict(cells, metrics, spread)
+    verdict = _verdict(cells, metrics, spread, bands)
     metrics.update(verdict=verdict, success=all(verdict.values()), diverged=False,
                    seeds={"seeds": list(seeds), "n": len(cells), "spread": spread,
                           "success": [bool(c.success) for c in cells], "scores": scores})
-    bands = _bands(cells)
-    if bands:
-        metrics["bands"] = bands
+    judged = _bands(cells) or bands
+    if judged:
+        metrics["bands"] = dict(judged)
     return Cell(status=CellStatus.DONE, metrics=metrics, score=score, success=metrics["success"], **base)
 
 
@@ -102,10 +103,10 @@ def _upper(metrics: dict, spread: dict, path: str) -> Optional[float]:
     return mean + hw if _is_number(mean) and hw is not None else None
 
 
-def _verdict(cells, metrics: dict, spread: dict) -> dict[str, bool]:
+def _verdict(cells, metrics: dict, spread: dict, given: Optional[dict] = None) -> dict[str, bool]:
     """Each part judged on the seeds' intervals; without the bands (cells made before they were
-    stored) a part holds only where it held at every seed."""
-    bands = _bands(cells)
+    stored, and none given) a part holds only where it held at every seed."""
+    bands = _bands(cells) or dict(given or {})
     every = {part: all(bool(((c.metrics or {}).get("verdict") or {}).get(part)) for c in cells)
              for part in ("forget", "mia", "utility")}
     out = {"mia": every["mia"]}

@@ -11,7 +11,16 @@ from sqlalchemy import and_, case, func
 from sqlmodel import select
 
 from studies.lifecycle.spec import StudySpec, study_spec
-from studies.reading.grid import best, cells_from_rows, count_status, fetch_rows, grids, load_cells, robustness
+from studies.reading.grid import (
+    best,
+    cells_from_rows,
+    count_status,
+    fetch_rows,
+    grids,
+    load_cells,
+    original_note,
+    robustness,
+)
 from studies.reading.listing import fold_at_target, list_row
 from studies.store.clock import age_s
 from studies.store.db import CellRow, ForgetSet, Run, Store, Study, utcnow
@@ -78,6 +87,13 @@ def study_status(store: Store, name: str) -> dict:
         for r in sorted(runs, key=lambda r: (r.method, r.lr))
         if r.last_error and (r.state == RunState.FAILED or (r.attempts or 0) > 1)
     ]
+    # θ0's figures as the runs measured them: the target ± its band, and a line when θ0 itself passes
+    # a part of the verdict (grid.original_note), as `study heatmap` and the demo print
+    base = next((b for r in sorted(runs, key=lambda r: r.id or 0)
+                 if "verdict" in (b := (r.result or {}).get("baseline") or {})), None)
+    out["target"] = (base or {}).get("target")
+    out["original_note"] = original_note(base)
+    out["seeds"] = list(study_spec(study).run_seeds)
     out["grids"] = {m: {"lrs": g.lrs, "steps": g.steps, "successes": g.successes, "size": g.size}
                     for m, g in grids(cells).items()}
     return out

@@ -27,6 +27,7 @@ from studies.lifecycle.spec import StudySpec, study_spec
 from studies.reading.grid import (
     Cell,
     Grid,
+    at_target_cells,
     check_metric,
     grids,
     row_cell,
@@ -76,6 +77,8 @@ class Poll:
     grids: dict[str, Grid] = field(default_factory=dict)
     # study_metrics(study.spec, cells): what a picker offers
     metrics: tuple[str, ...] = field(default_factory=every_run_paths)
+    # per method and lr, the row's at-target cell (grid.load_at_target's cells), once reached
+    at_target: dict[str, dict[float, Cell]] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,6 +105,8 @@ class StudyWatch:
     _cells_list: Optional[list[Cell]] = None
     _grids: dict[str, Grid] = field(default_factory=dict)
     _metrics: tuple[str, ...] = field(default_factory=every_run_paths)
+    _at_rows: dict[int, object] = field(default_factory=dict)  # run id -> its at-target cell row
+    _at_target: dict[str, dict[float, Cell]] = field(default_factory=dict)
     _state: Optional[str] = None
     # One poll at a time: a dashboard's tick may start the next before a slow one ended (its
     # worker threads are not stopped), and a poll moves what the watch keeps.
@@ -145,10 +150,13 @@ class StudyWatch:
                 by_step[m.step] = m
                 dirty.add(m.run_id)
         grid_steps = {int(x) for x in study_spec(study).steps} if fresh else set()
+        at_moved = False
         for m in fresh:  # in id order: the newest row of a (run, step) wins, as in cells_from_rows
             self._last_id = max(self._last_id, m.id)
-            if (m.metrics or {}).get("at_target") and m.step not in grid_steps:
-                continue  # an at-target cell between milestones: no column of the grid (grid.load_at_target)
+            if (m.metrics or {}).get("at_target"):
+                self._at_rows[m.run_id], at_moved = m, True  # the "at target" column's (grid.load_at_target)
+                if m.step not in grid_steps:
+                    continue  # between milestones: no column of the grid
             self._ms_by_run.setdefault(m.run_id, {})[m.step] = m
             if m.trial_number is None:
                 self._untold.add(m.id)
@@ -157,12 +165,17 @@ class StudyWatch:
             changed: set[CellKey] = set()
         else:
             changed = self._update(study, old_runs, dirty)
+        if at_moved or dirty:
+            self._at_target = {}
+            for c in at_target_cells(list(self._runs.values()), self._at_rows):
+                self._at_target.setdefault(c.method, {})[c.lr] = c
         first = self._state is None
         state_changed = not first and study.state != self._state
         finished = state_changed and study.state == StudyState.DONE
         self._state = study.state
         return Poll(study, self._cells_list, changed, len(fresh), running_runs(study, list(self._runs.values())),
-                    state_changed, finished, age_s(study.scheduler_heartbeat), self._grids, self._metrics)
+                    state_changed, finished, age_s(study.scheduler_heartbeat), self._grids, self._metrics,
+                    self._at_target)
 
     # ------------------------------------------------------------ keeping the cells
 

@@ -140,6 +140,9 @@ def test_a_study_with_seeds_runs_each_cell_per_seed_and_reads_their_mean(tmp_pat
 
     status = json.loads(cli_in_process(capsys, "study", "status", "S", "--json", "--storage", url).stdout)
     assert status["cells"]["total"] == 2 and status["cells"]["done"] == 2 and status["runs"]["total"] == 2
+    assert status["seeds"] == [0, 1] and status["target"]["band"] >= math.log1p(0.10) and "original_note" in status
+    said = cli_in_process(capsys, "study", "status", "S", "--storage", url).stdout
+    assert "seeds 0,1" in said and f"± {status['target']['band']:.3f}" in said
     listed = {s["name"]: s for s in json.loads(cli_in_process(capsys, "study", "ls", "--json", "--storage", url).stdout)}
     assert listed["S"]["cells"] == {"done": 2, "diverged": 0, "total": 2}
 

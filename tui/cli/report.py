@@ -57,6 +57,14 @@ def status_renderable(st: dict):
     parts.append(Text(f"runs  {r['done']}/{r['total']} done · {r['diverged']} diverged · {r['failed']} failed · "
                       f"{r['running']} running · {r['pending']} pending"
                       + (f" · {r['cancelled']} cancelled" if r["cancelled"] else "") + f" · {r['attempts']} attempts"))
+    if st.get("seeds") and len(st["seeds"]) > 1:
+        parts.append(Text(f"seeds {','.join(map(str, st['seeds']))}: each cell is their mean; ✓ needs its 95 % "
+                          "interval inside the band"))
+    if st.get("target"):
+        t0 = st["target"]
+        parts.append(Text(f"target ln ppl_unseen(θ0) = {t0['value']:.3f} ± {t0['band']:.3f}"))
+    if st.get("original_note"):
+        parts.append(Text(st["original_note"], style="yellow"))
     if sch.get("pid"):
         parts.append(Text(f"scheduler pid {sch['pid']} on {sch.get('host') or '?'}, heartbeat {_age(sch.get('alive_s_ago'))} ago"))
     else:

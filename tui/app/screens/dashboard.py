@@ -207,7 +207,7 @@ class DashboardScreen(Screen):
             f"[b]{st.name}[/b] · {self.state} · model {Path(st.model).name or st.model} · "
             f"forget set {st.spec.get('forget_set', '?')} · cells {done}/{len(poll.cells)} · scheduler beat {beat}")
         self._offer_metrics(poll.metrics)
-        self._update_heatmaps(by_method, poll.changed)
+        self._update_heatmaps(by_method, poll.changed, poll.at_target)
         self.query_one(RunningRuns).update_runs(self.study, poll.running, self.steps_total)
         if poll.new_milestones or poll.state_changed or not self._trial_rows:
             self.load_trials()
@@ -224,7 +224,7 @@ class DashboardScreen(Screen):
             select.set_options([(m, m) for m in metrics])
             select.value = self.metric if self.metric in metrics else SCORE
 
-    def _update_heatmaps(self, by_method: dict, changed: set) -> None:
+    def _update_heatmaps(self, by_method: dict, changed: set, at_target: dict | None = None) -> None:
         box = self.query_one("#heatmaps", Vertical)
         existing = {w.grid.method: w for w in box.query(HeatmapGrid)}
         self._grids = by_method
@@ -235,14 +235,15 @@ class DashboardScreen(Screen):
             widget = existing.get(method)
             if widget is None:
                 # (no id from the method's name: a swept variant's brackets are not valid in one)
-                widget = HeatmapGrid(grid, metric=self.metric, study=self.study, scale=scale)
+                widget = HeatmapGrid(grid, metric=self.metric, study=self.study, scale=scale,
+                                     at_target=(at_target or {}).get(method))
                 box.mount(widget)
                 widget.mark(self.marked_before)
                 if not existing and not parts:
                     widget.focus()
-            elif rescaled or any(k[0] == method for k in changed):
+            elif rescaled or any(k[0] == method for k in changed) or at_target is not None:
                 widget.scale = scale
-                widget.update_grid(grid)
+                widget.update_grid(grid, (at_target or {}).get(method, {}))
             parts.append(f"{escape(method)} {grid.robustness:.0%}")  # a variant's [knobs] are not markup
         self.query_one("#dash-robustness", Static).update("robustness: " + " · ".join(parts))
         if list(by_method) != self._methods:  # the first poll, or new methods (a TPE study)

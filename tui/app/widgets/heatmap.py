@@ -38,6 +38,9 @@ VALUE_WIDTH = 7  # fmt_value's longest
 # A cell: cursor bracket, value, success mark, compare mark, cursor bracket.
 CELL_WIDTH = 1 + VALUE_WIDTH + 1 + 1 + 1
 HEADER_LINES = 2  # the title line and the steps line
+# The "at target" column: a value, its success mark and "@step" (where the run's forget perplexity
+# first reached the target, grid.load_at_target); shown once a row of the method reached it.
+AT_TARGET_WIDTH = 1 + VALUE_WIDTH + 1 + 6
 COMPARE_MARK = "◆"
 _JOIN = Text("\n", no_wrap=True)  # what render() joins the lines with (their wrap and overflow)
 
@@ -94,11 +97,13 @@ class HeatmapGrid(Widget, can_focus=True):
             self.marked = marked
 
     def __init__(self, grid: Grid, metric: str = SCORE, study: str = "", id: str | None = None,
-                 classes: str | None = None, *, scale: Optional[tuple[float, float]] = None) -> None:
+                 classes: str | None = None, *, scale: Optional[tuple[float, float]] = None,
+                 at_target: Optional[dict[float, Cell]] = None) -> None:
         """`scale` (lo, hi of tui.heatmap.badness) shares one colour scale between several grids;
-        by default the grid's own values set it."""
+        by default the grid's own values set it. `at_target`: lr -> the row's at-target cell."""
         super().__init__(id=id, classes=classes)
         self.grid = grid
+        self.at_target: dict[float, Cell] = dict(at_target or {})
         self.study = study
         self._scale = scale
         self.cursor: tuple[int, int] = (0, 0)  # (row: lr index, column: steps index)
@@ -120,9 +125,17 @@ class HeatmapGrid(Widget, can_focus=True):
             self._redraw()
 
     # ------------------------------------------------------------------ public API
-    def update_grid(self, grid: Grid) -> None:
+    def update_grid(self, grid: Grid, at_target: Optional[dict[float, Cell]] = None) -> None:
         """New values for the same method (a live study): the cursor stays on the same (lr, steps)
-        when it still exists, marks on cells that still exist stay."""
+        when it still exists, marks on cells that still exist stay. `at_target` (None: as it was)
+        replaces the at-target cells."""
+        if at_target is not None and _signatures(at_target) != _signatures(self.at_target):
+            widened = bool(at_target) != bool(self.at_target)
+            self.at_target = dict(at_target)
+            self.grid = grid
+            self.cursor = self._clamp(*self.cursor)
+            self._redraw(layout=widened)
+            return
         old, before = self.grid, self.cursor
         current = self._key(*self.cursor)
         resized = (len(grid.lrs), len(grid.steps)) != (len(old.lrs), len(old.steps))
@@ -219,7 +232,8 @@ class HeatmapGrid(Widget, can_focus=True):
 
     # ------------------------------------------------------------------ rendering
     def get_content_width(self, container: Size, viewport: Size) -> int:
-        return max(LR_WIDTH + CELL_WIDTH * max(1, len(self.grid.steps)), min(self._line(0).cell_len, 78))
+        at = AT_TARGET_WIDTH if self.at_target else 0
+        return max(LR_WIDTH + CELL_WIDTH * max(1, len(self.grid.steps)) + at, min(self._line(0).cell_len, 78))
 
     def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
         return HEADER_LINES + max(1, len(self.grid.lrs))
@@ -273,6 +287,8 @@ class HeatmapGrid(Widget, can_focus=True):
             header = Text("lr\\steps".rjust(LR_WIDTH - 1) + " ", style="dim", no_wrap=True)
             for s in g.steps:
                 header.append(str(s).rjust(1 + VALUE_WIDTH).ljust(CELL_WIDTH), style="bold")
+            if self.at_target:
+                header.append("at target".rjust(1 + VALUE_WIDTH + 1).ljust(AT_TARGET_WIDTH), style="bold")
             return header
         if not g.lrs:
             return Text("no cells yet", style="dim")
@@ -282,6 +298,13 @@ class HeatmapGrid(Widget, can_focus=True):
         line = Text(fmt_lr(lr).rjust(LR_WIDTH - 1) + " ", style="bold", no_wrap=True)
         for c, s in enumerate(g.steps):
             line.append_text(self._cell_text(g.cell(lr, s), (r, c) == self.cursor, (lr, s) in self._marked, lo, hi))
+        if self.at_target:
+            at = self.at_target.get(lr)
+            if at is None:
+                line.append("never".rjust(1 + VALUE_WIDTH).ljust(AT_TARGET_WIDTH), style="dim")
+            else:
+                line.append_text(self._cell_text(at, False, False, lo, hi)[:-1])
+                line.append(f"@{at.steps}".ljust(AT_TARGET_WIDTH - CELL_WIDTH + 1), style="dim")
         return line
 
     @property
@@ -337,6 +360,8 @@ class HeatmapGrid(Widget, can_focus=True):
 
     def _value_range(self) -> tuple[float, float]:
         vals = [badness(self.metric, v) for row in self.grid.value(self.metric) for v in row if v is not None]
+        vals += [badness(self.metric, v) for c in self.at_target.values() if c.computed
+                 and (v := c.value(self.metric)) is not None]
         vals = [v for v in vals if v is not None and math.isfinite(v)]
         return (min(vals), max(vals)) if vals else (0.0, 0.0)
 
@@ -354,3 +379,8 @@ class HeatmapGrid(Widget, can_focus=True):
 
     def _ref(self, key: tuple[float, int]) -> CellRef:
         return CellRef(self.study, self.grid.method, float(key[0]), int(key[1]))
+
+
+def _signatures(at_target: dict[float, Cell]) -> dict:
+    """What the at-target column shows of each row's cell: when this changes, the column is redrawn."""
+    return {lr: (c.steps, str(c.status), c.score, c.success) for lr, c in at_target.items()}
