@@ -11,6 +11,7 @@ studies/running/processes.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -34,6 +35,10 @@ from studies.store.db import CellRow, Run, Store, Study, hostname, utcnow
 from studies.store.states import ACTIVE_RUN_STATES, IDLE_STUDY_STATES, RunState, StudyState
 
 STOP_GRACE_S = 30  # a run process asked to stop (SIGTERM) gets this long before SIGKILL
+# An interrupted pool (SIGINT, SIGTERM, SIGHUP: Ctrl-C, a preemption, a closed terminal) gives its
+# runs back within this: each run is asked to stop at once, all of them together, then killed.
+INTERRUPT_GRACE_S = 10
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @dataclass
@@ -58,15 +63,21 @@ class WorkerPool:
         self.children: dict[str, Child] = {}  # its first slot key -> child
         self.host = hostname()
         self._stopping = False
+        self._signals = 0
         n_cpu = sum(1 for s in slots if s == "cpu")
         self.threads = max(1, (os.cpu_count() or 1) // n_cpu) if n_cpu else 0
         self.summary = {"spawned": 0, "retried": 0, "failed": 0}
 
     # ------------------------------------------------------------------ the loop
     def serve(self) -> dict:
-        old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        """Hand runs out until the studies have none left. The first SIGINT, SIGTERM or SIGHUP stops
+        the pool within INTERRUPT_GRACE_S and gives its running runs back, no attempt spent; a
+        second one kills them at once."""
+        old = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         try:
             while True:
+                if self._stopping:
+                    break
                 self._settle_children()
                 self._reap_lost()
                 studies = self._studies()
@@ -100,7 +111,12 @@ class WorkerPool:
         return self.summary
 
     def _on_signal(self, signum, frame):
+        self._signals += 1
         self._stopping = True
+        if self._signals > 1:  # asked twice: no more waiting
+            for child in self.children.values():
+                with contextlib.suppress(OSError):
+                    child.proc.kill()
 
     def _free_slots(self) -> list[str]:
         keys = [f"{i}:{s}" for i, s in enumerate(self.slots)]
@@ -197,7 +213,9 @@ class WorkerPool:
             study = s.get(Study, run.study_id)
         log = log_dir_for(self.store, study.name) / attempt_log_name(run.id, run.method, run.attempts)
         command = processes.worker_command(run.id, device, self._threads(device), processes=len(slots))
-        proc = processes.start(command, self.store, log, cuda_visible=visible)
+        # its own session: a Ctrl-C in the terminal of a foreground `study run` reaches the pool alone,
+        # which gives the run back instead of letting it die as a failed attempt
+        proc = processes.start(command, self.store, log, cuda_visible=visible, new_session=True)
         slot = ",".join(slots)
         with self.store.write() as s:
             row = s.get(Run, run.id)
@@ -213,7 +231,7 @@ class WorkerPool:
         visible, device = processes.devices_of([slot])
         log_path = log_dir_for(self.store, study.name) / ATTACK_LOG
         proc = processes.start(processes.attack_command(study.name, device, self._threads(device)), self.store,
-                               log_path, cuda_visible=visible)
+                               log_path, cuda_visible=visible, new_session=True)
         self.children[key] = Child(proc, None, study.id, slot, 1, (key,))
         self.store.log("started", f"best-cell attacks on {slot} (pid {proc.pid}); log {log_path}", study.id)
 
@@ -267,9 +285,19 @@ class WorkerPool:
                     self._settle(child.run_id, "the study was cancelled")
 
     def _shutdown(self) -> None:
-        """Interrupted: stop our runs and give them back, the attempt not counted against them."""
+        """Interrupted: stop our runs (all together, within INTERRUPT_GRACE_S) and give them back, the
+        attempt not counted against them."""
+        for child in self.children.values():
+            with contextlib.suppress(OSError):
+                child.proc.terminate()
+        deadline = time.monotonic() + INTERRUPT_GRACE_S
+        for child in self.children.values():
+            try:
+                child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
         for key, child in list(self.children.items()):
-            self._stop_child(child)
             if child.run_id is None:  # due again for the next pool
                 self.store.log("attacks stopped", "best-cell attacks stopped: the pool was interrupted", child.study_id)
             else:

@@ -47,7 +47,8 @@ def devices_of(slots: list[str]) -> tuple[str, str]:
 def start(command: list[str], store: Store, log: Path, cuda_visible: str | None = None,
           new_session: bool = False) -> subprocess.Popen:
     """`python COMMAND` with its output appended to `log` and the store in its environment.
-    `new_session`: it outlives this terminal and its SSH session (a detached scheduler)."""
+    `new_session`: its own session, out of reach of this terminal's Ctrl-C and hang-up (a detached
+    scheduler outlives the terminal; a run is stopped by its pool alone)."""
     env = child_env(store)
     if cuda_visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = cuda_visible

@@ -26,8 +26,10 @@ from studies.store.sqlite_file import (  # noqa: F401 - SCHEMA_VERSION, StoreMis
     SQLITE_BUSY_MS,
     StoreMissing,
     check_sqlite_file,
+    check_url_shape,
     describe_url,
     is_sqlite,
+    scrub,
     sqlite_path,
 )
 from studies.store.states import RunState, StudyState
@@ -265,7 +267,14 @@ class Store:
     def __init__(self, url: str, create: bool = True):
         self.url = url
         self.safe_url = describe_url(url)  # the only form of the URL any message may show
+        from sqlalchemy.engine import make_url
+
         try:
+            make_url(url)
+        except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number, say
+            raise UnlearnError(f"not a database URL: {self.safe_url} ({scrub(_first_line(exc), url)})") from None
+        try:
+            check_url_shape(url)
             if is_sqlite(url):
                 check_sqlite_file(url, create)
             self.engine = _make_engine(url, immediate=False)
@@ -276,12 +285,12 @@ class Store:
         except DBAPIError as exc:  # unreachable server, bad credentials, not a database, locked, ...
             if is_sqlite(url) and NOT_A_DATABASE in str(exc.orig):
                 raise UnlearnError(f"store {sqlite_path(url)} is not an SQLite database") from None
-            raise UnlearnError(f"cannot open store {self.safe_url}: {_first_line(exc.orig)}") from None
+            raise UnlearnError(f"cannot open store {self.safe_url}: {scrub(_first_line(exc.orig), url)}") from None
         except (ModuleNotFoundError, NoSuchModuleError) as exc:
             raise UnlearnError(f"cannot open store {self.safe_url}: missing database driver "
                                f"({getattr(exc, 'name', None) or _first_line(exc)})") from None
         except ArgumentError as exc:
-            raise UnlearnError(f"not a database URL: {self.safe_url} ({_first_line(exc)})") from None
+            raise UnlearnError(f"not a database URL: {self.safe_url} ({scrub(_first_line(exc), url)})") from None
         self._optuna = None
 
     # ------------------------------------------------------------------ schema
@@ -396,9 +405,24 @@ class Store:
         return row
 
 
-def _is_transient(exc: Exception) -> bool:
-    text = str(exc).lower()
-    return any(k in text for k in ("locked", "busy", "deadlock", "could not serialize", "serialization"))
+TRANSIENT = ("locked", "busy", "deadlock", "could not serialize", "serialization")
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """A lock wait or a serialization failure, worth trying again. Optuna wraps SQLAlchemy's errors
+    in its StorageInternalError, whose own text may say nothing of the cause: every exception in the
+    chain (`__cause__`, `__context__`, a DBAPI error's `orig`) is read."""
+    seen: set[int] = set()
+    todo: list = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if any(k in str(e).lower() for k in TRANSIENT):
+            return True
+        todo += [e.__cause__, e.__context__, getattr(e, "orig", None)]
+    return False
 
 
 def _first_line(exc: BaseException) -> str:

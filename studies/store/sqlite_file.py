@@ -6,7 +6,6 @@ importing the ORM, which costs half a second of a short command's life."""
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from engine.errors import UnlearnError
@@ -29,13 +28,47 @@ def sqlite_path(url: str) -> Path | None:
 
 
 def describe_url(url: str) -> str:
-    """The URL as messages, logs and exports show it: any password replaced by ***."""
-    from sqlalchemy.engine import make_url
+    """The URL as messages, logs, exports and process titles show it: any password replaced by ***.
 
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - unparseable: hide whatever sits between ':' and '@' after the scheme
-        return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
+    The credentials are what lies between the scheme and the *last* '@' before the path: a password
+    may hold '/', spaces or an unencoded '@', and a parser that stops at the first of them leaves its
+    tail in plain sight."""
+    head, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    at = rest.rfind("@", 0, _path_start(rest))
+    if at < 0:
+        return url
+    user, colon, _ = rest[:at].partition(":")
+    return f"{head}://{user}{':***' if colon else ''}@{rest[at + 1:]}" if colon else url
+
+
+def _path_start(rest: str) -> int:
+    """Where the path of a URL's remainder (after '://') starts: the first '/' after the last '@'
+    (a password's '/' lies before it), or its end."""
+    at = rest.rfind("@")
+    slash = rest.find("/", at + 1)
+    return slash if slash >= 0 else len(rest)
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` (a driver's message, say) with the URL's password, and each part of it an unencoded '@'
+    splits off, replaced by ***: a driver that read 'p@ss@host' as password 'p', host 'ss@host' names
+    that host in its errors."""
+    head, sep, rest = url.partition("://")
+    at = rest.rfind("@", 0, _path_start(rest)) if sep else -1
+    _, colon, password = rest[:at].partition(":") if at >= 0 else ("", "", "")
+    if not colon or not password:
+        return text
+    for piece in sorted({password, *password.split("@")}, key=len, reverse=True):
+        if len(piece) >= 3:
+            text = text.replace(piece, "***")
+    return text
+
+
+def has_password(text: str) -> bool:
+    """Whether a command-line word is a URL carrying a password (scheme://user:PASSWORD@...)."""
+    return describe_url(text) != text and "://" in text
 
 
 class StoreMissing(UnlearnError):
@@ -43,6 +76,20 @@ class StoreMissing(UnlearnError):
 
 
 NOT_A_DATABASE = "file is not a database"  # SQLite's own message for a file whose header is not its own
+
+
+def check_url_shape(url: str) -> None:
+    """Refuse in one line the store URLs that cannot work: an in-memory SQLite store (each
+    connection would see a database of its own, gone when the command ends) and SQLite URL options
+    (`?mode=ro`: the store is written even to be read)."""
+    if not is_sqlite(url):
+        return
+    if "?" in url:
+        raise UnlearnError(f"SQLite store URLs take no options (?{url.split('?', 1)[1]}): unlearn-lab writes "
+                           f"to its store even to read it (WAL); give sqlite:///path/to/lab.db")
+    if sqlite_path(url) is None:
+        raise UnlearnError("an in-memory SQLite store (sqlite:// or :memory:) is gone when the command ends: "
+                           "give a file, e.g. sqlite:///path/to/lab.db")
 
 
 def check_sqlite_file(url: str, create: bool) -> None:
@@ -59,6 +106,12 @@ def check_sqlite_file(url: str, create: bool) -> None:
             raise StoreMissing(f"no store at {path} (give --storage or set UNLEARN_STORAGE_URL)")
         if not os.access(path.parent, os.W_OK):
             raise UnlearnError(f"cannot create store {path}: its folder is read-only")
+        # A store holds the forget set's texts (often the private data being unlearned): readable by its
+        # owner only. SQLite gives its -wal and -shm files the database file's mode.
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:  # another process made it meanwhile
+            pass
         return
     if not path.is_file():
         raise UnlearnError(f"store {path} is not a file")

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -512,6 +513,40 @@ def test_a_killed_scheduler_resumes_where_the_store_says(lab, tiny_model_dir):
     report(killed_after_s=f"{waited:.0f}", finished_before=sorted(finished), interrupted=[(x.id, x.step) for x in interrupted],
            reasons=[by_id[x.id].last_error for x in interrupted], resumed_in_s=f"{time.monotonic() - killed_at:.0f}",
            kept_cells=len(before))
+
+
+@pytest.mark.slow
+def test_a_second_scheduler_is_refused_and_sigterm_gives_the_runs_back(lab, tiny_model_dir):
+    """While a detached scheduler runs a study, another `study run` of it is one line and exit 2.
+    SIGTERM to that scheduler (a preemption, a shutdown) gives its running runs back within 30 s with
+    no attempt spent; `study run` then finishes the study with every cell once."""
+    steps = [2, 4, 200]
+    study(lab, "T", tiny_model_dir, methods=["ga"], lrs=[1e-4, 1e-3], steps=steps)
+    r = cli("study", "run", "T", "--detach", "--workers", "2", "--storage", lab.url, home=lab.home)
+    assert r.returncode == 0, r.stderr
+    scheduler = _scheduler_pid(r.stdout)
+    try:
+        wait_for(lambda: [x for x in runs_of(lab.store, "T") if x.state == "running" and x.step >= 1]
+                 and lab.store.study("T").scheduler_heartbeat, 120, "a run under way and a scheduler beat", interval=0.1)
+        for again in (["--detach"], []):
+            second = cli("study", "run", "T", *again, "--workers", "1", "--storage", lab.url, home=lab.home)
+            assert_one_line_error(second, f"already run by scheduler pid {scheduler}")
+        running = [x.id for x in runs_of(lab.store, "T") if x.state == "running"]
+        pids = [x.pid for x in runs_of(lab.store, "T") if x.state == "running" and x.pid]
+        t0 = time.monotonic()
+        os.kill(scheduler, signal.SIGTERM)
+        wait_for(lambda: not pid_alive(scheduler), 30, "the scheduler to stop after SIGTERM", interval=0.1)
+        stopped_s = time.monotonic() - t0
+        assert not any(pid_alive(p) for p in pids)
+    finally:
+        kill(scheduler)
+    back = {x.id: x for x in runs_of(lab.store, "T")}
+    assert running and all(back[i].state == "pending" and back[i].attempts == 0 for i in running), back
+    r = cli("study", "run", "T", "--workers", "2", "--storage", lab.url, home=lab.home)
+    assert r.returncode == 0, r.stdout + r.stderr
+    runs, _, _ = check_every_cell(lab.store, lab.url, "T", steps)
+    assert all(x.attempts == 1 for x in runs)
+    report(stopped_after_sigterm_s=f"{stopped_s:.1f}", given_back=len(running))
 
 
 @pytest.mark.slow

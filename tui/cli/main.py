@@ -4,7 +4,6 @@ progress goes to stderr, and bad input is one line on stderr and exit code 2, ne
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 import typer
@@ -62,18 +61,17 @@ app.command("tui")(tui_cmd.tui_cmd)
 app.command("export")(report.export_cmd)
 
 
-_PASSWORD_IN_URL = re.compile(r"(://[^/:@\s]*:)[^/@\s]+@")  # scheme://user:PASSWORD@
-
-
 def hide_storage_password(argv: list[str]) -> None:
     """A password given on the command line (`--storage postgresql://u:PASSWORD@host/db`) is shown
     by `ps` to every user of the machine while the command runs: overwrite this process's title with
     the password masked as soon as we see it. (UNLEARN_STORAGE_URL or .env never show it at all.)"""
-    if not any(_PASSWORD_IN_URL.search(a) for a in argv):
+    from studies.store.sqlite_file import describe_url, has_password
+
+    if not any(has_password(a) for a in argv):
         return
     import setproctitle
 
-    masked = [_PASSWORD_IN_URL.sub(r"\1***@", a) for a in argv]
+    masked = [describe_url(a) if has_password(a) else a for a in argv]
     setproctitle.setproctitle(" ".join([os.path.basename(sys.argv[0]) or "unlearn", *masked]))
 
 

@@ -60,8 +60,8 @@ def status_renderable(st: dict):
     if st.get("seeds") and len(st["seeds"]) > 1:
         parts.append(Text(f"seeds {','.join(map(str, st['seeds']))}: each cell is their mean; ✓ needs its 95 % "
                           "interval inside the band"))
-    if st.get("target"):
-        t0 = st["target"]
+    t0 = st.get("target") or {}
+    if isinstance(t0.get("value"), (int, float)) and isinstance(t0.get("band"), (int, float)):
         parts.append(Text(f"target ln ppl_unseen(θ0) = {t0['value']:.3f} ± {t0['band']:.3f}"))
     if st.get("original_note"):
         parts.append(Text(st["original_note"], style="yellow"))

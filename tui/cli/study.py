@@ -112,6 +112,9 @@ def run_cmd(
         message, _pid, _log = launch_detached(store, name, slots, retry_failed=retry_failed)
         out.print(message, markup=False, highlight=False)
         return
+    from studies.running.launch import check_no_live_scheduler
+
+    check_no_live_scheduler(store, name)
     resumed = resume_study(store, name, retry_failed=retry_failed)
     if not resumed.running:
         out.print(resumed.message, markup=False, highlight=False)
