@@ -22,7 +22,8 @@ compared. Targets: no command grows faster than the trials (its time at 100k ove
 at most 100×, and so for every pair of sizes), and the heatmap's aggregation, `grids(cells)` and
 every method's lr × steps values, status and robustness, at most 200 ms at 100,000 trials (loading
 the cells from the store, `load_cells`, is reported beside it). --quick: 1,000 and 10,000 trials,
-2 repeats. With --json the last line is {"name", "ratio", "target", "pass", ...}; exit 1 on a miss.
+1 repeat (a smoke run: its ratios are one sample each). With --json the last line is
+{"name", "ratio", "target", "pass", ...}; exit 1 on a miss.
 """
 from __future__ import annotations
 
@@ -320,11 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="1000,10000,100000")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workdir", type=Path, default=CACHE / "store-scale")
-    p.add_argument("--quick", action="store_true", help="1,000 and 10,000 trials, 2 repeats")
+    p.add_argument("--quick", action="store_true", help="1,000 and 10,000 trials, 1 repeat")
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     a = p.parse_args(argv)
     sizes = [1000, 10000] if a.quick else sorted({int(s) for s in a.sizes.split(",") if s.strip()})
-    repeat = 2 if a.quick else a.repeat
+    repeat = 1 if a.quick else a.repeat
     a.workdir.mkdir(parents=True, exist_ok=True)
     urls = {}
     for n in sizes:

@@ -212,7 +212,8 @@ class WorkerPool:
         with self.store.read() as s:
             study = s.get(Study, run.study_id)
         log = log_dir_for(self.store, study.name) / attempt_log_name(run.id, run.method, run.attempts)
-        command = processes.worker_command(run.id, device, self._threads(device), processes=len(slots))
+        command = processes.worker_command(run.id, device, self._threads(device), processes=len(slots),
+                                           attempt=run.attempts)
         # its own session: a Ctrl-C in the terminal of a foreground `study run` reaches the pool alone,
         # which gives the run back instead of letting it die as a failed attempt
         proc = processes.start(command, self.store, log, cuda_visible=visible, new_session=True)
@@ -250,11 +251,12 @@ class WorkerPool:
                     self.store.log("attacks failed", f"best-cell attacks {reason}; see the study's "
                                    f"{ATTACK_LOG}, rerun with `unlearn study attack`", child.study_id)
                 continue
-            self._settle(child.run_id, reason)
+            self._settle(child.run_id, reason, child.attempt)
 
-    def _settle(self, run_id: int, reason: str) -> None:
-        """A run's process is gone: settle.settle, counted in this pool's summary."""
-        state = settle(self.store, run_id, reason)
+    def _settle(self, run_id: int, reason: str, attempt: int) -> None:
+        """Attempt `attempt` of a run has no process any more: settle.settle (which leaves the run
+        alone when another attempt holds it), counted in this pool's summary."""
+        state = settle(self.store, run_id, reason, attempt)
         if state == RunState.PENDING:
             self.summary["retried"] += 1
         elif state == RunState.FAILED:
@@ -282,7 +284,7 @@ class WorkerPool:
                 if child.run_id is None:
                     self.store.log("attacks stopped", "best-cell attacks stopped: the study was cancelled", child.study_id)
                 else:
-                    self._settle(child.run_id, "the study was cancelled")
+                    self._settle(child.run_id, "the study was cancelled", child.attempt)
 
     def _shutdown(self) -> None:
         """Interrupted: stop our runs (all together, within INTERRUPT_GRACE_S) and give them back, the
@@ -301,7 +303,7 @@ class WorkerPool:
             if child.run_id is None:  # due again for the next pool
                 self.store.log("attacks stopped", "best-cell attacks stopped: the pool was interrupted", child.study_id)
             else:
-                give_back(self.store, child.run_id)
+                give_back(self.store, child.run_id, child.attempt)
             del self.children[key]
 
 

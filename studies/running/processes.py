@@ -15,11 +15,12 @@ from pathlib import Path
 from studies.store.db import Store
 
 
-def worker_command(run_id: int, device: str, threads: int, processes: int = 1) -> list[str]:
+def worker_command(run_id: int, device: str, threads: int, processes: int = 1, attempt: int | None = None) -> list[str]:
     """One run (studies/running/worker.py); with `processes` > 1 one worker per device under torchrun,
     each an Accelerator process. torchrun, because `accelerate launch --cpu` would start one process,
     whatever --num_processes says."""
-    worker = ["-m", "studies.running.worker", "--run-id", str(run_id), "--device", device, "--threads", str(threads)]
+    worker = ["-m", "studies.running.worker", "--run-id", str(run_id), "--device", device, "--threads", str(threads),
+              *(["--attempt", str(attempt)] if attempt is not None else [])]
     if processes == 1:
         return worker
     return ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--nnodes", "1",

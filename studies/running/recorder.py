@@ -29,11 +29,18 @@ def _find_trial(ostudy: optuna.Study, run_id: int, step: int) -> int | None:
     return None
 
 
-def record_cell(store: Store, study_name: str, spec: StudySpec, run: Run, cell: dict) -> int | None:
+def record_cell(store: Store, study_name: str, spec: StudySpec, run: Run, cell: dict,
+                attempt: int | None = None) -> int | None:
     """Store one cell and its Optuna trial. Returns the trial number (None: an at-target cell
-    between milestones, which has no trial)."""
+    between milestones, which has no trial). With `attempt`, the cell is written only while that
+    attempt owns the run (studies/running/fence.py); otherwise RunLost, and nothing is written."""
+    from studies.running.fence import RunLost, owns
+
     step = cell["step"]
     with store.write() as s:
+        # FOR UPDATE: on PostgreSQL a pool settling the run waits for this cell (SQLite: one writer)
+        if attempt is not None and not owns(s.exec(select(Run).where(Run.id == run.id).with_for_update()).first(), attempt):
+            raise RunLost(run.id, attempt, f"its cell at step {step} was not written")
         ms = s.exec(select(CellRow).where(CellRow.run_id == run.id, CellRow.step == step)).first()
         created = ms is None
         if created:

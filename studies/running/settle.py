@@ -8,6 +8,7 @@ from typing import Callable
 from sqlmodel import select
 
 from studies.lifecycle.spec import study_spec
+from studies.running.fence import owns
 from studies.running.processes import pid_alive
 from studies.running.tpe import drop_reservation, fail_asked_trial
 from studies.running.worker import HEARTBEAT_EVERY_S
@@ -20,12 +21,13 @@ from studies.store.states import RunState, StudyState
 GONE_GRACE_S = 2 * HEARTBEAT_EVERY_S
 
 
-def settle(store: Store, run_id: int, reason: str) -> str | None:
-    """A run's process is gone. A finished run is left alone (None); the rest are retried (PENDING),
-    failed once out of attempts, or cancelled with their study. Returns the state written."""
+def settle(store: Store, run_id: int, reason: str, attempt: int) -> str | None:
+    """Attempt `attempt` of a run has no process any more. A run that attempt no longer owns (it
+    finished, or another attempt holds it) is left alone (None); otherwise the run is retried
+    (PENDING), failed once out of attempts, or cancelled with its study. Returns the state written."""
     with store.write() as s:
-        run = s.get(Run, run_id)
-        if run is None or run.state != RunState.RUNNING:
+        run = s.exec(select(Run).where(Run.id == run_id).with_for_update()).first()
+        if not owns(run, attempt):
             return None
         study = s.get(Study, run.study_id)
         n = run.attempts
@@ -48,30 +50,33 @@ def settle(store: Store, run_id: int, reason: str) -> str | None:
 
 
 def reap_lost(store: Store, host: str, watched: set, heartbeat_timeout_s: float,
-              settle_run: Callable[[int, str], None]) -> None:
+              settle_run: Callable[[int, str, int], None]) -> None:
     """Runs marked running whose process no pool watches any more (`watched`: the run ids this pool
-    does): a stale heartbeat, or a pid on this host that is gone. They go to `settle_run`; their
-    written milestones stay. A TPE reservation whose pool is gone is removed."""
+    does): a stale heartbeat, or a pid on this host that is gone; never a run whose process is alive
+    on this host, however old its beat. They go to `settle_run` (run id, reason, the attempt seen);
+    their written milestones stay. A TPE reservation whose pool is gone is removed."""
     with store.read() as s:
         rows = list(s.exec(select(Run).where(Run.state.in_((RunState.RUNNING, RunState.ASKING)))).all())
     for run in rows:
         if run.id in watched:
             continue
         age = float("inf") if run.heartbeat is None else age_s(run.heartbeat)  # never beat: infinitely old
-        gone_here = run.host == host and run.pid is not None and not pid_alive(run.pid)
+        here = run.host == host and run.pid is not None
+        gone_here = here and not pid_alive(run.pid)
         if run.state == RunState.ASKING:
             if gone_here or age > heartbeat_timeout_s:
                 drop_reservation(store, run.id)
         elif gone_here and age > GONE_GRACE_S:
-            settle_run(run.id, f"process {run.pid} is gone")
-        elif age > heartbeat_timeout_s:
-            settle_run(run.id, f"heartbeat lost for {age:.0f} s")
+            settle_run(run.id, f"process {run.pid} is gone", run.attempts)
+        elif age > heartbeat_timeout_s and not (here and not gone_here):  # a live process here is never reaped
+            settle_run(run.id, f"heartbeat lost for {age:.0f} s", run.attempts)
 
 
-def give_back(store: Store, run_id: int) -> None:
-    """A run this pool stopped (it was interrupted) is pending again, the attempt not counted."""
+def give_back(store: Store, run_id: int, attempt: int) -> None:
+    """A run this pool stopped (it was interrupted) is pending again, the attempt not counted; not
+    when another attempt holds it by now."""
     with store.write() as s:
-        run = s.get(Run, run_id)
-        if run is not None and run.state == RunState.RUNNING:
+        run = s.exec(select(Run).where(Run.id == run_id).with_for_update()).first()
+        if owns(run, attempt):
             run.state, run.attempts, run.pid = RunState.PENDING, max(0, run.attempts - 1), None
             s.add(run)

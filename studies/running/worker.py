@@ -15,6 +15,7 @@ import traceback
 
 from sqlalchemy import update
 
+from studies.running.fence import RunLost, owned_by, owns
 from studies.store.db import Run, Store, Study, utcnow
 from studies.store.states import RunState
 
@@ -22,22 +23,32 @@ HEARTBEAT_EVERY_S = 2.0
 
 
 class Heartbeat(threading.Thread):
-    """Writes run.heartbeat and run.step every few seconds until stopped."""
+    """Writes run.heartbeat and run.step every few seconds until stopped, while its attempt owns the
+    run (studies/running/fence.py). A beat that finds the run taken sets `lost` and stops beating:
+    the training loop then stops at its next step (`check`)."""
 
-    def __init__(self, store: Store, run_id: int, every_s: float = HEARTBEAT_EVERY_S):
+    def __init__(self, store: Store, run_id: int, attempt: int, every_s: float = HEARTBEAT_EVERY_S):
         super().__init__(daemon=True, name=f"heartbeat-{run_id}")
-        self.store, self.run_id, self.step, self.every_s = store, run_id, 0, every_s
+        self.store, self.run_id, self.attempt, self.step, self.every_s = store, run_id, attempt, 0, every_s
+        self.lost = False
         self._halt = threading.Event()
 
     def beat(self) -> None:
-        """One beat. It only touches a run still running, so a beat that lands after the run's
-        final write (stop() waits for the thread, this is the second guard) changes nothing."""
-        def write():
+        """One beat. It only touches a run its attempt still owns, so a beat that lands after the
+        run's final write (stop() waits for the thread, this is the second guard) changes nothing."""
+        def write() -> int:
             with self.store.write() as s:
-                s.exec(update(Run).where(Run.id == self.run_id, Run.state == RunState.RUNNING)
-                       .values(heartbeat=utcnow(), step=self.step))
+                return s.exec(update(Run).where(*owned_by(self.run_id, self.attempt))
+                              .values(heartbeat=utcnow(), step=self.step)).rowcount
 
-        self.store.retry(write)
+        if self.store.retry(write) == 0:
+            self.lost = True
+            self._halt.set()
+
+    def check(self) -> None:
+        """Raise RunLost once a beat found the run taken from this attempt."""
+        if self.lost:
+            raise RunLost(self.run_id, self.attempt, "a heartbeat found it taken")
 
     def run(self) -> None:
         while not self._halt.wait(self.every_s):
@@ -54,7 +65,10 @@ class Heartbeat(threading.Thread):
             self.join()
 
 
-def run_one(store: Store, run_id: int, device: str) -> int:
+def run_one(store: Store, run_id: int, device: str, attempt: int | None = None) -> int:
+    """Attempt `attempt` of run `run_id` (None: the attempt the run holds now). Every write it makes
+    is fenced by that attempt; a process that finds its run taken stops, writing nothing more
+    (exit code 4)."""
     from engine.run import is_main_process, run_unlearning
     from studies.lifecycle.spec import study_spec
     from studies.running.recorder import record_cell
@@ -65,6 +79,11 @@ def run_one(store: Store, run_id: int, device: str) -> int:
         return _train_only(store, run_id, device)
     with store.write() as s:
         run, study, fs = _run_rows(s, run_id)
+        attempt = run.attempts if attempt is None else attempt
+        if not owns(run, attempt):  # taken (or settled) before this process got going
+            print(f"run {run_id}: attempt {attempt} no longer owns it ({run.state}, attempt {run.attempts}); "
+                  "nothing done", flush=True)
+            return 4
         run.pid, run.heartbeat = os.getpid(), utcnow()
         s.add(run)
     spec = study_spec(study)
@@ -74,36 +93,41 @@ def run_one(store: Store, run_id: int, device: str) -> int:
         refused = _does_not_fit(spec, cfg, gpu_bytes)
         if refused:  # it would fail the same way at every attempt: failed at once, with the plan's reason
             with store.write() as s:
-                r = s.get(Run, run_id)
-                r.state, r.last_error, r.finished_at = RunState.FAILED, f"attempt {r.attempts}: {refused}"[:2000], utcnow()
-                s.add(r)
+                s.exec(update(Run).where(*owned_by(run_id, attempt)).values(
+                    state=RunState.FAILED, last_error=f"attempt {attempt}: {refused}"[:2000], finished_at=utcnow()))
             store.log(RunState.FAILED, f"{run.method} lr={run.lr:g}: {refused}", study.id, run_id)
             return 3
-    heart = Heartbeat(store, run_id)
+    heart = Heartbeat(store, run_id, attempt)
     heart.start()
     try:
         texts = forget_set_texts(store, fs)
 
         def on_step(step: int, loss: float) -> None:
             heart.step = step
+            heart.check()
 
         def on_milestone(cell: dict) -> None:
-            record_cell(store, study.name, spec, run, cell)
+            record_cell(store, study.name, spec, run, cell, attempt=attempt)
 
         result = run_unlearning(spec.model, texts, cfg, device=device, cache_dir=lab_settings().baseline_cache,
                                 trust_remote_code=spec.trust_remote_code, on_step=on_step, on_milestone=on_milestone)
         heart.stop()
+        state = RunState.DIVERGED if result["diverged"] else RunState.DONE
         with store.write() as s:
-            r = s.get(Run, run_id)
-            r.state = RunState.DIVERGED if result["diverged"] else RunState.DONE
-            r.step = max(c["step"] for c in result["milestones"])
-            r.finished_at = r.heartbeat = utcnow()
-            r.device = result["device"]
-            r.result = {k: result[k] for k in ("cost", "baseline", "losses", "reason", "device", "diverged")}
-            s.add(r)
-        store.log(r.state, f"{run.method} lr={run.lr:g}: {r.state}" + (f" ({result['reason']})" if result["reason"] else ""),
+            now = utcnow()
+            written = s.exec(update(Run).where(*owned_by(run_id, attempt)).values(
+                state=state, step=max(c["step"] for c in result["milestones"]), finished_at=now, heartbeat=now,
+                device=result["device"],
+                result={k: result[k] for k in ("cost", "baseline", "losses", "reason", "device", "diverged")})).rowcount
+        if not written:
+            raise RunLost(run_id, attempt, "its result was not written")
+        store.log(state, f"{run.method} lr={run.lr:g}: {state}" + (f" ({result['reason']})" if result["reason"] else ""),
                   study.id, run_id)
         return 0
+    except RunLost as lost:  # another attempt (or a pool's settle) has the run: write nothing more
+        heart.stop()
+        print(f"{lost}; stopping, nothing more written", flush=True)
+        return 4
     except BaseException as exc:  # recorded for the pool, which decides whether to retry
         heart.stop()
         oom = "OutOfMemory" in type(exc).__name__
@@ -114,10 +138,8 @@ def run_one(store: Store, run_id: int, device: str) -> int:
 
             message += " — " + describe_oom(spec.model, run.method, cfg, gpu_bytes, trust_remote_code=spec.trust_remote_code)
         traceback.print_exc()
-        with store.write() as s:
-            r = s.get(Run, run_id)
-            r.last_error = f"attempt {r.attempts}: {message}"[:2000]
-            s.add(r)
+        with store.write() as s:  # for the pool's settle, which reads it: only while this attempt owns the run
+            s.exec(update(Run).where(*owned_by(run_id, attempt)).values(last_error=f"attempt {attempt}: {message}"[:2000]))
         return 1
 
 
@@ -185,12 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-id", type=int, required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--attempt", type=int, default=None, help="the attempt this process is (its pool's claim)")
     a = p.parse_args(argv)
     if a.threads:
         import torch
 
         torch.set_num_threads(a.threads)
-    return run_one(Store(lab_settings().storage_url, create=False), a.run_id, a.device)
+    return run_one(Store(lab_settings().storage_url, create=False), a.run_id, a.device, a.attempt)
 
 
 if __name__ == "__main__":

@@ -149,9 +149,10 @@ class Event(SQLModel, table=True):
 
 def _v1_to_v2(session: Session) -> None:
     """v2: forget sets remember the CSV/Parquet column they were read with."""
-    from sqlalchemy import text
+    from sqlalchemy import inspect, text
 
-    session.exec(text('ALTER TABLE ul_forgetset ADD COLUMN "column" VARCHAR'))
+    if "column" not in {c["name"] for c in inspect(session.connection()).get_columns("ul_forgetset")}:
+        session.exec(text('ALTER TABLE ul_forgetset ADD COLUMN "column" VARCHAR'))
 
 
 def _v2_to_v3(session: Session) -> None:
@@ -295,29 +296,53 @@ class Store:
 
     # ------------------------------------------------------------------ schema
     def _ensure_schema(self) -> None:
+        """Make a fresh store, or bring an older one to SCHEMA_VERSION. The common case (a current
+        store) is two reads. Creating and upgrading happen under the write lock (SQLite's IMMEDIATE
+        transaction, an advisory lock on PostgreSQL), one step per transaction, with the store's state
+        read again inside each: a fresh store's tables and its version row are one transaction, and
+        two processes opening an old store at once upgrade it once."""
         from sqlalchemy import inspect
 
-        tables = set(inspect(self.engine).get_table_names())
-        if "ul_meta" not in tables:
-            if tables & {"ul_study", "ul_run", "ul_forgetset"}:
-                raise UnlearnError(f"store {self.safe_url} has unlearn-lab tables but no schema version; refusing to touch it")
-            SQLModel.metadata.create_all(self.write_engine)
-            with self.write() as s:
+        if "ul_meta" in set(inspect(self.engine).get_table_names()):
+            with self.read() as s:
+                row = s.get(Meta, "schema_version")
+            if row is not None and int(row.value) == SCHEMA_VERSION:
+                SQLModel.metadata.create_all(self.write_engine)  # tables new in this version
+                return
+        while not self._schema_step():
+            pass
+        SQLModel.metadata.create_all(self.write_engine)
+
+    def _schema_step(self) -> bool:
+        """One transaction towards the current schema; True once the store is there."""
+        from sqlalchemy import inspect, text
+
+        with self._migration() as s:
+            conn = s.connection()
+            if conn.dialect.name == "postgresql":  # what SQLite's IMMEDIATE transaction gives, for a store with no table yet
+                s.exec(text("SELECT pg_advisory_xact_lock(8323311)"))
+            tables = set(inspect(conn).get_table_names())
+            ours = tables & {"ul_study", "ul_run", "ul_forgetset"}
+            row = s.get(Meta, "schema_version") if "ul_meta" in tables else None
+            if row is None:
+                # No version: a fresh database, or a store an older unlearn-lab began and never finished
+                # (tables made, version row not yet written): made whole, unless it holds data already.
+                if ours and any(s.exec(text(f"SELECT 1 FROM {t} LIMIT 1")).first() for t in ("ul_forgetset", "ul_study")
+                                if t in tables):
+                    raise UnlearnError(f"store {self.safe_url} has unlearn-lab tables but no schema version; refusing to touch it")
+                SQLModel.metadata.create_all(conn)
                 s.merge(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-            return
-        with self.read() as s:
-            row = s.get(Meta, "schema_version")
-        version = int(row.value) if row else 0
-        if version > SCHEMA_VERSION:
-            raise UnlearnError(f"store {self.safe_url} has schema v{version}, newer than this unlearn-lab (v{SCHEMA_VERSION}); upgrade unlearn-lab")
-        while version < SCHEMA_VERSION:
+                return True
+            version = int(row.value)
+            if version > SCHEMA_VERSION:
+                raise UnlearnError(f"store {self.safe_url} has schema v{version}, newer than this unlearn-lab (v{SCHEMA_VERSION}); upgrade unlearn-lab")
+            if version == SCHEMA_VERSION:
+                return True
             if version not in MIGRATIONS:
                 raise UnlearnError(f"store {self.safe_url} has schema v{version} and no migration to v{version + 1}; export it with an older unlearn-lab")
-            with self._migration() as s:
-                MIGRATIONS[version](s)
-                version += 1
-                s.merge(Meta(key="schema_version", value=str(version)))
-        SQLModel.metadata.create_all(self.write_engine)  # tables new in this version
+            MIGRATIONS[version](s)
+            s.merge(Meta(key="schema_version", value=str(version + 1)))
+            return version + 1 == SCHEMA_VERSION
 
     @contextlib.contextmanager
     def _migration(self) -> Iterator[Session]:

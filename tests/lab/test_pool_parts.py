@@ -87,13 +87,13 @@ def test_a_run_process_gone_from_this_host_waits_two_heartbeats(store):
     (run,) = runs_of(store, "S")
     set_run(store, run.id, state=RunState.RUNNING, attempts=1, pid=dead_pid(), host=hostname(), heartbeat=utcnow())
     settled = []
-    reap_lost(store, hostname(), set(), 600, lambda run_id, why: settled.append(why))
+    reap_lost(store, hostname(), set(), 600, lambda run_id, why, attempt: settled.append(why))
     assert settled == []  # its own pool settles it first, with its exit code
     old = utcnow() - dt.timedelta(seconds=GONE_GRACE_S + 1)
     set_run(store, run.id, heartbeat=old)
-    reap_lost(store, hostname(), {run.id}, 600, lambda run_id, why: settled.append(why))
+    reap_lost(store, hostname(), {run.id}, 600, lambda run_id, why, attempt: settled.append(why))
     assert settled == []  # watched by this pool
-    reap_lost(store, hostname(), set(), 600, lambda run_id, why: settled.append(why))
+    reap_lost(store, hostname(), set(), 600, lambda run_id, why, attempt: settled.append(why))
     assert settled == [f"process {runs_of(store, 'S')[0].pid} is gone"]
 
 

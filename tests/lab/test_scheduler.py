@@ -37,8 +37,8 @@ def test_a_beat_in_flight_never_lands_after_the_final_write(store, tmp_path):
     run.step back (or touch the run) once the final write has made the run done."""
     create_study(store, "S", HUB_MODEL, "fs", methods=["ga"], lrs=[1e-3], steps=[2, 4])
     (run,) = runs_of(store, "S")
-    set_run(store, run.id, state=RunState.RUNNING, step=0)
-    heart = Heartbeat(store, run.id, every_s=0.01)
+    set_run(store, run.id, state=RunState.RUNNING, step=0, attempts=1)
+    heart = Heartbeat(store, run.id, attempt=1, every_s=0.01)
     heart.step = 3
     lock = sqlite3.connect(tmp_path / "lab.db", isolation_level=None, check_same_thread=False)
     lock.execute("BEGIN IMMEDIATE")  # another writer holds the database: the next beat waits for it

@@ -105,14 +105,19 @@ def test_an_older_store_is_migrated_in_one_transaction(url, monkeypatch):
         assert [e.message for e in s.exec(select(Event)).all()] == [f"v{old} -> v{old + 1}"]
 
 
-def test_our_tables_without_a_schema_version_are_refused(url):
-    Store(url)
+def test_our_tables_holding_data_without_a_schema_version_are_refused(url, forget_set_files):
+    make_forget_set(Store(url), "records", forget_set_files)
     with raw(url) as c:
         c.execute("DROP TABLE ul_meta")
     with pytest.raises(UnlearnError, match="no schema version"):
         Store(url)
     with raw(url) as c:  # not "repaired" behind the user's back
         assert "ul_meta" not in {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    # tables with nothing in them are a store begun and never finished: made whole
+    with raw(url) as c:
+        c.execute("DELETE FROM ul_document")
+        c.execute("DELETE FROM ul_forgetset")
+    Store(url)
 
 
 def test_a_store_in_a_missing_folder_is_a_clear_error(tmp_path):

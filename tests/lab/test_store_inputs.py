@@ -85,3 +85,38 @@ def test_retry_sees_a_lock_wait_inside_optunas_error(tmp_path):
     with pytest.raises(StorageInternalError):  # anything else fails at once
         store.retry(lambda: calls.append(1) or wrapped("no such table: trials"))
     assert len(calls) == 1
+
+
+def test_a_store_left_without_its_version_row_is_made_whole(tmp_path):
+    """The tables of a fresh store and its version row are one transaction now; a store an older
+    unlearn-lab left half made (tables, no version row, no data) opens instead of being refused."""
+    import sqlite3
+
+    from studies.store.sqlite_file import SCHEMA_VERSION
+
+    path = tmp_path / "lab.db"
+    Store(f"sqlite:///{path}")
+    with sqlite3.connect(path) as c:
+        c.execute("DELETE FROM ul_meta")
+    Store(f"sqlite:///{path}", create=False)
+    with sqlite3.connect(path) as c:
+        assert c.execute("SELECT value FROM ul_meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+
+
+def test_two_processes_upgrading_one_old_store_at_once_both_open_it(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "old.db"
+    shutil.copy(Path(__file__).parents[1] / "fixtures" / "store_v2.sqlite", path)
+    code = f"from studies.store.db import Store; Store('sqlite:///{path}', create=False)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for p in procs:
+        _, errs = p.communicate(timeout=120)
+        assert p.returncode == 0, errs
+    from studies.store.forgetsets import forget_set_texts
+
+    store = Store(f"sqlite:///{path}", create=False)
+    assert forget_set_texts(store, store.forget_set("legacy")).counts()["forget"] == 1

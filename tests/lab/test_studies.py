@@ -521,8 +521,8 @@ def test_a_second_scheduler_is_refused_and_sigterm_gives_the_runs_back(lab, tiny
     SIGTERM to that scheduler (a preemption, a shutdown) gives its running runs back within 30 s with
     no attempt spent; `study run` then finishes the study with every cell once."""
     steps = [2, 4, 200]
-    study(lab, "T", tiny_model_dir, methods=["ga"], lrs=[1e-4, 1e-3], steps=steps)
-    r = cli("study", "run", "T", "--detach", "--workers", "2", "--storage", lab.url, home=lab.home)
+    study(lab, "T", tiny_model_dir, methods=["ga"], lrs=[1e-3], steps=steps)
+    r = cli("study", "run", "T", "--detach", "--workers", "1", "--storage", lab.url, home=lab.home)
     assert r.returncode == 0, r.stderr
     scheduler = _scheduler_pid(r.stdout)
     try:
@@ -542,7 +542,7 @@ def test_a_second_scheduler_is_refused_and_sigterm_gives_the_runs_back(lab, tiny
         kill(scheduler)
     back = {x.id: x for x in runs_of(lab.store, "T")}
     assert running and all(back[i].state == "pending" and back[i].attempts == 0 for i in running), back
-    r = cli("study", "run", "T", "--workers", "2", "--storage", lab.url, home=lab.home)
+    r = cli("study", "run", "T", "--workers", "1", "--storage", lab.url, home=lab.home)
     assert r.returncode == 0, r.stdout + r.stderr
     runs, _, _ = check_every_cell(lab.store, lab.url, "T", steps)
     assert all(x.attempts == 1 for x in runs)

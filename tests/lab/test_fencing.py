@@ -1,0 +1,72 @@
+"""Fenced attempts: every write about a run names its attempt and lands only while that attempt owns
+the run (studies/running/fence.py). An old attempt's exit never settles the new one, a live process
+on this host is never reaped, and a process that lost its run writes nothing more and stops."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+import pytest
+
+from studies.lifecycle.spec import study_spec
+from studies.lifecycle.study import create_study
+from studies.running.fence import RunLost
+from studies.running.recorder import record_cell
+from studies.running.settle import give_back, reap_lost, settle
+from studies.running.worker import Heartbeat, run_one
+from studies.store.db import hostname, utcnow
+from studies.store.states import RunState
+from tests.studies_helpers import milestones_of, runs_of, set_run
+
+HUB_MODEL = "EleutherAI/pythia-14m"  # stored, never loaded
+
+
+@pytest.fixture
+def taken(store):
+    """A run that attempt 2 holds now (attempt 1 was reaped and the run handed out again)."""
+    create_study(store, "S", HUB_MODEL, "fs", methods=["ga"], lrs=[1e-3], steps=[2, 4])
+    (run,) = runs_of(store, "S")
+    set_run(store, run.id, state=RunState.RUNNING, attempts=2, pid=os.getpid(), host="node-2", heartbeat=utcnow())
+    return runs_of(store, "S")[0]
+
+
+def test_an_old_attempts_exit_never_settles_the_new_one(store, taken):
+    assert settle(store, taken.id, "exited with code 1", attempt=1) is None
+    give_back(store, taken.id, attempt=1)
+    now = runs_of(store, "S")[0]
+    assert (now.state, now.attempts, now.last_error) == (RunState.RUNNING, 2, None)
+    assert settle(store, taken.id, "exited with code 1", attempt=2) == RunState.FAILED  # its own does (2 of 2)
+
+
+def test_an_old_attempts_heartbeat_and_cells_change_nothing_and_stop_it(store, taken):
+    before = runs_of(store, "S")[0].heartbeat
+    heart = Heartbeat(store, taken.id, attempt=1)
+    heart.beat()
+    assert heart.lost and runs_of(store, "S")[0].heartbeat == before
+    with pytest.raises(RunLost, match="attempt 1 of run"):
+        heart.check()
+    spec = study_spec(store.study("S"))
+    with pytest.raises(RunLost):
+        record_cell(store, "S", spec, taken, {"step": 2, "eval_score": 0.5}, attempt=1)
+    assert milestones_of(store, "S") == []
+    record_cell(store, "S", spec, taken, {"step": 2, "eval_score": 0.5}, attempt=2)  # the owner's lands
+    assert [m.step for m in milestones_of(store, "S")] == [2]
+    Heartbeat(store, taken.id, attempt=2).beat()
+    assert runs_of(store, "S")[0].heartbeat != before
+
+
+def test_a_process_started_for_an_attempt_that_lost_its_run_does_nothing(store, taken):
+    assert run_one(store, taken.id, "cpu", attempt=1) == 4
+    now = runs_of(store, "S")[0]
+    assert (now.state, now.attempts, now.pid, now.last_error) == (RunState.RUNNING, 2, os.getpid(), None)
+
+
+def test_a_live_process_on_this_host_is_never_reaped_however_old_its_beat(store, taken):
+    old = utcnow() - dt.timedelta(seconds=61)
+    set_run(store, taken.id, host=hostname(), pid=os.getpid(), heartbeat=old)
+    settled = []
+    reap_lost(store, hostname(), set(), 60, lambda run_id, why, attempt: settled.append((why, attempt)))
+    assert settled == []
+    set_run(store, taken.id, host="node-7")  # elsewhere: its beat is all there is to go by
+    reap_lost(store, hostname(), set(), 60, lambda run_id, why, attempt: settled.append((why, attempt)))
+    assert len(settled) == 1 and settled[0][0].startswith("heartbeat lost") and settled[0][1] == 2
