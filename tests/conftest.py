@@ -199,3 +199,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "quick_demo" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("quick_demo"))
+    heaviest_first(items)
+
+
+def heaviest_first(items) -> None:
+    """Order the modules (each kept whole, its tests in their order) so the heavy ones start first:
+    the quick demo's, then by their number of slow tests. pytest-xdist hands tests out in this order;
+    long tests left for the end would keep one worker busy while the other idles (longest first
+    balances two workers best)."""
+    weight: dict[str, tuple] = {}
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        demo, slow = weight.get(module, (0, 0))
+        weight[module] = (demo or int("quick_demo" in getattr(item, "fixturenames", ())),
+                          slow + int(item.get_closest_marker("slow") is not None))
+    first_seen = {m: i for i, m in enumerate(dict.fromkeys(it.nodeid.split("::", 1)[0] for it in items))}
+    items.sort(key=lambda it: (-weight[m := it.nodeid.split("::", 1)[0]][0], -weight[m][1], first_seen[m]))

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from optuna.exceptions import StorageInternalError
 from sqlalchemy import func
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import select
 
 from studies.lifecycle.spec import study_spec
@@ -31,7 +33,8 @@ from studies.running.claim import claim_due_attack_job, claim_pending
 from studies.running.logs import ATTACK_LOG, attempt_log_name, log_dir_for, scheduler_log_path
 from studies.running.processes import child_env, free_port  # noqa: F401 - the app's screens and the tests import them here
 from studies.running.settle import give_back, reap_lost, settle
-from studies.store.db import CellRow, Run, Store, Study, hostname, utcnow
+from studies.store.db import CellRow, Run, Store, Study, first_line, hostname, utcnow
+from studies.store.sqlite_file import scrub
 from studies.store.states import ACTIVE_RUN_STATES, IDLE_STUDY_STATES, RunState, StudyState
 
 STOP_GRACE_S = 30  # a run process asked to stop (SIGTERM) gets this long before SIGKILL
@@ -39,6 +42,11 @@ STOP_GRACE_S = 30  # a run process asked to stop (SIGTERM) gets this long before
 # runs back within this: each run is asked to stop at once, all of them together, then killed.
 INTERRUPT_GRACE_S = 10
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# What one pass of the pool may meet and live through: the database locked past its busy timeout,
+# a PostgreSQL restart or a dropped connection, a full disk when a log is opened. It waits (doubling
+# up to MAX_BACKOFF_S) and tries again; its runs go on meanwhile.
+STORE_ERRORS = (DBAPIError, StorageInternalError, OSError)
+MAX_BACKOFF_S = 30.0
 
 
 @dataclass
@@ -74,41 +82,53 @@ class WorkerPool:
         the pool within INTERRUPT_GRACE_S and gives its running runs back, no attempt spent; a
         second one kills them at once."""
         old = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        failures = 0
         try:
-            while True:
-                if self._stopping:
-                    break
-                self._settle_children()
-                self._reap_lost()
-                studies = self._studies()
-                self._stop_cancelled(studies)
-                if not self._stopping:
-                    free = self._free_slots()
-                    while free:
-                        run = self._claim(studies, width=len(free))
-                        if run is not None:
-                            width = next(study_spec(st).gpus_per_run for st in studies if st.id == run.study_id)
-                            self._spawn(free[:width], run)
-                            free = free[width:]
-                        elif (study := claim_due_attack_job(self.store, studies, self.host, self._attack_jobs())) is not None:
-                            self._spawn_attack_job(free[0], study)
-                            free = free[1:]
-                        else:
-                            break
-                self._mark_done(studies)
-                self._beat(studies)
-                if self.on_tick:
-                    self.on_tick(self._progress(studies))
-                if self._stopping and not self.children:
-                    break
-                if not self.children and not any(self._has_work(st) for st in self._studies()):
-                    break
-                time.sleep(self.poll_s)
+            while not self._stopping:
+                try:
+                    if self._iteration():
+                        break
+                    failures = 0
+                    time.sleep(self.poll_s)
+                except STORE_ERRORS as exc:  # one bad moment of the database or the disk stops no run
+                    failures += 1
+                    wait = min(MAX_BACKOFF_S, self.poll_s * 2 ** failures)
+                    print(f"{time.strftime('%F %T')} pool: {type(exc).__name__}: "
+                          f"{scrub(first_line(exc), self.store.url)}; trying again in {wait:.1f} s",
+                          file=sys.stderr, flush=True)
+                    time.sleep(wait)
         finally:
             self._shutdown()
             for sig, handler in old.items():
                 signal.signal(sig, handler)
         return self.summary
+
+    def _iteration(self) -> bool:
+        """One pass: settle, reap, claim and start, beat. True when the pool is finished."""
+        self._settle_children()
+        self._reap_lost()
+        studies = self._studies()
+        self._stop_cancelled(studies)
+        if not self._stopping:
+            free = self._free_slots()
+            while free:
+                run = self._claim(studies, width=len(free))
+                if run is not None:
+                    width = next(study_spec(st).gpus_per_run for st in studies if st.id == run.study_id)
+                    self._spawn(free[:width], run)
+                    free = free[width:]
+                elif (study := claim_due_attack_job(self.store, studies, self.host, self._attack_jobs())) is not None:
+                    self._spawn_attack_job(free[0], study)
+                    free = free[1:]
+                else:
+                    break
+        self._mark_done(studies)
+        self._beat(studies)
+        if self.on_tick:
+            self.on_tick(self._progress(studies))
+        if self._stopping and not self.children:
+            return True
+        return not self.children and not any(self._has_work(st) for st in self._studies())
 
     def _on_signal(self, signum, frame):
         self._signals += 1

@@ -254,7 +254,9 @@ def _make_engine(url: str, immediate: bool, foreign_keys: bool = True):
             conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
-    kwargs = {"pool_pre_ping": True}
+    # pre-ping: a connection PostgreSQL dropped (a restart, hours idle during a long run) is replaced
+    # before use; recycle: none is kept past half an hour, under most servers' idle limits
+    kwargs = {"pool_pre_ping": True, "pool_recycle": 1800}
     if url.startswith("postgres"):  # an unreachable server answers in seconds, not the OS's minutes
         kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
     return create_engine(url, **kwargs)
@@ -450,9 +452,13 @@ def _is_transient(exc: BaseException) -> bool:
     return False
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An error's first line (its type's name when it has no text): what one-line messages show."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+_first_line = first_line
 
 
 def hostname() -> str:

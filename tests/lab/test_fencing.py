@@ -70,3 +70,42 @@ def test_a_live_process_on_this_host_is_never_reaped_however_old_its_beat(store,
     set_run(store, taken.id, host="node-7")  # elsewhere: its beat is all there is to go by
     reap_lost(store, hostname(), set(), 60, lambda run_id, why, attempt: settled.append((why, attempt)))
     assert len(settled) == 1 and settled[0][0].startswith("heartbeat lost") and settled[0][1] == 2
+
+
+@pytest.mark.slow  # a real run in a subprocess
+def test_a_database_locked_past_its_busy_timeout_stops_no_run(tmp_path, forget_set_files, tiny_model_dir,
+                                                             monkeypatch, capsys):
+    """One pass of the pool meeting "database is locked" (or a PostgreSQL restart, a full disk) is
+    logged and tried again; before, serve() raised and its shutdown killed every run."""
+    import sqlite3
+    import threading
+    import time
+
+    from studies.lifecycle.study import resume_study
+    from studies.running.pool import WorkerPool
+    from studies.store.db import Store
+    from tests.studies_helpers import make_forget_set, wait_for
+
+    monkeypatch.setattr("studies.store.db.SQLITE_BUSY_MS", 200)  # this pool's store waits 0.2 s for a lock
+    path = tmp_path / "lab.db"
+    store = Store(f"sqlite:///{path}")
+    make_forget_set(store, "fs", forget_set_files)
+    create_study(store, "L", str(tiny_model_dir), "fs", methods=["ga"], lrs=[1e-4], steps=[2, 20])
+    resume_study(store, "L")
+
+    def hold_the_lock() -> None:
+        wait_for(lambda: any(r.state == RunState.RUNNING and r.pid for r in runs_of(store, "L")), 120, "the run to start")
+        c = sqlite3.connect(path, isolation_level=None)
+        c.execute("BEGIN IMMEDIATE")
+        time.sleep(2.0)
+        c.execute("ROLLBACK")
+        c.close()
+
+    locker = threading.Thread(target=hold_the_lock, daemon=True)
+    locker.start()
+    summary = WorkerPool(store, ["cpu"], ["L"], poll_s=0.1).serve()
+    locker.join()
+    (run,) = runs_of(store, "L")
+    assert (run.state, run.attempts, summary["retried"], summary["failed"]) == (RunState.DONE, 1, 0, 0), run.last_error
+    assert {2, 20} <= {m.step for m in milestones_of(store, "L")}
+    assert "pool: OperationalError" in capsys.readouterr().err

@@ -520,7 +520,7 @@ def test_a_second_scheduler_is_refused_and_sigterm_gives_the_runs_back(lab, tiny
     """While a detached scheduler runs a study, another `study run` of it is one line and exit 2.
     SIGTERM to that scheduler (a preemption, a shutdown) gives its running runs back within 30 s with
     no attempt spent; `study run` then finishes the study with every cell once."""
-    steps = [2, 4, 200]
+    steps = [2, 4, 100]
     study(lab, "T", tiny_model_dir, methods=["ga"], lrs=[1e-3], steps=steps)
     r = cli("study", "run", "T", "--detach", "--workers", "1", "--storage", lab.url, home=lab.home)
     assert r.returncode == 0, r.stderr
