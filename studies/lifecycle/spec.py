@@ -230,6 +230,14 @@ class StudySpec:
         return RunConfig.of(method, lr, self.steps, settings)
 
     @property
+    def remote_code(self) -> list[str]:
+        """What in this study would run code that came with the study, not with unlearn-lab: the model
+        repo's own Python (--trust-remote-code) and lm-eval task files (--eval-tasks-dir). A worker
+        that joins a shared store runs neither unless started with --allow-remote-code."""
+        return ((["--trust-remote-code (the model repo's own Python)"] if self.trust_remote_code else [])
+                + ([f"--eval-tasks-dir {self.run.eval_tasks_dir} (lm-eval task code)"] if self.run.eval_tasks_dir else []))
+
+    @property
     def run_seeds(self) -> tuple[int, ...]:
         """The seeds every cell is run under: --seeds, or the one --seed."""
         return self.seeds or (int(self.run.seed),)

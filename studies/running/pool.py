@@ -62,12 +62,16 @@ class Child:
 class WorkerPool:
     def __init__(self, store: Store, slots: list[str], studies: list[str] | None = None,
                  heartbeat_timeout: float | None = None, poll_s: float = 0.5,
-                 on_tick: Callable[[dict], None] | None = None):
+                 on_tick: Callable[[dict], None] | None = None, allow_remote_code: bool = True):
+        """`allow_remote_code=False` (`unlearn worker` without --allow-remote-code): studies whose
+        spec runs code that came with them (StudySpec.remote_code) are left to other workers."""
         from studies.settings import lab_settings
 
         self.store, self.slots, self.study_names = store, slots, studies
         self.heartbeat_timeout = heartbeat_timeout or lab_settings().heartbeat_timeout
         self.poll_s, self.on_tick = poll_s, on_tick
+        self.allow_remote_code = allow_remote_code
+        self._refused: set[int] = set()  # studies this pool said it leaves alone (said once each)
         self.children: dict[str, Child] = {}  # its first slot key -> child
         self.host = hostname()
         self._stopping = False
@@ -145,13 +149,27 @@ class WorkerPool:
 
     # ------------------------------------------------------------------ studies
     def _studies(self) -> list[Study]:
+        """The studies this pool serves: those named, or every running and paused one; without
+        allow_remote_code, not those that would run code that came with them."""
         with self.store.read() as s:
             q = select(Study)
             if self.study_names is not None:
                 q = q.where(Study.name.in_(self.study_names))
             else:
                 q = q.where(Study.state.in_((StudyState.RUNNING, StudyState.PAUSED)))
-            return list(s.exec(q).all())
+            studies = list(s.exec(q).all())
+        if self.allow_remote_code:
+            return studies
+        kept = []
+        for st in studies:
+            why = study_spec(st).remote_code
+            if not why:
+                kept.append(st)
+            elif st.id not in self._refused:
+                self._refused.add(st.id)
+                print(f"{time.strftime('%F %T')} pool: study {st.name} left alone: it runs {', '.join(why)}; "
+                      "a worker started with --allow-remote-code runs it", file=sys.stderr, flush=True)
+        return kept
 
     def _has_work(self, study: Study) -> bool:
         if study.state in IDLE_STUDY_STATES:

@@ -201,16 +201,24 @@ def worker_cmd(
     study: Optional[str] = typer.Option(None, "--study", help="serve only this study (default: every running study)"),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU indices, one worker each"),
     workers: Optional[int] = typer.Option(None, "--workers", help="CPU workers"),
+    allow_remote_code: bool = typer.Option(False, "--allow-remote-code",
+                                           help="also run studies that run code stored with them (--trust-remote-code, "
+                                                "--eval-tasks-dir): anyone who can write the shared store chooses it"),
     storage: Storage = None,
 ):
     """Join studies from this node: claim runs from the shared store until none is left (Optuna's shared-RDB pattern)."""
+    from engine.errors import UnlearnError
     from studies.lifecycle.inputs import device_slots
+    from studies.lifecycle.spec import study_spec
     from studies.running.pool import WorkerPool
     from tui.cli.console import out
 
     store = lab(ctx).store()
     if study:
-        store.study(study)  # fail fast on a typo
+        why = study_spec(store.study(study)).remote_code  # (and fail fast on a typo)
+        if why and not allow_remote_code:
+            raise UnlearnError(f"study {study} runs {', '.join(why)}: start the worker with --allow-remote-code "
+                               "to run it (anyone who can write the shared store chooses that code)")
     slots = device_slots(gpus, workers, visible_gpus=_cuda_device_count)
-    summary = WorkerPool(store, slots, [study] if study else None).serve()
+    summary = WorkerPool(store, slots, [study] if study else None, allow_remote_code=allow_remote_code).serve()
     out.print(f"worker done: {summary['spawned']} run processes, {summary['retried']} retried, {summary['failed']} failed")
