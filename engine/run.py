@@ -427,6 +427,20 @@ def _deterministic(on: bool):
 
 # ---------------------------------------------------------------- a whole run
 
+def _read_cached(path: Path) -> dict | None:
+    """A cached baseline, or None (and the file removed) when it cannot be read as one: a disk that
+    filled up or a copy cut short must not fail every run on that key until someone deletes it."""
+    try:
+        value = json.loads(path.read_text())
+        if isinstance(value, dict) and "ppl_forget" in value:
+            return value
+    except (OSError, ValueError):
+        pass
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return None
+
+
 def baseline_metrics(model, model_name: str, sets: ForgetSetChunks, fs_hash: str, cfg: RunConfig,
                      cache_dir: Path | None, autocast=contextlib.nullcontext) -> tuple[dict, int]:
     """θ0's metrics, cached per (model, forget-set hash, seq_len, min_k). Returns (M, eval tokens spent)."""
@@ -435,7 +449,9 @@ def baseline_metrics(model, model_name: str, sets: ForgetSetChunks, fs_hash: str
            + ("" if dtype == torch.float32 else f"-{str(dtype).removeprefix('torch.')}"))  # θ0 in bf16 is not θ0 in fp32
     path = cache_dir / f"{key}.json" if cache_dir else None
     if path and path.is_file():
-        return json.loads(path.read_text()), 0
+        cached = _read_cached(path)
+        if cached is not None:
+            return cached, 0
     metrics, n = evaluate(model, sets, cfg.eval_batch_size, None, autocast, cfg.min_k, noise=True)
     if path:
         write_json_atomic(path, metrics)  # two workers missing the same entry both write it whole

@@ -225,3 +225,14 @@ def test_general_methods_need_a_general_set(tiny_model_dir, forget_set_texts, tm
     no_general = ForgetSetTexts(forget_set_texts.forget, forget_set_texts.retain, forget_set_texts.unseen, [], {})
     with pytest.raises(UnlearnError, match="general"):
         run(tiny_model_dir, no_general, tmp_path, "ga_gd_general", [1])
+
+
+def test_a_corrupt_baseline_cache_entry_is_discarded_and_computed_again(tiny_model_dir, forget_set_texts, tmp_path):
+    cache = tmp_path / "cache"
+    cfg = RunConfig(method="ga", lr=1e-3, milestones=(1,), seq_len=128, watch_every=0)
+    first = run_unlearning(str(tiny_model_dir), forget_set_texts, cfg, device="cpu", cache_dir=cache)
+    (entry,) = cache.glob("*.json")
+    entry.write_text('{"ppl_forget": 1.2, "ppl_ret')  # a write cut short (a full disk, a killed copy)
+    again = run_unlearning(str(tiny_model_dir), forget_set_texts, cfg, device="cpu", cache_dir=cache)
+    assert again["baseline"]["ppl_forget"] == first["baseline"]["ppl_forget"]
+    assert json.loads(entry.read_text())["ppl_forget"] == first["baseline"]["ppl_forget"]
