@@ -59,7 +59,8 @@ def create_study(store: Store, name: str, model: str, forget_set: str, *, method
         if s.exec(select(Study).where(Study.name == name)).first():
             raise UnlearnError(f"a study named {name!r} already exists")
     if name in optuna.get_all_study_names(store.optuna):
-        raise UnlearnError(f"an Optuna study named {name!r} already exists in this store")
+        raise UnlearnError(f"an Optuna study named {name!r} already exists in this store, without a study of ours "
+                           f"(a create or delete cut short): `unlearn study rm {name}` removes it")
     ostudy = store.retry(lambda: optuna.create_study(study_name=name, storage=store.optuna, direction="minimize"))
     try:
         ostudy.set_user_attr("unlearn_lab", {"model": model, "forget_set": fs.name, "forget_set_hash": fs.hash,
@@ -146,6 +147,11 @@ def resume_study(store: Store, name: str, retry_failed: bool = False) -> Resumed
                    f"study {name}: running" + (f"; {retried} failed run(s) queued again" if retried else ""))
 
 
+def _has_study_row(store: Store, name: str) -> bool:
+    with store.read() as s:
+        return s.exec(select(Study.id).where(Study.name == name)).first() is not None
+
+
 def delete_study(store: Store, name: str, heartbeat_timeout_s: float | None = None) -> int:
     """Delete a study that nothing runs: its runs, cells, events and its Optuna study. Refused while
     it hands out runs, has a running run, or a worker pool beat for it within `heartbeat_timeout_s`
@@ -160,6 +166,11 @@ def delete_study(store: Store, name: str, heartbeat_timeout_s: float | None = No
     if heartbeat_timeout_s is None:
         heartbeat_timeout_s = lab_settings().heartbeat_timeout
 
+    if not _has_study_row(store, name) and name in optuna.get_all_study_names(store.optuna):
+        # an Optuna study left without our rows (a create or a delete cut short): it blocks the name
+        store.retry(lambda: optuna.delete_study(study_name=name, storage=store.optuna))
+        store.log("deleted", f"Optuna study {name} left without its unlearn-lab rows")
+        return 0
     study = store.study(name)
     with store.write() as s:
         st = s.get(Study, study.id)

@@ -10,6 +10,7 @@ at once (settle.reap_lost).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -37,6 +38,7 @@ def ask(store: Store, study: Study, spec: StudySpec, host: str) -> Run | None:
         s.add(placeholder)
         s.flush()
         run_id = placeholder.id
+    trial = None
     try:
         sampler = optuna.samplers.TPESampler(seed=spec.run.seed + n)
         ostudy = store.retry(lambda: optuna.load_study(study_name=study.name, storage=store.optuna, sampler=sampler))
@@ -57,6 +59,9 @@ def ask(store: Store, study: Study, spec: StudySpec, host: str) -> Run | None:
                 s.add(run)
     except BaseException:
         drop_reservation(store, run_id)
+        if trial is not None:  # asked but never a run: FAIL, not a RUNNING trial for ever
+            with contextlib.suppress(Exception):
+                store.retry(lambda: ostudy.tell(trial.number, state=optuna.trial.TrialState.FAIL))
         raise
     if run is None:
         store.retry(lambda: ostudy.tell(trial.number, state=optuna.trial.TrialState.FAIL))

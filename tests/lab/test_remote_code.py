@@ -27,3 +27,21 @@ def test_a_worker_runs_no_code_stored_with_a_study_unless_allowed(tmp_path, forg
     assert p.returncode == 0, p.stderr
     assert "study R left alone" in p.stderr and "study E left alone" in p.stderr
     assert [r.state for r in runs_of(store, "R") + runs_of(store, "E")] == ["pending", "pending"]
+
+
+def test_an_optuna_study_left_without_our_rows_is_removed_by_study_rm(tmp_path, forget_set_files, tiny_model_dir,
+                                                                     capsys):
+    """A create cut short between Optuna's study and ours blocks the name; `study rm` frees it."""
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'lab.db'}"
+    store = Store(url)
+    make_forget_set(store, "fs", forget_set_files)
+    optuna.create_study(study_name="half", storage=store.optuna)
+    create = ("study", "create", "half", "--model", str(tiny_model_dir), "--forget-set", "fs", "--methods", "ga",
+              "--lr", "1e-3", "--steps", "2", "--storage", url)
+    assert_one_line_error(cli_in_process(capsys, *create), "unlearn study rm half")
+    p = cli_in_process(capsys, "study", "rm", "half", "--yes", "--storage", url)
+    assert p.returncode == 0, p.stderr
+    assert "half" not in optuna.get_all_study_names(store.optuna)
+    assert cli_in_process(capsys, *create).returncode == 0  # the name is free again

@@ -157,8 +157,18 @@ def cancel_cmd(ctx: typer.Context, name: str = typer.Argument(...), storage: Sto
 def rm_cmd(ctx: typer.Context, name: str = typer.Argument(..., help="study name"),
            yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
            storage: Storage = None):
-    """Delete a study that is not running (its runs, cells, events and Optuna trials; the forget set stays)."""
-    lab(ctx).store().study(name)  # a typo fails before the question
+    """Delete a study that is not running (its runs, cells, events and Optuna trials; the forget set stays).
+    Also removes an Optuna study left without our rows by a create or delete cut short."""
+    from engine.errors import UnlearnError
+
+    store = lab(ctx).store()
+    try:
+        store.study(name)  # a typo fails before the question
+    except UnlearnError:
+        import optuna
+
+        if name not in optuna.get_all_study_names(store.optuna):
+            raise
     if not yes:
         typer.confirm(f"delete study {name} and all its cells?", abort=True)
     _act(ctx, "delete", name)
