@@ -275,7 +275,7 @@ class Store:
         try:
             make_url(url)
         except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number, say
-            raise UnlearnError(f"not a database URL: {self.safe_url} ({scrub(_first_line(exc), url)})") from None
+            raise UnlearnError(f"not a database URL: {self.safe_url} ({scrub(first_line(exc), url)})") from None
         try:
             check_url_shape(url)
             if is_sqlite(url):
@@ -288,12 +288,12 @@ class Store:
         except DBAPIError as exc:  # unreachable server, bad credentials, not a database, locked, ...
             if is_sqlite(url) and NOT_A_DATABASE in str(exc.orig):
                 raise UnlearnError(f"store {sqlite_path(url)} is not an SQLite database") from None
-            raise UnlearnError(f"cannot open store {self.safe_url}: {scrub(_first_line(exc.orig), url)}") from None
+            raise UnlearnError(f"cannot open store {self.safe_url}: {scrub(first_line(exc.orig), url)}") from None
         except (ModuleNotFoundError, NoSuchModuleError) as exc:
             raise UnlearnError(f"cannot open store {self.safe_url}: missing database driver "
-                               f"({getattr(exc, 'name', None) or _first_line(exc)})") from None
+                               f"({getattr(exc, 'name', None) or first_line(exc)})") from None
         except ArgumentError as exc:
-            raise UnlearnError(f"not a database URL: {self.safe_url} ({scrub(_first_line(exc), url)})") from None
+            raise UnlearnError(f"not a database URL: {self.safe_url} ({scrub(first_line(exc), url)})") from None
         self._optuna = None
 
     # ------------------------------------------------------------------ schema
@@ -458,7 +458,6 @@ def first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-_first_line = first_line
 
 
 def hostname() -> str:
