@@ -282,7 +282,7 @@ class Store:
                 check_sqlite_file(url, create)
             self.engine = _make_engine(url, immediate=False)
             self.write_engine = _make_engine(url, immediate=True) if is_sqlite(url) else self.engine
-            self._ensure_schema()
+            self._ensure_schema_retried()
         except UnlearnError as exc:
             raise type(exc)(str(exc).replace(url, self.safe_url)) from None
         except DBAPIError as exc:  # unreachable server, bad credentials, not a database, locked, ...
@@ -297,6 +297,18 @@ class Store:
         self._optuna = None
 
     # ------------------------------------------------------------------ schema
+    def _ensure_schema_retried(self, attempts: int = 20) -> None:
+        """_ensure_schema, tried again while another process makes or upgrades the store this very
+        moment: SQLite answers "database is locked" at once, without waiting, to a connection that
+        would otherwise deadlock (switching a fresh file to WAL, a stale read snapshot)."""
+        for i in range(attempts):
+            try:
+                return self._ensure_schema()
+            except OperationalError as exc:
+                if i == attempts - 1 or not _is_transient(exc):
+                    raise
+                time.sleep(min(1.0, 0.05 * 2**i) * (0.5 + random.random()))
+
     def _ensure_schema(self) -> None:
         """Make a fresh store, or bring an older one to SCHEMA_VERSION. The common case (a current
         store) is two reads. Creating and upgrading happen under the write lock (SQLite's IMMEDIATE

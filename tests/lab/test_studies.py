@@ -458,7 +458,7 @@ def _age(a: dt.datetime, b: dt.datetime) -> float:
 @pytest.mark.slow
 def test_a_killed_scheduler_resumes_where_the_store_says(lab, tiny_model_dir):
     steps = [2, 4, 8, 100]
-    study(lab, "S3", tiny_model_dir, methods=["ga"], lrs=[1e-4, 3e-4, 1e-3], steps=steps)
+    study(lab, "S3", tiny_model_dir, methods=["ga"], lrs=[1e-4, 1e-3], steps=steps)
     env = cli_env(lab.home, UNLEARN_HEARTBEAT_TIMEOUT="5")
     r = cli("study", "run", "S3", "--detach", "--workers", "1", "--storage", lab.url, home=lab.home, env=env)
     assert r.returncode == 0, r.stderr
@@ -495,7 +495,7 @@ def test_a_killed_scheduler_resumes_where_the_store_says(lab, tiny_model_dir):
     r = cli("study", "run", "S3", "--workers", "2", "--storage", lab.url, home=lab.home, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     runs, ms, trials = check_every_cell(lab.store, lab.url, "S3", steps)
-    assert len(trials) == 12
+    assert len(trials) == 8
     assert study_state(lab.store, "S3") == "done"
     assert_kept(before, _snapshot(lab.store, "S3"))  # finished cells kept, not recomputed
     by_id = {x.id: x for x in runs}
