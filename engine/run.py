@@ -465,6 +465,18 @@ def local_share(model) -> float:
     return local / total if total else 1.0
 
 
+def _leave_process_group() -> None:
+    """Under torchrun: wait for every process, then leave the process group before the interpreter
+    exits. A process that exits with its gloo group still up can abort in the group's teardown
+    ("terminate called without an active exception", SIGABRT: rank 0 of a two-process run, once,
+    on a loaded CI machine), which fails a run that had finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def is_main_process() -> bool:
     """False in the non-main processes of `accelerate launch` (torchrun sets RANK)."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -532,6 +544,7 @@ def run_unlearning(
     eval_tokens = out.eval_tokens + baseline_tokens
     flops = 6 * n_params * out.train_tokens + 2 * n_params * eval_tokens
     pretrain = read_pretraining_tokens(model_name)
+    _leave_process_group()
     return {
         "model": model_name,
         "method": cfg.method,
