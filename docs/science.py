@@ -146,7 +146,7 @@ def aggregate(method: str, per_seed: dict, at_target: dict, lrs, band: dict) -> 
     mean cells that succeed), its best mean cell, and its at-target cell per lr (the mean of the
     seeds' at-target cells, once every seed reached the target)."""
     from studies.reading.grid import best_cell, grids
-    from studies.reading.seeds import mean_cell
+    from studies.reading.seeds import mean_at_target, mean_cell
 
     seeds = sorted(per_seed)
     keyed = [{(c.lr, c.steps): c for c in per_seed[s] if c.method == method} for s in seeds]
@@ -158,10 +158,7 @@ def aggregate(method: str, per_seed: dict, at_target: dict, lrs, band: dict) -> 
         if len(cs) < len(seeds):
             at.append({"lr": lr, "reached": len(cs)})
             continue
-        steps = sorted(c.steps for c in cs)
-        for c in cs:
-            c.steps = steps[-1]
-        at.append({"lr": lr, "reached": len(cs), "steps": steps, **summary(mean_cell(cs, seeds, band))})
+        at.append({"lr": lr, "reached": len(cs), **summary(mean_at_target(cs, seeds, band))})
     return {"robustness": sum(1 for c in means if c.success and c.computed) / len(means) if means else 0.0,
             "robustness_per_seed": [grids(per_seed[s])[method].robustness for s in seeds],
             "best": summary(best) if best else None, "at_target": at,

@@ -231,7 +231,7 @@ def at_target_cells(runs, at_rows: dict) -> list[Cell]:
     """The at-target cell of each (method, lr) row of these runs, from each run's at-target cell row
     (`at_rows`: run id -> row). Under several seeds, the mean of the seeds' at-target cells, at the
     last seed's step, once every seed reached the target (not before)."""
-    from studies.reading.seeds import mean_cell
+    from studies.reading.seeds import mean_at_target
 
     out = []
     for (method, lr), row_runs in runs_by_row(runs).items():
@@ -243,10 +243,7 @@ def at_target_cells(runs, at_rows: dict) -> list[Cell]:
         if len(found) == 1:
             out.append(found[0])
             continue
-        last = max(c.steps for c in found)
-        for c in found:
-            c.steps = last
-        out.append(mean_cell(found, [r.seed for r in row_runs]))
+        out.append(mean_at_target(found, [r.seed for r in row_runs]))
     return out
 
 

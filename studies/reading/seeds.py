@@ -114,3 +114,12 @@ def _verdict(cells, metrics: dict, spread: dict, given: Optional[dict] = None) -
         upper = _upper(metrics, spread, path)
         out[part] = (upper is not None and upper <= bands[part]) if part in bands else every[part]
     return {p: out[p] for p in ("forget", "mia", "utility")}
+
+
+def mean_at_target(cells: list, seeds: list[int], bands: Optional[dict] = None):
+    """The at-target cell of one (method, lr) row under several seeds: the mean of the seeds' own
+    at-target cells (every seed's, found by the caller), at the step the last seed got there."""
+    last = max(c.steps for c in cells)
+    for c in cells:
+        c.steps = last
+    return mean_cell(cells, seeds, bands)
