@@ -6,6 +6,7 @@ never copied into the store or an export. The app's own settings (its theme) liv
 tui/app/settings.py."""
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -19,6 +20,9 @@ class LabSettings(BaseSettings):
     storage_url: str = Field("sqlite:///unlearn.db", description="SQLAlchemy URL of the store")
     home: Path = Field(Path.home() / ".cache" / "unlearn-lab", description="caches, logs, exported models")
     heartbeat_timeout: float = Field(60.0, description="seconds without a heartbeat before a run is declared lost")
+    node: str = Field(default_factory=lambda: os.uname().nodename,
+                      description="the name this node goes by in the store (default: its host name); set it where "
+                                  "nodes share one host name, as containers may")
 
     @field_validator("home", mode="after")
     @classmethod

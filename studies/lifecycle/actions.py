@@ -29,7 +29,7 @@ def study_action(store: Store, verb: str, name: str, heartbeat_timeout_s: float 
         resumed = resume_study(store, name, retry_failed=retry_failed)
         message = resumed.message
         if resumed.running:
-            age = age_s(resumed.study.scheduler_heartbeat)
+            age = age_s(resumed.study.scheduler_heartbeat, store.now())
             if age is None or age > heartbeat_timeout_s:
                 message += (f"; no scheduler serves it: start one with `unlearn study run {name}`"
                             " (--detach to leave it running)")

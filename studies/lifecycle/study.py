@@ -175,7 +175,7 @@ def delete_study(store: Store, name: str, heartbeat_timeout_s: float | None = No
     with store.write() as s:
         st = s.get(Study, study.id)
         running = s.exec(select(func.count(Run.id)).where(Run.study_id == st.id, Run.state == RunState.RUNNING)).one()
-        alive = age_s(st.scheduler_heartbeat)
+        alive = age_s(st.scheduler_heartbeat, store.now(s))
         if st.state == StudyState.RUNNING or running or (alive is not None and alive < heartbeat_timeout_s
                                                           and st.state != StudyState.DONE):
             raise UnlearnError(f"study {name!r} is {st.state} with {running} running run(s): "

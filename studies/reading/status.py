@@ -23,7 +23,7 @@ from studies.reading.grid import (
 )
 from studies.reading.listing import fold_at_target, list_row
 from studies.store.clock import age_s
-from studies.store.db import CellRow, ForgetSet, Run, Store, Study, utcnow
+from studies.store.db import CellRow, ForgetSet, Run, Store, Study
 from studies.store.states import REAL_RUN_STATES, RunState
 
 RUN_STATES = tuple(str(s) for s in RunState if s in REAL_RUN_STATES)
@@ -76,7 +76,7 @@ def study_status(store: Store, name: str) -> dict:
     runs, milestones = fetch_rows(store, [study.id])
     cells = cells_from_rows(study, runs, milestones)
     out = _summarize(study, fs, runs, cells)
-    now = utcnow()
+    now = store.now()  # the clock heartbeats are written on
     from studies.reading.views import running_runs
 
     out["running"] = running_runs(study, runs, now)
@@ -119,7 +119,7 @@ def list_studies(store: Store, now=None) -> list[dict]:
     by_study: dict[int, list] = {}
     for row in per_run:
         by_study.setdefault(row[1], []).append(row)
-    now = now or utcnow()
+    now = now or store.now()
     out = []
     for st in studies:
         spec = study_spec(st)

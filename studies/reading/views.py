@@ -131,6 +131,7 @@ class StudyWatch:
             # between is read again (by id) until it has one, or its cell would never show its trial
             told = (s.exec(select(*_MILESTONE_COLUMNS).where(CellRow.id.in_(self._untold)).order_by(CellRow.id)).all()
                     if self._untold else [])
+            now = self.store.now(s)  # the clock heartbeats are written on
         old_runs = self._runs
         runs_now = {r.id: (r.state, r.step, r.attempts) for r in runs}
         self._untold &= {m.id for m in told}  # (a row deleted since is not looked for again)
@@ -173,8 +174,8 @@ class StudyWatch:
         state_changed = not first and study.state != self._state
         finished = state_changed and study.state == StudyState.DONE
         self._state = study.state
-        return Poll(study, self._cells_list, changed, len(fresh), running_runs(study, list(self._runs.values())),
-                    state_changed, finished, age_s(study.scheduler_heartbeat), self._grids, self._metrics,
+        return Poll(study, self._cells_list, changed, len(fresh), running_runs(study, list(self._runs.values()), now),
+                    state_changed, finished, age_s(study.scheduler_heartbeat, now), self._grids, self._metrics,
                     self._at_target)
 
     # ------------------------------------------------------------ keeping the cells

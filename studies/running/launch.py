@@ -21,7 +21,7 @@ def check_no_live_scheduler(store: Store, name: str, heartbeat_timeout_s: float 
     from studies.store.db import hostname
 
     study = store.study(name)
-    age = age_s(study.scheduler_heartbeat)
+    age = age_s(study.scheduler_heartbeat, store.now())
     timeout = heartbeat_timeout_s if heartbeat_timeout_s is not None else lab_settings().heartbeat_timeout
     pid, host = study.scheduler_pid, study.scheduler_host
     if age is None or age >= timeout or not pid or (host == hostname() and (pid == os.getpid() or not pid_alive(pid))):

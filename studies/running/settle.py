@@ -57,10 +57,11 @@ def reap_lost(store: Store, host: str, watched: set, heartbeat_timeout_s: float,
     their written milestones stay. A TPE reservation whose pool is gone is removed."""
     with store.read() as s:
         rows = list(s.exec(select(Run).where(Run.state.in_((RunState.RUNNING, RunState.ASKING)))).all())
+        now = store.now(s)  # beats are written on the store's clock, and aged on it
     for run in rows:
         if run.id in watched:
             continue
-        age = float("inf") if run.heartbeat is None else age_s(run.heartbeat)  # never beat: infinitely old
+        age = float("inf") if run.heartbeat is None else age_s(run.heartbeat, now)  # never beat: infinitely old
         here = run.host == host and run.pid is not None
         gone_here = here and not pid_alive(run.pid)
         if run.state == RunState.ASKING:

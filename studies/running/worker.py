@@ -16,7 +16,7 @@ import traceback
 from sqlalchemy import update
 
 from studies.running.fence import RunLost, owned_by, owns
-from studies.store.db import Run, Store, Study, utcnow
+from studies.store.db import Run, Store, Study
 from studies.store.states import RunState
 
 HEARTBEAT_EVERY_S = 2.0
@@ -39,7 +39,7 @@ class Heartbeat(threading.Thread):
         def write() -> int:
             with self.store.write() as s:
                 return s.exec(update(Run).where(*owned_by(self.run_id, self.attempt))
-                              .values(heartbeat=utcnow(), step=self.step)).rowcount
+                              .values(heartbeat=self.store.now(s), step=self.step)).rowcount
 
         if self.store.retry(write) == 0:
             self.lost = True
@@ -84,19 +84,24 @@ def run_one(store: Store, run_id: int, device: str, attempt: int | None = None) 
             print(f"run {run_id}: attempt {attempt} no longer owns it ({run.state}, attempt {run.attempts}); "
                   "nothing done", flush=True)
             return 4
-        run.pid, run.heartbeat = os.getpid(), utcnow()
+        run.pid, run.heartbeat = os.getpid(), store.now(s)
         s.add(run)
     spec = study_spec(study)
     cfg = spec.run_config(run.method, run.lr, run.seed)
-    gpu_bytes = _gpu_bytes(device)
-    if gpu_bytes is not None:
-        refused = _does_not_fit(spec, cfg, gpu_bytes)
-        if refused:  # it would fail the same way at every attempt: failed at once, with the plan's reason
+    memory = _gpu_memory(device)
+    gpu_bytes = None if memory is None else memory[0]
+    if memory is not None:
+        refused, for_good = memory_verdict(spec, cfg, *memory)
+        if refused and for_good:  # it would fail the same way at every attempt: failed at once, with the plan's reason
             with store.write() as s:
                 s.exec(update(Run).where(*owned_by(run_id, attempt)).values(
-                    state=RunState.FAILED, last_error=f"attempt {attempt}: {refused}"[:2000], finished_at=utcnow()))
+                    state=RunState.FAILED, last_error=f"attempt {attempt}: {refused}"[:2000], finished_at=store.now(s)))
             store.log(RunState.FAILED, f"{run.method} lr={run.lr:g}: {refused}", study.id, run_id)
             return 3
+        if refused:  # other processes hold the memory it needs: the pool retries it (an attempt)
+            with store.write() as s:
+                s.exec(update(Run).where(*owned_by(run_id, attempt)).values(last_error=f"attempt {attempt}: {refused}"[:2000]))
+            return 1
     heart = Heartbeat(store, run_id, attempt)
     heart.start()
     try:
@@ -114,7 +119,7 @@ def run_one(store: Store, run_id: int, device: str, attempt: int | None = None) 
         heart.stop()
         state = RunState.DIVERGED if result["diverged"] else RunState.DONE
         with store.write() as s:
-            now = utcnow()
+            now = store.now(s)
             written = s.exec(update(Run).where(*owned_by(run_id, attempt)).values(
                 state=state, step=max(c["step"] for c in result["milestones"]), finished_at=now, heartbeat=now,
                 device=result["device"],
@@ -155,8 +160,8 @@ def _train_only(store: Store, run_id: int, device: str) -> int:
         run, study, fs = _run_rows(s, run_id)
     spec = study_spec(study)
     cfg = spec.run_config(run.method, run.lr, run.seed)
-    gpu_bytes = _gpu_bytes(device)
-    if gpu_bytes is not None and _does_not_fit(spec, cfg, gpu_bytes):
+    memory = _gpu_memory(device)
+    if memory is not None and memory_verdict(spec, cfg, *memory)[0]:
         return 3  # the main process records why; every process stops alike
     try:
         run_unlearning(spec.model, forget_set_texts(store, fs), cfg, device=device,
@@ -176,13 +181,32 @@ def _run_rows(session, run_id: int):
     return run, study, session.get(ForgetSet, study.forgetset_id)
 
 
-def _gpu_bytes(device: str) -> int | None:
-    """Free memory of this run's GPU before it loads anything (None on CPU)."""
+def _gpu_memory(device: str) -> tuple[int, int] | None:
+    """(free, total) bytes of this run's GPU before it loads anything (None on CPU)."""
     if not device.startswith("cuda"):
         return None
     import torch
 
-    return int(torch.cuda.mem_get_info()[0]) if torch.cuda.is_available() else None
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return int(free), int(total)
+
+
+def memory_verdict(spec, cfg, free_bytes: int, total_bytes: int) -> tuple[str | None, bool]:
+    """(why the run does not fit its GPU, whether for good). For good: the plan does not fit even
+    the GPU's whole memory, and every attempt would fail alike. Not for good: it fits the GPU, but
+    other processes (another study's runs, someone's notebook) hold too much of it right now: the
+    pool retries it. (None, False): it fits."""
+    never = _does_not_fit(spec, cfg, total_bytes)
+    if never:
+        return never, True
+    now = _does_not_fit(spec, cfg, free_bytes)
+    if now:
+        gib = 1024 ** 3
+        return (f"{now} — now: {free_bytes / gib:.1f} of the GPU's {total_bytes / gib:.1f} GiB free, the rest held by "
+                "other processes; retried"), False
+    return None, False
 
 
 def _does_not_fit(spec, cfg, gpu_bytes: int) -> str | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import os
 import random
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -20,6 +19,7 @@ from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from engine.errors import UnlearnError
 from studies.store.clock import utcnow  # noqa: F401 - re-exported
+from studies.store.migrations import MIGRATIONS  # noqa: F401 - the tests reach it here
 from studies.store.sqlite_file import (  # noqa: F401 - SCHEMA_VERSION, StoreMissing, describe_url, sqlite_path re-exported
     NOT_A_DATABASE,
     SCHEMA_VERSION,
@@ -87,6 +87,8 @@ class Study(SQLModel, table=True):
     scheduler_heartbeat: Optional[dt.datetime] = None
     created_at: dt.datetime = Field(default_factory=utcnow)
     updated_at: dt.datetime = Field(default_factory=utcnow)
+    # v6: the best-cell attack job's last beat (studies/running/attack.py), on the database's clock
+    attack_heartbeat: Optional[dt.datetime] = None
 
 
 class Run(SQLModel, table=True):
@@ -145,95 +147,6 @@ class Event(SQLModel, table=True):
     # a pool on the same host checks whether that process still runs)
     pid: Optional[int] = None
     host: Optional[str] = None
-
-
-def _v1_to_v2(session: Session) -> None:
-    """v2: forget sets remember the CSV/Parquet column they were read with."""
-    from sqlalchemy import inspect, text
-
-    if "column" not in {c["name"] for c in inspect(session.connection()).get_columns("ul_forgetset")}:
-        session.exec(text('ALTER TABLE ul_forgetset ADD COLUMN "column" VARCHAR'))
-
-
-def _v2_to_v3(session: Session) -> None:
-    """v3: question–answer documents keep their prompt; a forget set keeps how it was made (meta).
-    Existing rows are plain text (prompt NULL) with no meta, which is what they were."""
-    from sqlalchemy import inspect, text
-
-    have = {t: {c["name"] for c in inspect(session.connection()).get_columns(t)} for t in ("ul_document", "ul_forgetset")}
-    if "prompt" not in have["ul_document"]:
-        session.exec(text("ALTER TABLE ul_document ADD COLUMN prompt TEXT"))
-    if "meta" not in have["ul_forgetset"]:
-        session.exec(text("ALTER TABLE ul_forgetset ADD COLUMN meta JSON"))
-
-
-def _v3_to_v4(session: Session) -> None:
-    """v4: an event may name the process that wrote it (pid, host). Before, an "attacks started"
-    event named it only in its message ("... started by pid N on HOST"); it is read from there this
-    once, so a job whose pool died before the upgrade is still seen gone and started again."""
-    import re
-
-    from sqlalchemy import inspect, text
-
-    have = {c["name"] for c in inspect(session.connection()).get_columns("ul_event")}
-    for column, kind in (("pid", "INTEGER"), ("host", "VARCHAR")):
-        if column not in have:
-            session.exec(text(f"ALTER TABLE ul_event ADD COLUMN {column} {kind}"))
-    started = session.exec(text("SELECT id, message FROM ul_event WHERE kind = 'attacks started'")).all()
-    for event_id, message in started:
-        m = re.search(r"pid (\d+) on (\S+)", message or "")
-        if m:
-            session.exec(text("UPDATE ul_event SET pid = :pid, host = :host WHERE id = :id"),
-                         params={"pid": int(m.group(1)), "host": m.group(2), "id": event_id})
-
-
-def _v4_to_v5(session: Session) -> None:
-    """v5: a run has a seed (a study may run each cell under several), and a study's runs are unique
-    on (method, lr, seed). Existing runs get their study's seed. A server database swaps the
-    constraint; SQLite makes the table again (`_rebuild_run_table_sqlite`)."""
-    import json
-
-    from sqlalchemy import inspect, text
-
-    conn = session.connection()
-    if conn.dialect.name == "sqlite":
-        return _rebuild_run_table_sqlite(session)
-    if "seed" not in {c["name"] for c in inspect(conn).get_columns("ul_run")}:
-        session.exec(text("ALTER TABLE ul_run ADD COLUMN seed INTEGER NOT NULL DEFAULT 0"))
-    for study_id, spec in session.exec(text("SELECT id, spec FROM ul_study")).all():
-        spec = json.loads(spec) if isinstance(spec, str) else (spec or {})
-        seed = int((spec.get("run") or spec).get("seed", 0) or 0)
-        session.exec(text("UPDATE ul_run SET seed = :seed WHERE study_id = :id"), params={"seed": seed, "id": study_id})
-    unique = {tuple(sorted(uc["column_names"])): uc["name"] for uc in inspect(conn).get_unique_constraints("ul_run")}
-    if ("lr", "method", "study_id") in unique:
-        session.exec(text(f'ALTER TABLE ul_run DROP CONSTRAINT "{unique[("lr", "method", "study_id")]}"'))
-    if ("lr", "method", "seed", "study_id") not in unique:
-        session.exec(text("ALTER TABLE ul_run ADD CONSTRAINT ul_run_study_method_lr_seed UNIQUE (study_id, method, lr, seed)"))
-
-
-def _rebuild_run_table_sqlite(session: Session) -> None:
-    """SQLite cannot change a table's unique constraint: ul_run is made again with today's definition
-    and its rows copied (ids kept, so every cell still points at its run; each run's seed read from
-    its study's spec). The migration's connection has foreign keys off, as SQLite's procedure for
-    such a change requires (the store checks them before it commits)."""
-    from sqlalchemy import text
-    from sqlalchemy.schema import CreateIndex, CreateTable
-
-    dialect = session.connection().dialect
-    table = Run.__table__
-    old = ", ".join(f'"{c.name}"' for c in table.columns if c.name != "seed")
-    seed = ("COALESCE((SELECT COALESCE(json_extract(s.spec, '$.run.seed'), json_extract(s.spec, '$.seed'))"
-            " FROM ul_study s WHERE s.id = ul_run.study_id), 0)")
-    session.exec(text(str(CreateTable(table).compile(dialect=dialect)).replace("TABLE ul_run ", "TABLE ul_run_v5 ", 1)))
-    session.exec(text(f"INSERT INTO ul_run_v5 ({old}, seed) SELECT {old}, {seed} FROM ul_run"))
-    session.exec(text("DROP TABLE ul_run"))
-    session.exec(text("ALTER TABLE ul_run_v5 RENAME TO ul_run"))
-    for index in table.indexes:
-        session.exec(text(str(CreateIndex(index).compile(dialect=dialect))))
-
-
-# Upgrades from an older schema version, in order: MIGRATIONS[v] takes a store at v to v + 1.
-MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5}
 
 
 def _make_engine(url: str, immediate: bool, foreign_keys: bool = True):
@@ -413,6 +326,20 @@ class Store:
                     raise
                 time.sleep(min(2.0, 0.05 * 2**i) * (0.5 + random.random()))
 
+    # ------------------------------------------------------------------ time
+    def now(self, session: Session | None = None) -> dt.datetime:
+        """The store's clock, in UTC: PostgreSQL's (`now()`), so heartbeats written on one node and
+        aged on another agree whatever the nodes' own clocks say (skew, an NTP step, a suspend).
+        SQLite has no server: its clock is this host's, as the file lives on one host."""
+        if is_sqlite(self.url):
+            return utcnow()
+        from sqlalchemy import text
+
+        if session is not None:
+            return _utc(session.exec(text("SELECT now()")).one()[0])
+        with self.read() as s:
+            return _utc(s.exec(text("SELECT now()")).one()[0])
+
     # ------------------------------------------------------------------ optuna
     @property
     def optuna(self):
@@ -470,7 +397,13 @@ def first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def _utc(when: dt.datetime) -> dt.datetime:
+    return when.replace(tzinfo=dt.timezone.utc) if when.tzinfo is None else when.astimezone(dt.timezone.utc)
 
 
 def hostname() -> str:
-    return os.uname().nodename
+    """The name this node goes by in the store (UNLEARN_NODE, else its host name): pools check a
+    process's pid only on their own node, so nodes that share a host name (containers) set it."""
+    from studies.settings import lab_settings
+
+    return lab_settings().node

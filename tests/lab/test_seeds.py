@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
 import sqlite3
 import statistics
@@ -90,12 +89,11 @@ def test_a_v4_store_gets_a_seed_per_run_and_keeps_every_cell(tmp_path, tiny_mode
         c.execute("INSERT INTO ul_milestone (run_id, step, metrics, success, diverged, created_at) "
                   "VALUES (?, 2, '{}', 0, 0, '2026-01-01')", (run_id,))
         c.execute("UPDATE ul_meta SET value = '4' WHERE key = 'schema_version'")
-    assert SCHEMA_VERSION == 5
     store = Store(f"sqlite:///{path}", create=False)
     assert sorted((r.method, r.seed) for r in runs_of(store, "S")) == [("ga", 7), ("ga_gd", 7)]  # the study's seed
     assert len(milestones_of(store, "S")) == 1
     with sqlite3.connect(path) as c:
-        assert c.execute("SELECT value FROM ul_meta WHERE key = 'schema_version'").fetchone() == ("5",)
+        assert c.execute("SELECT value FROM ul_meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
         assert c.execute("PRAGMA foreign_key_check").fetchall() == []
         assert {r[2] for r in c.execute("PRAGMA index_list(ul_run)")} == {0, 1}  # its index and its unique constraint
     with store.write() as s:  # another seed of the same (method, lr) is a run of its own now
@@ -160,42 +158,29 @@ def test_a_study_with_seeds_runs_each_cell_per_seed_and_reads_their_mean(tmp_pat
 
 
 @pytest.mark.xdist_group("postgresql")
-def test_a_v4_postgresql_store_swaps_its_unique_constraint(forget_set_files, tiny_model_dir):
+def test_a_v4_postgresql_store_swaps_its_unique_constraint(forget_set_files, tiny_model_dir, pg_database):
     """The same upgrade on PostgreSQL, in a database of its own on the CI's server."""
-    import uuid
-
     import psycopg2
 
-    base = os.environ.get("UNLEARN_TEST_PG_URL")
-    if not base:
-        pytest.skip("UNLEARN_TEST_PG_URL is not set (.ci/postgres sets it where PostgreSQL can run)")
-    name = f"ul_v5_{uuid.uuid4().hex[:8]}"
-    admin = psycopg2.connect(base.replace("postgresql+psycopg2://", "postgresql://"))
-    admin.autocommit = True
-    admin.cursor().execute(f"CREATE DATABASE {name}")
-    url = base.rsplit("/", 1)[0] + "/" + name
-    try:
-        store = Store(url)
-        make_forget_set(store, "fs", forget_set_files)
-        create_study(store, "S", str(tiny_model_dir), "fs", methods=["ga"], lrs=[1e-3], steps=[2], seed=7)
-        store.engine.dispose()
-        con = psycopg2.connect(url.replace("postgresql+psycopg2://", "postgresql://"))
-        with con, con.cursor() as c:  # ul_run as v4 made it
-            c.execute("SELECT conname FROM pg_constraint WHERE conrelid = 'ul_run'::regclass AND contype = 'u'")
-            for (constraint,) in c.fetchall():
-                c.execute(f'ALTER TABLE ul_run DROP CONSTRAINT "{constraint}"')
-            c.execute("ALTER TABLE ul_run DROP COLUMN seed")
-            c.execute("ALTER TABLE ul_run ADD UNIQUE (study_id, method, lr)")
-            c.execute("UPDATE ul_meta SET value = '4' WHERE key = 'schema_version'")
-        con.close()
-        store = Store(url, create=False)
-        assert [(r.method, r.seed) for r in runs_of(store, "S")] == [("ga", 7)]
-        with store.write() as s:
-            s.add(Run(study_id=runs_of(store, "S")[0].study_id, method="ga", lr=1e-3, seed=8))
-        with pytest.raises(Exception, match="unique|duplicate"), store.write() as s:
-            s.add(Run(study_id=runs_of(store, "S")[0].study_id, method="ga", lr=1e-3, seed=8))
-        Store(url, create=False).engine.dispose()  # opening it again changes nothing
-        store.engine.dispose()
-    finally:
-        admin.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
+    url, _ = pg_database
+    store = Store(url)
+    make_forget_set(store, "fs", forget_set_files)
+    create_study(store, "S", str(tiny_model_dir), "fs", methods=["ga"], lrs=[1e-3], steps=[2], seed=7)
+    store.engine.dispose()
+    con = psycopg2.connect(url.replace("postgresql+psycopg2://", "postgresql://"))
+    with con, con.cursor() as c:  # ul_run as v4 made it
+        c.execute("SELECT conname FROM pg_constraint WHERE conrelid = 'ul_run'::regclass AND contype = 'u'")
+        for (constraint,) in c.fetchall():
+            c.execute(f'ALTER TABLE ul_run DROP CONSTRAINT "{constraint}"')
+        c.execute("ALTER TABLE ul_run DROP COLUMN seed")
+        c.execute("ALTER TABLE ul_run ADD UNIQUE (study_id, method, lr)")
+        c.execute("UPDATE ul_meta SET value = '4' WHERE key = 'schema_version'")
+    con.close()
+    store = Store(url, create=False)
+    assert [(r.method, r.seed) for r in runs_of(store, "S")] == [("ga", 7)]
+    with store.write() as s:
+        s.add(Run(study_id=runs_of(store, "S")[0].study_id, method="ga", lr=1e-3, seed=8))
+    with pytest.raises(Exception, match="unique|duplicate"), store.write() as s:
+        s.add(Run(study_id=runs_of(store, "S")[0].study_id, method="ga", lr=1e-3, seed=8))
+    Store(url, create=False).engine.dispose()  # opening it again changes nothing
+    store.engine.dispose()
