@@ -155,6 +155,13 @@ def optuna_trials(url: str, study: str) -> list:
 
 # ------------------------------------------------------------------ processes
 
+def dead_pid() -> int:
+    """The pid of a process that has just ended (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def pid_alive(pid: int) -> bool:
     """True for a live process; False for a gone or zombie one."""
     try:

@@ -17,12 +17,11 @@ A study created with `--attacks ... --attacks-at best` or `--eval-tasks ...` (at
 itself: once its runs are done,
 the worker pool starts `python -m studies.running.attack --study NAME` in a free slot (its own process, like
 a run), and marks the study done when it ends. Where that job stands is kept as events of the study
-(ATTACK_EVENTS), so every pool on every node sees it and the job runs once.
+(studies/running/attack_job.py), so every pool on every node sees it and the job runs once.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import replace
 from typing import Callable, Optional
@@ -34,20 +33,17 @@ from engine.errors import UnlearnError
 from engine.metric_registry import SCORE
 from studies.lifecycle.spec import study_spec
 from studies.reading.grid import best_cell, load_cells
-from studies.store.db import CellRow, Event, ForgetSet, Store, Study, hostname
-
-# The best-cell attack job's events, in the order they happen. "stopped" (the pool was interrupted,
-# or the process that ran it is gone) makes the job due again; "done" and "failed" end it: a
-# failed job is not retried by the pool (it costs a run per method), `unlearn study attack` reruns it.
-ATTACK_EVENTS = ("attacks started", "attacks stopped", "attacks done", "attacks failed")
+from studies.store.db import CellRow, ForgetSet, Store
 
 
 def attack_best_cells(store: Store, name: str, attacks: Optional[str] = None, method: Optional[str] = None, device: str = "auto",
-                      on_cell: Optional[Callable[[dict], None]] = None, eval_tasks: Optional[str] = None) -> list[dict]:
+                      on_cell: Optional[Callable[[dict], None]] = None, eval_tasks: Optional[str] = None,
+                      on_step: Optional[Callable[[int, float], None]] = None) -> list[dict]:
     """Per method (or only `method`): {"method", "lr", "steps", "score", "rerun_score", "reproduced",
     "<attack>_recovery"..., "downstream.<task>"...}; each cell's stored metrics gain "attacks" and the
     recoveries, and "downstream". `attacks` None: the ones the study was created with; `eval_tasks`
-    None: the study's --eval-tasks when it evaluates them at the best cells ("" : none)."""
+    None: the study's --eval-tasks when it evaluates them at the best cells ("" : none). `on_step`
+    is each rerun's step callback (the pool's job stops through it once another pool took it over)."""
     from engine.run import run_unlearning
     from studies.settings import lab_settings
     from studies.store.forgetsets import forget_set_texts
@@ -79,7 +75,7 @@ def attack_best_cells(store: Store, name: str, attacks: Optional[str] = None, me
                       eval_tasks=",".join(tasks), eval_tasks_dir=spec.run.eval_tasks_dir if tasks else "",
                       eval_tasks_limit=spec.run.eval_tasks_limit if tasks else 0).validate()
         result = run_unlearning(spec.model, texts, cfg, device=device, cache_dir=lab_settings().baseline_cache,
-                                trust_remote_code=bool(spec.trust_remote_code))
+                                trust_remote_code=bool(spec.trust_remote_code), on_step=on_step)
         cell = result["milestones"][-1]
         found = {"attacks": cell.get("attacks", {}), **{f"{a}_recovery": cell.get(f"{a}_recovery") for a in names}}
         downstream = {t: (cell.get("downstream") or {}).get(t) for t in tasks}
@@ -111,35 +107,13 @@ def describe_row(row: dict) -> str:
     return f"{row['method']} lr {row['lr']:g} × {row['steps']} steps: {';  '.join(parts)}{same}"
 
 
-def attack_job_state(store: Store, study_id: int) -> tuple[str | None, Event | None]:
-    """The last best-cell attack event of a study: (its kind without "attacks ", the event), or
-    (None, None) when the job never started."""
-    with store.read() as s:
-        last = s.exec(select(Event).where(Event.study_id == study_id, Event.kind.in_(ATTACK_EVENTS))
-                      .order_by(Event.id.desc()).limit(1)).first()
-    return (last.kind.split(" ", 1)[1], last) if last is not None else (None, None)
-
-
-def claim_attack_job(store: Store, study: Study, owner_alive: Callable[[Event], bool]) -> bool:
-    """Start the study's best-cell attack job if it is due: never started, stopped, or started by a
-    pool that is gone (`owner_alive(its "attacks started" event)` says). One write transaction, so
-    one pool wins; the event names this process (pid, host) for the others to check."""
-    with store.write() as s:
-        s.exec(select(Study).where(Study.id == study.id).with_for_update()).first()  # PostgreSQL: one claimer
-        last = s.exec(select(Event).where(Event.study_id == study.id, Event.kind.in_(ATTACK_EVENTS))
-                      .order_by(Event.id.desc()).limit(1)).first()
-        if last is not None and (last.kind in ("attacks done", "attacks failed")
-                                 or (last.kind == "attacks started" and owner_alive(last))):
-            return False
-        pid, host = os.getpid(), hostname()
-        s.add(Event(study_id=study.id, kind="attacks started", pid=pid, host=host,
-                    message=f"best-cell attacks started by pid {pid} on {host}"))
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
-    """The pool's best-cell job: `python -m studies.running.attack --study NAME --device D`: the attacks saved
-    for the best cells (--attacks-at best) and the --eval-tasks saved for them (--eval-tasks-at best)."""
+    """The pool's best-cell job: `python -m studies.running.attack --study NAME --device D --claim N`:
+    the attacks saved for the best cells (--attacks-at best) and the --eval-tasks saved for them
+    (--eval-tasks-at best). It beats while its claim holds and stops, writing nothing more, once
+    another pool has claimed the job (exit code 4)."""
+    from studies.running.attack_job import AttackBeat, AttackJobLost, log_attack_event
+    from studies.running.worker import HEARTBEAT_EVERY_S
     from studies.settings import lab_settings
 
     p = argparse.ArgumentParser(description="Run a study's attacks and/or downstream tasks at each method's best "
@@ -148,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--study", required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--claim", type=int, default=None, help="the pool's claim on the job (its 'attacks started' event)")
     a = p.parse_args(argv)
     if a.threads:
         import torch
@@ -157,12 +132,31 @@ def main(argv: list[str] | None = None) -> int:
     study = store.study(a.study)
 
     spec = study_spec(study)
-    rows = attack_best_cells(store, a.study, attacks=spec.run.attacks if spec.attacks_at == "best" else "",
-                             device=a.device, on_cell=lambda row: print(describe_row(row), flush=True))
+    beat = AttackBeat(store, study.id, a.claim, HEARTBEAT_EVERY_S) if a.claim is not None else None
+    if beat is not None:
+        store.retry(beat.beat)  # at once: a job superseded before it began does nothing
+        if beat.lost:
+            print(f"claim {a.claim} on the best-cell attack job is no longer the study's; nothing done", flush=True)
+            return 4
+        beat.start()
+    try:
+        rows = attack_best_cells(store, a.study, attacks=spec.run.attacks if spec.attacks_at == "best" else "",
+                                 device=a.device, on_cell=lambda row: print(describe_row(row), flush=True),
+                                 on_step=(lambda step, loss: beat.check()) if beat is not None else None)
+        if beat is not None:
+            beat.check()
+    except AttackJobLost as lost:
+        print(f"{lost}; stopping, nothing more written", flush=True)
+        return 4
+    finally:
+        if beat is not None:
+            beat.stop()
     done = sum(1 for r in rows if "skipped" not in r)
     what = " and ".join(w for w, on in (("attacks", spec.attacks_at == "best" and spec.run.attacks),
                                         ("downstream tasks", spec.wants_best_cell_tasks)) if on)
-    store.log("attacks done", f"best-cell {what} done: {done} of {len(rows)} methods", study.id)
+    if not log_attack_event(store, study.id, a.claim, "attacks done", f"best-cell {what} done: {done} of {len(rows)} methods"):
+        print("another pool took the job over meanwhile; 'attacks done' not written", flush=True)
+        return 4
     return 0
 
 

@@ -28,7 +28,7 @@ from sqlmodel import select
 
 from studies.lifecycle.spec import study_spec
 from studies.running import processes, tpe
-from studies.running.attack import attack_job_state
+from studies.running.attack_job import attack_job_state, log_attack_event
 from studies.running.claim import claim_due_attack_job, claim_pending
 from studies.running.logs import ATTACK_LOG, attempt_log_name, log_dir_for, scheduler_log_path
 from studies.running.processes import child_env, free_port  # noqa: F401 - the app's screens and the tests import them here
@@ -55,7 +55,7 @@ class Child:
     run_id: int | None  # None: the study's best-cell attack job (studies/running/attack.py)
     study_id: int
     slot: str  # the devices it runs on, comma-separated
-    attempt: int
+    attempt: int  # the run's attempt; the attack job's claim
     keys: tuple[str, ...] = ()  # the pool's slot keys it holds (a run of a study with --gpus-per-run N holds N)
 
 
@@ -72,6 +72,7 @@ class WorkerPool:
         self.poll_s, self.on_tick = poll_s, on_tick
         self.allow_remote_code = allow_remote_code
         self._refused: set[int] = set()  # studies this pool said it leaves alone (said once each)
+        self._orphans_due: dict[int, float] = {}  # TPE study -> when to look for its orphan trials again
         self.children: dict[str, Child] = {}  # its first slot key -> child
         self.host = hostname()
         self._stopping = False
@@ -112,6 +113,7 @@ class WorkerPool:
         self._settle_children()
         self._reap_lost()
         studies = self._studies()
+        self._fail_orphan_trials(studies)
         self._stop_cancelled(studies)
         if not self._stopping:
             free = self._free_slots()
@@ -121,8 +123,9 @@ class WorkerPool:
                     width = next(study_spec(st).gpus_per_run for st in studies if st.id == run.study_id)
                     self._spawn(free[:width], run)
                     free = free[width:]
-                elif (study := claim_due_attack_job(self.store, studies, self.host, self._attack_jobs())) is not None:
-                    self._spawn_attack_job(free[0], study)
+                elif (due := claim_due_attack_job(self.store, studies, self.host, self._attack_jobs(),
+                                                  self.heartbeat_timeout)) is not None:
+                    self._spawn_attack_job(free[0], *due)
                     free = free[1:]
                 else:
                     break
@@ -202,7 +205,7 @@ class WorkerPool:
             if st.state == StudyState.RUNNING:
                 with self.store.write() as s:
                     row = s.get(Study, st.id)
-                    row.scheduler_pid, row.scheduler_host, row.scheduler_heartbeat = os.getpid(), self.host, utcnow()
+                    row.scheduler_pid, row.scheduler_host, row.scheduler_heartbeat = os.getpid(), self.host, self.store.now(s)
                     s.add(row)
 
     def _progress(self, studies: list[Study]) -> dict:
@@ -231,6 +234,19 @@ class WorkerPool:
                 if run is not None:
                     return run
         return None
+
+    def _fail_orphan_trials(self, studies: list[Study]) -> None:
+        """A TPE study's trials left RUNNING by a pool that died mid-ask, told FAIL (tpe.py): looked
+        for when the pool first sees the study, then once per heartbeat timeout."""
+        now = time.monotonic()
+        for st in studies:
+            if st.state != StudyState.RUNNING or study_spec(st).sampler != "tpe" or now < self._orphans_due.get(st.id, 0.0):
+                continue
+            self._orphans_due[st.id] = now + self.heartbeat_timeout
+            told = tpe.fail_orphan_trials(self.store, st)
+            if told:
+                self.store.log("trials failed", f"trial(s) {', '.join(map(str, told))} left running by a pool that "
+                               "died mid-ask, told FAIL", st.id)
 
     def _attack_jobs(self) -> set[int]:
         """The studies whose best-cell attack job runs in this pool."""
@@ -264,14 +280,15 @@ class WorkerPool:
         self.summary["spawned"] += 1
         self.store.log("started", f"{run.method} lr={run.lr:g} attempt {run.attempts} on {slot} (pid {proc.pid})", run.study_id, run.id)
 
-    def _spawn_attack_job(self, key: str, study: Study) -> None:
-        """The study's attacks at each method's best cell, in its own process on this slot."""
+    def _spawn_attack_job(self, key: str, study: Study, claim: int) -> None:
+        """The study's attacks at each method's best cell, in its own process on this slot, under
+        this pool's claim on the job."""
         slot = key.split(":", 1)[1]
         visible, device = processes.devices_of([slot])
         log_path = log_dir_for(self.store, study.name) / ATTACK_LOG
-        proc = processes.start(processes.attack_command(study.name, device, self._threads(device)), self.store,
+        proc = processes.start(processes.attack_command(study.name, device, self._threads(device), claim), self.store,
                                log_path, cuda_visible=visible, new_session=True)
-        self.children[key] = Child(proc, None, study.id, slot, 1, (key,))
+        self.children[key] = Child(proc, None, study.id, slot, claim, (key,))
         self.store.log("started", f"best-cell attacks on {slot} (pid {proc.pid}); log {log_path}", study.id)
 
     def _settle_children(self) -> None:
@@ -285,9 +302,10 @@ class WorkerPool:
             else:
                 reason = f"exited with code {rc}" if rc else ""
             if child.run_id is None:  # the job logged "attacks done" itself when it succeeded
-                if rc:
-                    self.store.log("attacks failed", f"best-cell attacks {reason}; see the study's "
-                                   f"{ATTACK_LOG}, rerun with `unlearn study attack`", child.study_id)
+                if rc:  # (only while its claim holds: a job another pool took over ends nothing)
+                    log_attack_event(self.store, child.study_id, child.attempt, "attacks failed",
+                                     f"best-cell attacks {reason}; see the study's {ATTACK_LOG}, "
+                                     "rerun with `unlearn study attack`")
                 continue
             self._settle(child.run_id, reason, child.attempt)
 
@@ -320,7 +338,8 @@ class WorkerPool:
                 self._stop_child(child)
                 del self.children[key]
                 if child.run_id is None:
-                    self.store.log("attacks stopped", "best-cell attacks stopped: the study was cancelled", child.study_id)
+                    log_attack_event(self.store, child.study_id, child.attempt, "attacks stopped",
+                                     "best-cell attacks stopped: the study was cancelled")
                 else:
                     self._settle(child.run_id, "the study was cancelled", child.attempt)
 
@@ -339,7 +358,8 @@ class WorkerPool:
                 child.proc.wait()
         for key, child in list(self.children.items()):
             if child.run_id is None:  # due again for the next pool
-                self.store.log("attacks stopped", "best-cell attacks stopped: the pool was interrupted", child.study_id)
+                log_attack_event(self.store, child.study_id, child.attempt, "attacks stopped",
+                                 "best-cell attacks stopped: the pool was interrupted")
             else:
                 give_back(self.store, child.run_id, child.attempt)
             del self.children[key]

@@ -27,9 +27,11 @@ def worker_command(run_id: int, device: str, threads: int, processes: int = 1, a
             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *worker]
 
 
-def attack_command(study: str, device: str, threads: int) -> list[str]:
-    """A study's attacks and downstream tasks at each method's best cell (studies/running/attack.py)."""
-    return ["-m", "studies.running.attack", "--study", study, "--device", device, "--threads", str(threads)]
+def attack_command(study: str, device: str, threads: int, claim: int) -> list[str]:
+    """A study's attacks and downstream tasks at each method's best cell (studies/running/attack.py),
+    run under the pool's claim on the job (studies/running/attack_job.py)."""
+    return ["-m", "studies.running.attack", "--study", study, "--device", device, "--threads", str(threads),
+            "--claim", str(claim)]
 
 
 def pool_command(study: str, slots: list[str]) -> list[str]:

@@ -7,28 +7,19 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sqlite3
-import subprocess
-import sys
 
 from sqlmodel import select
 
 from studies.lifecycle.study import create_study
 from studies.running import processes
-from studies.running.claim import owner_alive
 from studies.running.settle import GONE_GRACE_S, reap_lost
 from studies.running.worker import HEARTBEAT_EVERY_S
 from studies.store.db import SCHEMA_VERSION, Event, Run, Store, hostname, utcnow
 from studies.store.states import RunState
-from tests.studies_helpers import runs_of, set_run
+from tests.studies_helpers import dead_pid, runs_of, set_run
 
 HUB_MODEL = "EleutherAI/pythia-14m"  # stored, never loaded
 SECRET_URL = "postgresql+psycopg2://lab:s3cret@db/unlearn"
-
-
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 def test_every_command_line_the_lab_builds_leaves_the_store_url_to_the_environment(tmp_path):
@@ -37,7 +28,7 @@ def test_every_command_line_the_lab_builds_leaves_the_store_url_to_the_environme
     two = processes.worker_command(7, "cuda", 0, processes=2)
     assert two[:4] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
     assert two[-8:] == ["-m", "studies.running.worker", "--run-id", "7", "--device", "cuda", "--threads", "0"]
-    attack = processes.attack_command("S", "cpu", 1)
+    attack = processes.attack_command("S", "cpu", 1, claim=9)
     scheduler = processes.pool_command("S", ["cpu", "cpu"])
     assert scheduler == ["-m", "studies.running.pool", "--study", "S", "--slots", "cpu,cpu"]
     for command in (one, two, attack, scheduler):
@@ -54,14 +45,6 @@ def test_every_command_line_the_lab_builds_leaves_the_store_url_to_the_environme
                            Named, log, cuda_visible="")
     assert proc.wait(timeout=60) == 0
     assert log.read_text().split("\n")[0] == f"{SECRET_URL} "
-
-
-def test_an_attacks_started_event_names_its_pool_in_columns():
-    here = hostname()
-    assert owner_alive(Event(kind="attacks started", message="", pid=os.getpid(), host=here), here)
-    assert not owner_alive(Event(kind="attacks started", message="", pid=dead_pid(), host=here), here)
-    assert owner_alive(Event(kind="attacks started", message="", pid=dead_pid(), host="elsewhere"), here)  # not checkable
-    assert owner_alive(Event(kind="attacks started", message="no pid here"), here)  # unknown: taken to be alive
 
 
 def test_a_v3_store_gains_the_event_columns_and_older_jobs_keep_their_pool(tmp_path):

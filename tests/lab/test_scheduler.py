@@ -19,15 +19,9 @@ from studies.running.pool import Child, WorkerPool
 from studies.running.worker import Heartbeat
 from studies.store.db import Run, Study, hostname, utcnow
 from studies.store.states import RunState, StudyState
-from tests.studies_helpers import cli_main, runs_of, set_run, study_state
+from tests.studies_helpers import cli_main, dead_pid, runs_of, set_run, study_state
 
 HUB_MODEL = "EleutherAI/pythia-14m"  # stored, never loaded
-
-
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 # ------------------------------------------------------------------ the heartbeat

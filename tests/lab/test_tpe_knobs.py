@@ -4,7 +4,6 @@ after the runs (the pool's attack job)."""
 from __future__ import annotations
 
 import json
-import os
 import shlex
 
 import optuna
@@ -16,13 +15,11 @@ from engine.metric_registry import SCORE
 from studies.lifecycle.spec import StudySpec, parse_knob_options, without_ranged_knobs
 from studies.reading.export import export_best
 from studies.reading.grid import best_cell, load_cells
-from studies.running.attack import attack_job_state, claim_attack_job
 from studies.store.db import Store
 from tests.studies_helpers import (
     assert_one_line_error,
     cli,
     cli_in_process,
-    cli_main,
     events_of,
     make_forget_set,
     runs_of,
@@ -71,28 +68,6 @@ def test_attacks_at_best_are_not_run_with_the_runs():
     best = tpe_spec(run=RunSettings(attacks="relearn"), attacks_at="best").validate()
     assert every.run_config("ga", 1e-3).attacks == "relearn" and not every.wants_best_cell_attacks
     assert best.run_config("ga", 1e-3).attacks == "" and best.wants_best_cell_attacks
-
-
-def test_the_best_cell_attack_job_is_claimed_once_and_again_only_when_its_pool_is_gone(
-        tmp_path, forget_set_files, tiny_model_dir):
-    url = f"sqlite:///{tmp_path / 'lab.db'}"
-    store = Store(url)
-    make_forget_set(store, "fs", forget_set_files)
-    assert cli_main("study", "create", "B", "--model", tiny_model_dir, "--forget-set", "fs", "--methods", "ga",
-                    "--lr", "1e-3", "--steps", "2", "--attacks", "relearn", "--attacks-at", "best", "--storage", url) == 0
-    study = store.study("B")
-    assert attack_job_state(store, study.id)[0] is None
-    alive = {"value": True}
-    assert claim_attack_job(store, study, lambda started: alive["value"])
-    assert f"pid {os.getpid()}" in attack_job_state(store, study.id)[1].message
-    assert not claim_attack_job(store, study, lambda started: alive["value"])  # running: nobody else starts it
-    alive["value"] = False
-    assert claim_attack_job(store, study, lambda started: alive["value"])  # its pool is gone: due again
-    store.log("attacks stopped", "interrupted", study.id)
-    assert claim_attack_job(store, study, lambda started: True)  # stopped: due again
-    for end in ("attacks done", "attacks failed"):
-        store.log(end, "over", study.id)
-        assert not claim_attack_job(store, study, lambda started: False)
 
 
 @pytest.mark.slow  # a whole TPE study through its scheduler, run subprocesses and the attack job
