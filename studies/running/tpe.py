@@ -6,7 +6,7 @@ its budget (spec.total_runs) is reached. The ask first reserves a run row in sta
 method, a negative lr to keep the unique constraint): every reader leaves such rows out, and the
 budget counts them, so two pools asking at once never overshoot it. The row carries the asking
 pool's pid and host, so a pool that dies mid-ask leaves a row the next pool on that host removes
-at once (settle.reap_lost).
+at once (settle.reap_lost). The count and the reservation are made under the study row's lock.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from sqlmodel import select
 
 from studies.lifecycle.spec import StudySpec
 from studies.running.claim import mark_claimed
-from studies.store.db import Run, Store, Study, utcnow
+from studies.store.db import Run, Store, Study
 from studies.store.states import RunState
 
 
@@ -30,11 +30,15 @@ def ask(store: Store, study: Study, spec: StudySpec, host: str) -> Run | None:
     import optuna
 
     with store.write() as s:
+        # the count and the reservation under the study row's lock: on PostgreSQL (READ COMMITTED)
+        # two pools could otherwise both count n < budget and both reserve; SQLite's IMMEDIATE
+        # transaction already serializes them
+        s.exec(select(Study.id).where(Study.id == study.id).with_for_update()).first()
         n = s.exec(select(func.count()).select_from(Run).where(Run.study_id == study.id)).one()
         if n >= spec.total_runs:
             return None
         placeholder = Run(study_id=study.id, method="", lr=-random.random(), seed=int(spec.run.seed), state=RunState.ASKING,
-                          heartbeat=utcnow(), host=host, pid=os.getpid())
+                          heartbeat=store.now(s), host=host, pid=os.getpid())
         s.add(placeholder)
         s.flush()
         run_id = placeholder.id
@@ -55,7 +59,7 @@ def ask(store: Store, study: Study, spec: StudySpec, host: str) -> Run | None:
                 run = None
             else:
                 run.method, run.lr, run.asked_trial, run.asked_steps = method, lr, trial.number, steps
-                mark_claimed(run, host)
+                mark_claimed(run, host, store.now(s))
                 s.add(run)
     except BaseException:
         drop_reservation(store, run_id)
@@ -108,3 +112,30 @@ def fail_asked_trial(store: Store, study_name: str, number: int) -> None:
                 pass
 
     store.retry(tell)
+
+
+def fail_orphan_trials(store: Store, study: Study) -> list[int]:
+    """The trials of a TPE study left RUNNING by a pool that died between the sampler's ask and the
+    run it became (or between a run's end and its trial's FAIL), told FAIL: every RUNNING trial no
+    pending or running run was asked for. Not while a reservation is being asked (its trial may
+    exist before its run names it). Returns the trial numbers told."""
+    from optuna.trial import TrialState
+
+    storage = store.optuna
+    study_id = store.retry(lambda: storage.get_study_id_from_name(study.name))
+    # the trials first, then the runs: a trial asked by a live pool had its reservation before it,
+    # so by the second read that reservation is still asking (wait) or names the trial (wanted)
+    running = store.retry(lambda: storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)))
+    if not running:
+        return []
+    with store.read() as s:
+        runs = s.exec(select(Run.state, Run.asked_trial).where(Run.study_id == study.id)).all()
+    if any(state == RunState.ASKING for state, _ in runs):
+        return []
+    wanted = {asked for state, asked in runs if asked is not None and state in (RunState.PENDING, RunState.RUNNING)}
+    told = []
+    for trial in running:
+        if trial.number not in wanted:
+            fail_asked_trial(store, study.name, trial.number)
+            told.append(trial.number)
+    return told

@@ -16,7 +16,7 @@ from studies.running.settle import give_back, reap_lost, settle
 from studies.running.worker import Heartbeat, run_one
 from studies.store.db import hostname, utcnow
 from studies.store.states import RunState
-from tests.studies_helpers import milestones_of, runs_of, set_run
+from tests.studies_helpers import events_of, milestones_of, runs_of, set_run
 
 HUB_MODEL = "EleutherAI/pythia-14m"  # stored, never loaded
 
@@ -109,3 +109,33 @@ def test_a_database_locked_past_its_busy_timeout_stops_no_run(tmp_path, forget_s
     assert (run.state, run.attempts, summary["retried"], summary["failed"]) == (RunState.DONE, 1, 0, 0), run.last_error
     assert {2, 20} <= {m.step for m in milestones_of(store, "L")}
     assert "pool: OperationalError" in capsys.readouterr().err
+
+
+def test_a_trial_left_running_by_a_pool_that_died_mid_ask_is_failed_by_the_next_pool(store):
+    """A pool killed between the sampler's ask and the run it became leaves a RUNNING trial no run
+    names (the name of it in no cell, for ever RUNNING in optuna-dashboard): the next pool tells it
+    FAIL, and leaves alone the trial a pending run was asked for and any trial while a reservation
+    is being asked."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from studies.running.pool import WorkerPool
+    from studies.store.db import Run, Study
+
+    study = create_study(store, "T", HUB_MODEL, "fs", methods=["ga"], lr_range=(1e-4, 1e-2), steps=[2],
+                         sampler="tpe", trials=2)
+    ostudy = optuna.load_study(study_name="T", storage=store.url)
+    orphan, wanted = ostudy.ask().number, ostudy.ask().number
+    with store.write() as s:
+        s.add(Run(study_id=study.id, method="ga", lr=1e-3, state=RunState.PENDING, asked_trial=wanted, asked_steps=2))
+        asking = Run(study_id=study.id, method="", lr=-0.5, state=RunState.ASKING, heartbeat=utcnow(), host=hostname(),
+                     pid=os.getpid())  # a live pool asking right now
+        s.add(asking)
+        s.get(Study, study.id).state = "running"
+    WorkerPool(store, ["cpu"], ["T"])._fail_orphan_trials([store.study("T")])
+    assert {t.number: t.state for t in ostudy.get_trials()} == {orphan: TrialState.RUNNING, wanted: TrialState.RUNNING}
+    with store.write() as s:
+        s.delete(s.get(Run, asking.id))
+    WorkerPool(store, ["cpu"], ["T"])._fail_orphan_trials([store.study("T")])
+    assert {t.number: t.state for t in ostudy.get_trials()} == {orphan: TrialState.FAIL, wanted: TrialState.RUNNING}
+    assert "left running by a pool that died" in events_of(store, "T", "trials failed")[0].message
