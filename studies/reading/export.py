@@ -25,7 +25,7 @@ from engine.metric_registry import OBJECTIVE, SCORE, every_run, objective, read
 from studies.lifecycle.spec import StudySpec, study_spec
 from studies.reading.grid import Cell, best_cell, load_cells
 from studies.reading.grid import pareto as pareto_front
-from studies.store.db import ForgetSet, Store, Study
+from studies.store.db import ForgetSet, Store, Study, hostname
 from studies.store.states import CellStatus
 
 
@@ -193,6 +193,30 @@ def model_card(entry: dict, reached: dict, result: dict) -> str:
     return "\n".join(lines)
 
 
+# A model folder being written carries who writes it (node, pid): an export killed outright (SIGKILL,
+# a crash; SIGTERM is cleaned up by its own process) leaves a multi-GB folder that the next export
+# into the same folder removes once that process is gone from this node.
+OWNER_FILE = ".unlearn-export-owner"
+
+
+def remove_abandoned(out_dir: Path) -> list[Path]:
+    """Remove the half-written model folders in out_dir whose export process is gone from this
+    node (a folder another node writes, or one without its owner file, is left alone)."""
+    from studies.running.processes import pid_alive
+
+    removed = []
+    for tmp in Path(out_dir).glob(".*.tmp"):
+        try:
+            node, pid = (tmp / OWNER_FILE).read_text(encoding="utf-8").split()
+            mine, alive = node == hostname(), pid_alive(int(pid))
+        except (OSError, ValueError):
+            continue
+        if mine and not alive:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
 def save_model(store: Store, entry: dict, out_dir: Path, device: str = "auto",
                on_step: Optional[Callable[[int, float], None]] = None, merge: bool = False) -> dict:
     """Rerun an export entry from the stored forget-set texts and save the unlearned model, its tokenizer
@@ -215,7 +239,9 @@ def save_model(store: Store, entry: dict, out_dir: Path, device: str = "auto",
     out_dir = Path(out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / model_dir_name(entry)
+    remove_abandoned(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=out_dir))
+    (tmp / OWNER_FILE).write_text(f"{hostname()} {os.getpid()}\n", encoding="utf-8")
     try:
         result = run_unlearning(study.model, texts, cfg, device=device, cache_dir=lab_settings().baseline_cache,
                                 trust_remote_code=bool(spec.trust_remote_code), on_step=on_step, save_to=tmp,
@@ -228,6 +254,7 @@ def save_model(store: Store, entry: dict, out_dir: Path, device: str = "auto",
         if final.exists():
             old = out_dir / f".{final.name}.old-{os.getpid()}"
             os.replace(final, old)
+        (tmp / OWNER_FILE).unlink()
         os.replace(tmp, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

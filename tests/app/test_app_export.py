@@ -6,14 +6,20 @@ import asyncio
 import datetime as dt
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import yaml
 from sqlmodel import select
 
+from studies.reading.export import OWNER_FILE, remove_abandoned
+from studies.store.db import hostname
 from tests.app.app_stores import make_study
 from tests.app.pilot_helpers import wait_until
+from tests.studies_helpers import cli_env, dead_pid, stop
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -393,3 +399,35 @@ def test_running_runs_add_and_remove_only_what_changed(store):
             assert cell_text(table, run_key("ga", 1e-3), "heartbeat") == "3 s"
 
     asyncio.run(go())
+
+
+def test_a_cancelled_model_export_leaves_no_half_written_folder(store, tmp_path):
+    """The dialog's Cancel sends the export subprocess SIGTERM (_stop): before, the process died at
+    once and its `.tmp` model folder (gigabytes for an LLM) stayed; now it removes it and exits 143."""
+    models = tmp_path / "models"
+    proc = subprocess.Popen([sys.executable, "-m", "tui.cli", "export", "sweep-done", "--method", "ga",
+                             "--save-model", str(models), "--device", "cpu", "--storage", store.url],
+                            env=cli_env(tmp_path / "home"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(models.glob(".*.tmp")):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no model folder was begun"
+            time.sleep(0.01)
+        proc.terminate()
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        stop(proc)
+    assert list(models.iterdir()) == []
+
+
+def test_a_killed_exports_folder_is_removed_by_the_next_export_on_its_node(tmp_path):
+    mine_dead, mine_alive, other_node, unknown = (tmp_path / f".ga.{i}.tmp" for i in "abcd")
+    for folder, owner in ((mine_dead, f"{hostname()} {dead_pid()}"), (mine_alive, f"{hostname()} {os.getpid()}"),
+                          (other_node, f"node-elsewhere {dead_pid()}"), (unknown, None)):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x")
+        if owner:
+            (folder / OWNER_FILE).write_text(owner)
+    assert remove_abandoned(tmp_path) == [mine_dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (mine_alive, other_node, unknown))

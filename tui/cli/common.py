@@ -5,9 +5,11 @@ from `engine.config.RunSettings`.
 Imports nothing heavy: every read-only command goes through here (the light read path)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
+import signal
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
@@ -104,3 +106,18 @@ def run_settings_options(func):
     return command
 
 
+
+
+@contextlib.contextmanager
+def sigterm_as_exit():
+    """Within it, SIGTERM (the app's Cancel, `kill`, a batch system's stop) raises SystemExit(143)
+    instead of ending the process outright, so the work's own cleanup runs: a model folder half
+    written by `export --save-model` is removed, not left behind (gigabytes)."""
+    def _raise(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from engine.metric_registry import SCORE, metric_help, objective
-from tui.cli.common import Json, Storage, lab
+from tui.cli.common import Json, Storage, lab, sigterm_as_exit
 
 METRIC_HELP = metric_help()
 
@@ -195,7 +195,7 @@ def export_cmd(
     text = to_json(entries) if fmt == "json" else to_yaml(entries)
     if save_model is not None:
         for e in entries:
-            with step_progress(f"{e['method']} lr={e['lr']:g}", int(e["steps"])) as on_step:
+            with sigterm_as_exit(), step_progress(f"{e['method']} lr={e['lr']:g}", int(e["steps"])) as on_step:
                 saved = save(store, e, save_model, device=device, on_step=on_step, merge=merge)
             note = "" if saved["matches"] else f" (score {saved[SCORE]} differs from the study's {e[SCORE]}: device {saved['device']})"
             err.print(f"saved {saved['path']}{note}", markup=False, highlight=False)
