@@ -180,3 +180,24 @@ def test_a_study_run_that_cannot_fit_its_gpu_is_refused_with_the_plans_reason(ti
     assert _does_not_fit(spec, fitting, 80 * gib) is None
     unreadable = StudySpec(model="/no/such/model", forget_set="fs", forget_set_hash="h", methods=("ga",), steps=(1,), lrs=(1e-5,))
     assert _does_not_fit(unreadable, fitting, 80 * gib) is None  # no plan: the run itself says what is wrong
+
+
+def test_a_gpu_whose_memory_other_processes_hold_makes_the_run_retryable_not_failed(tiny_model_dir):
+    """Before, a run that found less memory free than its plan needs failed for good, even when the
+    GPU could hold it and another scheduler's runs had the memory for the moment. Now only a plan
+    that does not fit the whole GPU fails at once; a shortfall of free memory is retried."""
+    from pathlib import Path
+
+    from studies.lifecycle.spec import StudySpec
+    from studies.running.worker import memory_verdict
+
+    llama8b = str(Path(__file__).parents[1] / "fixtures" / "configs" / "llama-3-8b")
+    spec = StudySpec(model=llama8b, forget_set="fs", forget_set_hash="h", methods=("ga_kl",), steps=(1,), lrs=(1e-5,))
+    gib = 1024 ** 3
+    lora = RunConfig(method="ga_kl", lr=1e-5, milestones=(1,), dtype="bf16", lora=16)  # fits 80 GiB
+    assert memory_verdict(spec, lora, 79 * gib, 80 * gib) == (None, False)
+    why, for_good = memory_verdict(spec, lora, 2 * gib, 80 * gib)  # 78 GiB held by others
+    assert not for_good and "now: 2.0 of the GPU's 80.0 GiB free, the rest held by other processes; retried" in why
+    full = RunConfig(method="ga_kl", lr=1e-5, milestones=(1,), dtype="fp32")  # 217.5 GiB: never fits
+    why, for_good = memory_verdict(spec, full, 80 * gib, 80 * gib)
+    assert for_good and "needs 217.5 GiB per GPU" in why
