@@ -37,20 +37,24 @@ def record_cell(store: Store, study_name: str, spec: StudySpec, run: Run, cell: 
     from studies.running.fence import RunLost, owns
 
     step = cell["step"]
-    with store.write() as s:
-        # FOR UPDATE: on PostgreSQL a pool settling the run waits for this cell (SQLite: one writer)
-        if attempt is not None and not owns(s.exec(select(Run).where(Run.id == run.id).with_for_update()).first(), attempt):
-            raise RunLost(run.id, attempt, f"its cell at step {step} was not written")
-        ms = s.exec(select(CellRow).where(CellRow.run_id == run.id, CellRow.step == step)).first()
-        created = ms is None
-        if created:
-            ms = CellRow(run_id=run.id, step=step, metrics=cell, score=cell.get(SCORE),
-                           success=bool(cell.get("success")), diverged=bool(cell.get("diverged")))
-            s.add(ms)
-            s.flush()
-        if ms.trial_number is not None:
-            return ms.trial_number
-        ms_id, cell = ms.id, ms.metrics  # the first written values win
+
+    def write_row():
+        with store.write() as s:
+            # FOR UPDATE: on PostgreSQL a pool settling the run waits for this cell (SQLite: one writer)
+            if attempt is not None and not owns(s.exec(select(Run).where(Run.id == run.id).with_for_update()).first(), attempt):
+                raise RunLost(run.id, attempt, f"its cell at step {step} was not written")
+            ms = s.exec(select(CellRow).where(CellRow.run_id == run.id, CellRow.step == step)).first()
+            created = ms is None
+            if created:
+                ms = CellRow(run_id=run.id, step=step, metrics=cell, score=cell.get(SCORE),
+                             success=bool(cell.get("success")), diverged=bool(cell.get("diverged")))
+                s.add(ms)
+                s.flush()
+            return created, ms.id, ms.metrics, ms.trial_number  # the first written values win
+
+    created, ms_id, cell, told = store.retry(write_row)  # a server back from a restart: tried again
+    if told is not None:
+        return told
     if cell.get("at_target") and step not in {int(s) for s in spec.steps}:
         # An at-target cell between milestones: a row of its own, but no Optuna trial, whose `steps`
         # parameter is the study's categorical grid of milestones, which this step is not part of.
@@ -88,10 +92,13 @@ def record_cell(store: Store, study_name: str, spec: StudySpec, run: Run, cell: 
         storage = store.optuna
         trial_id = store.retry(lambda: storage.create_new_trial(storage.get_study_id_from_name(study_name), template_trial=frozen))
         number = storage.get_trial_number_from_id(trial_id)
-    with store.write() as s:
-        ms = s.get(CellRow, ms_id)
-        ms.trial_number = number
-        s.add(ms)
+    def write_number():
+        with store.write() as s:
+            ms = s.get(CellRow, ms_id)
+            ms.trial_number = number
+            s.add(ms)
+
+    store.retry(write_number)
     return number
 
 

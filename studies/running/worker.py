@@ -118,12 +118,15 @@ def run_one(store: Store, run_id: int, device: str, attempt: int | None = None) 
                                 trust_remote_code=spec.trust_remote_code, on_step=on_step, on_milestone=on_milestone)
         heart.stop()
         state = RunState.DIVERGED if result["diverged"] else RunState.DONE
-        with store.write() as s:
-            now = store.now(s)
-            written = s.exec(update(Run).where(*owned_by(run_id, attempt)).values(
-                state=state, step=max(c["step"] for c in result["milestones"]), finished_at=now, heartbeat=now,
-                device=result["device"],
-                result={k: result[k] for k in ("cost", "baseline", "losses", "reason", "device", "diverged")})).rowcount
+        def finish() -> int:
+            with store.write() as s:
+                now = store.now(s)
+                return s.exec(update(Run).where(*owned_by(run_id, attempt)).values(
+                    state=state, step=max(c["step"] for c in result["milestones"]), finished_at=now, heartbeat=now,
+                    device=result["device"],
+                    result={k: result[k] for k in ("cost", "baseline", "losses", "reason", "device", "diverged")})).rowcount
+
+        written = store.retry(finish)  # a server back from a restart: the result is not thrown away
         if not written:
             raise RunLost(run_id, attempt, "its result was not written")
         store.log(state, f"{run.method} lr={run.lr:g}: {state}" + (f" ({result['reason']})" if result["reason"] else ""),

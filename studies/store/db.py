@@ -315,14 +315,15 @@ class Store:
                 raise
 
     def retry(self, fn: Callable[[], Any], attempts: int = 30) -> Any:
-        """Run fn, retrying on lock/serialization errors (Optuna's own sessions are not IMMEDIATE)."""
+        """Run fn, retrying on lock/serialization errors (Optuna's own sessions are not IMMEDIATE) and
+        on a server that went away for a moment (about 40 s in all: a PostgreSQL restart)."""
         from optuna.exceptions import StorageInternalError
 
         for i in range(attempts):
             try:
                 return fn()
-            except (OperationalError, StorageInternalError) as exc:
-                if i == attempts - 1 or not _is_transient(exc):
+            except (OperationalError, StorageInternalError, DBAPIError) as exc:
+                if i == attempts - 1 or not _is_transient(exc, connection_lost=True):
                     raise
                 time.sleep(min(2.0, 0.05 * 2**i) * (0.5 + random.random()))
 
@@ -372,12 +373,19 @@ class Store:
 
 
 TRANSIENT = ("locked", "busy", "deadlock", "could not serialize", "serialization")
+# A server going away for a moment (a PostgreSQL restart, a failover) while work is under way: worth
+# trying again then, not when a store is first opened (a wrong host or port should fail at once).
+CONNECTION_LOST = ("server closed the connection", "terminating connection", "connection refused",
+                   "the database system is starting up", "the database system is shutting down",
+                   "connection already closed", "could not connect", "ssl syscall error", "eof detected")
 
 
-def _is_transient(exc: BaseException) -> bool:
-    """A lock wait or a serialization failure, worth trying again. Optuna wraps SQLAlchemy's errors
-    in its StorageInternalError, whose own text may say nothing of the cause: every exception in the
-    chain (`__cause__`, `__context__`, a DBAPI error's `orig`) is read."""
+def _is_transient(exc: BaseException, connection_lost: bool = False) -> bool:
+    """A lock wait or a serialization failure (with `connection_lost`, a server gone for a moment too),
+    worth trying again. Optuna wraps SQLAlchemy's errors in its StorageInternalError, whose own text
+    may say nothing of the cause: every exception in the chain (`__cause__`, `__context__`, a DBAPI
+    error's `orig`) is read."""
+    words = TRANSIENT + (CONNECTION_LOST if connection_lost else ())
     seen: set[int] = set()
     todo: list = [exc]
     while todo:
@@ -385,7 +393,7 @@ def _is_transient(exc: BaseException) -> bool:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if any(k in str(e).lower() for k in TRANSIENT):
+        if any(k in str(e).lower() for k in words):
             return True
         todo += [e.__cause__, e.__context__, getattr(e, "orig", None)]
     return False

@@ -29,12 +29,18 @@ def pg_database():
     base = os.environ.get("UNLEARN_TEST_PG_URL")
     if not base:
         pytest.skip("UNLEARN_TEST_PG_URL is not set (.ci/postgres sets it where PostgreSQL can run)")
+    def connect():
+        con = psycopg2.connect(base.replace("postgresql+psycopg2://", "postgresql://"))
+        con.autocommit = True
+        return con
+
     name = f"ul_t_{uuid.uuid4().hex[:10]}"
-    admin = psycopg2.connect(base.replace("postgresql+psycopg2://", "postgresql://"))
-    admin.autocommit = True
+    admin = connect()
     admin.cursor().execute(f"CREATE DATABASE {name}")
     try:
         yield base.rsplit("/", 1)[0] + "/" + name, admin
     finally:
+        admin.close()
+        admin = connect()  # a fresh one: the test may have restarted the server
         admin.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.close()
