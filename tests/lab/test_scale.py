@@ -154,3 +154,12 @@ def test_the_app_paints_and_refreshes_on_ten_thousand_trials(scale_store):
 
 # The first paint of the whole process (`unlearn tui` under tmux, imports included) is measured
 # by bench/app_first_paint.py, which tests/bench/test_bench.py runs and prints.
+
+
+def test_the_committed_scale_store_is_the_one_this_code_makes():
+    """A schema or plan change without a refreshed fixture costs every fresh clone 5-8 minutes of
+    building (CI's time limit is 10): said here in a second, with the command that refreshes it."""
+    from tests.lab.scale_store import FIXTURE, cache_key
+
+    committed = json.loads(FIXTURE.with_suffix("").with_suffix(".json").read_text())["key"]
+    assert committed == cache_key(), "run `python tests/lab/scale_store.py --write-fixture` and commit the fixture"
