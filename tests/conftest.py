@@ -176,13 +176,31 @@ def isolated_unlearn_home(tmp_path_factory):
 def quick_demo(tmp_path_factory):
     """`unlearn demo --quick` run once per session, in a subprocess as a user runs it: the
     workspace, its JSON report and the wall time. The demo's own test checks it; the app's
-    end-to-end tests work on its store (they add studies, never change the demo's)."""
+    end-to-end tests work on its store (they add studies, never change the demo's).
+
+    Its workspace's build (corpus, tokenizer, a base model pre-trained from scratch, θ0 and the
+    retrained twin: ~70 s of CPU, a third of the demo) is made once per machine and code, by the
+    demo's own build_workspace in a subprocess with the demo's threads, and cached (tests/cache.py);
+    the demo finds it built and runs its study and controls, as a second `unlearn demo` would.
+    The build itself runs here whenever the code that shapes it changes."""
     import subprocess
     import sys
     import time
 
+    from tests.cache import cached_folder, source_key
+
     ws = tmp_path_factory.mktemp("quick_demo") / "W"
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+
+    def build(out) -> None:
+        code = "import sys; from pathlib import Path; from engine.demo import QUICK, build_workspace; " \
+               "build_workspace(Path(sys.argv[1]), QUICK)"
+        b = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env, timeout=900)
+        assert b.returncode == 0, b.stderr[-3000:]
+
+    key = source_key("engine/demo.py", "engine/demo_corpus.py", "engine/data.py", "engine/models.py", "engine/files.py",
+                     extra=(os.cpu_count(), os.environ.get("OMP_NUM_THREADS")))
+    cached_folder("quick-demo-workspace", key, build, ws)
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "tui.cli", "demo", "--quick", "--workspace", str(ws), "--json"],
                        capture_output=True, text=True, env=env, timeout=900)
