@@ -20,6 +20,8 @@ random-weight Llama of the demo's size, steps 2,4,6,8,10, one repeat. With --jso
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import statistics
 import sys
 import tempfile
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model_dir, texts, sets = demo_workspace(a.workspace)
     cache = Path(tempfile.mkdtemp(prefix="bench-grid-cache-"))
+    atexit.register(shutil.rmtree, cache, True)  # a bench leaves nothing behind
 
     def run(lr, milestones):
         cfg = RunConfig(method=a.method, lr=lr, milestones=tuple(milestones), batch_size=QUICK.run_batch_size,

@@ -15,7 +15,9 @@ within 15 % either way. Without CUDA it prints why and {"pass": null, "skipped":
 from __future__ import annotations
 
 import argparse
+import atexit
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         import tempfile
 
         model_ref = tempfile.mkdtemp(prefix="plan-peak-")
+        atexit.register(shutil.rmtree, model_ref, True)  # a bench leaves nothing behind
         config.save_pretrained(model_ref)
     if a.options is None:  # the plan's recommendation for this GPU (config-only, no weights)
         first = make_plan(model_ref, a.method, options_from(RunConfig(method=a.method, lr=1e-5, milestones=(1,))),

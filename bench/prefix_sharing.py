@@ -17,7 +17,9 @@ wall times and their ratio; with --json its last line is {"name", "ratio", "targ
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = load_forget_set(src["forget"], src["retain"], src["unseen"], src["general"])
     sets = chunk_forget_set(texts, load_tokenizer(str(ws / "model")), QUICK.seq_len)
     cache = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    atexit.register(shutil.rmtree, cache, True)  # a bench leaves nothing behind
 
     def run(milestones):
         cfg = RunConfig(method=a.method, lr=a.lr, milestones=tuple(milestones), batch_size=QUICK.run_batch_size,

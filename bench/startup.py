@@ -13,8 +13,10 @@ when the target is missed.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     trials, repeat = (100, 3) if a.quick else (a.trials, a.repeat)
 
     work = Path(tempfile.mkdtemp(prefix="bench-startup-"))
+    atexit.register(shutil.rmtree, work, True)  # a bench leaves nothing behind
     url = f"sqlite:///{work / 'lab.db'}"
     t0 = time.perf_counter()
     written = write_store(url, trials, work)
