@@ -15,9 +15,13 @@ import pytest
 import torch
 
 # Tiny models on two cores: OpenMP's second thread only adds synchronization (and, with another
-# process busy on the machine, slows a step down by 10-40x). One thread keeps the suite fast.
+# process busy on the machine, slows a step down by 10-40x). One thread keeps the suite fast, in
+# this process and in every process a test starts (a worker pool caps its runs' threads at
+# OMP_NUM_THREADS): beside pytest-xdist's other worker, two end-to-end tests took 123 s with a
+# pool's two threads per run and 53 s with one.
 if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 SEQ_LEN = 128  # one record is ~110 tokens: one chunk per record
 N_FORGET, N_RETAIN, N_UNSEEN, N_GENERAL = 16, 32, 16, 12
@@ -199,7 +203,7 @@ def quick_demo(tmp_path_factory):
         assert b.returncode == 0, b.stderr[-3000:]
 
     key = source_key("engine/demo.py", "engine/demo_corpus.py", "engine/data.py", "engine/models.py", "engine/files.py",
-                     extra=(os.cpu_count(), os.environ.get("OMP_NUM_THREADS")))
+                     extra=(os.cpu_count(),))  # the build's threads: the machine's (env above drops OMP_NUM_THREADS)
     cached_folder("quick-demo-workspace", key, build, ws)
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "tui.cli", "demo", "--quick", "--workspace", str(ws), "--json"],

@@ -18,9 +18,12 @@ SEQ_LEN = 128  # the tiny model of conftest.py: one record is one chunk
 
 
 def cli_env(home: Path, **extra: str) -> dict:
-    """The environment of a CLI subprocess: its own UNLEARN_HOME, no inherited store URL."""
+    """The environment of a CLI subprocess: its own UNLEARN_HOME, no inherited store URL, one torch
+    thread per process (as tests/conftest.py gives the test process: the tiny models gain nothing
+    from a second, and beside pytest-xdist's other worker more threads than cores only spin)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("UNLEARN_") or k == "UNLEARN_TEST_PG_URL"}
     env.update(UNLEARN_HOME=str(home), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
     return env
 

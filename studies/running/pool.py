@@ -77,8 +77,7 @@ class WorkerPool:
         self.host = hostname()
         self._stopping = False
         self._signals = 0
-        n_cpu = sum(1 for s in slots if s == "cpu")
-        self.threads = max(1, (os.cpu_count() or 1) // n_cpu) if n_cpu else 0
+        self.threads = cpu_threads(slots)
         self.summary = {"spawned": 0, "retried": 0, "failed": 0}
 
     # ------------------------------------------------------------------ the loop
@@ -363,6 +362,17 @@ class WorkerPool:
             else:
                 give_back(self.store, child.run_id, child.attempt)
             del self.children[key]
+
+
+def cpu_threads(slots: list[str]) -> int:
+    """torch threads per CPU run: the cores shared among the CPU slots, at most OMP_NUM_THREADS where
+    it is set (a batch system sets it to a job's CPUs; more threads than cores only spin). 0: no CPU slot."""
+    n_cpu = sum(1 for s in slots if s == "cpu")
+    if not n_cpu:
+        return 0
+    threads = max(1, (os.cpu_count() or 1) // n_cpu)
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    return min(threads, int(cap)) if cap.isdigit() and int(cap) > 0 else threads
 
 
 def detach(store: Store, name: str, slots: list[str]) -> tuple[int, Path]:

@@ -98,3 +98,18 @@ def test_every_reader_parses_a_study_spec_one_way(store):
     assert study_spec(store.study("S")) == StudySpec.from_dict(study.spec)
     with store.read() as s:
         assert [r.method for r in s.exec(select(Run)).all()] == ["ga", "ga_gd"]
+
+
+def test_cpu_runs_share_the_cores_and_keep_to_omp_num_threads(monkeypatch):
+    """A pool's CPU runs split the cores between them, at most OMP_NUM_THREADS each where it is set
+    (a batch system's CPUs per job, or the tests' one thread): more threads than cores only spin."""
+    from studies.running.pool import cpu_threads
+
+    cores = os.cpu_count() or 1
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cpu_threads(["cpu"]) == cores and cpu_threads(["cpu"] * (2 * cores)) == 1
+    assert cpu_threads(["cuda:0", "cuda:1"]) == 0
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_threads(["cpu"]) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
+    assert cpu_threads(["cpu"]) == cores
