@@ -516,20 +516,22 @@ def test_a_killed_scheduler_resumes_where_the_store_says(lab, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_a_second_scheduler_is_refused_and_sigterm_gives_the_runs_back(lab, tiny_model_dir):
+def test_a_second_scheduler_is_refused_and_sigterm_gives_the_runs_back(lab, tiny_model_dir, capsys):
     """While a detached scheduler runs a study, another `study run` of it is one line and exit 2.
     SIGTERM to that scheduler (a preemption, a shutdown) gives its running runs back within 30 s with
     no attempt spent; `study run` then finishes the study with every cell once."""
-    steps = [2, 4, 100]
-    study(lab, "T", tiny_model_dir, methods=["ga"], lrs=[1e-3], steps=steps)
+    # a run that is still under way when the SIGTERM comes: 200 steps at an lr that does not diverge
+    # (at 1e-3 GA diverged and ended the run early, before the signal, once runs got one thread each)
+    steps = [2, 4, 200]
+    study(lab, "T", tiny_model_dir, methods=["ga"], lrs=[1e-5], steps=steps)
     r = cli("study", "run", "T", "--detach", "--workers", "1", "--storage", lab.url, home=lab.home)
     assert r.returncode == 0, r.stderr
     scheduler = _scheduler_pid(r.stdout)
     try:
         wait_for(lambda: [x for x in runs_of(lab.store, "T") if x.state == "running" and x.step >= 1]
                  and lab.store.study("T").scheduler_heartbeat, 120, "a run under way and a scheduler beat", interval=0.1)
-        for again in (["--detach"], []):
-            second = cli("study", "run", "T", *again, "--workers", "1", "--storage", lab.url, home=lab.home)
+        for again in (["--detach"], []):  # refused before anything runs: in this process, in a moment
+            second = cli_in_process(capsys, "study", "run", "T", *again, "--workers", "1", "--storage", lab.url)
             assert_one_line_error(second, f"already run by scheduler pid {scheduler}")
         running = [x.id for x in runs_of(lab.store, "T") if x.state == "running"]
         pids = [x.pid for x in runs_of(lab.store, "T") if x.state == "running" and x.pid]
