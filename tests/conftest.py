@@ -186,7 +186,9 @@ def quick_demo(tmp_path_factory):
     retrained twin: ~70 s of CPU, a third of the demo) is made once per machine and code, by the
     demo's own build_workspace in a subprocess with the demo's threads, and cached (tests/cache.py);
     the demo finds it built and runs its study and controls, as a second `unlearn demo` would.
-    The build itself runs here whenever the code that shapes it changes."""
+    The build itself runs here whenever the code that shapes it changes. The demo runs with the
+    suite's one thread per process (OMP_NUM_THREADS=1, above): beside pytest-xdist's other worker,
+    its evaluations' second thread would only spin."""
     import subprocess
     import sys
     import time
@@ -207,7 +209,7 @@ def quick_demo(tmp_path_factory):
     cached_folder("quick-demo-workspace", key, build, ws)
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "tui.cli", "demo", "--quick", "--workspace", str(ws), "--json"],
-                       capture_output=True, text=True, env=env, timeout=900)
+                       capture_output=True, text=True, timeout=900)
     wall = time.perf_counter() - t0
     assert p.returncode == 0, p.stderr[-3000:]
     return ws, json.loads(p.stdout), wall
