@@ -239,3 +239,32 @@ def heaviest_first(items) -> None:
                           slow + int(item.get_closest_marker("slow") is not None))
     first_seen = {m: i for i, m in enumerate(dict.fromkeys(it.nodeid.split("::", 1)[0] for it in items))}
     items.sort(key=lambda it: (-weight[m := it.nodeid.split("::", 1)[0]][0], -weight[m][1], first_seen[m]))
+
+
+@pytest.fixture
+def pg_database():
+    """The URL of a PostgreSQL database of the test's own on the CI's server (dropped after), and an
+    admin connection to that server (autocommit); skipped where UNLEARN_TEST_PG_URL is not set."""
+    import os
+    import uuid
+
+    import psycopg2
+
+    base = os.environ.get("UNLEARN_TEST_PG_URL")
+    if not base:
+        pytest.skip("UNLEARN_TEST_PG_URL is not set (.ci/postgres sets it where PostgreSQL can run)")
+    def connect():
+        con = psycopg2.connect(base.replace("postgresql+psycopg2://", "postgresql://"))
+        con.autocommit = True
+        return con
+
+    name = f"ul_t_{uuid.uuid4().hex[:10]}"
+    admin = connect()
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+    try:
+        yield base.rsplit("/", 1)[0] + "/" + name, admin
+    finally:
+        admin.close()
+        admin = connect()  # a fresh one: the test may have restarted the server
+        admin.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()

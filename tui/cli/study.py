@@ -90,6 +90,18 @@ def run_cmd(
     detach: bool = typer.Option(False, "--detach", help="return at once; the scheduler outlives the terminal and SSH"),
     retry_failed: bool = typer.Option(True, "--retry-failed/--no-retry-failed",
                                       help="give runs that failed a fresh attempt budget"),
+    slurm: bool = typer.Option(False, "--slurm", help="submit the workers as one SLURM job array (submitit) and return"),
+    jobs: int = typer.Option(1, "--jobs", help="--slurm: array tasks, each a worker pool on its own devices"),
+    partition: Optional[str] = typer.Option(None, "--partition", help="--slurm: the partition"),
+    account: Optional[str] = typer.Option(None, "--account", help="--slurm: the account"),
+    qos: Optional[str] = typer.Option(None, "--qos", help="--slurm: the QOS"),
+    time_limit: str = typer.Option("24:00:00", "--time", help="--slurm: each task's time limit, HH:MM:SS"),
+    gpus_per_job: int = typer.Option(0, "--gpus-per-job", help="--slurm: GPUs per task (0: CPU tasks)"),
+    cpus_per_gpu: Optional[int] = typer.Option(None, "--cpus-per-gpu", help="--slurm: CPUs per GPU (a CPU task's CPUs)"),
+    mem_per_gpu: Optional[str] = typer.Option(None, "--mem-per-gpu", help="--slurm: memory per GPU, e.g. 40G (a CPU task's)"),
+    slurm_opt: Optional[list[str]] = typer.Option(None, "--slurm-opt", help="--slurm: another sbatch option, KEY=VALUE (repeatable)"),
+    slurm_allow_sqlite: bool = typer.Option(False, "--slurm-allow-sqlite",
+                                            help="--slurm with an SQLite store (a one-node allocation only)"),
     storage: Storage = None,
 ):
     """Run (or resume) a study: a fresh subprocess per run, one per worker slot; finished cells are never recomputed."""
@@ -101,6 +113,13 @@ def run_cmd(
     from tui.cli.console import err, out
 
     store = lab(ctx).store()
+    if slurm:
+        from studies.running.slurm import SlurmOptions, parse_slurm_opts
+
+        return _run_on_slurm(store, name, retry_failed, SlurmOptions(
+            jobs=jobs, partition=partition, account=account, qos=qos, time=time_limit, gpus_per_job=gpus_per_job,
+            cpus_per_gpu=cpus_per_gpu, mem_per_gpu=mem_per_gpu, extra=parse_slurm_opts(slurm_opt or []),
+            allow_sqlite=slurm_allow_sqlite).validate())
     slots = device_slots(gpus, workers, visible_gpus=_cuda_device_count)
     width = study_spec(store.study(name)).gpus_per_run
     if width > len(slots):
@@ -131,6 +150,27 @@ def run_cmd(
         summary = WorkerPool(store, slots, [name], on_tick=tick).serve()
     st = store.study(name)
     out.print(f"study {name}: {st.state}; {summary['spawned']} run processes, {summary['retried']} retried, {summary['failed']} failed")
+
+
+def _run_on_slurm(store, name: str, retry_failed: bool, opts) -> None:
+    """`study run NAME --slurm`: the study's workers as one job array; returns once it is submitted."""
+    from studies.lifecycle.study import resume_study
+    from studies.running.launch import check_no_live_scheduler
+    from studies.running.logs import log_dir_for
+    from studies.running.slurm import check_shared_store, submit
+    from tui.cli.console import out
+
+    check_shared_store(store, opts)
+    check_no_live_scheduler(store, name)
+    resumed = resume_study(store, name, retry_failed=retry_failed)
+    if not resumed.running:
+        out.print(resumed.message, markup=False, highlight=False)
+        return
+    folder = log_dir_for(store, name) / "slurm"
+    ids = submit(store, name, opts, folder)
+    array = ids[0].split("_")[0]
+    out.print(f"study {name}: SLURM job array {array} ({len(ids)} worker task(s)); logs in {folder}. "
+              f"Follow it: unlearn study status {name}", markup=False, highlight=False)
 
 
 def pause_cmd(ctx: typer.Context, name: str = typer.Argument(...), storage: Storage = None):
