@@ -14,7 +14,7 @@ import json
 import os
 import shlex
 import shutil
-import tempfile
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -240,9 +240,11 @@ def save_model(store: Store, entry: dict, out_dir: Path, device: str = "auto",
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / model_dir_name(entry)
     remove_abandoned(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=out_dir))
-    (tmp / OWNER_FILE).write_text(f"{hostname()} {os.getpid()}\n", encoding="utf-8")
+    # named before it exists, so a SIGTERM at any moment (SystemExit, sigterm_as_exit) removes it
+    tmp = out_dir / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
+        tmp.mkdir()
+        (tmp / OWNER_FILE).write_text(f"{hostname()} {os.getpid()}\n", encoding="utf-8")
         result = run_unlearning(study.model, texts, cfg, device=device, cache_dir=lab_settings().baseline_cache,
                                 trust_remote_code=bool(spec.trust_remote_code), on_step=on_step, save_to=tmp,
                                 merge_lora=merge)
