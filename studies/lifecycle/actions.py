@@ -22,7 +22,11 @@ def study_action(store: Store, verb: str, name: str, heartbeat_timeout_s: float 
     if verb == "pause":
         return f"study {name}: {set_state(store, name, StudyState.PAUSED).state}"
     if verb == "cancel":
-        return f"study {name}: {set_state(store, name, StudyState.CANCELLED).state}"
+        from studies.running.slurm import cancel_arrays
+
+        study = set_state(store, name, StudyState.CANCELLED)
+        arrays = cancel_arrays(store, study)  # its SLURM workers, if it has any queued or running
+        return f"study {name}: {study.state}" + (f"; SLURM job array(s) {', '.join(arrays)} cancelled" if arrays else "")
     if verb == "delete":
         return f"study {name} deleted ({delete_study(store, name, heartbeat_timeout_s)} cells)"
     if verb == "resume":

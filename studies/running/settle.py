@@ -74,10 +74,13 @@ def reap_lost(store: Store, host: str, watched: set, heartbeat_timeout_s: float,
 
 
 def give_back(store: Store, run_id: int, attempt: int) -> None:
-    """A run this pool stopped (it was interrupted) is pending again, the attempt not counted; not
-    when another attempt holds it by now."""
+    """A run this pool stopped (it was interrupted) is pending again, the attempt not counted
+    (cancelled, in a cancelled study: `study cancel` of a SLURM study stops its tasks); not when
+    another attempt holds it by now."""
     with store.write() as s:
         run = s.exec(select(Run).where(Run.id == run_id).with_for_update()).first()
         if owns(run, attempt):
-            run.state, run.attempts, run.pid = RunState.PENDING, max(0, run.attempts - 1), None
+            cancelled = s.get(Study, run.study_id).state == StudyState.CANCELLED
+            run.state = RunState.CANCELLED if cancelled else RunState.PENDING
+            run.attempts, run.pid = max(0, run.attempts - 1), None
             s.add(run)

@@ -12,12 +12,19 @@ environment to each task.
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import UnlearnError
-from studies.store.db import Store
+from studies.store.db import Event, Store, Study
 from studies.store.sqlite_file import is_sqlite
+
+# The study event that records a submission; its message names the array (read back by cancel).
+SUBMITTED = "slurm"
+SUBMITTED_MESSAGE = "submitted job array {array}: {jobs} worker task(s), logs in {folder}"
+_ARRAY = re.compile(r"^submitted job array (\d+):")
 
 
 @dataclass(frozen=True)
@@ -100,8 +107,36 @@ def submit(store: Store, name: str, opts: SlurmOptions, folder: Path) -> list[st
     jobs = executor.map_array(run_task, [name] * opts.jobs)
     ids = [j.job_id for j in jobs]
     array = ids[0].split("_")[0] if ids else "?"
-    store.log("slurm", f"submitted job array {array}: {opts.jobs} worker task(s), logs in {folder}", store.study(name).id)
+    store.log(SUBMITTED, SUBMITTED_MESSAGE.format(array=array, jobs=opts.jobs, folder=folder), store.study(name).id)
     return ids
+
+
+def study_arrays(store: Store, study: Study) -> list[str]:
+    """The job arrays submitted for a study (its submission events), oldest first."""
+    from sqlmodel import select
+
+    with store.read() as s:
+        messages = s.exec(select(Event.message).where(Event.study_id == study.id, Event.kind == SUBMITTED)
+                          .order_by(Event.id)).all()
+    return [m.group(1) for m in map(_ARRAY.match, messages) if m]
+
+
+def cancel_arrays(store: Store, study: Study) -> list[str]:
+    """scancel the study's arrays still queued or running (read from `squeue`, not `sacct`: a cluster
+    may have no accounting). Returns the arrays cancelled; [] where SLURM is not installed."""
+    arrays = study_arrays(store, study)
+    if not arrays:
+        return []
+    try:
+        queued = subprocess.run(["squeue", "-h", "-j", ",".join(arrays), "-o", "%F"], capture_output=True,
+                                text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    live = [a for a in arrays if a in set(queued)]
+    if live:
+        subprocess.run(["scancel", *live], capture_output=True, text=True, timeout=30)
+        store.log("slurm", f"cancelled job array(s) {', '.join(live)}", study.id)
+    return live
 
 
 def task_slots() -> list[str]:

@@ -65,3 +65,28 @@ def test_an_sqlite_store_is_refused_for_slurm_in_one_line(tmp_path, forget_set_f
     create_study(store, "S", "EleutherAI/pythia-14m", "fs", methods=["ga"], lrs=[1e-3], steps=[2])
     r = cli("study", "run", "S", "--slurm", "--storage", url, home=tmp_path / "home")
     assert_one_line_error(r, "--slurm needs a store every node reaches", "--slurm-allow-sqlite")
+
+
+def test_study_cancel_cancels_the_array_and_records_its_runs_cancelled(pg_database, tmp_path, forget_set_files,
+                                                                       tiny_model_dir):
+    url, _ = pg_database
+    store = Store(url)
+    make_forget_set(store, "fs", forget_set_files)
+    # runs long enough to be under way when the cancel comes: 200 steps at an lr that does not diverge
+    create_study(store, "C", str(tiny_model_dir), "fs", methods=["ga"], lrs=[1e-5, 2e-5, 4e-5], steps=[2, 200])
+    home = tmp_path / "home"
+    r = cli("study", "run", "C", "--slurm", "--jobs", "2", "--time", "00:10:00", "--storage", url, home=home)
+    assert r.returncode == 0, r.stderr
+    array = r.stdout.split("SLURM job array ", 1)[1].split()[0]
+    wait_for(lambda: any(x.state == "running" and x.step >= 1 for x in runs_of(store, "C")), 120, "a run under way",
+             interval=0.2)
+    c = cli("study", "cancel", "C", "--storage", url, home=home)
+    assert c.returncode == 0, c.stderr
+    assert f"SLURM job array(s) {array} cancelled" in c.stdout, c.stdout
+    wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", array], capture_output=True, text=True).stdout.strip(),
+             90, "the array to leave the queue", interval=0.5)
+    wait_for(lambda: {x.state for x in runs_of(store, "C")} <= {"cancelled", "done"}, 60,
+             "every run cancelled (or done before the cancel)", interval=0.5)
+    assert study_state(store, "C") == "cancelled"
+    assert any(x.state == "cancelled" for x in runs_of(store, "C"))
+    store.engine.dispose()
