@@ -291,6 +291,8 @@ class WorkerPool:
         self.store.log("started", f"best-cell attacks on {slot} (pid {proc.pid}); log {log_path}", study.id)
 
     def _settle_children(self) -> None:
+        if self._stopping:  # asked to stop: a child the same signal ended is given back (_shutdown), not failed
+            return
         for key, child in list(self.children.items()):
             rc = child.proc.poll()
             if rc is None:
