@@ -15,6 +15,7 @@ from typing import Callable
 from sqlmodel import select
 
 SEQ_LEN = 128  # the tiny model of conftest.py: one record is one chunk
+HUB_MODEL = "EleutherAI/pythia-14m"  # a hub id a study may name: stored, never loaded (no network here)
 
 
 def cli_env(home: Path, **extra: str) -> dict:

@@ -15,12 +15,11 @@ from textual.widgets import Input, Label, Select, SelectionList
 from engine.config import RunSettings, settings_fields
 from studies.lifecycle.inputs import STUDY_OPTIONS
 from studies.store.db import Store
-from tests.studies_helpers import assert_one_line_error, cli_in_process, make_forget_set
+from tests.studies_helpers import HUB_MODEL, assert_one_line_error, cli_in_process, make_forget_set
 from tui.app.screens.new_study import NewStudyScreen
 from tui.app.widgets.run_settings_form import widget_id
 
 pytestmark = pytest.mark.timeout(300)
-HUB_MODEL = "EleutherAI/pythia-14m"  # a hub id: create_study stores it, nothing here loads it
 
 # (what is typed: --lr / the learning-rates field, --steps / the steps field), then what both make
 # of it: (sampler, lrs, lr_range, steps), or (the form's field, the words of the one-line error both give).

@@ -20,9 +20,8 @@ from studies.running.attack_job import (
 from studies.running.pool import WorkerPool
 from studies.store.db import Event, Study, hostname
 from studies.store.states import RunState, StudyState
-from tests.studies_helpers import dead_pid, events_of, runs_of, set_run, study_state
+from tests.studies_helpers import HUB_MODEL, dead_pid, events_of, runs_of, set_run, study_state
 
-HUB_MODEL = "EleutherAI/pythia-14m"  # stored, never loaded
 TIMEOUT_S = 60.0
 
 

@@ -16,9 +16,7 @@ from studies.running.settle import give_back, reap_lost, settle
 from studies.running.worker import Heartbeat, run_one
 from studies.store.db import hostname, utcnow
 from studies.store.states import RunState
-from tests.studies_helpers import events_of, milestones_of, runs_of, set_run
-
-HUB_MODEL = "EleutherAI/pythia-14m"  # stored, never loaded
+from tests.studies_helpers import HUB_MODEL, events_of, milestones_of, runs_of, set_run
 
 
 @pytest.fixture

@@ -14,9 +14,8 @@ from studies.lifecycle.spec import study_spec
 from studies.lifecycle.study import create_study
 from studies.running import tpe
 from studies.store.db import Run, Store
-from tests.studies_helpers import make_forget_set
+from tests.studies_helpers import HUB_MODEL, make_forget_set
 
-HUB_MODEL = "EleutherAI/pythia-14m"  # stored, never loaded
 POOLS, BUDGET = 8, 3
 
 pytestmark = pytest.mark.xdist_group("postgresql")

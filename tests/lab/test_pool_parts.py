@@ -16,9 +16,8 @@ from studies.running.settle import GONE_GRACE_S, reap_lost
 from studies.running.worker import HEARTBEAT_EVERY_S
 from studies.store.db import SCHEMA_VERSION, Event, Run, Store, hostname, utcnow
 from studies.store.states import RunState
-from tests.studies_helpers import dead_pid, runs_of, set_run
+from tests.studies_helpers import HUB_MODEL, dead_pid, runs_of, set_run
 
-HUB_MODEL = "EleutherAI/pythia-14m"  # stored, never loaded
 SECRET_URL = "postgresql+psycopg2://lab:s3cret@db/unlearn"
 
 

@@ -19,10 +19,7 @@ from studies.running.pool import Child, WorkerPool
 from studies.running.worker import Heartbeat
 from studies.store.db import Run, Study, hostname, utcnow
 from studies.store.states import RunState, StudyState
-from tests.studies_helpers import cli_main, dead_pid, runs_of, set_run, study_state
-
-HUB_MODEL = "EleutherAI/pythia-14m"  # stored, never loaded
-
+from tests.studies_helpers import HUB_MODEL, cli_main, dead_pid, runs_of, set_run, study_state
 
 # ------------------------------------------------------------------ the heartbeat
 

@@ -18,9 +18,8 @@ from engine.errors import UnlearnError
 from studies.lifecycle.study import create_study
 from studies.store.db import MIGRATIONS, SCHEMA_VERSION, Document, Event, ForgetSet, Meta, Run, Store, Study
 from studies.store.forgetsets import create_forget_set, forget_set_texts, list_forget_sets
-from tests.studies_helpers import make_forget_set
+from tests.studies_helpers import HUB_MODEL, make_forget_set
 
-HUB_MODEL = "EleutherAI/pythia-14m"  # a hub id: create_study stores it, nothing here loads it
 UL_TABLES = {"ul_meta", "ul_forgetset", "ul_document", "ul_study", "ul_run", "ul_milestone", "ul_event"}
 
 

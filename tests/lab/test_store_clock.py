@@ -19,9 +19,8 @@ from studies.store import db as db_module
 from studies.store.clock import age_s
 from studies.store.db import SCHEMA_VERSION, Store
 from studies.store.states import RunState
-from tests.studies_helpers import make_forget_set, runs_of, set_run
+from tests.studies_helpers import HUB_MODEL, make_forget_set, runs_of, set_run
 
-HUB_MODEL = "EleutherAI/pythia-14m"  # stored, never loaded
 TIMEOUT_S = 60.0
 HOUR = dt.timedelta(hours=1)
 

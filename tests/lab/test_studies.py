@@ -31,6 +31,7 @@ from sqlmodel import select
 from studies.lifecycle.study import create_study, resume_study, set_state
 from studies.store.db import Run, Store
 from tests.studies_helpers import (
+    HUB_MODEL,
     SEQ_LEN,
     assert_one_line_error,
     children_of,
@@ -249,7 +250,6 @@ def test_optuna_dashboard_serves_the_store(lab, tiny_model_dir):
 
 # ------------------------------------------------------------------ recording cells, finding dead processes
 
-HUB_MODEL = "EleutherAI/pythia-14m"  # stored, never loaded: these tests write cells by hand
 
 
 def cell(step: int, score: float | None, at_target: bool = False) -> dict:
