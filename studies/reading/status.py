@@ -80,6 +80,7 @@ def study_status(store: Store, name: str) -> dict:
     from studies.reading.views import running_runs
 
     out["running"] = running_runs(study, runs, now)
+    out["slurm"] = slurm_status(store, study)
     out["scheduler"] = {"pid": study.scheduler_pid, "host": study.scheduler_host,
                         "alive_s_ago": age_s(study.scheduler_heartbeat, now)}
     out["errors"] = [
@@ -97,6 +98,15 @@ def study_status(store: Store, name: str) -> dict:
     out["grids"] = {m: {"lrs": g.lrs, "steps": g.steps, "successes": g.successes, "size": g.size}
                     for m, g in grids(cells).items()}
     return out
+
+
+def slurm_status(store: Store, study) -> dict:
+    """The job arrays submitted for the study and what `squeue` says of each (none: {"arrays": []})."""
+    from studies.running.slurm import array_queue, study_arrays
+
+    arrays = study_arrays(store, study)
+    queue = array_queue(arrays)
+    return {"arrays": [{"array": a, "queue": queue.get(a)} for a in arrays]}
 
 
 def list_studies(store: Store, now=None) -> list[dict]:

@@ -57,7 +57,7 @@ def _has_extra_metrics(c: Cell) -> bool:
 
 # What a poll reads of a run (what its cells and running_runs show) and of a cell's row.
 _RUN_COLUMNS = (Run.id, Run.method, Run.lr, Run.seed, Run.state, Run.step, Run.attempts, Run.device, Run.pid, Run.host,
-                Run.heartbeat)
+                Run.heartbeat, Run.slurm_job)
 _MILESTONE_COLUMNS = (CellRow.id, CellRow.run_id, CellRow.step, CellRow.metrics, CellRow.score,
                       CellRow.success, CellRow.diverged, CellRow.trial_number)
 
@@ -251,11 +251,19 @@ class StudyWatch:
         return changed
 
 
+def slurm_task_of(slurm_job: str | None) -> dict:
+    """`ARRAYJOB_INDEX` (ul_run.slurm_job) as status shows it: the task's job id, its array's job id
+    and its index (all None for a run no SLURM task claimed; a plain job has no index)."""
+    array, _, index = (slurm_job or "").partition("_")
+    return {"slurm_job": slurm_job, "slurm_array": array or None, "array_index": int(index) if index.isdigit() else None}
+
+
 def running_runs(study: Study, runs: list[Run], now: Optional[dt.datetime] = None) -> list[dict]:
     """The running runs of a study in spec order (the same dicts as study_status's "running")."""
     methods = list(study_spec(study).methods)
     now = now or utcnow()
     return [{"method": r.method, "lr": r.lr, "step": r.step, "device": r.device, "pid": r.pid, "host": r.host,
+             "node": r.host, **slurm_task_of(r.slurm_job),
              "heartbeat_age_s": age_s(r.heartbeat, now), "attempts": r.attempts}
             for r in sorted(runs, key=lambda r: (methods.index(r.method) if r.method in methods else 99, r.lr))
             if r.state == RunState.RUNNING]

@@ -4,6 +4,8 @@ IMMEDIATE transaction on SQLite, SELECT ... FOR UPDATE SKIP LOCKED on PostgreSQL
 runs are asked for instead: studies/running/tpe.py.)"""
 from __future__ import annotations
 
+import os
+
 from sqlmodel import select
 
 from studies.lifecycle.spec import study_spec
@@ -12,11 +14,21 @@ from studies.store.db import Run, Store, Study
 from studies.store.states import ACTIVE_RUN_STATES, RunState, StudyState
 
 
+def slurm_job_here() -> str | None:
+    """The SLURM job this process runs in: ARRAYJOB_INDEX for an array task, the job id for a plain
+    job, None outside SLURM (read from the environment sbatch gives every task)."""
+    array, index = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and index:
+        return f"{array}_{index}"
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
 def mark_claimed(run: Run, host: str, now) -> None:
     """The run is this host's next attempt as of `now` (the store's clock); its process records its
     own pid once it starts."""
     run.state, run.attempts = RunState.RUNNING, run.attempts + 1
     run.host, run.pid, run.heartbeat, run.started_at, run.step = host, None, now, now, 0
+    run.slurm_job = slurm_job_here()
 
 
 def claim_pending(store: Store, study_ids: list[int], host: str) -> Run | None:

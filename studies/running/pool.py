@@ -77,6 +77,7 @@ class WorkerPool:
         self.host = hostname()
         self._stopping = False
         self._signals = 0
+        self.stop_reason: str | None = None  # what stopped it, for the runs it gives back (their event)
         self.threads = cpu_threads(slots)
         self.summary = {"spawned": 0, "retried": 0, "failed": 0}
 
@@ -101,6 +102,9 @@ class WorkerPool:
                           f"{scrub(first_line(exc), self.store.url)}; trying again in {wait:.1f} s",
                           file=sys.stderr, flush=True)
                     time.sleep(wait)
+        except BaseException as exc:  # e.g. submitit's SIGUSR2 handler before a SLURM time limit
+            self.stop_reason = self.stop_reason or (f"{type(exc).__name__}: {first_line(exc)}" if str(exc) else type(exc).__name__)
+            raise
         finally:
             self._shutdown()
             for sig, handler in old.items():
@@ -139,6 +143,7 @@ class WorkerPool:
     def _on_signal(self, signum, frame):
         self._signals += 1
         self._stopping = True
+        self.stop_reason = self.stop_reason or signal.Signals(signum).name
         if self._signals > 1:  # asked twice: no more waiting
             for child in self.children.values():
                 with contextlib.suppress(OSError):
@@ -362,7 +367,7 @@ class WorkerPool:
                 log_attack_event(self.store, child.study_id, child.attempt, "attacks stopped",
                                  "best-cell attacks stopped: the pool was interrupted")
             else:
-                give_back(self.store, child.run_id, child.attempt)
+                give_back(self.store, child.run_id, child.attempt, f"its pool ({self.stop_reason or 'stopped'})")
             del self.children[key]
 
 

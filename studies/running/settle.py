@@ -73,7 +73,7 @@ def reap_lost(store: Store, host: str, watched: set, heartbeat_timeout_s: float,
             settle_run(run.id, f"heartbeat lost for {age:.0f} s", run.attempts)
 
 
-def give_back(store: Store, run_id: int, attempt: int) -> None:
+def give_back(store: Store, run_id: int, attempt: int, why: str = "its stopped pool") -> None:
     """A run this pool stopped (it was interrupted) is pending again, the attempt not counted
     (cancelled, in a cancelled study: `study cancel` of a SLURM study stops its tasks); not when
     another attempt holds it by now."""
@@ -84,3 +84,9 @@ def give_back(store: Store, run_id: int, attempt: int) -> None:
             run.state = RunState.CANCELLED if cancelled else RunState.PENDING
             run.attempts, run.pid = max(0, run.attempts - 1), None
             s.add(run)
+            given = (run.study_id, f"{run.method} lr={run.lr:g}: " + (
+                "stopped with its study" if cancelled else f"given back at step {run.step} by {why}, no attempt spent"))
+        else:
+            given = None
+    if given:
+        store.log("cancelled" if cancelled else "given back", given[1], given[0], run_id)

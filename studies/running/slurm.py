@@ -14,10 +14,10 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import UnlearnError
+from studies.running.slurm_options import MAX_TIME_LIMIT_REQUEUES, SlurmOptions
 from studies.store.db import Event, Store, Study
 from studies.store.sqlite_file import is_sqlite
 
@@ -25,49 +25,6 @@ from studies.store.sqlite_file import is_sqlite
 SUBMITTED = "slurm"
 SUBMITTED_MESSAGE = "submitted job array {array}: {jobs} worker task(s), logs in {folder}"
 _ARRAY = re.compile(r"^submitted job array (\d+):")
-
-
-@dataclass(frozen=True)
-class SlurmOptions:
-    jobs: int = 1  # array tasks, each a worker pool
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time: str = "24:00:00"  # HH:MM:SS per task
-    gpus_per_job: int = 0  # 0: CPU tasks
-    cpus_per_gpu: int | None = None  # a CPU task's CPUs when gpus_per_job is 0 (default 1)
-    mem_per_gpu: str | None = None  # e.g. 40G (a CPU task: its memory)
-    extra: dict = field(default_factory=dict)  # --slurm-opt KEY=VALUE, sbatch's own names
-    allow_sqlite: bool = False
-
-    def validate(self) -> "SlurmOptions":
-        if self.jobs < 1:
-            raise UnlearnError(f"--jobs must be at least 1, not {self.jobs}")
-        if self.gpus_per_job < 0:
-            raise UnlearnError(f"--gpus-per-job must be 0 or more, not {self.gpus_per_job}")
-        parts = self.time.split(":")
-        if not (1 <= len(parts) <= 3 and all(p.isdigit() for p in parts)):
-            raise UnlearnError(f"--time must be HH:MM:SS (or MM:SS, or minutes), not {self.time!r}")
-        return self
-
-    @property
-    def minutes(self) -> int:
-        parts = [int(p) for p in self.time.split(":")]
-        if len(parts) == 1:
-            return parts[0]
-        h, m, s = ([0] * (3 - len(parts)) + parts)
-        return max(1, h * 60 + m + (1 if s else 0))
-
-
-def parse_slurm_opts(pairs: list[str]) -> dict:
-    """--slurm-opt KEY=VALUE (sbatch's option names, without the dashes) into a dict."""
-    out = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or not key.strip():
-            raise UnlearnError(f"--slurm-opt takes KEY=VALUE (an sbatch option), not {pair!r}")
-        out[key.strip().lstrip("-").replace("-", "_")] = value
-    return out
 
 
 def check_shared_store(store: Store, opts: SlurmOptions) -> None:
@@ -103,12 +60,39 @@ def submit(store: Store, name: str, opts: SlurmOptions, folder: Path) -> list[st
             extra[key] = value
     if extra:
         params["slurm_additional_parameters"] = extra
+    if opts.requeue:
+        extra["requeue"] = True  # preemptible partitions put the task back in the queue rather than end it
+        params["slurm_max_num_timeout"] = MAX_TIME_LIMIT_REQUEUES
+    # SLURM sends SIGUSR2 this long before the time limit: submitit requeues the task (--requeue) or
+    # ends it; either way the pool gives its runs back first (INTERRUPT_GRACE_S, then the store)
+    params["slurm_signal_delay_s"] = min(90, opts.seconds // 2)
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
-    jobs = executor.map_array(run_task, [name] * opts.jobs)
+    jobs = executor.map_array((RequeueingArrayTask if opts.requeue else ArrayTask)(), [name] * opts.jobs)
     ids = [j.job_id for j in jobs]
     array = ids[0].split("_")[0] if ids else "?"
     store.log(SUBMITTED, SUBMITTED_MESSAGE.format(array=array, jobs=opts.jobs, folder=folder), store.study(name).id)
     return ids
+
+
+def launch_on_slurm(store: Store, name: str, opts: SlurmOptions, retry_failed: bool = True) -> tuple[str, str | None]:
+    """What `unlearn study run NAME --slurm` does, and the app's Launch with SLURM chosen: hand the
+    study's runs out again, then submit its workers as one job array. Returns (one line for the
+    user, the array's job id, None when there was nothing to run). Refused on a store the nodes
+    cannot share, or while another scheduler runs the study."""
+    from studies.lifecycle.study import resume_study
+    from studies.running.launch import check_no_live_scheduler
+    from studies.running.logs import log_dir_for
+
+    check_shared_store(store, opts)
+    check_no_live_scheduler(store, name)
+    resumed = resume_study(store, name, retry_failed=retry_failed)
+    if not resumed.running:
+        return resumed.message, None
+    folder = log_dir_for(store, name) / "slurm"
+    ids = submit(store, name, opts, folder)
+    array = ids[0].split("_")[0]
+    return (f"study {name}: SLURM job array {array} ({len(ids)} worker task(s)); logs in {folder}. "
+            f"Follow it: unlearn study status {name}"), array
 
 
 def study_arrays(store: Store, study: Study) -> list[str]:
@@ -119,6 +103,27 @@ def study_arrays(store: Store, study: Study) -> list[str]:
         messages = s.exec(select(Event.message).where(Event.study_id == study.id, Event.kind == SUBMITTED)
                           .order_by(Event.id)).all()
     return [m.group(1) for m in map(_ARRAY.match, messages) if m]
+
+
+def array_queue(arrays: list[str]) -> dict[str, list[dict] | None]:
+    """What `squeue` says of these arrays' tasks, per array: [{task, state, reason, node}] ([] once
+    none is queued or running; None where squeue could not be read). `sacct` is never asked: a
+    cluster without accounting knows no state of a finished job."""
+    if not arrays:
+        return {}
+    try:
+        r = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%F|%i|%T|%r|%N"],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return {a: None for a in arrays}
+    if r.returncode and "Invalid job id" not in r.stderr:  # every array long gone is no error
+        return {a: None for a in arrays}
+    out: dict[str, list[dict] | None] = {a: [] for a in arrays}
+    for line in r.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 5 and parts[0] in out:
+            out[parts[0]].append({"task": parts[1], "state": parts[2], "reason": parts[3], "node": parts[4] or None})
+    return out
 
 
 def cancel_arrays(store: Store, study: Study) -> list[str]:
@@ -153,13 +158,43 @@ def task_slots() -> list[str]:
 
 def run_task(name: str) -> dict:
     """One array task: a worker pool on this task's devices, serving the study until it has no run
-    left. A SIGTERM (scancel, preemption, the time limit) gives its running runs back."""
+    left. A SIGTERM (scancel, preemption, the time limit) gives its running runs back; so does the
+    SIGUSR2 SLURM sends before the time limit, through submitit's handler: its exception (or its
+    SystemExit, once it requeued the task) unwinds the pool, whose shutdown gives them back."""
     from studies.running.pool import WorkerPool
     from studies.settings import lab_settings
 
     store = Store(lab_settings().storage_url, create=False)
-    where = f"array task {os.environ.get('SLURM_ARRAY_TASK_ID', '?')} of job {os.environ.get('SLURM_ARRAY_JOB_ID', '?')}"
+    where = (f"array task {os.environ.get('SLURM_ARRAY_TASK_ID', '?')} of job {os.environ.get('SLURM_ARRAY_JOB_ID', '?')}"
+             f" (start {int(os.environ.get('SLURM_RESTART_COUNT') or 0) + 1})")
     print(f"{where} on {os.uname().nodename}: serving study {name}", flush=True)
-    summary = WorkerPool(store, task_slots(), [name]).serve()
+    global _POOL
+    _POOL = WorkerPool(store, task_slots(), [name])
+    summary = _POOL.serve()
     print(f"{where}: done: {summary}", flush=True)
     return summary
+
+
+_POOL = None  # the pool this task serves with (what checkpoint tells why it stops)
+
+
+class ArrayTask:
+    """What each array task calls (a picklable callable: submitit pickles it for the task)."""
+
+    def __call__(self, name: str) -> dict:
+        return run_task(name)
+
+
+class RequeueingArrayTask(ArrayTask):
+    """--requeue: submitit requeues a task it is signalled to stop (the time limit, a preemption)
+    when its callable has `checkpoint`, and runs what that returns when the task starts again: the
+    same call. Nothing else needs saving: the store holds the study's state, and the runs this task
+    held are given back as its pool unwinds."""
+
+    def checkpoint(self, name: str):
+        import submitit
+
+        print(f"requeueing: the task goes back in the queue and serves study {name} again", flush=True)
+        if _POOL is not None:  # what the runs it gives back say stopped them
+            _POOL.stop_reason = "SLURM's stop signal: the task is requeued"
+        return submitit.helpers.DelayedSubmission(self, name)

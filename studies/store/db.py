@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 import random
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -106,6 +107,7 @@ class Run(SQLModel, table=True):
     device: Optional[str] = None
     host: Optional[str] = None
     pid: Optional[int] = None  # the run's own subprocess
+    slurm_job: Optional[str] = None  # v7: the SLURM array task that claimed it, ARRAYJOB_INDEX (else None)
     heartbeat: Optional[dt.datetime] = None
     step: int = 0
     attempts: int = 0
@@ -169,10 +171,23 @@ def _make_engine(url: str, immediate: bool, foreign_keys: bool = True):
         return engine
     # pre-ping: a connection PostgreSQL dropped (a restart, hours idle during a long run) is replaced
     # before use; recycle: none is kept past half an hour, under most servers' idle limits
-    kwargs = {"pool_pre_ping": True, "pool_recycle": 1800}
+    kwargs = {"pool_pre_ping": True, "pool_recycle": 1800, **BOUNDED_POOL}
     if url.startswith("postgres"):  # an unreachable server answers in seconds, not the OS's minutes
-        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S, "application_name": application_name()}
     return create_engine(url, **kwargs)
+
+
+# A server's connections are few (PostgreSQL's default max_connections is 100) and a study on a
+# cluster is hundreds of processes (a pool per SLURM task, a process per run): each process keeps
+# one connection and opens at most two more while a write nests in a read; Optuna's engine keeps
+# none (studies/store/db.py, Store.optuna). docs/cluster.md has the figure bench/pg_connections.py
+# measures.
+BOUNDED_POOL = {"pool_size": 1, "max_overflow": 2}
+
+
+def application_name() -> str:
+    """How our connections show in pg_stat_activity: the process that holds each (a DBA's question)."""
+    return f"unlearn-lab pid {os.getpid()}"
 
 
 class Store:
@@ -349,7 +364,14 @@ class Store:
             import optuna
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            kwargs = {"connect_args": {"timeout": SQLITE_BUSY_MS / 1000}} if is_sqlite(self.url) else {"pool_pre_ping": True}
+            if is_sqlite(self.url):
+                kwargs = {"connect_args": {"timeout": SQLITE_BUSY_MS / 1000}}
+            else:  # a connection per call, none kept: a cell's few writes do not warrant a second idle connection
+                from sqlalchemy.pool import NullPool
+
+                kwargs = {"poolclass": NullPool}
+                if self.url.startswith("postgres"):
+                    kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S, "application_name": application_name()}
             self._optuna = self.retry(lambda: optuna.storages.RDBStorage(self.url, engine_kwargs=kwargs))
         return self._optuna
 

@@ -125,4 +125,14 @@ def _v5_to_v6(session: Session) -> None:
         session.exec(text(f'ALTER TABLE {table} ALTER COLUMN "{column}" TYPE TIMESTAMP WITH TIME ZONE'))
 
 
-MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5, 5: _v5_to_v6}
+def _v6_to_v7(session: Session) -> None:
+    """v7: a run claimed by a SLURM array task names it (ul_run.slurm_job, ARRAYJOB_INDEX), shown
+    beside its node by `study status` and the app."""
+    from sqlalchemy import inspect, text
+
+    if "slurm_job" not in {c["name"] for c in inspect(session.connection()).get_columns("ul_run")}:
+        session.exec(text("ALTER TABLE ul_run ADD COLUMN slurm_job VARCHAR"))
+
+
+MIGRATIONS: dict[int, Callable[[Any], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5, 5: _v5_to_v6,
+                                                6: _v6_to_v7}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from engine.errors import UnlearnError
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 SQLITE_BUSY_MS = 60_000  # how long a connection waits for a writer's lock before it fails
 
 

@@ -71,13 +71,21 @@ def status_renderable(st: dict):
         parts.append(Text("no scheduler", style="dim"))
     if st["running"]:
         t = Table(title="running", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-        for col in ("method", "lr", "step", "device", "pid", "host", "heartbeat"):
+        slurm = any(x.get("slurm_job") for x in st["running"])  # the SLURM task column only where one ran a run
+        for col in ("method", "lr", "step", "device", "pid", "node", *(("slurm task",) if slurm else ()), "heartbeat"):
             t.add_column(col, justify="right" if col in ("lr", "step", "pid", "heartbeat") else "left", no_wrap=True)
         last = st["steps"][-1] if st["steps"] else None
         for x in st["running"]:
             t.add_row(x["method"], fmt_lr(x["lr"]), f"{x['step']}/{last}", str(x.get("device") or "—"),
-                      str(x.get("pid") or "—"), str(x.get("host") or "—"), _age(x.get("heartbeat_age_s")))
+                      str(x.get("pid") or "—"), str(x.get("node") or "—"),
+                      *((x.get("slurm_job") or "—",) if slurm else ()), _age(x.get("heartbeat_age_s")))
         parts.append(t)
+    for a in st.get("slurm", {}).get("arrays", []):
+        tasks = a.get("queue")
+        queue = ("not in squeue" if tasks == [] else "squeue not read" if tasks is None else
+                 ", ".join(f"{q['task']} {q['state'].lower()}" + (f" ({q['reason']})" if q.get("reason") not in (None, "None") else "")
+                           for q in tasks))
+        parts.append(Text(f"SLURM job array {a['array']}: {queue}", overflow="ellipsis", no_wrap=True))
     t = Table(title="best per method (lowest score)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
               show_edge=False)
     shown = objective()  # score, gap, drift

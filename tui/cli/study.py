@@ -16,6 +16,39 @@ def study_option(name: str):
     return typer.Option(o.default, o.flag, help=o.help)
 
 
+def slurm_options_of(func):
+    """Give `study run` one option per SLURM_FIELDS entry (studies.running.slurm_options, which the
+    app's new-study form reads too) and hand it `slurm_given`: {field: value} of the ones given."""
+    import functools
+    import inspect
+
+    from studies.running.slurm_options import SLURM_FIELDS
+
+    sig = inspect.signature(func, eval_str=True)
+    params = [p for p in sig.parameters.values() if p.name != "slurm_given"]
+    extra = []
+    for f in SLURM_FIELDS:
+        shown = f" [default: {f.default}]" if f.default not in (None, False) else ""
+        if f.kind is bool:
+            annotation, option = bool, typer.Option(False, f.flag, help=f"--slurm: {f.help}")
+        elif f.kind is list:
+            annotation, option = Optional[List[str]], typer.Option(None, f.flag, metavar="KEY=VALUE", help=f"--slurm: {f.help}")
+        else:
+            annotation = Optional[f.kind]
+            option = typer.Option(None, f.flag, help=f"--slurm: {f.help}{shown}", show_default=False)
+        extra.append(inspect.Parameter(f"sl_{f.name}", inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                       default=option))
+
+    @functools.wraps(func)
+    def command(*args, **kwargs):
+        given = {f.name: v for f in SLURM_FIELDS if (v := kwargs.pop(f"sl_{f.name}")) not in (None, False, [])}
+        return func(*args, slurm_given=given, **kwargs)
+
+    command.__signature__ = sig.replace(parameters=params + extra)
+    command.__annotations__ = {p.name: p.annotation for p in params + extra}
+    return command
+
+
 def _cuda_device_count() -> int:
     """The GPUs torch sees: the default pool when neither --gpus nor --workers is given. Only the
     CLI asks (it runs the worker pool here anyway); the app's form always says which devices."""
@@ -82,6 +115,7 @@ def create_cmd(
               f"Start it: unlearn study run {study.name}")
 
 
+@slurm_options_of
 def run_cmd(
     ctx: typer.Context,
     name: str = typer.Argument(...),
@@ -90,19 +124,10 @@ def run_cmd(
     detach: bool = typer.Option(False, "--detach", help="return at once; the scheduler outlives the terminal and SSH"),
     retry_failed: bool = typer.Option(True, "--retry-failed/--no-retry-failed",
                                       help="give runs that failed a fresh attempt budget"),
-    slurm: bool = typer.Option(False, "--slurm", help="submit the workers as one SLURM job array (submitit) and return"),
-    jobs: int = typer.Option(1, "--jobs", help="--slurm: array tasks, each a worker pool on its own devices"),
-    partition: Optional[str] = typer.Option(None, "--partition", help="--slurm: the partition"),
-    account: Optional[str] = typer.Option(None, "--account", help="--slurm: the account"),
-    qos: Optional[str] = typer.Option(None, "--qos", help="--slurm: the QOS"),
-    time_limit: str = typer.Option("24:00:00", "--time", help="--slurm: each task's time limit, HH:MM:SS"),
-    gpus_per_job: int = typer.Option(0, "--gpus-per-job", help="--slurm: GPUs per task (0: CPU tasks)"),
-    cpus_per_gpu: Optional[int] = typer.Option(None, "--cpus-per-gpu", help="--slurm: CPUs per GPU (a CPU task's CPUs)"),
-    mem_per_gpu: Optional[str] = typer.Option(None, "--mem-per-gpu", help="--slurm: memory per GPU, e.g. 40G (a CPU task's)"),
-    slurm_opt: Optional[list[str]] = typer.Option(None, "--slurm-opt", help="--slurm: another sbatch option, KEY=VALUE (repeatable)"),
-    slurm_allow_sqlite: bool = typer.Option(False, "--slurm-allow-sqlite",
-                                            help="--slurm with an SQLite store (a one-node allocation only)"),
+    slurm: bool = typer.Option(False, "--slurm", help="submit the workers as one SLURM job array (submitit) and "
+                               "return; the --jobs ... --slurm-allow-sqlite options say how"),
     storage: Storage = None,
+    slurm_given: dict = None,
 ):
     """Run (or resume) a study: a fresh subprocess per run, one per worker slot; finished cells are never recomputed."""
     from engine.errors import UnlearnError
@@ -114,12 +139,12 @@ def run_cmd(
 
     store = lab(ctx).store()
     if slurm:
-        from studies.running.slurm import SlurmOptions, parse_slurm_opts
+        from studies.running.slurm_options import slurm_options
 
-        return _run_on_slurm(store, name, retry_failed, SlurmOptions(
-            jobs=jobs, partition=partition, account=account, qos=qos, time=time_limit, gpus_per_job=gpus_per_job,
-            cpus_per_gpu=cpus_per_gpu, mem_per_gpu=mem_per_gpu, extra=parse_slurm_opts(slurm_opt or []),
-            allow_sqlite=slurm_allow_sqlite).validate())
+        return _run_on_slurm(store, name, retry_failed, slurm_options(slurm_given))
+    if slurm_given:
+        raise UnlearnError(f"{', '.join(sorted(slurm_given))} go with --slurm (they say how to submit the job array)"
+                           .replace("_", "-"))
     slots = device_slots(gpus, workers, visible_gpus=_cuda_device_count)
     width = study_spec(store.study(name)).gpus_per_run
     if width > len(slots):
@@ -154,23 +179,11 @@ def run_cmd(
 
 def _run_on_slurm(store, name: str, retry_failed: bool, opts) -> None:
     """`study run NAME --slurm`: the study's workers as one job array; returns once it is submitted."""
-    from studies.lifecycle.study import resume_study
-    from studies.running.launch import check_no_live_scheduler
-    from studies.running.logs import log_dir_for
-    from studies.running.slurm import check_shared_store, submit
+    from studies.running.slurm import launch_on_slurm
     from tui.cli.console import out
 
-    check_shared_store(store, opts)
-    check_no_live_scheduler(store, name)
-    resumed = resume_study(store, name, retry_failed=retry_failed)
-    if not resumed.running:
-        out.print(resumed.message, markup=False, highlight=False)
-        return
-    folder = log_dir_for(store, name) / "slurm"
-    ids = submit(store, name, opts, folder)
-    array = ids[0].split("_")[0]
-    out.print(f"study {name}: SLURM job array {array} ({len(ids)} worker task(s)); logs in {folder}. "
-              f"Follow it: unlearn study status {name}", markup=False, highlight=False)
+    line, _array = launch_on_slurm(store, name, opts, retry_failed=retry_failed)
+    out.print(line, markup=False, highlight=False)
 
 
 def pause_cmd(ctx: typer.Context, name: str = typer.Argument(...), storage: Storage = None):
