@@ -42,7 +42,9 @@ def submit(store: Store, name: str, opts: SlurmOptions, folder: Path) -> list[st
     opts.validate()
     check_shared_store(store, opts)
     os.environ["UNLEARN_STORAGE_URL"] = store.url  # the tasks' environment (sbatch exports it), no file
-    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm")  # a folder per task
+    # a folder per task; with --requeue, submitit requeues a task at most this many times at its time limit
+    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm",
+                                     slurm_max_num_timeout=MAX_TIME_LIMIT_REQUEUES if opts.requeue else 0)
     params = {"timeout_min": opts.minutes, "slurm_array_parallelism": opts.jobs, "name": f"unlearn-{name}",
               "slurm_partition": opts.partition, "nodes": 1, "tasks_per_node": 1}
     if opts.gpus_per_job:
@@ -62,7 +64,6 @@ def submit(store: Store, name: str, opts: SlurmOptions, folder: Path) -> list[st
         params["slurm_additional_parameters"] = extra
     if opts.requeue:
         extra["requeue"] = True  # preemptible partitions put the task back in the queue rather than end it
-        params["slurm_max_num_timeout"] = MAX_TIME_LIMIT_REQUEUES
     # SLURM sends SIGUSR2 this long before the time limit: submitit requeues the task (--requeue) or
     # ends it; either way the pool gives its runs back first (INTERRUPT_GRACE_S, then the store)
     params["slurm_signal_delay_s"] = min(90, opts.seconds // 2)
@@ -165,8 +166,9 @@ def run_task(name: str) -> dict:
     from studies.settings import lab_settings
 
     store = Store(lab_settings().storage_url, create=False)
-    where = (f"array task {os.environ.get('SLURM_ARRAY_TASK_ID', '?')} of job {os.environ.get('SLURM_ARRAY_JOB_ID', '?')}"
-             f" (start {int(os.environ.get('SLURM_RESTART_COUNT') or 0) + 1})")
+    from studies.running.claim import slurm_job_here
+
+    where = f"SLURM task {slurm_job_here()} (start {int(os.environ.get('SLURM_RESTART_COUNT') or 0) + 1})"
     print(f"{where} on {os.uname().nodename}: serving study {name}", flush=True)
     global _POOL
     _POOL = WorkerPool(store, task_slots(), [name])

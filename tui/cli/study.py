@@ -137,14 +137,17 @@ def run_cmd(
     from studies.running.pool import WorkerPool
     from tui.cli.console import err, out
 
-    store = lab(ctx).store()
     if slurm:
         from studies.running.slurm_options import slurm_options
 
-        return _run_on_slurm(store, name, retry_failed, slurm_options(slurm_given))
+        opts = slurm_options(slurm_given)  # a bad value is refused before anything is opened
+        return _run_on_slurm(lab(ctx).store(), name, retry_failed, opts)
     if slurm_given:
-        raise UnlearnError(f"{', '.join(sorted(slurm_given))} go with --slurm (they say how to submit the job array)"
-                           .replace("_", "-"))
+        from studies.running.slurm_options import SLURM_FIELDS
+
+        given = ", ".join(f.flag for f in SLURM_FIELDS if f.name in slurm_given)
+        raise UnlearnError(f"{given} go with --slurm (they say how to submit the study's job array)")
+    store = lab(ctx).store()
     slots = device_slots(gpus, workers, visible_gpus=_cuda_device_count)
     width = study_spec(store.study(name)).gpus_per_run
     if width > len(slots):
