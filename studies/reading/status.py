@@ -84,7 +84,7 @@ def study_status(store: Store, name: str) -> dict:
     out["scheduler"] = {"pid": study.scheduler_pid, "host": study.scheduler_host,
                         "alive_s_ago": age_s(study.scheduler_heartbeat, now)}
     out["errors"] = [
-        {"method": r.method, "lr": r.lr, "state": r.state, "attempts": r.attempts, "error": r.last_error}
+        {"run_id": r.id, "method": r.method, "lr": r.lr, "state": r.state, "attempts": r.attempts, "error": r.last_error}
         for r in sorted(runs, key=lambda r: (r.method, r.lr))
         if r.last_error and (r.state == RunState.FAILED or (r.attempts or 0) > 1)
     ]

@@ -262,7 +262,7 @@ def running_runs(study: Study, runs: list[Run], now: Optional[dt.datetime] = Non
     """The running runs of a study in spec order (the same dicts as study_status's "running")."""
     methods = list(study_spec(study).methods)
     now = now or utcnow()
-    return [{"method": r.method, "lr": r.lr, "step": r.step, "device": r.device, "pid": r.pid, "host": r.host,
+    return [{"run_id": r.id, "method": r.method, "lr": r.lr, "step": r.step, "device": r.device, "pid": r.pid, "host": r.host,
              "node": r.host, **slurm_task_of(r.slurm_job),
              "heartbeat_age_s": age_s(r.heartbeat, now), "attempts": r.attempts}
             for r in sorted(runs, key=lambda r: (methods.index(r.method) if r.method in methods else 99, r.lr))

@@ -120,3 +120,51 @@ def scheduler_log_tail(store: Store, study: str, lines: int = 40) -> list[str]:
     """The last lines of a study's detached scheduler log; [] when it has none."""
     store.study(study)  # an unknown study is an error, not an empty log
     return tail_file(scheduler_log_path(store, study), lines)
+
+
+SLURM_FOLDER = "slurm"  # in a study's log folder: submitit's folder per SLURM task (studies/running/slurm.py)
+
+
+def study_logs(store: Store, study: str, run_id: int | None = None) -> list[dict]:
+    """Every log of a study, oldest first: its detached scheduler's, each SLURM task's output and
+    errors, its best-cell attack job's and each run attempt's; with `run_id`, that run's attempts
+    only. Each: {path, kind (scheduler, slurm, attacks, run), run_id, attempt, slurm_job, bytes}.
+    Logs are written on the node that ran the work: read from another node they show here only
+    where the log folder is on a shared file system (UNLEARN_HOME, docs/cluster.md)."""
+    st = store.study(study)  # an unknown study is an error, not an empty list
+    folder = log_folder(store, study)
+    if run_id is not None:
+        with store.read() as s:
+            run = s.get(Run, run_id)
+        if run is None or run.study_id != st.id:
+            from engine.errors import UnlearnError
+
+            raise UnlearnError(f"study {study} has no run {run_id} (`unlearn study status {study} --json` lists its runs)")
+    found: list[dict] = []
+
+    def add(path: Path, kind: str, **extra) -> None:
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return
+        found.append({"path": str(path), "kind": kind, "run_id": None, "attempt": None, "slurm_job": None,
+                      "bytes": size, **extra, "_mtime": path.stat().st_mtime})
+
+    with_runs = re.compile(r"^run(\d+)-.+-attempt(\d+)\.log$")
+    try:
+        names = sorted(folder.iterdir()) if folder.is_dir() else []
+    except OSError:
+        names = []
+    if run_id is None:
+        add(scheduler_log_path(store, study), "scheduler")
+        for task in sorted((folder / SLURM_FOLDER).glob("*/*_log.*")) if (folder / SLURM_FOLDER).is_dir() else []:
+            add(task, "slurm", slurm_job=task.parent.name)  # submitit's folder per task: ARRAYJOB_INDEX
+        add(folder / ATTACK_LOG, "attacks")
+    for path in names:
+        m = with_runs.match(path.name)
+        if m and (run_id is None or int(m.group(1)) == run_id):
+            add(path, "run", run_id=int(m.group(1)), attempt=int(m.group(2)))
+    found.sort(key=lambda x: (x["_mtime"], x["path"]))
+    for x in found:
+        del x["_mtime"]
+    return found

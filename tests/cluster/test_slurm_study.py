@@ -3,6 +3,7 @@ sbatch) on the CI's single-node cluster (.ci/slurm) and PostgreSQL (.ci/postgres
 check runs: a 2-task array finishes a study with every cell once while `squeue` shows it."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
@@ -54,6 +55,10 @@ def test_a_two_task_array_finishes_a_study_with_every_cell_once(pg_database, tmp
     served = [p for p in logs if "serving study S" in p.read_text()]
     assert len(served) == 2, [p.read_text()[-500:] for p in logs]
     assert "submitted job array" in events_of(store, "S", "slurm")[0].message
+    shown = cli("study", "logs", "S", "--json", "--storage", url, home=home)  # what the tasks wrote, read back
+    tasks = {x["slurm_job"] for x in json.loads(shown.stdout) if x["kind"] == "slurm"
+             and any("serving study S" in line for line in x["tail"])}
+    assert tasks == {f"{array}_0", f"{array}_1"}, shown.stdout[-2000:]
     print(f"array {array}: squeue showed {seen}; {len(runs)} runs, {len(cells)} cells")
     store.engine.dispose()
 

@@ -36,6 +36,33 @@ def status_cmd(ctx: typer.Context, name: str = typer.Argument(..., help="study n
     out.print(status_renderable(st))
 
 
+def logs_cmd(ctx: typer.Context, name: str = typer.Argument(..., help="study name"),
+             run: Optional[int] = typer.Option(None, "--run", help="only this run's logs (its id: `study status --json`)"),
+             lines: int = typer.Option(40, "--lines", "-n", help="the last N lines of each log (0: list them only)"),
+             storage: Storage = None, as_json: Json = False):
+    """The logs of a study, newest last: its scheduler's, each SLURM task's, its best-cell attacks' and
+    every run attempt's (with --run, that run's attempts): the last --lines of each under its path."""
+    from studies.running.logs import study_logs, tail_file
+    from tui.cli.console import emit_json, out
+
+    if lines < 0:
+        from engine.errors import UnlearnError
+
+        raise UnlearnError(f"--lines must be 0 or more, not {lines}")
+    found = study_logs(lab(ctx).store(), name, run)
+    if as_json:
+        return emit_json([{**x, "tail": tail_file(x["path"], lines)} for x in found])
+    if not found:
+        out.print(f"study {name} has no log yet" + (f" for run {run}" if run is not None else "") +
+                  " (logs are written on the node that runs the work)", markup=False, highlight=False)
+        return
+    for x in found:
+        what = {"run": f"run {x['run_id']} attempt {x['attempt']}", "slurm": f"SLURM task {x['slurm_job']}"}.get(x["kind"], x["kind"])
+        out.print(f"== {what}: {x['path']} ({x['bytes']:,} bytes) ==", markup=False, highlight=False, style="bold")
+        for line in tail_file(x["path"], lines):
+            out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 def status_renderable(st: dict):
     """The human summary of study_status(): a Rich Group (also usable by the app)."""
     from rich import box
@@ -72,11 +99,11 @@ def status_renderable(st: dict):
     if st["running"]:
         t = Table(title="running", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
         slurm = any(x.get("slurm_job") for x in st["running"])  # the SLURM task column only where one ran a run
-        for col in ("method", "lr", "step", "device", "pid", "node", *(("slurm task",) if slurm else ()), "heartbeat"):
-            t.add_column(col, justify="right" if col in ("lr", "step", "pid", "heartbeat") else "left", no_wrap=True)
+        for col in ("run", "method", "lr", "step", "device", "pid", "node", *(("slurm task",) if slurm else ()), "heartbeat"):
+            t.add_column(col, justify="right" if col in ("run", "lr", "step", "pid", "heartbeat") else "left", no_wrap=True)
         last = st["steps"][-1] if st["steps"] else None
         for x in st["running"]:
-            t.add_row(x["method"], fmt_lr(x["lr"]), f"{x['step']}/{last}", str(x.get("device") or "—"),
+            t.add_row(str(x.get("run_id") or "—"), x["method"], fmt_lr(x["lr"]), f"{x['step']}/{last}", str(x.get("device") or "—"),
                       str(x.get("pid") or "—"), str(x.get("node") or "—"),
                       *((x.get("slurm_job") or "—",) if slurm else ()), _age(x.get("heartbeat_age_s")))
         parts.append(t)
