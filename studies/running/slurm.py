@@ -84,7 +84,13 @@ def launch_on_slurm(store: Store, name: str, opts: SlurmOptions, retry_failed: b
     from studies.running.launch import check_no_live_scheduler
     from studies.running.logs import log_dir_for
 
+    from studies.lifecycle.spec import study_spec
+
     check_shared_store(store, opts)
+    width = study_spec(store.study(name)).gpus_per_run
+    if width > max(1, opts.gpus_per_job):  # a task's pool could never start one of its runs
+        raise UnlearnError(f"study {name} runs each run on {width} GPUs; give --gpus-per-job {width} or more "
+                           f"(now {opts.gpus_per_job})")
     check_no_live_scheduler(store, name)
     resumed = resume_study(store, name, retry_failed=retry_failed)
     if not resumed.running:

@@ -89,3 +89,15 @@ def test_a_run_claimed_by_a_slurm_task_shows_the_task_and_its_node(tmp_path, for
     assert plain.slurm_job is None
     r = cli_in_process(capsys, "study", "status", "S", "--storage", url)
     assert r.returncode == 0 and "slurm task" in r.stdout  # one SLURM run is enough for the column
+
+
+def test_a_study_whose_runs_need_more_gpus_than_a_task_gets_is_refused_before_submitting(tmp_path, forget_set_files,
+                                                                                         capsys):
+    url = f"sqlite:///{tmp_path / 'lab.db'}"
+    store = Store(url)
+    make_forget_set(store, "fs", forget_set_files)
+    create_study(store, "W", "EleutherAI/pythia-14m", "fs", methods=["ga"], lrs=[1e-3], steps=[2], gpus_per_run=2)
+    r = cli_in_process(capsys, "study", "run", "W", "--slurm", "--gpus-per-job", "1", "--slurm-allow-sqlite",
+                       "--storage", url)
+    assert_one_line_error(r, "runs each run on 2 GPUs", "--gpus-per-job 2")
+    assert store.study("W").state != "running"  # nothing was handed out
