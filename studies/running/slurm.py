@@ -80,11 +80,10 @@ def launch_on_slurm(store: Store, name: str, opts: SlurmOptions, retry_failed: b
     study's runs out again, then submit its workers as one job array. Returns (one line for the
     user, the array's job id, None when there was nothing to run). Refused on a store the nodes
     cannot share, or while another scheduler runs the study."""
+    from studies.lifecycle.spec import study_spec
     from studies.lifecycle.study import resume_study
     from studies.running.launch import check_no_live_scheduler
     from studies.running.logs import log_dir_for
-
-    from studies.lifecycle.spec import study_spec
 
     check_shared_store(store, opts)
     width = study_spec(store.study(name)).gpus_per_run
@@ -96,7 +95,19 @@ def launch_on_slurm(store: Store, name: str, opts: SlurmOptions, retry_failed: b
     if not resumed.running:
         return resumed.message, None
     folder = log_dir_for(store, name) / "slurm"
-    ids = submit(store, name, opts, folder)
+    try:
+        ids = submit(store, name, opts, folder)
+    except UnlearnError:
+        raise
+    except Exception as exc:  # no sbatch here, the cluster refused the job: nothing serves the study, say so
+        from studies.lifecycle.study import set_state
+        from studies.store.db import first_line
+        from studies.store.sqlite_file import scrub
+        from studies.store.states import StudyState
+
+        set_state(store, name, StudyState.PAUSED)
+        raise UnlearnError(f"the job array was not submitted ({type(exc).__name__}: {scrub(first_line(exc), store.url)}); "
+                           f"study {name} is paused: `unlearn study run {name} --slurm` submits again") from None
     array = ids[0].split("_")[0]
     return (f"study {name}: SLURM job array {array} ({len(ids)} worker task(s)); logs in {folder}. "
             f"Follow it: unlearn study status {name}"), array

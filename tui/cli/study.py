@@ -41,7 +41,9 @@ def slurm_options_of(func):
 
     @functools.wraps(func)
     def command(*args, **kwargs):
-        given = {f.name: v for f in SLURM_FIELDS if (v := kwargs.pop(f"sl_{f.name}")) not in (None, False, [])}
+        values = {f.name: kwargs.pop(f"sl_{f.name}") for f in SLURM_FIELDS}
+        # given: anything but an absent flag (None, an unset switch, no --slurm-opt); a 0 is given (0 == False)
+        given = {k: v for k, v in values.items() if not (v is None or v is False or v == [])}
         return func(*args, slurm_given=given, **kwargs)
 
     command.__signature__ = sig.replace(parameters=params + extra)

@@ -5,6 +5,11 @@ methods' knobs to sweep, attacks and devices, and an advanced section with every
 studies.running.launch.launch_detached, the function `unlearn study run --detach` calls. What is
 typed is parsed by studies.lifecycle.inputs, as the CLI's flags are: both take the same forms.
 
+Where the study runs is a choice: the local devices (the default), or a SLURM job array, whose
+fields are SLURM_FIELDS (studies.running.slurm_options: the flags of `unlearn study run --slurm`),
+parsed by the same `slurm_options`; Launch then submits the array through launch_on_slurm, what
+`unlearn study run --slurm` calls.
+
 The model is checked in a subprocess (studies.running.probe: config and tokenizer load), never here.
 Every problem is one line beside its field, and nothing is created until the whole form is good.
 """
@@ -17,10 +22,10 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Input, Label, Select, SelectionList
+from textual.widgets import Button, Checkbox, Footer, Input, Label, Select, SelectionList
 from textual.widgets.selection_list import Selection
 from textual.worker import get_current_worker
 
@@ -31,6 +36,8 @@ from studies.lifecycle import inputs
 from studies.lifecycle.spec import parse_knob_options
 from studies.running.launch import launch_detached
 from studies.running.probe import probe_model
+from studies.running.slurm import check_shared_store, launch_on_slurm
+from studies.running.slurm_options import SLURM_FIELDS, SlurmField, SlurmOptions, slurm_options
 from studies.store.db import Store
 from studies.store.forgetsets import check_name
 from tui.app.widgets.devices import DevicesPanel
@@ -39,6 +46,37 @@ from tui.app.widgets.run_settings_form import AdvancedSettings, setting_flags, w
 MODEL_DEBOUNCE_S = 0.8
 DEVICES_EVERY_S = 3.0
 DEFAULT_STEPS = "5,10,20,40"
+RUNS_ON = (("local devices", "local"), ("SLURM job array", "slurm"))  # the first is the default
+
+
+def form_slurm_fields() -> tuple[SlurmField, ...]:
+    """The SLURM options the form offers: SLURM_FIELDS' own choice (form=True), in their order."""
+    return tuple(f for f in SLURM_FIELDS if f.form)
+
+
+def slurm_id(f: SlurmField) -> str:
+    """A SLURM field's widget id (`gpus_per_job` → `slurm-gpus-per-job`); its error line is id + `-error`."""
+    return "slurm-" + f.name.replace("_", "-")
+
+
+def slurm_label(f: SlurmField) -> str:
+    """A SLURM field's label in the form, and what its errors call it: the flag without its dashes."""
+    return f.flag.removeprefix("--")
+
+
+def slurm_placeholder(f: SlurmField) -> str:
+    if f.kind is list:
+        return "KEY=VALUE pairs separated by spaces: sbatch's options, e.g. constraint=a100"
+    return f"{'none' if f.default is None else f.default} · {f.help}"
+
+
+def slurm_field_of(error: str) -> str:
+    """Which line of the SLURM section an error belongs on: the field it is about (slurm_options'
+    errors begin with the field's label, or name its flag), else the section's own line."""
+    for f in form_slurm_fields():
+        if error.startswith(slurm_label(f) + " ") or re.search(rf"{re.escape(f.flag)}\b(?!-)", error):
+            return slurm_id(f)
+    return "slurm"
 
 
 def method_formula(method) -> str:
@@ -65,6 +103,7 @@ class StudyForm:
     attacks_at: str = "every"  # --attacks-at
     settings: dict = field(default_factory=dict)  # the RunSettings given (--attacks among them), as the CLI's flags give them
     options: dict = field(default_factory=dict)  # --max-attempts, --gpus-per-run, --eval-tasks-at, --trust-remote-code
+    slurm: SlurmOptions | None = None  # a SLURM job array serves it (slots then empty), else the local slots
 
     def create(self, store: Store):
         """The study, created as `unlearn study create` creates it from the same values."""
@@ -143,6 +182,9 @@ class NewStudyScreen(Screen[str | None]):
     NewStudyScreen #model-status.ok { color: $success; }
     NewStudyScreen #model-status.bad { color: $error; }
     NewStudyScreen #buttons { height: auto; margin-top: 1; }
+    NewStudyScreen #runs-on { width: 24; }
+    NewStudyScreen #local-devices, NewStudyScreen #slurm-fields { height: auto; }
+    NewStudyScreen #slurm-fields Checkbox { width: auto; }
     """
 
     def __init__(self, store: Store, read_devices: bool = True) -> None:
@@ -201,13 +243,27 @@ class NewStudyScreen(Screen[str | None]):
                              allow_blank=False, id="attacks-at")
             yield Label("", id="attacks-error", classes="error -empty")
             yield Label("devices", classes="section")
-            yield DevicesPanel(id="devices")
-            yield SelectionList[int](id="gpus")
             with Horizontal(classes="row"):
-                yield Label("CPU workers")
-                yield Input("1", id="workers", type="integer")
-            yield Label("used when no GPU is ticked", classes="hint", id="workers-hint")
-            yield Label("", id="devices-error", classes="error -empty")
+                yield Label("runs on")
+                yield Select(RUNS_ON, value=RUNS_ON[0][1], allow_blank=False, id="runs-on")
+            with Vertical(id="local-devices"):
+                yield DevicesPanel(id="devices")
+                yield SelectionList[int](id="gpus")
+                with Horizontal(classes="row"):
+                    yield Label("CPU workers")
+                    yield Input("1", id="workers", type="integer")
+                yield Label("used when no GPU is ticked", classes="hint", id="workers-hint")
+                yield Label("", id="devices-error", classes="error -empty")
+            with Vertical(id="slurm-fields"):
+                for f in form_slurm_fields():  # one field per SLURM option the form offers, in SLURM_FIELDS' order
+                    with Horizontal(classes="row"):
+                        yield Label(slurm_label(f))
+                        if f.kind is bool:
+                            yield Checkbox("on", bool(f.default), id=slurm_id(f), tooltip=f.help)
+                        else:
+                            yield Input(placeholder=slurm_placeholder(f), id=slurm_id(f), tooltip=f.help)
+                    yield Label("", id=f"{slurm_id(f)}-error", classes="error -empty")
+                yield Label("", id="slurm-error", classes="error -empty")
             yield AdvancedSettings(id="advanced")
             with Horizontal(id="buttons"):
                 yield Button("Launch", id="launch", variant="success")
@@ -218,11 +274,12 @@ class NewStudyScreen(Screen[str | None]):
     def on_mount(self) -> None:
         self.query_one("#gpus").display = False
         self.query_one("#workers-hint").display = False
+        self.query_one("#slurm-fields").display = False
         self.load_forget_sets()
         if self.read_devices:
             panel = self.query_one(DevicesPanel)
             panel.refresh_devices()
-            self.set_interval(DEVICES_EVERY_S, panel.refresh_devices)
+            self.set_interval(DEVICES_EVERY_S, self._refresh_devices)
         self.query_one("#name", Input).focus()
 
     # ------------------------------------------------------------------ helpers
@@ -325,6 +382,21 @@ class NewStudyScreen(Screen[str | None]):
         self.query_one("#trials", Input).disabled = event.value != "tpe"
         self._error("sampler")
 
+    @property
+    def on_slurm(self) -> bool:
+        """SLURM job array chosen (else the local devices)."""
+        return self.query_one("#runs-on", Select).value == "slurm"
+
+    @on(Select.Changed, "#runs-on")
+    def _runs_on_changed(self) -> None:
+        """Show the chosen place's fields only: the devices here, or the job array's options."""
+        self.query_one("#local-devices").display = not self.on_slurm
+        self.query_one("#slurm-fields").display = self.on_slurm
+
+    def _refresh_devices(self) -> None:
+        if not self.on_slurm:  # the local devices are read while they are the choice
+            self.query_one(DevicesPanel).refresh_devices()
+
     @on(DevicesPanel.Refreshed)
     def _devices_read(self, event: DevicesPanel.Refreshed) -> None:
         indices = [g["index"] for g in event.report.gpus]
@@ -406,23 +478,63 @@ class NewStudyScreen(Screen[str | None]):
                 RunSettings(**settings).validate()
             except UnlearnError as e:
                 bad(field_of(str(e)), str(e))
-        gpus = sorted(self.query_one("#gpus", SelectionList).selected) if self.gpu_indices else []
         slots: list[str] = []
-        try:
-            slots = inputs.device_slots(gpus, None if gpus else self._value("#workers"), workers_label="CPU workers")
-            if options.get("gpus_per_run", 1) > len(slots):
-                raise UnlearnError(f"--gpus-per-run {options['gpus_per_run']} needs that many devices; "
-                                   f"{len(slots)} chosen")
-        except UnlearnError as e:
-            bad("devices", str(e))
+        slurm = None
+        if self.on_slurm:
+            slurm, wrong = self.read_slurm()
+            for field_id, text in wrong:
+                bad(field_id, text)
+            width = options.get("gpus_per_run", 1)
+            if slurm is not None and width > (slurm.gpus_per_job or 1):  # a task's devices: its GPUs, else one CPU
+                cpu = " (a CPU task has one worker)" if not slurm.gpus_per_job else ""
+                bad(slurm_field_of("--gpus-per-job"), f"--gpus-per-run {width} needs that many GPUs in each task; "
+                                                      f"gpus-per-job gives {slurm.gpus_per_job}{cpu}")
+        else:
+            gpus = sorted(self.query_one("#gpus", SelectionList).selected) if self.gpu_indices else []
+            try:
+                slots = inputs.device_slots(gpus, None if gpus else self._value("#workers"), workers_label="CPU workers")
+                if options.get("gpus_per_run", 1) > len(slots):
+                    raise UnlearnError(f"--gpus-per-run {options['gpus_per_run']} needs that many devices; "
+                                       f"{len(slots)} chosen")
+            except UnlearnError as e:
+                bad("devices", str(e))
         if problems:
             return None
         return StudyForm(name, model, str(forget_set), methods, lrs, lr_range, steps, sampler, trials, slots,
-                         knobs, str(self.query_one("#attacks-at", Select).value), settings, options)
+                         knobs, str(self.query_one("#attacks-at", Select).value), settings, options, slurm)
+
+    def read_slurm(self) -> tuple[SlurmOptions | None, list[tuple[str, str]]]:
+        """(the job array's options, [(widget id, one-line error)]): each field parsed alone by
+        slurm_options (so every wrong one says so at once), then all together (None where they do
+        not parse), then the store checked as the submission will check it: an SQLite file is
+        refused here, before anything is created."""
+        given = {}
+        for f in form_slurm_fields():
+            widget = self.query_one(f"#{slurm_id(f)}")
+            given[f.name] = widget.value if isinstance(widget, Checkbox) else widget.value.strip()
+        wrong = []
+        for f in form_slurm_fields():
+            try:
+                slurm_options({f.name: given[f.name]}, label_of=slurm_label)
+            except UnlearnError as e:
+                wrong.append((slurm_id(f), str(e)))
+        if wrong:
+            return None, wrong
+        try:
+            opts = slurm_options(given, label_of=slurm_label)
+        except UnlearnError as e:
+            return None, [(slurm_field_of(str(e)), str(e))]
+        try:
+            check_shared_store(self.store, opts)
+        except UnlearnError as e:
+            return opts, [("slurm", str(e))]
+        return opts, []
 
     @work(thread=True, exclusive=True, name="launch study", group="new-study-launch")
     def launch(self, form: StudyForm, checked: dict | None) -> None:
-        """Check the model (unless checked already), create the study, start its scheduler."""
+        """Check the model (unless checked already), create the study, start its scheduler (or
+        submit its SLURM job array). A launch that fails once the study exists says so on the
+        launch line; the study stays, as after a failed `unlearn study run`."""
         worker = get_current_worker()
         if checked is None:
             checked = probe_model(form.model, should_stop=lambda: worker.is_cancelled)
@@ -439,6 +551,17 @@ class NewStudyScreen(Screen[str | None]):
             return
         except Exception as e:  # the store or Optuna: one line, never a traceback
             self.post_message(LaunchFinished(form.name, _one_line(e)))
+            return
+        if form.slurm is not None:
+            try:
+                line, _array = launch_on_slurm(self.store, form.name, form.slurm)
+            except Exception as e:  # refused, or sbatch failed: as a scheduler that did not start
+                said = (f"study {form.name} was created; {_first_line(e)}" if isinstance(e, UnlearnError) else
+                        f"study {form.name} was created, but its job array was not submitted: "
+                        f"{_one_line(e, prefer='fatal:')}")  # launch_on_slurm's own line says what happened
+                self.post_message(LaunchFinished(form.name, said))
+                return
+            self.post_message(LaunchFinished(form.name, None, line=line))
             return
         try:
             line, pid, log = launch_detached(self.store, form.name, form.slots)
@@ -468,6 +591,14 @@ class NewStudyScreen(Screen[str | None]):
         self.dismiss(None)
 
 
-def _one_line(e: BaseException) -> str:
+def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return lines[0] if lines else type(e).__name__
+
+
+def _one_line(e: BaseException, prefer: str | None = None) -> str:
+    """`Type: its first line` (or its first line holding `prefer`: sbatch's `fatal:` says more
+    than the lines before it)."""
+    lines = str(e).strip().splitlines()
+    line = next((ln for ln in lines if prefer and prefer in ln), lines[0] if lines else "")
+    return f"{type(e).__name__}: {line.strip()}".rstrip(": ")

@@ -1,5 +1,6 @@
-"""The running runs of a study: one row per run (method, lr, attempt, step k/N with a bar, device,
-heartbeat age) and, on `l`, the tail of the highlighted run's log below the table.
+"""The running runs of a study: one row per run (method, lr, attempt, step k/N with a bar, heartbeat
+age, device, node) and, on `l`, the tail of the highlighted run's log below the table. A `slurm`
+column (the array task that claimed the run, ARRAYJOB_INDEX) shows while any running run has one.
 
 The owner (a screen polling `studies.reading.status.study_status`) hands the rows down with
 `update_runs`; the table changes in place, so the cursor and the scroll position survive every
@@ -22,9 +23,12 @@ from studies.store.db import Store
 from tui.app.widgets.table import MeasuredTable
 from tui.heatmap import fmt_lr
 
+# (key, label); narrow labels where the values are narrow: a SLURM run's row fits 80 columns
 COLUMNS = (("method", "method"), ("lr", "lr"), ("attempt", "try"), ("progress", "step"),
-           ("device", "device"), ("heartbeat", "heartbeat"))
-BAR_WIDTH = 10
+           ("heartbeat", "beat"), ("device", "device"), ("node", "node"))
+SLURM_COLUMN = ("slurm", "slurm")  # added while a running run has a SLURM task, removed when none has
+NODE_WIDTH = 12
+BAR_WIDTH = 8
 TAIL_LINES = 40
 
 RunKey = tuple[str, float]
@@ -36,12 +40,21 @@ def run_key(method: str, lr: float) -> str:
 
 
 def progress_text(step: int, total: int) -> Text:
-    """`██████░░░░ 12/20`: a text bar, so a row stays one line of the table."""
+    """`█████░░░ 12/20`: a text bar, so a row stays one line of the table."""
     total = max(0, int(total or 0))
     step = max(0, int(step or 0))
     filled = BAR_WIDTH * min(step, total) // total if total else 0  # full only when done
     bar = Text("█" * filled, style="green") + Text("░" * (BAR_WIDTH - filled), style="dim")
     return bar + Text(f" {step}/{total}" if total else f" {step}")
+
+
+def node_text(node: Optional[str]) -> str:
+    """A node's short name (`gpu017.cluster.example.org` → `gpu017`), at most NODE_WIDTH long: a
+    longer one keeps its start and its end (`gpu…a100-017`), where a cluster's nodes differ."""
+    if not node:
+        return "—"
+    short = node if node.replace(".", "").isdigit() else node.split(".")[0]  # an IP address stays whole
+    return short if len(short) <= NODE_WIDTH else short[:3] + "…" + short[-(NODE_WIDTH - 4):]
 
 
 def age_text(seconds: Optional[float], timeout_s: float) -> Text:
@@ -131,11 +144,20 @@ class RunningRuns(Widget):
         """Row keys in the table's order (for the owner and tests)."""
         return [row.key.value for row in self.query_one(DataTable).ordered_rows]
 
-    def _cells(self, run: dict) -> dict[str, object]:
-        return {"method": run["method"], "lr": fmt_lr(float(run["lr"])), "attempt": str(run.get("attempts") or 1),
-                "progress": progress_text(run.get("step") or 0, self._steps_total),
-                "device": run.get("device") or "—",
-                "heartbeat": age_text(run.get("heartbeat_age_s"), self._heartbeat_timeout_s())}
+    @property
+    def slurm_shown(self) -> bool:
+        """Whether the table has its `slurm` column now."""
+        return SLURM_COLUMN[0] in self.query_one(DataTable).columns
+
+    def _cells(self, run: dict, slurm: bool) -> dict[str, object]:
+        """A row's cells in the columns' order (`slurm`: with the slurm column's)."""
+        cells = {"method": run["method"], "lr": fmt_lr(float(run["lr"])), "attempt": str(run.get("attempts") or 1),
+                 "progress": progress_text(run.get("step") or 0, self._steps_total),
+                 "heartbeat": age_text(run.get("heartbeat_age_s"), self._heartbeat_timeout_s()),
+                 "device": run.get("device") or "—", "node": node_text(run.get("node") or run.get("host"))}
+        if slurm:
+            cells[SLURM_COLUMN[0]] = run.get("slurm_job") or "—"
+        return cells
 
     def _heartbeat_timeout_s(self) -> float:
         """The one given, else the app's, else the lab's setting (an app learns it with the store)."""
@@ -157,14 +179,21 @@ class RunningRuns(Widget):
         for key in [k for k in self._runs if k not in wanted]:
             table.remove_row(key)
             del self._runs[key]
+        slurm = any(r.get("slurm_job") for r in runs)
+        if slurm and not self.slurm_shown:  # the column joins the rows already there, each given its value
+            table.add_column(SLURM_COLUMN[1], key=SLURM_COLUMN[0], default="—")
+            for key, run in self._runs.items():
+                table.update_cell(key, SLURM_COLUMN[0], self._cells(run, True)[SLURM_COLUMN[0]])
+        elif not slurm and self.slurm_shown:
+            table.remove_column(SLURM_COLUMN[0])
         added = False
         for key, run in wanted.items():
-            cells = self._cells(run)
+            cells = self._cells(run, slurm)
             if key not in self._runs:
                 table.add_row(*cells.values(), key=key)
                 added = True
             else:
-                old = self._cells(self._runs[key])
+                old = self._cells(self._runs[key], slurm)
                 for column, value in cells.items():
                     if value != old[column]:
                         table.update_cell(key, column, value)
