@@ -17,7 +17,10 @@ import torch
 from engine.data import Chunks, ForgetSetChunks
 from engine.metric_registry import (
     EVAL_SCORE,
+    EXACT_MEMORIZATION,
+    EXTRACTION_STRENGTH,
     FORGET_GAP,
+    MEMORIZATION_ROLES,
     MIA_AUC,
     MIA_AUC_HI,
     MIA_AUC_LO,
@@ -38,11 +41,29 @@ class SetScores:
     nll_sum: np.ndarray  # [n] Σ NLL of predicted tokens (a question–answer chunk: its answer's)
     n_tokens: np.ndarray  # [n] predicted tokens
     mia: dict[str, np.ndarray]  # attack -> [n] membership score (higher = more member-like)
+    exact: np.ndarray | None = None  # [n] exact memorization of each chunk's answer (memorization())
+    extraction: np.ndarray | None = None  # [n] extraction strength of each chunk's answer
 
     @property
     def ppl(self) -> float:
         mean_nll = float(self.nll_sum.sum() / max(1, self.n_tokens.sum()))
         return math.exp(mean_nll) if mean_nll < 700 else math.inf  # a blown-up model: inf (-> None), not OverflowError
+
+
+def memorization(hits: np.ndarray) -> tuple[float, float]:
+    """(exact memorization, extraction strength) of one answer from `hits`, whether the model's greedy
+    next token was the answer's own at each of its positions, teacher-forced (one forward pass).
+
+    Exact memorization: the share of hits. Extraction strength: 1 − k/n for the smallest k such that,
+    given the answer's first k tokens, greedy decoding writes the other n − k exactly; greedy decoding
+    from a true prefix follows the teacher-forced predictions for as long as they hit, so k is one past
+    the last miss (0 when nothing is missed: 1; n when the last token is missed: 0)."""
+    n = len(hits)
+    if n == 0:
+        return math.nan, math.nan
+    misses = np.flatnonzero(~hits)
+    k = int(misses[-1]) + 1 if len(misses) else 0
+    return float(hits.mean()), 1.0 - k / n
 
 
 def min_k_mean(values: np.ndarray, k: float) -> float:
@@ -65,7 +86,7 @@ def score_chunks(model, chunks: Chunks, batch_size: int = 8, device=None, autoca
     autocast = autocast or contextlib.nullcontext
     was_training = model.training
     model.eval()
-    nll_sum, n_tok = [], []
+    nll_sum, n_tok, exact, extraction = [], [], [], []
     mia = {a: [] for a in ATTACKS}
     for start in range(0, len(chunks), batch_size):
         mask = chunks.attention_mask[start : start + batch_size]
@@ -73,6 +94,9 @@ def score_chunks(model, chunks: Chunks, batch_size: int = 8, device=None, autoca
         ids = chunks.input_ids[start : start + batch_size, :width].to(device)
         mask = mask[:, :width].to(device)
         scored = chunks.loss_mask[start : start + batch_size, 1:width]  # a QA chunk's answer tokens only
+        # a question–answer chunk scores part of its tokens: its answer is what memorization reads; a
+        # plain chunk's "answer" is its second half, the first half its prompt
+        qa = (chunks.loss_mask[start : start + batch_size, 1:] != chunks.attention_mask[start : start + batch_size, 1:]).any(1)
         with autocast():
             logits = model(input_ids=ids, attention_mask=mask).logits
         # Per position, log p(token) and the mean/std of log p under the model's own distribution,
@@ -84,6 +108,7 @@ def score_chunks(model, chunks: Chunks, batch_size: int = 8, device=None, autoca
             logp_all = torch.log_softmax(logits[g : g + rows, :-1].float(), dim=-1)  # [r, T, V]
             tok_logp = logp_all.gather(-1, ids[g : g + rows, 1:].unsqueeze(-1)).squeeze(-1)
             tok_all = tok_logp.double().cpu().numpy()
+            hit_all = (logits[g : g + rows, :-1].argmax(-1) == ids[g : g + rows, 1:]).cpu().numpy()
             z_all = None
             if attacks:
                 p = logp_all.exp()
@@ -99,6 +124,10 @@ def score_chunks(model, chunks: Chunks, batch_size: int = 8, device=None, autoca
                 n = len(tok_logp_np)
                 nll_sum.append(nll)
                 n_tok.append(n)
+                hits = hit_all[r][keep]
+                em, es = memorization(hits if qa[g + r] else hits[len(hits) // 2:])
+                exact.append(em)
+                extraction.append(es)
                 if z_all is None:
                     continue
                 z = z_all[r][keep]
@@ -109,7 +138,8 @@ def score_chunks(model, chunks: Chunks, batch_size: int = 8, device=None, autoca
                 mia["min_k_pp"].append(min_k_mean(z, min_k))
     if was_training:
         model.train()
-    return SetScores(np.array(nll_sum), np.array(n_tok), {a: np.array(v) for a, v in mia.items()})
+    return SetScores(np.array(nll_sum), np.array(n_tok), {a: np.array(v) for a, v in mia.items()},
+                     np.array(exact), np.array(extraction))
 
 
 def roc_auc(positives: np.ndarray, negatives: np.ndarray) -> float | None:
@@ -147,6 +177,9 @@ def evaluate(model, sets: ForgetSetChunks, batch_size: int = 8, device=None, aut
               for role, ch in sets.items()}
     metrics = {ppl(role): _finite(scores[role].ppl) if role in scores else None for role in ROLES}
     metrics[MIA_AUC] = mia_auc(scores["forget"], scores["unseen"])
+    for path, part in ((EXACT_MEMORIZATION, "exact"), (EXTRACTION_STRENGTH, "extraction")):
+        metrics[path] = {role: _mean(getattr(scores[role], part)) if role in scores else None
+                         for role in MEMORIZATION_ROLES}
     metrics[MIA_AUC_LO], metrics[MIA_AUC_HI] = auc_interval(scores["forget"].mia["loss"], scores["unseen"].mia["loss"])
     if noise:
         u, r = scores["unseen"], scores.get("retain_eval")
@@ -161,6 +194,12 @@ def evaluate(model, sets: ForgetSetChunks, batch_size: int = 8, device=None, aut
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
+
+
+def _mean(values: np.ndarray | None) -> float | None:
+    """The mean over chunks (each answer counts once, as the reference framework averages its samples)."""
+    kept = values[np.isfinite(values)] if values is not None else np.array([])
+    return float(kept.mean()) if len(kept) else None
 
 
 VERDICT_PARTS = ("forget", "mia", "utility")

@@ -26,8 +26,8 @@ NEUTRAL = "neutral"  # neither: a neutral blue scale (a forget perplexity is not
 
 # Groups (tables show the metrics in the order they are registered below). TRAINED_ON: the figures
 # utility was judged by before retain_eval existed (on the documents the retain terms train on).
-OBJECTIVE, PERPLEXITY, MIA, TRAINED_ON, RECOVERY, BENCH, DOWNSTREAM = (
-    "objective", "perplexity", "mia", "trained_on", "recovery", "bench", "downstream")
+OBJECTIVE, PERPLEXITY, MIA, MEMORIZATION, TRAINED_ON, RECOVERY, BENCH, DOWNSTREAM = (
+    "objective", "perplexity", "mia", "memorization", "trained_on", "recovery", "bench", "downstream")
 
 EVERY_RUN = "every run"  # `runs` of a metric every computed cell has
 
@@ -49,6 +49,9 @@ SCORE = EVAL_SCORE  # the study objective: the Optuna trial value, the heatmap's
 TRAINED_ON_SCORE, RETAIN_DRIFT = "score", "retain_drift"
 MIA_AUC = "mia_auc"
 MIA_AUC_LO, MIA_AUC_HI = "mia_auc_lo", "mia_auc_hi"  # the loss AUC's bootstrap interval (engine.verdict)
+# open-unlearning's two greedy-decoding memorization figures, per set (engine.evaluate.memorization)
+EXACT_MEMORIZATION, EXTRACTION_STRENGTH = "exact_memorization", "extraction_strength"
+MEMORIZATION_ROLES = ("forget", "retain_eval", "unseen")
 
 
 def ppl(role: str) -> str:
@@ -226,6 +229,18 @@ register(Metric(MIA_AUC_LO, "mia lo", "AUC", CLOSER, MIA, "low end of the loss A
                 "(the verdict needs the interval to hold 0.5)", target=0.5))
 register(Metric(MIA_AUC_HI, "mia hi", "AUC", CLOSER, MIA, "high end of the loss AUC's 95 % bootstrap interval",
                 target=0.5))
+for _path, _short, _what in (
+    (EXACT_MEMORIZATION, "EM", "share of the answer's tokens the model's greedy prediction gets right, "
+     "teacher-forced"),
+    (EXTRACTION_STRENGTH, "ES", "1 − k/n for the shortest prefix k of the answer from which greedy decoding "
+     "writes the rest exactly"),
+):
+    for _role in MEMORIZATION_ROLES:
+        # forget and unseen are read against each other (a retrained model has the unseen figure),
+        # so neutral; on retain_eval more is kept utility
+        register(Metric(f"{_path}.{_role}", f"{_short} {_role}", "share", HIGHER if _role == "retain_eval" else NEUTRAL,
+                        MEMORIZATION, f"{_what}, on {_role} (a question–answer set: its answers; plain text: "
+                        "each chunk's second half), mean over chunks"))
 register(Metric(TRAINED_ON_SCORE, "score (retain)", "nats", LOWER, TRAINED_ON,
                 "forget_gap + max(0, retain_drift): the objective before retain_eval existed"))
 register(Metric(RETAIN_DRIFT, "drift (retain)", "nats", CLOSER, TRAINED_ON,

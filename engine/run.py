@@ -33,7 +33,7 @@ from engine.finetune import batch_indices
 from engine.lora import AdapterOff, apply_lora
 from engine.methods import get_method
 from engine.methods.base import Method, PrepareContext
-from engine.metric_registry import MIA, PERPLEXITY, CellMetrics, blank
+from engine.metric_registry import MEMORIZATION, MIA, PERPLEXITY, CellMetrics, blank
 from engine.models import (
     count_parameters,
     load_model,
@@ -80,7 +80,7 @@ def constant_after_warmup(warmup_steps: int) -> Callable[[int], float]:
 
 def empty_metrics() -> dict:
     """What `evaluate` measures, every figure None (a cell a divergence cut off)."""
-    return blank(PERPLEXITY, MIA)
+    return blank(PERPLEXITY, MIA, MEMORIZATION)
 
 
 # ---------------------------------------------------------------- the loop

@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from engine.evaluate import ATTACKS, SetScores, compare, evaluate, mia_auc, min_k_mean, score_chunks
+from engine.evaluate import ATTACKS, SetScores, compare, evaluate, memorization, mia_auc, min_k_mean, score_chunks
 from engine.models import load_model
 
 RTOL = 1e-4
@@ -31,7 +31,7 @@ def np_lowest_mean(values: np.ndarray, k: float) -> float:
 def reference_scores(model, chunks, tokenizer, k: float = 0.2) -> dict[str, np.ndarray]:
     """Per chunk: Σ NLL, token count and the four MIA scores, from each chunk's logits run alone
     on its real tokens, in float64 NumPy."""
-    out = {"nll": [], "n": [], **{a: [] for a in ATTACKS}}
+    out = {"nll": [], "n": [], "exact": [], "extraction": [], **{a: [] for a in ATTACKS}}
     for b in range(len(chunks)):
         n = int(chunks.attention_mask[b].sum())
         ids = chunks.input_ids[b, :n]
@@ -39,6 +39,13 @@ def reference_scores(model, chunks, tokenizer, k: float = 0.2) -> dict[str, np.n
             logits = model(input_ids=ids[None]).logits[0].double().numpy()
         logp = np_log_softmax(logits[:-1])  # position t-1 predicts token t
         target = ids[1:].numpy()
+        # memorization, by its definition: the second half of a plain chunk is its answer; the smallest
+        # prefix k from which greedy decoding writes the rest, found by decoding from every k
+        answer = target[len(target) // 2:]
+        greedy = logits[:-1].argmax(-1)[len(target) // 2:]
+        out["exact"].append(float((greedy == answer).mean()))
+        prefix = next(j for j in range(len(answer) + 1) if (greedy[j:] == answer[j:]).all())
+        out["extraction"].append(1.0 - prefix / len(answer))
         tok = logp[np.arange(len(target)), target]
         p = np.exp(logp)
         mu = (p * logp).sum(-1)
@@ -80,6 +87,8 @@ def test_score_chunks_matches_numpy_reference(role, model, tiny_sets, reference)
     assert set(got.mia) == set(ATTACKS)
     for attack in ATTACKS:
         np.testing.assert_allclose(got.mia[attack], ref[attack], rtol=RTOL, err_msg=attack)
+    np.testing.assert_allclose(got.exact, ref["exact"], rtol=RTOL)
+    np.testing.assert_allclose(got.extraction, ref["extraction"], rtol=RTOL)
     expected_ppl = math.exp(ref["nll"].sum() / ref["n"].sum())
     assert got.ppl == pytest.approx(expected_ppl, rel=RTOL)
 
@@ -281,3 +290,65 @@ def test_compare_on_real_metrics(model, tiny_sets):
     assert c["forget_gap"] == pytest.approx(math.log(metrics["ppl_unseen"]) - math.log(metrics["ppl_forget"]))
     assert c["forget_gap"] > 0  # θ0 remembers U: it is far from the retraining target
     assert c["eval_score"] == c["forget_gap"]
+
+
+# ------------------------------------------------------------------ memorization (open-unlearning's EM and ES)
+
+@pytest.mark.parametrize("hits, em, es", [
+    ([1, 1, 0, 1, 1], 0.8, 1 - 3 / 5),  # greedy writes the rest from the first 3 tokens on
+    ([1, 1, 1, 1], 1.0, 1.0),  # nothing missed: no prefix needed
+    ([1, 1, 1, 0], 0.75, 0.0),  # the last token missed: no prefix short of the whole answer works
+    ([0, 1, 1, 1], 0.75, 0.75),
+    ([0, 0, 0, 0], 0.0, 0.0),
+])
+def test_memorization_by_hand(hits, em, es):
+    assert memorization(np.array(hits, dtype=bool)) == pytest.approx((em, es))
+    assert all(math.isnan(x) for x in memorization(np.array([], dtype=bool)))
+
+
+def test_memorization_reads_a_qa_chunks_answer_and_teacher_forcing_equals_greedy_decoding(model, tiny_tokenizer):
+    """A question–answer chunk: exact memorization and extraction strength read its answer tokens
+    only; and the extraction strength read off one teacher-forced pass is what greedy decoding does
+    from each prefix of the answer."""
+    from engine.data import chunk_texts
+
+    prompt, answer = "Where was Basil Mahfouz born?", "Basil Mahfouz was born in Lisbon in 1961."
+    chunks = chunk_texts([answer], tiny_tokenizer, 128, "forget", prompts=[prompt])
+    got = score_chunks(model, chunks, attacks=False)
+    n = int(chunks.attention_mask[0].sum())
+    ids = chunks.input_ids[0, :n]
+    scored = chunks.loss_mask[0, 1:n].bool()
+    with torch.no_grad():
+        greedy = model(input_ids=ids[None]).logits[0, :-1].argmax(-1)
+    hits = (greedy == ids[1:])[scored].numpy()
+    assert got.exact[0] == pytest.approx(hits.mean())
+    first = int(scored.nonzero()[0]) + 1  # the answer's first token's position
+    answer_ids = ids[first:]
+    k = 0  # decode greedily from prompt + the first k answer tokens: the smallest k that writes the rest
+    while k < len(answer_ids):
+        out = ids[: first + k]
+        with torch.no_grad():
+            for _ in range(len(answer_ids) - k):
+                out = torch.cat([out, model(input_ids=out[None]).logits[0, -1].argmax()[None]])
+        if torch.equal(out[first + k:], answer_ids[k:]):
+            break
+        k += 1
+    assert got.extraction[0] == pytest.approx(1 - k / len(answer_ids))
+
+
+def test_evaluate_reports_memorization_per_set(model, tiny_sets, reference):
+    metrics, _ = evaluate(model, tiny_sets)
+    for role in ("forget", "unseen"):
+        assert metrics["exact_memorization"][role] == pytest.approx(reference[role]["exact"].mean(), rel=RTOL)
+        assert metrics["extraction_strength"][role] == pytest.approx(reference[role]["extraction"].mean(), rel=RTOL)
+    assert set(metrics["exact_memorization"]) == {"forget", "retain_eval", "unseen"}
+
+
+def test_the_tiny_model_remembers_its_training_records_better_than_unseen_ones(model, tiny_sets):
+    """The figures separate what the fixture model trained on from what it never saw (a check that
+    they measure memorization at all, not a constant)."""
+    metrics, _ = evaluate(model, tiny_sets)
+    em, es = metrics["exact_memorization"], metrics["extraction_strength"]
+    print(f"EM {em}, ES {es}")
+    assert em["forget"] > em["unseen"] and es["forget"] >= es["unseen"]
+    assert 0 < em["unseen"] < em["forget"] < 1

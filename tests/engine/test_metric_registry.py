@@ -19,7 +19,10 @@ def test_the_registry_never_imports_torch():
 def test_every_run_metrics_are_the_plain_cell_metrics_in_table_order():
     assert M.every_run_paths() == ("eval_score", "forget_gap", "retain_eval_drift", "ppl_forget", "ppl_retain",
                                    "ppl_retain_eval", "ppl_unseen", "ppl_general", "mia_auc.loss", "mia_auc.zlib",
-                                   "mia_auc.min_k", "mia_auc.min_k_pp", "mia_auc_lo", "mia_auc_hi", "score",
+                                   "mia_auc.min_k", "mia_auc.min_k_pp", "mia_auc_lo", "mia_auc_hi",
+                                   "exact_memorization.forget", "exact_memorization.retain_eval",
+                                   "exact_memorization.unseen", "extraction_strength.forget",
+                                   "extraction_strength.retain_eval", "extraction_strength.unseen", "score",
                                    "retain_drift")
     assert M.every_run_paths(max_tier=M.HEADLINE) == ("eval_score", "forget_gap", "retain_eval_drift", "ppl_forget",
                                                       "ppl_retain_eval", "mia_auc.loss", "mia_auc.min_k")
@@ -40,8 +43,11 @@ def test_badness_runs_lower_is_better(path, x, want):
     assert (got is None and want is None) or math.isclose(got, want, abs_tol=1e-12)
 
 
-def test_only_the_forget_side_perplexities_have_no_better_direction():
-    assert [m.path for m in M.every() if not m.good_bad] == ["ppl_forget", "ppl_unseen", "ppl_general"]
+def test_only_the_forget_side_figures_have_no_better_direction():
+    # and the memorization figures of the forget and unseen sets, read against each other like the perplexities
+    assert [m.path for m in M.every() if not m.good_bad] == [
+        "ppl_forget", "ppl_unseen", "ppl_general", "exact_memorization.forget", "exact_memorization.unseen",
+        "extraction_strength.forget", "extraction_strength.unseen"]
     assert M.get("retain_eval_drift").scale == "|drift| lower = greener"
     assert M.get("mia_auc.loss").scale == "closer to 0.5 = greener"
     assert M.get("ppl_retain").scale == "log scale, lower = greener"
