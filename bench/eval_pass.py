@@ -1,7 +1,8 @@
-"""One evaluation, measured: every metric of `engine.evaluate.evaluate` (the perplexity of each set
-and the four MIA attacks' AUCs) from one forward pass per set, against one forward pass per metric,
-as peer tools compute them (a perplexity script per set, an attack script per attack, each reading
-the forget and unseen sets again).
+"""One evaluation, measured: every metric of `engine.evaluate.evaluate` (the perplexity of each set,
+the four MIA attacks' AUCs, exact memorization and extraction strength) from one forward pass per
+set, against one forward pass per metric, as peer tools compute them (a perplexity script per set,
+an attack script per attack, each reading the forget and unseen sets again; open-unlearning's EM and
+ES each a metric with its own pass over each set).
 
     python bench/eval_pass.py [--workspace DIR] [--repeat 5] [--json] [--quick]
 
@@ -89,6 +90,23 @@ def peer_attack(model, chunks, attack: str, batch_size: int, min_k: float) -> li
     return out
 
 
+def peer_memorization(model, chunks, figure: str, batch_size: int) -> float | None:
+    """Exact memorization or extraction strength of a set of plain chunks (each chunk's second half
+    is its answer), from its own pass; extraction strength by its definition, trying every prefix."""
+    values = []
+    for _, logits, target in _rows(model, chunks, batch_size):
+        half = len(target) // 2
+        hits = (logits.argmax(-1) == target)[half:]
+        if not len(hits):
+            continue
+        if figure == "exact":
+            values.append(float(hits.double().mean()))
+        else:
+            k = next(k for k in range(len(hits) + 1) if bool(hits[k:].all()))
+            values.append(1.0 - k / len(hits))
+    return sum(values) / len(values) if values else None
+
+
 def per_metric(model, sets, batch_size: int = 8, min_k: float = 0.2) -> dict:
     """The metrics of `evaluate`, one forward pass per metric (and per set an attack compares): the
     perplexity of every role (retain_eval too), the attacks' AUCs, and the loss AUC's bootstrap
@@ -97,6 +115,7 @@ def per_metric(model, sets, batch_size: int = 8, min_k: float = 0.2) -> dict:
 
     from engine.data import ROLES
     from engine.evaluate import ATTACKS, roc_auc
+    from engine.metric_registry import EXACT_MEMORIZATION, EXTRACTION_STRENGTH, MEMORIZATION_ROLES
     from engine.verdict import auc_interval
 
     model.eval()
@@ -107,12 +126,20 @@ def per_metric(model, sets, batch_size: int = 8, min_k: float = 0.2) -> dict:
                   np.array(peer_attack(model, sets.unseen, a, batch_size, min_k))) for a in ATTACKS}
     out["mia_auc"] = {a: roc_auc(*scores[a]) for a in ATTACKS}
     out["mia_auc_lo"], out["mia_auc_hi"] = auc_interval(*scores["loss"])
+    for path, figure in ((EXACT_MEMORIZATION, "exact"), (EXTRACTION_STRENGTH, "extraction")):
+        out[path] = {role: None if getattr(sets, role) is None else
+                     peer_memorization(model, getattr(sets, role), figure, batch_size) for role in MEMORIZATION_ROLES}
     return out
 
 
 def flat(metrics: dict) -> dict[str, float | None]:
-    out = {k: v for k, v in metrics.items() if k != "mia_auc"}
-    out.update({f"mia_auc.{k}": v for k, v in (metrics.get("mia_auc") or {}).items()})
+    """Nested figures (mia_auc.loss, exact_memorization.forget) as dotted paths."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
     return out
 
 
