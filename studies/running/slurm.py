@@ -65,8 +65,9 @@ def submit(store: Store, name: str, opts: SlurmOptions, folder: Path) -> list[st
     if opts.requeue:
         extra["requeue"] = True  # preemptible partitions put the task back in the queue rather than end it
     # SLURM sends SIGUSR2 this long before the time limit: submitit requeues the task (--requeue) or
-    # ends it; either way the pool gives its runs back first (INTERRUPT_GRACE_S, then the store)
-    params["slurm_signal_delay_s"] = min(90, opts.seconds // 2)
+    # ends it; either way the pool gives its runs back first (INTERRUPT_GRACE_S, then the store).
+    # submitit's 90 s, or all but the first 10 s of a limit shorter than 100 s
+    params["slurm_signal_delay_s"] = max(10, min(90, opts.minutes * 60 - 10))
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
     jobs = executor.map_array((RequeueingArrayTask if opts.requeue else ArrayTask)(), [name] * opts.jobs)
     ids = [j.job_id for j in jobs]

@@ -45,6 +45,9 @@ def test_a_two_task_array_finishes_a_study_with_every_cell_once(pg_database, tmp
     wait_for(lambda: study_state(store, "S") == "done", 300, "the array to finish the study", interval=1.0)
     wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", array], capture_output=True, text=True).stdout.strip(),
              60, "the array to leave the queue", interval=0.5)
+    status = json.loads(cli("study", "status", "S", "--json", "--storage", url, home=home).stdout)
+    assert status["cells"]["done"] == status["cells"]["total"] == 8, status["cells"]  # what the outside check reads
+    assert [a["array"] for a in status["slurm"]["arrays"]] == [array]
     runs = runs_of(store, "S")
     cells = [(m.run_id, m.step) for m in milestones_of(store, "S") if m.step in STEPS]
     assert sorted(cells) == sorted((x.id, s) for x in runs for s in STEPS)  # every cell once
