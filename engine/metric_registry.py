@@ -49,6 +49,7 @@ SCORE = EVAL_SCORE  # the study objective: the Optuna trial value, the heatmap's
 TRAINED_ON_SCORE, RETAIN_DRIFT = "score", "retain_drift"
 MIA_AUC = "mia_auc"
 MIA_AUC_LO, MIA_AUC_HI = "mia_auc_lo", "mia_auc_hi"  # the loss AUC's bootstrap interval (engine.verdict)
+ATTACK_ROBUSTNESS = "attack_robustness"  # relearn and quantization recoveries in one figure (engine.recovery)
 # open-unlearning's two greedy-decoding memorization figures, per set (engine.evaluate.memorization)
 EXACT_MEMORIZATION, EXTRACTION_STRENGTH = "exact_memorization", "extraction_strength"
 MEMORIZATION_ROLES = ("forget", "retain_eval", "unseen")
@@ -193,7 +194,7 @@ def blank(*groups: str) -> dict:
 
 
 # Families written as one entry in `--metric`'s help.
-_FAMILY_HELP = {RECOVERY: "*_recovery", BENCH: "bench.* (TOFU/MUSE presets)"}
+_FAMILY_HELP = {RECOVERY: "*_recovery, attack_robustness (--attacks)", BENCH: "bench.* (TOFU/MUSE presets)"}
 
 
 def metric_help() -> str:
@@ -249,6 +250,9 @@ for _attack in ROBUSTNESS_ATTACKS:
     register(Metric(recovery(_attack), f"{_attack} rec.", "share", LOWER, RECOVERY,
                     f"share of the forgetting the {_attack} attack undoes (0 = none, 1 = all)",
                     runs=f"--attacks {_attack}"))
+register(Metric(ATTACK_ROBUSTNESS, "atk robust", "share", HIGHER, RECOVERY,
+                "harmonic mean of (1 − relearn recovery) and (1 − quantization recovery), each in [0, 1]: "
+                "1 = neither attack brings anything back", runs="--attacks relearn and quant4 or quant8"))
 for _name, _label, _better, _help, _runs in (
     ("tofu_truth_ratio", "truth ratio", HIGHER, "mean min(R, 1/R) of the forget questions' truth ratios", "TOFU"),
     ("tofu_forget_quality", "forget quality", HIGHER, "KS p-value of the truth ratios against the retain-only "

@@ -35,7 +35,7 @@ import torch
 from engine.data import ForgetSetChunks
 from engine.evaluate import evaluate
 from engine.finetune import fine_tune
-from engine.metric_registry import PPL_FORGET
+from engine.metric_registry import ATTACK_ROBUSTNESS, PPL_FORGET
 from engine.metric_registry import recovery as recovery_path
 
 RELEARN_FRACTION = 0.10
@@ -53,6 +53,20 @@ def recovery(ppl_unlearned, ppl_attacked, ppl_original, tol_forget: float) -> fl
     if not (isinstance(ppl_attacked, (int, float)) and math.isfinite(ppl_attacked) and ppl_attacked > 0):
         return None  # the attack blew the model up: no perplexity to compare
     return (math.log(ppl_unlearned) - math.log(ppl_attacked)) / forgotten
+
+
+def attack_robustness(recoveries: dict[str, float | None]) -> float | None:
+    """One robustness figure from a cell's recoveries, as the OpenUnlearning meta-evaluation combines
+    them: the harmonic mean of (1 − relearn recovery) and (1 − quantization recovery), each clipped
+    to [0, 1] (a recovery past 1, or below 0, as measured, is no more than all, or nothing, undone).
+    The quantization recovery is the larger of quant4's and quant8's where both ran (the attack that
+    did more). None without relearn and a quantization attack, or where either recovery is None
+    (the cell forgot nothing measurable: there is nothing to be robust about)."""
+    quant = [recoveries[a] for a in ("quant4", "quant8") if a in recoveries]
+    if "relearn" not in recoveries or not quant or recoveries["relearn"] is None or any(q is None for q in quant):
+        return None
+    held = [min(1.0, max(0.0, 1.0 - r)) for r in (recoveries["relearn"], max(quant))]
+    return 0.0 if sum(held) == 0 else 2 * held[0] * held[1] / (held[0] + held[1])
 
 
 # ---------------------------------------------------------------- quantization
@@ -128,4 +142,11 @@ def attack_milestone(model, sets: ForgetSetChunks, attacks: tuple[str, ...], met
                                      tol_forget)
             results[name] = m
     model.train(was_training)
-    return {"attacks": results, **{recovery_path(name): r["recovery"] for name, r in results.items()}}, tokens
+    recoveries = {recovery_path(name): r["recovery"] for name, r in results.items()}
+    robust = attack_robustness({name: r["recovery"] for name, r in results.items()})
+    return {"attacks": results, **recoveries, **({ATTACK_ROBUSTNESS: robust} if wants_robustness(attacks) else {})}, tokens
+
+
+def wants_robustness(attacks) -> bool:
+    """Whether these attacks give attack_robustness: relearn and a quantization attack."""
+    return "relearn" in attacks and any(a in attacks for a in ("quant4", "quant8"))

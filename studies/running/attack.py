@@ -44,6 +44,8 @@ def attack_best_cells(store: Store, name: str, attacks: Optional[str] = None, me
     recoveries, and "downstream". `attacks` None: the ones the study was created with; `eval_tasks`
     None: the study's --eval-tasks when it evaluates them at the best cells ("" : none). `on_step`
     is each rerun's step callback (the pool's job stops through it once another pool took it over)."""
+    from engine.metric_registry import ATTACK_ROBUSTNESS, ROBUSTNESS_ATTACKS
+    from engine.recovery import attack_robustness, wants_robustness
     from engine.run import run_unlearning
     from studies.settings import lab_settings
     from studies.store.forgetsets import forget_set_texts
@@ -82,12 +84,17 @@ def attack_best_cells(store: Store, name: str, attacks: Optional[str] = None, me
         with store.write() as s:
             ms = s.exec(select(CellRow).where(CellRow.run_id == best.run_id, CellRow.step == best.steps)).one()
             old = ms.metrics or {}
-            ms.metrics = {**old, **found, "attacks": {**old.get("attacks", {}), **found["attacks"]},
-                          **({"downstream": {**old.get("downstream", {}), **downstream}} if tasks else {})}
+            merged = {**old, **found, "attacks": {**old.get("attacks", {}), **found["attacks"]},
+                      **({"downstream": {**old.get("downstream", {}), **downstream}} if tasks else {})}
+            done = {a: merged[f"{a}_recovery"] for a in ROBUSTNESS_ATTACKS if f"{a}_recovery" in merged}
+            if wants_robustness(tuple(done)):  # from every recovery the cell has now, this rerun's or earlier ones
+                merged[ATTACK_ROBUSTNESS] = attack_robustness(done)
+            ms.metrics = merged
             s.add(ms)
         row = {"method": best.method, "lr": best.lr, "steps": best.steps, "score": best.score, "rerun_score": cell.get(SCORE),
                "reproduced": cell.get(SCORE) == best.score, "device": result["device"],
                **{f"{a}_recovery": found[f"{a}_recovery"] for a in names},
+               **({ATTACK_ROBUSTNESS: merged[ATTACK_ROBUSTNESS]} if ATTACK_ROBUSTNESS in merged else {}),
                **{f"downstream.{t}": v for t, v in downstream.items()}}
         out.append(row)
         if on_cell:

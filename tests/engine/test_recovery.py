@@ -18,6 +18,7 @@ from engine.models import load_model
 from engine.recovery import (
     RELEARN_FRACTION,
     attack_milestone,
+    attack_robustness,
     quantize_rtn,
     quantized_copy,
     quantized_layers,
@@ -77,6 +78,17 @@ def test_recovery_formula():
     assert recovery(12.0, math.inf, 1.2, 0.1) is None and recovery(None, 2.0, 1.2, 0.1) is None
 
 
+def test_attack_robustness_by_hand():
+    # held: 1 − 0.2 = 0.8 against relearning, 1 − 0.5 = 0.5 against quantization (quant4, the stronger)
+    assert attack_robustness({"relearn": 0.2, "quant4": 0.5, "quant8": 0.1}) == pytest.approx(2 * 0.8 * 0.5 / 1.3)
+    assert attack_robustness({"relearn": 0.0, "quant8": 0.0}) == 1.0  # neither brings anything back
+    assert attack_robustness({"relearn": 1.3, "quant4": 0.5}) == 0.0  # relearning undid it all (and more)
+    assert attack_robustness({"relearn": -0.4, "quant4": -0.1}) == 1.0  # made it forget more: held whole
+    assert attack_robustness({"relearn": 1.0, "quant4": 1.0}) == 0.0
+    assert attack_robustness({"relearn": 0.2}) is None and attack_robustness({"quant4": 0.2, "quant8": 0.1}) is None
+    assert attack_robustness({"relearn": None, "quant4": 0.2}) is None  # nothing forgotten: nothing to hold
+
+
 def test_parse_attacks_and_the_setting():
     assert parse_attacks(" quant4, relearn,quant4 ") == ("relearn", "quant4")
     assert parse_attacks("") == ()
@@ -128,6 +140,10 @@ def test_an_unlearned_model_reports_each_recovery(tiny_model_dir, tiny_tokenizer
     # 8 bits stay closer to the unlearned model than 4 bits
     gap = {b: abs(math.log(fields["attacks"][f"quant{b}"]["ppl_forget"]) - math.log(cell["ppl_forget"])) for b in (4, 8)}
     assert gap[8] < gap[4]
+    # the one robustness figure, from the relearn and the stronger quantization recovery
+    worst_quant = max(fields["quant4_recovery"], fields["quant8_recovery"])
+    held = [min(1, max(0, 1 - r)) for r in (fields["relearn_recovery"], worst_quant)]
+    assert fields["attack_robustness"] == pytest.approx(2 * held[0] * held[1] / (held[0] + held[1]) if sum(held) else 0.0)
 
 
 def test_attacks_never_change_the_training(tiny_model_dir, tiny_tokenizer, tiny_sets, baseline):
@@ -139,7 +155,8 @@ def test_attacks_never_change_the_training(tiny_model_dir, tiny_tokenizer, tiny_
 
     with_attacks, without, short = run((1, 3), "relearn,quant4"), run((1, 3), ""), run((1,), "relearn,quant4")
     assert with_attacks.losses == without.losses
-    plain = [{k: v for k, v in c.items() if k != "attacks" and not k.endswith("_recovery")} for c in with_attacks.milestones]
+    plain = [{k: v for k, v in c.items() if k not in ("attacks", "attack_robustness") and not k.endswith("_recovery")}
+             for c in with_attacks.milestones]
     assert plain == without.milestones
     assert short.milestones[0] == with_attacks.milestones[0] and short.losses == with_attacks.losses[:1]
     assert "relearn_recovery" in with_attacks.milestones[1] and "quant8_recovery" not in with_attacks.milestones[1]

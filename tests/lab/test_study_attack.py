@@ -37,6 +37,12 @@ def test_attacks_at_the_best_cells_land_in_those_cells(tmp_path, forget_set_file
     heat = json.loads(cli_in_process(capsys, "study", "heatmap", "A", "--metric", "quant8_recovery", "--json",
                                      "--storage", url).stdout)
     assert sum(v is not None for row in heat["ga"]["values"] for v in row) == 1
+    robust = json.loads(cli_in_process(capsys, "study", "heatmap", "A", "--metric", "attack_robustness", "--json",
+                                       "--storage", url).stdout)  # relearn and a quantization attack ran: one figure
+    for method, row in rows.items():
+        values = [v for line in robust[method]["values"] for v in line if v is not None]
+        assert values == ([row["attack_robustness"]] if row["attack_robustness"] is not None else [])
+        assert 0 <= (row["attack_robustness"] or 0) <= 1
 
     for args, needle in ((["--attacks", ""], "name at least one"), (["--attacks", "relearn", "--method", "npo"],
                                                                       "has no method 'npo'")):
