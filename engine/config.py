@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Optional
 
 from engine.errors import UnlearnError
-from engine.metric_registry import ROBUSTNESS_ATTACKS  # --attacks: engine.recovery runs them
+from engine.metric_registry import MIA_ATTACKS, ROBUSTNESS_ATTACKS  # --attacks: engine.recovery runs them
 
 
 def knob(default: Any, flag: str, help: str, parse: Any = None, default_text: str | None = None) -> Any:
@@ -82,6 +82,12 @@ class RunSettings:
                                          parse=lambda v: check_file(v, "--tofu-retain-truth-ratios"))
     muse_retrained_auc: Optional[float] = knob(None, "--muse-retrained-auc", "a retrained model's forget-vs-holdout "
                                                "Min-40% AUC: adds MUSE's PrivLeak", default_text="none: no PrivLeak")
+    # privleak on any forget set (MUSE's formula, docs/concepts.md#metrics)
+    retrained_auc: Optional[float] = knob(None, "--retrained-auc", "a retrained model's (never trained on the forget "
+                                          "set) mia_auc.<--privleak-attack> on this forget set, as `unlearn run --json` "
+                                          "reports it for that model: adds privleak", default_text="none: no privleak")
+    privleak_attack: str = knob("min_k", "--privleak-attack", "the membership attack privleak reads: "
+                                + ", ".join(MIA_ATTACKS), parse=lambda v: check_choice(v, "--privleak-attack", MIA_ATTACKS))
     # Downstream tasks through lm-eval (engine/downstream.py; pip install 'unlearn-lab[eval]').
     eval_tasks: str = knob("", "--eval-tasks", "lm-eval tasks evaluated at every milestone, comma-separated "
                            "(arc_easy,piqa); reported as downstream.TASK", parse=lambda v: ",".join(parse_eval_tasks(v)))
@@ -95,7 +101,8 @@ class RunSettings:
         for f in fields(RunSettings):
             v = getattr(self, f.name)
             flag = f.metadata["flag"]
-            if f.name in ("retain_weight", "lora_alpha", "muse_retrained_auc", "tol_forget", "tol_retain") and v is None:
+            if f.name in ("retain_weight", "lora_alpha", "muse_retrained_auc", "retrained_auc", "tol_forget",
+                          "tol_retain") and v is None:
                 values[f.name] = None
                 continue
             if f.type in ("bool", bool):
@@ -153,6 +160,8 @@ class RunSettings:
             raise UnlearnError(f"{'--bench-samples' if s.bench_samples < 0 else '--eval-tasks-limit'} must be 0 (all) or more")
         if s.muse_retrained_auc is not None and not 0 < s.muse_retrained_auc <= 1:
             raise UnlearnError("--muse-retrained-auc must be an AUC in (0, 1]")
+        if s.retrained_auc is not None and not 0 < s.retrained_auc <= 1:
+            raise UnlearnError("--retrained-auc must be an AUC in (0, 1]")
         if (s.eval_tasks_dir or s.eval_tasks_limit) and not s.eval_tasks:
             raise UnlearnError("--eval-tasks-dir and --eval-tasks-limit need --eval-tasks (which tasks to evaluate)")
         return s

@@ -49,6 +49,7 @@ SCORE = EVAL_SCORE  # the study objective: the Optuna trial value, the heatmap's
 TRAINED_ON_SCORE, RETAIN_DRIFT = "score", "retain_drift"
 MIA_AUC = "mia_auc"
 MIA_AUC_LO, MIA_AUC_HI = "mia_auc_lo", "mia_auc_hi"  # the loss AUC's bootstrap interval (engine.verdict)
+PRIVLEAK = "privleak"  # MUSE's PrivLeak on any forget set, with --retrained-auc
 ATTACK_ROBUSTNESS = "attack_robustness"  # relearn and quantization recoveries in one figure (engine.recovery)
 # open-unlearning's two greedy-decoding memorization figures, per set (engine.evaluate.memorization)
 EXACT_MEMORIZATION, EXTRACTION_STRENGTH = "exact_memorization", "extraction_strength"
@@ -180,11 +181,11 @@ def read(cell: Optional[dict], path: str):
 
 
 def blank(*groups: str) -> dict:
-    """A cell's metrics of these groups, every value None, nested as a cell nests them (what a
-    diverged cell records: every field present, none measured)."""
+    """A cell's metrics of these groups that every run has, every value None, nested as a cell nests
+    them (what a diverged cell records: every field present, none measured)."""
     out: dict = {}
     for m in _REGISTRY.values():
-        if m.group in groups:
+        if m.group in groups and m.runs == EVERY_RUN:
             *parents, leaf = m.path.split(".")
             node = out
             for p in parents:
@@ -242,6 +243,9 @@ for _path, _short, _what in (
         register(Metric(f"{_path}.{_role}", f"{_short} {_role}", "share", HIGHER if _role == "retain_eval" else NEUTRAL,
                         MEMORIZATION, f"{_what}, on {_role} (a question–answer set: its answers; plain text: "
                         "each chunk's second half), mean over chunks"))
+register(Metric(PRIVLEAK, "privleak", "%", CLOSER, MIA, "(mia_auc.<--privleak-attack> − the retrained model's) / the "
+                "retrained model's × 100: 0 = as a model that never saw U; > 0 under-unlearned, < 0 over-unlearned",
+                runs="--retrained-auc", target=0.0))
 register(Metric(TRAINED_ON_SCORE, "score (retain)", "nats", LOWER, TRAINED_ON,
                 "forget_gap + max(0, retain_drift): the objective before retain_eval existed"))
 register(Metric(RETAIN_DRIFT, "drift (retain)", "nats", CLOSER, TRAINED_ON,

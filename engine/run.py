@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from engine.benchmark_metrics.muse import privleak
 from engine.config import RunConfig, parse_attacks
 from engine.data import Chunks, ForgetSetChunks, ForgetSetTexts, chunk_forget_set
 from engine.errors import UnlearnError
@@ -33,7 +34,7 @@ from engine.finetune import batch_indices
 from engine.lora import AdapterOff, apply_lora
 from engine.methods import get_method
 from engine.methods.base import Method, PrepareContext
-from engine.metric_registry import MEMORIZATION, MIA, PERPLEXITY, CellMetrics, blank
+from engine.metric_registry import MEMORIZATION, MIA, MIA_AUC, PERPLEXITY, PRIVLEAK, CellMetrics, blank
 from engine.models import (
     count_parameters,
     load_model,
@@ -358,6 +359,9 @@ class _Run:
         bound = beyond_bound(metrics, baseline, cfg.divergence_factor)
         cell = {"step": step, **metrics, **compare(metrics, baseline, cfg.tol_forget, cfg.tol_retain, cfg.target_spread),
                 "diverged": bound is not None, "train_loss": loss}
+        if cfg.retrained_auc is not None:  # MUSE's PrivLeak, on this forget set's membership attack
+            auc = (metrics.get(MIA_AUC) or {}).get(cfg.privleak_attack)
+            cell[PRIVLEAK] = privleak(auc, cfg.retrained_auc) if auc is not None else None
         attacks = parse_attacks(cfg.attacks)
         if attacks and bound is None:  # on copies: the run goes on from this model as it is
             fields, n = attack_milestone(model, self.sets, attacks, metrics, baseline, lr=cfg.lr,

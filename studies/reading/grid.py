@@ -55,6 +55,7 @@ def study_metrics(spec: dict, cells: Iterable["Cell"] = ()) -> tuple[str, ...]:
         metric_registry.ATTACK_ROBUSTNESS in (c.metrics or {}) for c in cells)
     return (metric_registry.every_run_paths() + tuple(metric_registry.recovery(a) for a in attacks)
             + ((metric_registry.ATTACK_ROBUSTNESS,) if robust else ())
+            + ((metric_registry.PRIVLEAK,) if run.get("retrained_auc") is not None else ())
             + tuple(b for b in metric_registry.paths(metric_registry.BENCH) if b in bench)
             + tuple(metric_registry.DOWNSTREAM_PREFIX + t for t in tasks))
 
