@@ -88,6 +88,10 @@ class RunSettings:
                                           "reports it for that model: adds privleak", default_text="none: no privleak")
     privleak_attack: str = knob("min_k", "--privleak-attack", "the membership attack privleak reads: "
                                 + ", ".join(MIA_ATTACKS), parse=lambda v: check_choice(v, "--privleak-attack", MIA_ATTACKS))
+    reference_model: str = knob("", "--reference-model", "the reference attack's model (mia_auc.reference): a local "
+                                "folder or Hugging Face id of a model that never saw the forget set, with the same "
+                                "tokenizer, e.g. one retrained without it (default: θ0, the model being unlearned)",
+                                parse=lambda v: v.strip())
     # Downstream tasks through lm-eval (engine/downstream.py; pip install 'unlearn-lab[eval]').
     eval_tasks: str = knob("", "--eval-tasks", "lm-eval tasks evaluated at every milestone, comma-separated "
                            "(arc_easy,piqa); reported as downstream.TASK", parse=lambda v: ",".join(parse_eval_tasks(v)))

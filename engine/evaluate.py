@@ -31,6 +31,7 @@ from engine.metric_registry import (
     ppl,
 )
 from engine.metric_registry import MIA_ATTACKS as ATTACKS  # the attacks scored below, each an mia_auc.<attack>
+from engine.metric_registry import REFERENCE_ATTACK as REFERENCE  # scored where a reference model's losses are given
 from engine.verdict import auc_interval, bands, forget_noise, log_ppl_half_width
 
 
@@ -160,21 +161,27 @@ def roc_auc(positives: np.ndarray, negatives: np.ndarray) -> float | None:
 
 
 def mia_auc(members: SetScores, nonmembers: SetScores) -> dict[str, float | None]:
-    """ROC AUC, raw orientation: 1.0 = U clearly remembered, 0.5 = U looks unseen, < 0.5 = over-unlearned."""
+    """ROC AUC, raw orientation: 1.0 = U clearly remembered, 0.5 = U looks unseen, < 0.5 = over-unlearned.
+    Every attack both sets were scored by (the reference attack only where a reference was given)."""
     out = {}
-    for a in ATTACKS:
+    for a in [a for a in (*ATTACKS, REFERENCE) if a in members.mia and a in nonmembers.mia]:
         s = np.concatenate([members.mia[a], nonmembers.mia[a]])
         out[a] = roc_auc(members.mia[a], nonmembers.mia[a]) if np.isfinite(s).all() else None
     return out
 
 
 def evaluate(model, sets: ForgetSetChunks, batch_size: int = 8, device=None, autocast=None, min_k: float = 0.2,
-             noise: bool = False) -> tuple[dict, int]:
+             noise: bool = False, reference: dict[str, np.ndarray] | None = None) -> tuple[dict, int]:
     """The metrics M of one model: ppl per set, the MIA AUCs and the loss AUC's bootstrap interval.
     With `noise` (θ0's baseline), also the noise the verdict's bands are made of (engine.verdict).
-    Returns (M, eval tokens)."""
+    With `reference` (reference_losses of a reference model: θ0, or a retrained one), the reference
+    attack too: mia_auc.reference. Returns (M, eval tokens)."""
     scores = {role: score_chunks(model, ch, batch_size, device, autocast, min_k, attacks=role in ("forget", "unseen"))
               for role, ch in sets.items()}
+    if reference is not None:  # a chunk is more member-like the less its loss is above the reference model's
+        for role in ("forget", "unseen"):
+            own = scores[role].nll_sum / np.maximum(1, scores[role].n_tokens)
+            scores[role].mia[REFERENCE] = reference[role] - own
     metrics = {ppl(role): _finite(scores[role].ppl) if role in scores else None for role in ROLES}
     metrics[MIA_AUC] = mia_auc(scores["forget"], scores["unseen"])
     for path, part in ((EXACT_MEMORIZATION, "exact"), (EXTRACTION_STRENGTH, "extraction")):
@@ -190,6 +197,17 @@ def evaluate(model, sets: ForgetSetChunks, batch_size: int = 8, device=None, aut
         }
     eval_tokens = int(sum(ch.n_tokens for _, ch in sets.items()))
     return metrics, eval_tokens
+
+
+def reference_losses(model, sets: ForgetSetChunks, batch_size: int = 8, device=None, autocast=None) -> dict[str, np.ndarray]:
+    """A reference model's mean NLL per chunk of forget and unseen: what the reference attack compares
+    a model's own losses with (Carlini et al.'s likelihood ratio: the loss against a model that
+    calibrates how hard each text is). One pass over the two sets."""
+    out = {}
+    for role in ("forget", "unseen"):
+        s = score_chunks(model, getattr(sets, role), batch_size, device, autocast, attacks=False)
+        out[role] = s.nll_sum / np.maximum(1, s.n_tokens)
+    return out
 
 
 def _finite(x: float) -> float | None:

@@ -37,6 +37,7 @@ LISTED = 2  # in the dashboard's trial table too
 DETAIL = 3  # only in the full tables: the trial screen, compare, the export's model card
 
 MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")  # engine.evaluate scores each: mia_auc.<attack>
+REFERENCE_ATTACK = "reference"  # the loss against a reference model's (θ0, or --reference-model): mia_auc.reference
 ROBUSTNESS_ATTACKS = ("relearn", "quant4", "quant8")  # --attacks; engine.recovery runs them: <attack>_recovery
 ROLES = ("forget", "retain", "retain_eval", "unseen", "general")  # the forget set's roles: ppl_<role>
 DOWNSTREAM_PREFIX = DOWNSTREAM + "."  # + an lm-eval task name (--eval-tasks): any task is a metric path
@@ -227,6 +228,9 @@ for _attack in MIA_ATTACKS:
                     f"ROC AUC of the {_attack} attack, forget vs unseen: 1 = remembered, 0.5 = looks unseen, "
                     "< 0.5 over-unlearned", target=0.5,
                     tier=HEADLINE if _attack in ("loss", "min_k") else DETAIL))
+register(Metric(mia_auc(REFERENCE_ATTACK), "mia.reference", "AUC", CLOSER, MIA,
+                "ROC AUC of the reference attack (a chunk's loss against a reference model's: θ0, or "
+                "--reference-model), forget vs unseen", target=0.5))
 register(Metric(MIA_AUC_LO, "mia lo", "AUC", CLOSER, MIA, "low end of the loss AUC's 95 % bootstrap interval "
                 "(the verdict needs the interval to hold 0.5)", target=0.5))
 register(Metric(MIA_AUC_HI, "mia hi", "AUC", CLOSER, MIA, "high end of the loss AUC's 95 % bootstrap interval",

@@ -28,7 +28,7 @@ from engine.benchmark_metrics.muse import privleak
 from engine.config import RunConfig, parse_attacks
 from engine.data import Chunks, ForgetSetChunks, ForgetSetTexts, chunk_forget_set
 from engine.errors import UnlearnError
-from engine.evaluate import compare, evaluate, not_compared, score_chunks
+from engine.evaluate import compare, evaluate, not_compared, reference_losses, score_chunks
 from engine.files import write_json_atomic
 from engine.finetune import batch_indices
 from engine.lora import AdapterOff, apply_lora
@@ -88,23 +88,26 @@ def empty_metrics() -> dict:
 
 def train_to_milestones(model, tokenizer, sets: ForgetSetChunks, cfg: RunConfig, baseline: dict,
                         on_step: OnStep | None = None, on_milestone: OnMilestone | None = None,
-                        cache: tuple[Path, str] | None = None, extras=None) -> TrainResult:
+                        cache: tuple[Path, str] | None = None, extras=None, mia_reference=None) -> TrainResult:
     """`cache` = (folder, key of this model and forget set) for what a method builds once and reuses
     across runs (WHP's reinforced model); None builds it in memory. `extras`: the benchmark metrics
-    and downstream tasks measured at each milestone (engine.benchmark_metrics.milestone), or None."""
+    and downstream tasks measured at each milestone (engine.benchmark_metrics.milestone), or None.
+    `mia_reference`: a reference model's losses per chunk (engine.evaluate.reference_losses), for
+    the reference attack of every cell; None: no mia_auc.reference."""
     cfg = cfg.validate()
     use_cache = getattr(model.config, "use_cache", None)  # set_up turns it off; a saved model keeps its own
     try:
         with _deterministic(next(model.parameters()).device.type == "cpu"):
-            return _train(model, tokenizer, sets, cfg, baseline, on_step, on_milestone, cache, extras)
+            return _train(model, tokenizer, sets, cfg, baseline, on_step, on_milestone, cache, extras, mia_reference)
     finally:
         if use_cache is not None:
             model.config.use_cache = use_cache
 
 
-def _train(model, tokenizer, sets, cfg: RunConfig, baseline, on_step, on_milestone, cache=None, extras=None) -> TrainResult:
+def _train(model, tokenizer, sets, cfg: RunConfig, baseline, on_step, on_milestone, cache=None, extras=None,
+           mia_reference=None) -> TrainResult:
     run = _Run.set_up(model, tokenizer, sets, cfg, cache)
-    run.extras = extras
+    run.extras, run.mia_reference = extras, mia_reference
     cells: list[CellMetrics] = []
     losses: list[float] = []
     train_tokens = eval_tokens = 0
@@ -221,6 +224,7 @@ class _Run:
     schedule: Any
     theta0: dict | None = None  # θ0's weights (name -> tensor), for a method whose milestones report an edit
     extras: Any = None  # engine.benchmark_metrics.milestone.MilestoneExtras: bench.* and downstream.* of each cell
+    mia_reference: Any = None  # a reference model's losses per chunk (the reference attack), or None
 
     @property
     def world(self) -> int:
@@ -355,7 +359,7 @@ class _Run:
         cfg = self.cfg
         model = self.reported()
         metrics, tokens = evaluate(model, self.sets, cfg.eval_batch_size, self.device,
-                                   self.autocast, cfg.min_k)
+                                   self.autocast, cfg.min_k, reference=self.mia_reference)
         bound = beyond_bound(metrics, baseline, cfg.divergence_factor)
         cell = {"step": step, **metrics, **compare(metrics, baseline, cfg.tol_forget, cfg.tol_retain, cfg.target_spread),
                 "diverged": bound is not None, "train_loss": loss}
@@ -369,7 +373,7 @@ class _Run:
                                          min_k=cfg.min_k, device=self.device,
                                          tol_forget=math.expm1(bands(baseline, cfg.tol_forget, None,
                                                                      cfg.target_spread)["forget"]["band"]),
-                                         autocast=self.autocast)
+                                         autocast=self.autocast, reference=self.mia_reference)
             cell.update(fields)
             tokens += n
         if self.extras is not None and bound is None:  # benchmark metrics, downstream tasks
@@ -447,9 +451,10 @@ def _read_cached(path: Path) -> dict | None:
 
 def baseline_metrics(model, model_name: str, sets: ForgetSetChunks, fs_hash: str, cfg: RunConfig,
                      cache_dir: Path | None, autocast=contextlib.nullcontext) -> tuple[dict, int]:
-    """θ0's metrics, cached per (model, forget-set hash, seq_len, min_k). Returns (M, eval tokens spent)."""
+    """θ0's metrics, cached per (model, forget-set hash, seq_len, min_k; v6: with exact memorization and
+    extraction strength). Returns (M, eval tokens spent)."""
     dtype = next(model.parameters()).dtype
-    key = (f"v5-{model_key(model_name)}-{fs_hash[:16]}-{cfg.seq_len}-{cfg.min_k}-{'g' if sets.general is not None else 'n'}"
+    key = (f"v6-{model_key(model_name)}-{fs_hash[:16]}-{cfg.seq_len}-{cfg.min_k}-{'g' if sets.general is not None else 'n'}"
            + ("" if dtype == torch.float32 else f"-{str(dtype).removeprefix('torch.')}"))  # θ0 in bf16 is not θ0 in fp32
     path = cache_dir / f"{key}.json" if cache_dir else None
     if path and path.is_file():
@@ -460,6 +465,29 @@ def baseline_metrics(model, model_name: str, sets: ForgetSetChunks, fs_hash: str
     if path:
         write_json_atomic(path, metrics)  # two workers missing the same entry both write it whole
     return metrics, n
+
+
+def reference_for(model, model_name: str, sets: ForgetSetChunks, fs_hash: str, cfg: RunConfig, cache_dir: Path | None,
+                  device, dtype, trust_remote_code: bool = False) -> dict:
+    """The reference attack's losses per chunk of forget and unseen: θ0's (`model`, before training)
+    or --reference-model's (loaded, scored, freed), cached beside the baseline per (model, reference,
+    forget set, seq_len, dtype): one pass over the two sets, once."""
+    import numpy as np
+
+    ref_name = cfg.reference_model or model_name
+    key = (f"ref-{model_key(model_name)}-{model_key(ref_name)}-{fs_hash[:16]}-{cfg.seq_len}"
+           + ("" if dtype == torch.float32 else f"-{str(dtype).removeprefix('torch.')}"))
+    path = cache_dir / f"{key}.json" if cache_dir else None
+    cached = _read_cached(path) if path and path.is_file() else None
+    if cached is not None and all(len(cached.get(r, [])) == len(getattr(sets, r)) for r in ("forget", "unseen")):
+        return {r: np.array(cached[r], dtype=np.float64) for r in ("forget", "unseen")}
+    reference = model if not cfg.reference_model else load_model(cfg.reference_model, device, trust_remote_code,
+                                                                    dtype=dtype)
+    losses = reference_losses(reference, sets, cfg.eval_batch_size, None, autocast_for(device))
+    del reference
+    if path:
+        write_json_atomic(path, {r: v.tolist() for r, v in losses.items()})
+    return losses
 
 
 def local_share(model) -> float:
@@ -536,9 +564,11 @@ def run_unlearning(
         baseline = {**baseline, "step": 0, **compare(baseline, baseline, cfg.tol_forget, cfg.tol_retain, cfg.target_spread),
                     "target": target(baseline, cfg.tol_forget, cfg.target_spread),
                     "bands": bands(baseline, cfg.tol_forget, cfg.tol_retain, cfg.target_spread)}
+    mia_reference = reference_for(model, model_name, sets, texts.hash, cfg, cache_dir, dev, dtype, trust_remote_code) \
+        if main else None
     cache = ((cache_dir.parent / "prepared", f"{model_key(model_name)}-{texts.hash[:16]}-{cfg.seq_len}"
               + ("" if dtype == torch.float32 else "-bf16")) if cache_dir else None)
-    out = train_to_milestones(model, tokenizer, sets, cfg, baseline, on_step, on_milestone, cache, extras)
+    out = train_to_milestones(model, tokenizer, sets, cfg, baseline, on_step, on_milestone, cache, extras, mia_reference)
     wall = time.perf_counter() - t0
     if save_to is not None:
         save_model(out.model, save_to, cfg, merge_lora, model_name, trust_remote_code, dev, main)

@@ -153,7 +153,7 @@ def setting_groups(tmp_path) -> list[dict[str, str | bool]]:
          "--divergence-factor": "100", "--attacks": "quant4, relearn", "--params": "saliency:5", "--dtype": "bf16",
          "--gradient-checkpointing": True, "--optim": "adamw8bit", "--bench-samples": "10",
          "--tofu-retain-truth-ratios": str(ratios), "--muse-retrained-auc": "0.6", "--retrained-auc": "0.55",
-         "--privleak-attack": "loss", "--eval-tasks": "arc_easy, piqa",
+         "--privleak-attack": "loss", "--reference-model": "EleutherAI/pythia-14m", "--eval-tasks": "arc_easy, piqa",
          "--eval-tasks-dir": str(tasks), "--eval-tasks-limit": "5",
          "--max-attempts": "3", "--eval-tasks-at": "every", "--trust-remote-code": True, "--target-spread": "0.05",
          "--watch-every": "2", "--stop-at-target": True},

@@ -29,7 +29,8 @@ NON_DEFAULT = {"batch_size": 3, "seq_len": 96, "seed": 5, "warmup_steps": 2, "re
                "attacks": "relearn,quant4", "params": "mlp", "dtype": "bf16", "gradient_checkpointing": True,
                "optim": "adamw8bit", "lora": 4, "lora_alpha": 16.0, "lora_targets": "q_proj,v_proj",
                "bench_samples": 20, "tofu_retain_truth_ratios": str(FIXTURES / "presets" / "tofu" / "forget01.json"),
-               "muse_retrained_auc": 0.48, "retrained_auc": 0.52, "privleak_attack": "zlib", "eval_tasks": "arc_easy,piqa", "eval_tasks_dir": str(FIXTURES),
+               "muse_retrained_auc": 0.48, "retrained_auc": 0.52, "privleak_attack": "zlib",
+               "reference_model": "EleutherAI/pythia-14m", "eval_tasks": "arc_easy,piqa", "eval_tasks_dir": str(FIXTURES),
                "eval_tasks_limit": 10, "fsdp": True}
 # Settings that exclude each other (--params chooses weights, --lora trains an adapter instead, and
 # --fsdp shards what those and the attacks and 8-bit states need whole): a study takes NON_DEFAULT

@@ -10,7 +10,17 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from engine.evaluate import ATTACKS, SetScores, compare, evaluate, memorization, mia_auc, min_k_mean, score_chunks
+from engine.evaluate import (
+    ATTACKS,
+    SetScores,
+    compare,
+    evaluate,
+    memorization,
+    mia_auc,
+    min_k_mean,
+    reference_losses,
+    score_chunks,
+)
 from engine.models import load_model
 
 RTOL = 1e-4
@@ -352,3 +362,32 @@ def test_the_tiny_model_remembers_its_training_records_better_than_unseen_ones(m
     print(f"EM {em}, ES {es}")
     assert em["forget"] > em["unseen"] and es["forget"] >= es["unseen"]
     assert 0 < em["unseen"] < em["forget"] < 1
+
+
+
+# ------------------------------------------------------------------ the reference attack
+
+def test_the_reference_attack_is_the_loss_against_the_reference_models(model, tiny_sets, reference, tiny_model_dir):
+    """mia_auc.reference: the AUC of (reference model's mean NLL − the model's) per chunk, forget vs
+    unseen; against itself every score is 0 and the AUC is exactly 0.5 (all ties)."""
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    metrics, _ = evaluate(model, tiny_sets, reference=reference_losses(model, tiny_sets))
+    assert metrics["mia_auc"]["reference"] == 0.5
+    torch.manual_seed(1)  # a model of the same shape that saw nothing: the calibration a retrained one gives
+    other = LlamaForCausalLM(AutoConfig.from_pretrained(str(tiny_model_dir))).eval()
+    ref = reference_losses(other, tiny_sets)
+    for role in ("forget", "unseen"):
+        ch = getattr(tiny_sets, role)
+        own = reference[role]["nll"] / reference[role]["n"]
+        with torch.no_grad():
+            theirs = np.array([float(-torch.log_softmax(other(input_ids=ch.input_ids[b, :n][None]).logits[0, :-1].double(), -1)
+                                     .gather(-1, ch.input_ids[b, 1:n, None]).mean())
+                               for b in range(len(ch)) for n in [int(ch.attention_mask[b].sum())]])
+        np.testing.assert_allclose(ref[role], theirs, rtol=RTOL)
+        reference[role]["ref_score"] = theirs - own
+    metrics, _ = evaluate(model, tiny_sets, reference=ref)
+    want = roc_auc_score([1] * len(reference["forget"]["ref_score"]) + [0] * len(reference["unseen"]["ref_score"]),
+                         np.concatenate([reference["forget"]["ref_score"], reference["unseen"]["ref_score"]]))
+    assert metrics["mia_auc"]["reference"] == pytest.approx(want, rel=RTOL)
+    assert "reference" not in evaluate(model, tiny_sets)[0]["mia_auc"]  # only with a reference

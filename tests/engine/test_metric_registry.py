@@ -19,8 +19,8 @@ def test_the_registry_never_imports_torch():
 def test_every_run_metrics_are_the_plain_cell_metrics_in_table_order():
     assert M.every_run_paths() == ("eval_score", "forget_gap", "retain_eval_drift", "ppl_forget", "ppl_retain",
                                    "ppl_retain_eval", "ppl_unseen", "ppl_general", "mia_auc.loss", "mia_auc.zlib",
-                                   "mia_auc.min_k", "mia_auc.min_k_pp", "mia_auc_lo", "mia_auc_hi",
-                                   "exact_memorization.forget", "exact_memorization.retain_eval",
+                                   "mia_auc.min_k", "mia_auc.min_k_pp", "mia_auc.reference", "mia_auc_lo",
+                                   "mia_auc_hi", "exact_memorization.forget", "exact_memorization.retain_eval",
                                    "exact_memorization.unseen", "extraction_strength.forget",
                                    "extraction_strength.retain_eval", "extraction_strength.unseen", "score",
                                    "retain_drift")
@@ -63,7 +63,8 @@ def test_unknown_paths_are_one_line_errors():
 def test_a_blank_cell_has_every_measured_field_nested_as_a_cell_nests_them():
     assert M.blank(M.PERPLEXITY, M.MIA) == {
         "ppl_forget": None, "ppl_retain": None, "ppl_retain_eval": None, "ppl_unseen": None, "ppl_general": None,
-        "mia_auc": {"loss": None, "zlib": None, "min_k": None, "min_k_pp": None}, "mia_auc_lo": None, "mia_auc_hi": None}
+        "mia_auc": {"loss": None, "zlib": None, "min_k": None, "min_k_pp": None, "reference": None}, "mia_auc_lo": None,
+        "mia_auc_hi": None}
 
 
 def test_the_cell_type_has_a_key_for_every_metric():

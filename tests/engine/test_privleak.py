@@ -1,6 +1,7 @@
 """privleak on any forget set: MUSE's (AUC − AUC_retrained) / AUC_retrained × 100, from the run's own
-membership attack (--privleak-attack) against a retrained model's AUC given with --retrained-auc, and
-the new per-set figures a run's milestone carries (what issue 22's outside check reads)."""
+membership attack (--privleak-attack) against a retrained model's AUC given with --retrained-auc; and
+the figures a run's milestone carries that issue 22's outside check reads (exact_memorization,
+extraction_strength, mia_auc.reference, with θ0 or --reference-model as the reference)."""
 from __future__ import annotations
 
 import json
@@ -26,6 +27,11 @@ def test_privleak_is_the_chosen_attacks_auc_against_the_retrained_one(tiny_model
         assert set(cell[path]) == {"forget", "retain_eval", "unseen"} and 0 <= cell[path]["forget"] <= 1
     plain = json.loads(_run(capsys, tiny_model_dir, forget_set_files).stdout)["milestones"][0]
     assert "privleak" not in plain  # only with a retrained model's AUC to compare with
+    # the reference attack in every run: θ0 by default; the same model named with --reference-model
+    # (loaded through from_pretrained) gives the same figure
+    assert 0 <= plain["mia_auc"]["reference"] <= 1
+    named = _run(capsys, tiny_model_dir, forget_set_files, "--reference-model", str(tiny_model_dir))
+    assert json.loads(named.stdout)["milestones"][0]["mia_auc"]["reference"] == plain["mia_auc"]["reference"]
 
 
 @pytest.mark.parametrize("args, needle", [
