@@ -344,8 +344,15 @@ def test_the_app_launches_a_study_on_slurm_and_shows_its_task(pg_database, forge
         app = create_app(url, refresh_s=0.3, read_devices=False)
         async with app.run_test(size=(80, 24)) as pilot:
             await wait_until(pilot, lambda: isinstance(app.screen, StudiesScreen), timeout=30, what="the studies")
-            await pilot.press("n")
-            await wait_until(pilot, lambda: isinstance(app.screen, NewStudyScreen), what="the new-study form")
+            for _ in range(12):  # a key pressed before the screen takes keys (a busy CI machine) is pressed again
+                await pilot.press("n")
+                try:
+                    await wait_until(pilot, lambda: isinstance(app.screen, NewStudyScreen), timeout=5,
+                                     what="the new-study form")
+                    break
+                except AssertionError:
+                    continue
+            assert isinstance(app.screen, NewStudyScreen), app.screen
             form = app.screen
             # one long run (its lr alone): it is still running when the panel is read; the other task finds no work
             await fill(pilot, form, "S", slurm={"jobs": "2", "time": "00:10:00", "partition": "ci"}, model=model,

@@ -192,7 +192,7 @@ def test_result_json_structure(tiny_model_dir, forget_set_texts, tiny_sets, tmp_
     for c in cells:
         assert set(c) >= {"step", "ppl_forget", "ppl_retain", "ppl_unseen", "ppl_general", "mia_auc",
                           "forget_gap", "retain_drift", "score", "success", "diverged"}
-        assert set(c["mia_auc"]) == set(ATTACKS)
+        assert set(c["mia_auc"]) == {*ATTACKS, "reference"}  # a run's reference attack: against θ0
         assert c["forget_gap"] == pytest.approx(abs(math.log(c["ppl_forget"]) - math.log(base["ppl_unseen"])))
         assert c["retain_drift"] == pytest.approx(math.log(c["ppl_retain"]) - math.log(base["ppl_retain"]))
         assert c["score"] == pytest.approx(c["forget_gap"] + max(0.0, c["retain_drift"]))
@@ -231,7 +231,7 @@ def test_a_corrupt_baseline_cache_entry_is_discarded_and_computed_again(tiny_mod
     cache = tmp_path / "cache"
     cfg = RunConfig(method="ga", lr=1e-3, milestones=(1,), seq_len=128, watch_every=0)
     first = run_unlearning(str(tiny_model_dir), forget_set_texts, cfg, device="cpu", cache_dir=cache)
-    (entry,) = cache.glob("*.json")
+    (entry,) = cache.glob("v*.json")  # the baseline's entry (the reference attack's losses are ref-*.json)
     entry.write_text('{"ppl_forget": 1.2, "ppl_ret')  # a write cut short (a full disk, a killed copy)
     again = run_unlearning(str(tiny_model_dir), forget_set_texts, cfg, device="cpu", cache_dir=cache)
     assert again["baseline"]["ppl_forget"] == first["baseline"]["ppl_forget"]

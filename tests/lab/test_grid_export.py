@@ -342,7 +342,8 @@ def test_export_best_entries_and_command(lab):
                                     "divergence_factor": 1e4, "attacks": "", "params": "", "dtype": "auto",
                                     "gradient_checkpointing": False, "optim": "adamw", "lora": 0, "lora_alpha": None,
                                     "lora_targets": "", "bench_samples": 100, "tofu_retain_truth_ratios": "",
-                                    "muse_retrained_auc": None, "eval_tasks": "", "eval_tasks_dir": "",
+                                    "muse_retrained_auc": None, "retrained_auc": None, "privleak_attack": "min_k",
+                                    "reference_model": "", "eval_tasks": "", "eval_tasks_dir": "",
                                     "eval_tasks_limit": 0, "fsdp": False}
     prefix, v, bare = flags(e["command"])
     d = lab["data"]
