@@ -52,6 +52,12 @@ MIA_AUC = "mia_auc"
 MIA_AUC_LO, MIA_AUC_HI = "mia_auc_lo", "mia_auc_hi"  # the loss AUC's bootstrap interval (engine.verdict)
 PRIVLEAK = "privleak"  # MUSE's PrivLeak on any forget set, with --retrained-auc
 ATTACK_ROBUSTNESS = "attack_robustness"  # relearn and quantization recoveries in one figure (engine.recovery)
+QUANT_ATTACKS = ("quant4", "quant8")
+
+
+def wants_robustness(attacks) -> bool:
+    """Whether these attacks give attack_robustness: relearn and a quantization attack."""
+    return "relearn" in attacks and any(a in attacks for a in QUANT_ATTACKS)
 # open-unlearning's two greedy-decoding memorization figures, per set (engine.evaluate.memorization)
 EXACT_MEMORIZATION, EXTRACTION_STRENGTH = "exact_memorization", "extraction_strength"
 MEMORIZATION_ROLES = ("forget", "retain_eval", "unseen")

@@ -35,7 +35,7 @@ import torch
 from engine.data import ForgetSetChunks
 from engine.evaluate import evaluate
 from engine.finetune import fine_tune
-from engine.metric_registry import ATTACK_ROBUSTNESS, PPL_FORGET
+from engine.metric_registry import ATTACK_ROBUSTNESS, PPL_FORGET, QUANT_ATTACKS, wants_robustness
 from engine.metric_registry import recovery as recovery_path
 
 RELEARN_FRACTION = 0.10
@@ -62,7 +62,7 @@ def attack_robustness(recoveries: dict[str, float | None]) -> float | None:
     The quantization recovery is the larger of quant4's and quant8's where both ran (the attack that
     did more). None without relearn and a quantization attack, or where either recovery is None
     (the cell forgot nothing measurable: there is nothing to be robust about)."""
-    quant = [recoveries[a] for a in ("quant4", "quant8") if a in recoveries]
+    quant = [recoveries[a] for a in QUANT_ATTACKS if a in recoveries]
     if "relearn" not in recoveries or not quant or recoveries["relearn"] is None or any(q is None for q in quant):
         return None
     held = [min(1.0, max(0.0, 1.0 - r)) for r in (recoveries["relearn"], max(quant))]
@@ -146,7 +146,3 @@ def attack_milestone(model, sets: ForgetSetChunks, attacks: tuple[str, ...], met
     robust = attack_robustness({name: r["recovery"] for name, r in results.items()})
     return {"attacks": results, **recoveries, **({ATTACK_ROBUSTNESS: robust} if wants_robustness(attacks) else {})}, tokens
 
-
-def wants_robustness(attacks) -> bool:
-    """Whether these attacks give attack_robustness: relearn and a quantization attack."""
-    return "relearn" in attacks and any(a in attacks for a in ("quant4", "quant8"))

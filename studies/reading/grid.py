@@ -51,7 +51,7 @@ def study_metrics(spec: dict, cells: Iterable["Cell"] = ()) -> tuple[str, ...]:
         m = c.metrics or {}
         bench |= {f"{metric_registry.BENCH}.{k}" for k in (m.get(metric_registry.BENCH) or {})}
         tasks += [t for t in (m.get(metric_registry.DOWNSTREAM) or {}) if t not in tasks]
-    robust = ("relearn" in attacks and any(a in attacks for a in ("quant4", "quant8"))) or any(
+    robust = metric_registry.wants_robustness(attacks) or any(
         metric_registry.ATTACK_ROBUSTNESS in (c.metrics or {}) for c in cells)
     return (metric_registry.every_run_paths() + tuple(metric_registry.recovery(a) for a in attacks)
             + ((metric_registry.ATTACK_ROBUSTNESS,) if robust else ())

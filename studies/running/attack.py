@@ -44,8 +44,8 @@ def attack_best_cells(store: Store, name: str, attacks: Optional[str] = None, me
     recoveries, and "downstream". `attacks` None: the ones the study was created with; `eval_tasks`
     None: the study's --eval-tasks when it evaluates them at the best cells ("" : none). `on_step`
     is each rerun's step callback (the pool's job stops through it once another pool took it over)."""
-    from engine.metric_registry import ATTACK_ROBUSTNESS, ROBUSTNESS_ATTACKS
-    from engine.recovery import attack_robustness, wants_robustness
+    from engine.metric_registry import ATTACK_ROBUSTNESS, ROBUSTNESS_ATTACKS, wants_robustness
+    from engine.recovery import attack_robustness
     from engine.run import run_unlearning
     from studies.settings import lab_settings
     from studies.store.forgetsets import forget_set_texts
