@@ -1,7 +1,8 @@
 """A SLURM task stopped mid-run, on the CI's single-node cluster (.ci/slurm) and PostgreSQL
 (.ci/postgres): a task `scancel`led gives its run back, no attempt spent, and another task finishes
 it; a task that reaches its `--time` with --requeue gives its run back, goes back in the queue and
-serves again when it restarts."""
+serves again when it restarts; an array scancelled whole leaves its run pending for the next
+`study run --slurm`, whose array takes it."""
 from __future__ import annotations
 
 import os
@@ -87,9 +88,19 @@ def test_a_task_at_its_time_limit_gives_its_run_back_and_requeues(pg_database, t
     assert run.attempts == 1, (run.attempts, run.last_error)  # the stop spent no attempt
     logs = [p.read_text() for p in (home / "logs" / "T" / "slurm").rglob("*_log.out")]
     assert any("(start 2)" in text for text in logs), logs
+    # the whole array scancelled: its run waits, given back, for the next submission, which takes it
+    subprocess.run(["scancel", array], check=True, timeout=30)
+    wait_for(lambda: not _squeue("-j", array), 90, "the array to leave the queue", interval=0.5)
+    wait_for(lambda: runs_of(store, "T")[0].state == "pending", 60, "the run given back")
+    again = _submit(url, "T", home, "--jobs", "1", "--time", "00:10:00")
+    assert again != array
+    wait_for(lambda: (r := runs_of(store, "T")[0]).state == "running" and (r.slurm_job or "").startswith(again), 150,
+             "the new array to take the run", interval=0.5)
+    assert runs_of(store, "T")[0].attempts == 1  # neither stop spent an attempt
     c = cli("study", "cancel", "T", "--storage", url, home=home)
     assert c.returncode == 0, c.stderr
-    wait_for(lambda: not _squeue("-j", array), 90, "the array to leave the queue", interval=0.5)
+    wait_for(lambda: not _squeue("-j", again), 90, "the array to leave the queue", interval=0.5)
     wait_for(lambda: runs_of(store, "T")[0].state == "cancelled", 60, "the run cancelled")
-    print(f"array {array}: requeued at its time limit ({given.message}); served again; cancelled")
+    print(f"array {array}: requeued at its time limit ({given.message}); served again; scancelled; "
+          f"array {again} submitted for the pending run took it; cancelled")
     store.engine.dispose()
