@@ -179,9 +179,8 @@ def evaluate(model, sets: ForgetSetChunks, batch_size: int = 8, device=None, aut
     scores = {role: score_chunks(model, ch, batch_size, device, autocast, min_k, attacks=role in ("forget", "unseen"))
               for role, ch in sets.items()}
     if reference is not None:  # a chunk is more member-like the less its loss is above the reference model's
-        for role in ("forget", "unseen"):
-            own = scores[role].nll_sum / np.maximum(1, scores[role].n_tokens)
-            scores[role].mia[REFERENCE] = reference[role] - own
+        for role in ("forget", "unseen"):  # the loss attack's score is already −(the model's mean NLL)
+            scores[role].mia[REFERENCE] = reference[role] + scores[role].mia["loss"]
     metrics = {ppl(role): _finite(scores[role].ppl) if role in scores else None for role in ROLES}
     metrics[MIA_AUC] = mia_auc(scores["forget"], scores["unseen"])
     for path, part in ((EXACT_MEMORIZATION, "exact"), (EXTRACTION_STRENGTH, "extraction")):

@@ -144,11 +144,11 @@ def study_logs(store: Store, study: str, run_id: int | None = None) -> list[dict
 
     def add(path: Path, kind: str, **extra) -> None:
         try:
-            size = path.stat().st_size
+            st = path.stat()
         except OSError:
             return
         found.append({"path": str(path), "kind": kind, "run_id": None, "attempt": None, "slurm_job": None,
-                      "bytes": size, **extra, "_mtime": path.stat().st_mtime})
+                      "bytes": st.st_size, **extra, "_mtime": st.st_mtime})
 
     with_runs = re.compile(r"^run(\d+)-.+-attempt(\d+)\.log$")
     try:

@@ -78,32 +78,41 @@ Storage = Annotated[Optional[str], typer.Option("--storage", help=STORAGE_HELP, 
 Json = Annotated[bool, typer.Option("--json", help="print JSON on stdout (and nothing else there)")]
 
 
+def with_declared_options(func, into: str, prefix: str, options: list[tuple[str, object, object]], given):
+    """`func` as a Typer command with one more keyword option per (name, annotation, typer.Option)
+    of `options` (a declaration's fields: RunSettings, SLURM_FIELDS; Click knows each as
+    `prefix + name`), handing it `into`=given(values), {name: value as typed} -> what the command
+    receives. One mechanism for every such family."""
+    sig = inspect.signature(func, eval_str=True)
+    params = [p for p in sig.parameters.values() if p.name != into]
+    extra = [inspect.Parameter(f"{prefix}{name}", inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=option)
+             for name, annotation, option in options]
+
+    @functools.wraps(func)
+    def command(*args, **kwargs):
+        values = {name: kwargs.pop(f"{prefix}{name}") for name, _, _ in options}
+        return func(*args, **{into: given(values)}, **kwargs)
+
+    command.__signature__ = sig.replace(parameters=params + extra)
+    command.__annotations__ = {p.name: p.annotation for p in params + extra}
+    return command
+
+
 def run_settings_options(func):
     """Give a Typer command one option per RunSettings field (flag and help from the field's
     metadata), and hand it `given_settings`: a dict of the ones given on the command line.
 
     The command decides what an absent flag means (the RunSettings default for `unlearn run`; for
     `study create` the forget set's own seq_len), which is why absent flags are not filled in here."""
-    sig = inspect.signature(func, eval_str=True)
-    params = [p for p in sig.parameters.values() if p.name != "given_settings"]
-    extra = []
+    options = []
     for f in settings_fields():
         kind = setting_type(f)  # the app's advanced fields convert with the same type
-        default = setting_default_text(f)
         help_text = f.metadata["help"]
-        extra.append(inspect.Parameter(
-            f"rs_{f.name}", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
-            default=typer.Option(None, f.metadata["flag"], help=help_text if kind is bool else f"{help_text}  [default: {default}]",
-                                 show_default=False)))
-
-    @functools.wraps(func)
-    def command(*args, **kwargs):
-        given = {f.name: v for f in settings_fields() if (v := kwargs.pop(f"rs_{f.name}")) is not None}
-        return func(*args, given_settings=given, **kwargs)
-
-    command.__signature__ = sig.replace(parameters=params + extra)
-    command.__annotations__ = {p.name: p.annotation for p in params + extra}
-    return command
+        options.append((f.name, Optional[kind], typer.Option(
+            None, f.metadata["flag"], show_default=False,
+            help=help_text if kind is bool else f"{help_text}  [default: {setting_default_text(f)}]")))
+    return with_declared_options(func, "given_settings", "rs_", options,
+                                 lambda values: {k: v for k, v in values.items() if v is not None})
 
 
 

@@ -6,7 +6,7 @@ from typing import List, Optional
 import typer
 
 from studies.lifecycle.inputs import STUDY_OPTIONS
-from tui.cli.common import Json, Storage, lab, run_settings_options
+from tui.cli.common import Json, Storage, lab, run_settings_options, with_declared_options
 
 
 def study_option(name: str):
@@ -19,36 +19,22 @@ def study_option(name: str):
 def slurm_options_of(func):
     """Give `study run` one option per SLURM_FIELDS entry (studies.running.slurm_options, which the
     app's new-study form reads too) and hand it `slurm_given`: {field: value} of the ones given."""
-    import functools
-    import inspect
-
     from studies.running.slurm_options import SLURM_FIELDS
 
-    sig = inspect.signature(func, eval_str=True)
-    params = [p for p in sig.parameters.values() if p.name != "slurm_given"]
-    extra = []
+    options = []
     for f in SLURM_FIELDS:
         shown = f" [default: {f.default}]" if f.default not in (None, False) else ""
         if f.kind is bool:
-            annotation, option = bool, typer.Option(False, f.flag, help=f"--slurm: {f.help}")
+            options.append((f.name, bool, typer.Option(False, f.flag, help=f"--slurm: {f.help}")))
         elif f.kind is list:
-            annotation, option = Optional[List[str]], typer.Option(None, f.flag, metavar="KEY=VALUE", help=f"--slurm: {f.help}")
+            options.append((f.name, Optional[List[str]],
+                            typer.Option(None, f.flag, metavar="KEY=VALUE", help=f"--slurm: {f.help}")))
         else:
-            annotation = Optional[f.kind]
-            option = typer.Option(None, f.flag, help=f"--slurm: {f.help}{shown}", show_default=False)
-        extra.append(inspect.Parameter(f"sl_{f.name}", inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                       default=option))
-
-    @functools.wraps(func)
-    def command(*args, **kwargs):
-        values = {f.name: kwargs.pop(f"sl_{f.name}") for f in SLURM_FIELDS}
-        # given: anything but an absent flag (None, an unset switch, no --slurm-opt); a 0 is given (0 == False)
-        given = {k: v for k, v in values.items() if not (v is None or v is False or v == [])}
-        return func(*args, slurm_given=given, **kwargs)
-
-    command.__signature__ = sig.replace(parameters=params + extra)
-    command.__annotations__ = {p.name: p.annotation for p in params + extra}
-    return command
+            options.append((f.name, Optional[f.kind],
+                            typer.Option(None, f.flag, help=f"--slurm: {f.help}{shown}", show_default=False)))
+    # given: anything but an absent flag (None, an unset switch, no --slurm-opt); a 0 is given (0 == False)
+    return with_declared_options(func, "slurm_given", "sl_", options, lambda values: {
+        k: v for k, v in values.items() if not (v is None or v is False or v == [])})
 
 
 def _cuda_device_count() -> int:
