@@ -14,6 +14,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Optional
 
+from engine.attack_recipes import QUANT_BACKENDS, RELEARN_RECIPES, RELEARN_SOURCES
 from engine.errors import UnlearnError
 from engine.metric_registry import MIA_ATTACKS, ROBUSTNESS_ATTACKS  # --attacks: engine.recovery runs them
 
@@ -52,6 +53,16 @@ class RunSettings:
     attacks: str = knob("", "--attacks", "at every milestone, test whether forgetting holds: relearn, quant4, "
                         "quant8 (comma-separated; each costs a model copy and an evaluation)",
                         parse=lambda v: ",".join(parse_attacks(v)))
+    relearn_recipe: str = knob("quick", "--relearn-recipe", "how the relearn attack fine-tunes: "
+                               + "; ".join(f"{r.name}: {r.about}" for r in RELEARN_RECIPES.values()),
+                               parse=lambda v: check_choice(v, "--relearn-recipe", tuple(RELEARN_RECIPES)))
+    relearn_from: str = knob("forget", "--relearn-from", "where the relearn attack draws its chunks: forget, or "
+                             "retain (data unrelated to the forget set: what comes back was never shown)",
+                             parse=lambda v: check_choice(v, "--relearn-from", RELEARN_SOURCES))
+    quant_backend: str = knob("auto", "--quant-backend", "how quant4/quant8 quantize: bitsandbytes (NF4, LLM.int8, "
+                              "as the published attack; pip install 'unlearn-lab[gpu]'), rtn (round-to-nearest per "
+                              "channel, runs anywhere) or auto (bitsandbytes on CUDA where installed, else rtn)",
+                              parse=lambda v: check_choice(v, "--quant-backend", QUANT_BACKENDS))
     params: str = knob("", "--params", "train only these parameters: a regex searched in each parameter's name, "
                        "or saliency:P for the P % of weights whose gradient on U is largest relative to the "
                        "retain set's (default: the method's own choice, usually all)",

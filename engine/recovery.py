@@ -13,16 +13,23 @@ model θ0 (it may fall outside [0, 1]: reported as measured). When the cell forg
 measurable — its forget perplexity within the success tolerance (`--tol-forget`) of θ0's — there
 is nothing to recover and the recovery is None.
 
-- relearn: fine-tune on a seeded 10 % slice of the forget chunks (at least one) for 20 steps at
-  the run's lr and batch size (AdamW, clipping 1.0, no dropout), then evaluate on the whole sets.
-  The slice is part of U, so some of the recovery is simply learning it again; how much comes back
-  on the rest of U is what relearning attacks measure (Lynch et al. 2024; Deeb & Roger 2024).
-- quant4 / quant8: every linear layer's weight quantized per output channel, symmetric
-  round-to-nearest to 4 or 8 bits and back (scale = max|w| / (2^(b−1) − 1)), the output
-  embedding left as it is, as 4-bit loaders do (Zhang et al. 2024 found 4-bit quantization brings
-  unlearned knowledge back). Done here rather than through a quantization library because none
-  that is installed with this tool runs on CPU and GPU alike; a test holds it to a float64
-  reference and to its error bound of scale / 2 per weight.
+- relearn: fine-tune a copy on chunks drawn (seeded) from the forget set — or, with
+  `--relearn-from retain`, from the retain set: unrelated to U, so whatever comes back was never shown
+  (Hu et al. 2024's benign relearning) — with AdamW (clipping 1.0, no dropout), then evaluate on
+  the whole sets. How many chunks, steps and which lr is a recipe (`--relearn-recipe`, RELEARN_RECIPES):
+  `quick` (the default: 10 % of the chunks, 20 steps at the run's own lr and batch size) or
+  `openunlearning` (every chunk once at lr 2e-5, the relearning of OpenUnlearning's meta-evaluation).
+  Drawn from U, some of the recovery is simply learning the slice again; how much comes back on
+  the rest of U is what relearning attacks measure (Lynch et al. 2024; Deeb & Roger 2024).
+- quant4 / quant8: the linear layers (all but the output embedding, as 4-bit loaders leave it)
+  quantized and evaluated. Two implementations (`--quant-backend`, reported per attack as `how`):
+  `bitsandbytes` — NF4 and LLM.int8, as the published attack loads the model (Zhang et al., ICLR
+  2025; engine/quant_bnb.py) — and `rtn`, symmetric per-output-channel round-to-nearest to 4 or 8
+  bits and back (scale = max|w| / (2^(b−1) − 1)), which runs anywhere and which a test holds to a
+  float64 reference and its error bound of scale / 2 per weight. `auto` (the default) takes
+  bitsandbytes on CUDA where it is installed, rtn otherwise. The two are different quantizers (NF4's
+  16 levels per block of 64 weights are not 4-bit RTN's per channel), so their recoveries differ:
+  compare cells only within one.
 """
 from __future__ import annotations
 
@@ -32,15 +39,16 @@ import math
 
 import torch
 
+from engine.attack_recipes import QUANT_BACKENDS, RELEARN_RECIPES, RELEARN_SOURCES, RelearnRecipe
 from engine.data import ForgetSetChunks
 from engine.evaluate import evaluate
 from engine.finetune import fine_tune
 from engine.metric_registry import ATTACK_ROBUSTNESS, PPL_FORGET, QUANT_ATTACKS, wants_robustness
 from engine.metric_registry import recovery as recovery_path
 
-RELEARN_FRACTION = 0.10
-RELEARN_STEPS = 20
 RELEARN_SEED_OFFSET = 7919  # the relearn slice and batches draw from their own seeded stream
+RELEARN_FRACTION = RELEARN_RECIPES["quick"].share
+RELEARN_STEPS = RELEARN_RECIPES["quick"].steps
 
 
 def recovery(ppl_unlearned, ppl_attacked, ppl_original, tol_forget: float) -> float | None:
@@ -98,6 +106,7 @@ def quantized_layers(model) -> list[tuple[str, torch.nn.Module, int]]:
 
 
 def quantized_copy(model, bits: int):
+    """A copy with every quantized layer's weight rounded to `bits` by round-to-nearest (rtn)."""
     q = copy.deepcopy(model).eval()
     with torch.no_grad():
         for _, module, dim in quantized_layers(q):
@@ -105,16 +114,57 @@ def quantized_copy(model, bits: int):
     return q
 
 
+def quant_backend(choice: str, device) -> str:
+    """The quantizer `--quant-backend` names on this device: auto → bitsandbytes on CUDA where it
+    is installed, rtn otherwise."""
+    from engine import quant_bnb
+    from engine.errors import UnlearnError
+
+    if choice not in QUANT_BACKENDS:
+        raise UnlearnError(f"--quant-backend must be one of {', '.join(QUANT_BACKENDS)}, not {choice!r}")
+    if choice == "auto":
+        return "bitsandbytes" if torch.device(device).type == "cuda" and quant_bnb.available() else "rtn"
+    if choice == "bitsandbytes" and not quant_bnb.available():
+        raise UnlearnError("--quant-backend bitsandbytes needs bitsandbytes: pip install 'unlearn-lab[gpu]'")
+    return choice
+
+
+def quantized_attack_copy(model, bits: int, backend: str):
+    """(the attacked copy, how it was quantized, in words) for quant4 / quant8."""
+    if backend == "bitsandbytes":
+        from engine.quant_bnb import bitsandbytes_copy
+
+        return bitsandbytes_copy(model, bits, quantized_layers(model)), f"bitsandbytes {'nf4' if bits == 4 else 'llm.int8'}"
+    return quantized_copy(model, bits), f"rtn {bits}-bit per channel"
+
+
 # ---------------------------------------------------------------- relearning
 
-def relearned_copy(model, sets: ForgetSetChunks, lr: float, batch_size: int, seed: int, device, autocast):
-    """A copy of `model` fine-tuned on a seeded slice of U (RELEARN_FRACTION, RELEARN_STEPS)."""
-    n = len(sets.forget)
+def relearn_plan(sets: ForgetSetChunks, recipe: RelearnRecipe, source: str, lr: float, batch_size: int,
+                 seed: int):
+    """(the chunks drawn, steps, lr, the recipe in words) of the relearning attack."""
+    from engine.errors import UnlearnError
+
+    if source not in RELEARN_SOURCES:
+        raise UnlearnError(f"--relearn-from must be one of {', '.join(RELEARN_SOURCES)}, not {source!r}")
+    chunks = getattr(sets, source)
+    if chunks is None or len(chunks) == 0:
+        raise UnlearnError(f"--relearn-from {source}: this forget set has no {source} chunks")
+    n = len(chunks)
     g = torch.Generator().manual_seed(seed + RELEARN_SEED_OFFSET)
-    take = torch.randperm(n, generator=g)[: max(1, round(RELEARN_FRACTION * n))]
+    take = torch.randperm(n, generator=g)[: max(1, round(recipe.share * n))]
+    part = chunks.subset(take.tolist())
+    steps = recipe.steps if recipe.steps is not None else math.ceil(len(part) / batch_size)
+    lr = recipe.lr if recipe.lr is not None else lr
+    return part, steps, lr, f"{recipe.name}: {len(part)} {source} chunks, {steps} steps at lr {lr:g}"
+
+
+def relearned_copy(model, sets: ForgetSetChunks, lr: float, batch_size: int, seed: int, device, autocast,
+                   recipe: RelearnRecipe = RELEARN_RECIPES["quick"], source: str = "forget"):
+    """A copy of `model` fine-tuned as `recipe` says on chunks of `source` (see the module's docstring)."""
+    part, steps, lr, _ = relearn_plan(sets, recipe, source, lr, batch_size, seed)
     attacked = copy.deepcopy(model).eval().requires_grad_(True)  # eval: no dropout, so no global RNG drawn
-    part = sets.forget.subset(take.tolist())
-    fine_tune(attacked, part.input_ids, part.attention_mask, RELEARN_STEPS, lr, batch_size, seed + RELEARN_SEED_OFFSET,
+    fine_tune(attacked, part.input_ids, part.attention_mask, steps, lr, batch_size, seed + RELEARN_SEED_OFFSET,
               device, autocast, loss_mask=part.loss_mask)
     return attacked.requires_grad_(False).eval()
 
@@ -123,23 +173,29 @@ def relearned_copy(model, sets: ForgetSetChunks, lr: float, batch_size: int, see
 
 def attack_milestone(model, sets: ForgetSetChunks, attacks: tuple[str, ...], metrics: dict, baseline: dict, *,
                      lr: float, batch_size: int, seed: int, eval_batch_size: int, min_k: float, tol_forget: float,
-                     device=None, autocast=contextlib.nullcontext, reference=None) -> tuple[dict, int]:
-    """The cell's attack fields — {"attacks": {name: metrics + recovery}, "<name>_recovery": ...} —
-    and the tokens they evaluated. `metrics` are the cell's own, `baseline` θ0's."""
+                     device=None, autocast=contextlib.nullcontext, reference=None, relearn_recipe: str = "quick",
+                     relearn_from: str = "forget", quant_backend_choice: str = "auto") -> tuple[dict, int]:
+    """The cell's attack fields — {"attacks": {name: metrics + recovery + how}, "<name>_recovery": ...}
+    — and the tokens they evaluated. `metrics` are the cell's own, `baseline` θ0's; `how` says which
+    recipe or quantizer ran, in words."""
     device = device or next(model.parameters()).device
     was_training = model.training
     results, tokens = {}, 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for name in attacks:
             if name == "relearn":
-                attacked = relearned_copy(model, sets, lr, batch_size, seed, device, autocast)
+                recipe = RELEARN_RECIPES[relearn_recipe]
+                how = relearn_plan(sets, recipe, relearn_from, lr, batch_size, seed)[3]
+                attacked = relearned_copy(model, sets, lr, batch_size, seed, device, autocast, recipe, relearn_from)
             else:
-                attacked = quantized_copy(model, int(name.removeprefix("quant")))
+                attacked, how = quantized_attack_copy(model, int(name.removeprefix("quant")),
+                                                      quant_backend(quant_backend_choice, device))
             m, n = evaluate(attacked, sets, eval_batch_size, device, autocast, min_k, reference=reference)
             del attacked
             tokens += n
             m["recovery"] = recovery(metrics.get(PPL_FORGET), m.get(PPL_FORGET), baseline.get(PPL_FORGET),
                                      tol_forget)
+            m["how"] = how
             results[name] = m
     model.train(was_training)
     recoveries = {recovery_path(name): r["recovery"] for name, r in results.items()}

@@ -34,7 +34,7 @@ from engine.finetune import batch_indices
 from engine.lora import AdapterOff, apply_lora
 from engine.methods import get_method
 from engine.methods.base import Method, PrepareContext
-from engine.metric_registry import MEMORIZATION, MIA, MIA_AUC, PERPLEXITY, PRIVLEAK, CellMetrics, blank
+from engine.metric_registry import MEMORIZATION, MIA, MIA_AUC, PERPLEXITY, PRIVLEAK, QUANT_ATTACKS, CellMetrics, blank
 from engine.models import (
     count_parameters,
     load_model,
@@ -245,6 +245,7 @@ class _Run:
 
         method: Method = get_method(cfg.method)
         device = next(model.parameters()).device
+        check_attacks(cfg, sets, device)
         # No key/value cache: training and scoring read every position once, and building a cache
         # nobody reads cost ~8 % a step (bench/step_overhead.py). Logits are the same either way.
         model.config.use_cache = False
@@ -373,7 +374,9 @@ class _Run:
                                          min_k=cfg.min_k, device=self.device,
                                          tol_forget=math.expm1(bands(baseline, cfg.tol_forget, None,
                                                                      cfg.target_spread)["forget"]["band"]),
-                                         autocast=self.autocast, reference=self.mia_reference)
+                                         autocast=self.autocast, reference=self.mia_reference,
+                                         relearn_recipe=cfg.relearn_recipe, relearn_from=cfg.relearn_from,
+                                         quant_backend_choice=cfg.quant_backend)
             cell.update(fields)
             tokens += n
         if self.extras is not None and bound is None:  # benchmark metrics, downstream tasks
@@ -398,6 +401,18 @@ class _Run:
         if self.theta0 is None:
             return self.unwrapped()
         return self.method.forget.edited(self.unwrapped(), self.theta0)
+
+
+def check_attacks(cfg: RunConfig, sets: ForgetSetChunks, device) -> None:
+    """What the attacks need, checked before the first step rather than at the first milestone: a
+    retain set to relearn from, bitsandbytes for --quant-backend bitsandbytes."""
+    from engine.recovery import quant_backend
+
+    attacks = parse_attacks(cfg.attacks)
+    if "relearn" in attacks and cfg.relearn_from != "forget" and not len(getattr(sets, cfg.relearn_from) or ()):
+        raise UnlearnError(f"--relearn-from {cfg.relearn_from}: this forget set has no {cfg.relearn_from} documents")
+    if any(a in QUANT_ATTACKS for a in attacks):
+        quant_backend(cfg.quant_backend, device)
 
 
 def beyond_bound(metrics: dict, baseline: dict, factor: float) -> str | None:
