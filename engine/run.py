@@ -116,8 +116,8 @@ def _train(model, tokenizer, sets, cfg: RunConfig, baseline, on_step, on_milesto
     for step in range(1, cfg.milestones[-1] + 1):
         loss, tokens = run.step_loss(step)
         train_tokens += tokens
-        value = float(loss.detach())  # the step's one host read of the loss
-        if not run.all_finite(loss, value):
+        value = run.step_value(loss)  # the step's one host read of the loss
+        if not math.isfinite(value):
             reason = f"non-finite loss at step {step}"
             break
         run.optimizer_step(loss)
@@ -319,25 +319,35 @@ class _Run:
         m = self.method
         fb = self._batch(self.sets.forget, self.forget_extra, self.constants["forget"], self.cfg.seed, step)
         with self.autocast():
-            loss = m.forget.forward_loss(self.model, fb, self.reference)
+            loss = self.balanced(m.forget.forward_loss(self.model, fb, self.reference), m.forget.mean_count(fb))
         if m.forget_weight != 1.0:
             loss = m.forget_weight * loss
         tokens = int(fb["attention_mask"].sum())
         if self.retain_chunks is not None:
             rb = self._batch(self.retain_chunks, self.retain_extra, self.constants["retain"], self.cfg.seed + 1, step)
             with self.autocast():
-                retain = m.retain.forward_loss(self.model, rb, self.reference)
+                retain = self.balanced(m.retain.forward_loss(self.model, rb, self.reference), m.retain.mean_count(rb))
             loss = loss + (retain if self.retain_weight == 1.0 else self.retain_weight * retain)  # × 1.0 is exact
             tokens += int(rb["attention_mask"].sum())
         return loss, tokens
 
-    def all_finite(self, loss: torch.Tensor, value: float) -> bool:
-        """Finite on every process (they must agree, or one would stop while the others wait).
-        `value` is float(loss), already read: alone, no other tensor op or host read is needed."""
+    def balanced(self, loss: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """A term's loss on this process's share of the batch, weighed so that the mean over
+        processes (what data parallel and FSDP average gradients by) is the term's mean over the whole
+        batch: × N · count / Σ count. Each process's loss is a mean over its own `count` items (tokens,
+        or chunks), and the processes' counts differ (chunks of different lengths), so without this
+        the step — and every cell — would change with the number of processes. One process: as is."""
         if self.world == 1:
-            return math.isfinite(value)
-        ok = torch.isfinite(loss.detach()).float().reshape(1)
-        return bool(self.accelerator.reduce(ok, reduction="mean").item() == 1.0)
+            return loss
+        total = self.accelerator.reduce(count.detach().float().reshape(1).to(self.device), reduction="sum")
+        return loss * (self.world * count.float() / total.clamp(min=1)).reshape(())
+
+    def step_value(self, loss: torch.Tensor) -> float:
+        """The step's loss over the whole batch (the mean over processes of their balanced losses),
+        read once; every process gets the same number, so they agree on a non-finite one and stop together."""
+        if self.world == 1:
+            return float(loss.detach())
+        return float(self.accelerator.reduce(loss.detach().float().reshape(1), reduction="mean").item())
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
         if not loss.requires_grad:  # e.g. --params picked weights after the layer RMU reads

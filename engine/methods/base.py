@@ -117,6 +117,13 @@ class Term:
     def knob_values(self) -> dict[str, float]:
         return {k: float(getattr(self, k)) for k in self.knobs}
 
+    def mean_count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """How many items this batch's loss is a mean over (a 0-dim tensor): its predicted tokens by
+        default; a term whose loss is a mean of per-chunk figures (NPO) counts its rows. A run split
+        over N processes weighs each process's loss by its share of the step's count (engine.run),
+        so the step is the one a single process takes on the whole batch, whatever N."""
+        return (batch["labels"][:, 1:] != IGNORE).sum()
+
     def with_knobs(self, **values: float) -> "Term":
         """A new term of the same kind with some knobs changed (terms are shared: never mutated)."""
         return type(self)(**{**self.knob_values(), **values}) if values else self

@@ -61,6 +61,9 @@ class NPOForget(ForgetTerm):
         labels = causal_labels(input_ids, attention_mask, loss_mask)
         return {"labels": labels, "ref_logprob": reference_logprobs(input_ids, attention_mask, ctx, labels)}
 
+    def mean_count(self, batch):
+        return batch["labels"].new_tensor(batch["labels"].shape[0])  # a mean over chunks
+
     def loss(self, logits, batch, reference_logits=None):
         import torch.nn.functional as F
 

@@ -110,6 +110,9 @@ class MisdirectForget(ForgetTerm):
         u = torch.rand(d, generator=ctx.generator)
         return {"rmu_control": self.steering * u / u.norm()}
 
+    def mean_count(self, batch):
+        return scored(batch).sum()  # masked_mse's mean: every scored position, position 0 included
+
     def forward_loss(self, model, batch, reference=None):
         h = layer_output(model, batch)
         return masked_mse(h, batch["rmu_control"].to(h.dtype), scored(batch))
@@ -128,6 +131,9 @@ class KeepActivations(RetainTerm):
             with torch.no_grad(), ctx.autocast():
                 acts.append(layer_output(ctx.reference, {"input_ids": ids, "attention_mask": mask}).float().cpu())
         return {"labels": causal_labels(input_ids, attention_mask, loss_mask), "rmu_frozen": torch.cat(acts)}
+
+    def mean_count(self, batch):
+        return scored(batch).sum()  # masked_mse's mean: every scored position, position 0 included
 
     def forward_loss(self, model, batch, reference=None):
         return masked_mse(layer_output(model, batch), batch["rmu_frozen"], scored(batch))

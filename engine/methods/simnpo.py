@@ -40,6 +40,9 @@ class SimNPOForget(ForgetTerm):
             raise UnlearnError(f"simnpo: beta must be above 0, not {beta:g}")
         self.beta, self.delta = beta, delta
 
+    def mean_count(self, batch):
+        return batch["labels"].new_tensor(batch["labels"].shape[0])  # a mean over chunks
+
     def loss(self, logits, batch, reference_logits=None):
         import torch.nn.functional as F
 
