@@ -123,9 +123,11 @@ def relearned_copy(model, sets: ForgetSetChunks, lr: float, batch_size: int, see
 
 def attack_milestone(model, sets: ForgetSetChunks, attacks: tuple[str, ...], metrics: dict, baseline: dict, *,
                      lr: float, batch_size: int, seed: int, eval_batch_size: int, min_k: float, tol_forget: float,
-                     device=None, autocast=contextlib.nullcontext, reference=None) -> tuple[dict, int]:
+                     device=None, autocast=contextlib.nullcontext, reference=None,
+                     gradnorm: bool = False) -> tuple[dict, int]:
     """The cell's attack fields — {"attacks": {name: metrics + recovery}, "<name>_recovery": ...} —
-    and the tokens they evaluated. `metrics` are the cell's own, `baseline` θ0's."""
+    and the tokens they evaluated. `metrics` are the cell's own, `baseline` θ0's. Each attacked model
+    is scored by the membership attacks the cell was (`reference`, `gradnorm`: engine.evaluate)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     results, tokens = {}, 0
@@ -135,7 +137,8 @@ def attack_milestone(model, sets: ForgetSetChunks, attacks: tuple[str, ...], met
                 attacked = relearned_copy(model, sets, lr, batch_size, seed, device, autocast)
             else:
                 attacked = quantized_copy(model, int(name.removeprefix("quant")))
-            m, n = evaluate(attacked, sets, eval_batch_size, device, autocast, min_k, reference=reference)
+            m, n = evaluate(attacked, sets, eval_batch_size, device, autocast, min_k, reference=reference,
+                            gradnorm=gradnorm)
             del attacked
             tokens += n
             m["recovery"] = recovery(metrics.get(PPL_FORGET), m.get(PPL_FORGET), baseline.get(PPL_FORGET),
