@@ -2,7 +2,8 @@
 
 From one pass we keep, per predicted token, log p(token) and the mean/std of log p under the
 model's own next-token distribution; per-chunk MIA scores and set perplexities all derive from
-those, so adding an attack never adds a forward pass.
+those, so adding an attack never adds a forward pass. The one exception is opt-in: the gradient-norm
+attack (--mia-gradnorm) needs a backward per chunk, and runs in its own pass (gradient_norms).
 """
 from __future__ import annotations
 

@@ -197,3 +197,20 @@ def test_under_autocast_the_norms_are_the_models_in_low_precision(model, tiny_se
     assert np.isfinite(bf16).all() and not np.array_equal(bf16, fp32)
     np.testing.assert_allclose(bf16, fp32, rtol=0.1)
     assert gradient_norms(model, chunks, autocast=contextlib.nullcontext).tolist() == fp32.tolist()
+
+
+def test_unlearn_run_mia_gradnorm_reports_it_in_the_baseline_and_each_milestone(tiny_model_dir, forget_set_files,
+                                                                                 capsys):
+    import json
+
+    from tests.studies_helpers import cli_in_process
+
+    f = forget_set_files
+    p = cli_in_process(capsys, "run", "--model", tiny_model_dir, "--forget", f["forget"], "--retain", f["retain"],
+                       "--unseen", f["unseen"], "--method", "ga", "--lr", "3e-3", "--steps", "1,2", "--seq-len", "128",
+                       "--mia-gradnorm", "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["config"]["mia_gradnorm"] is True
+    for cell in (out["baseline"], *out["milestones"]):
+        assert 0 <= cell["mia_auc"]["gradnorm"] <= 1
