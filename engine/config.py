@@ -103,6 +103,9 @@ class RunSettings:
                                 "folder or Hugging Face id of a model that never saw the forget set, with the same "
                                 "tokenizer, e.g. one retrained without it (default: θ0, the model being unlearned)",
                                 parse=lambda v: v.strip())
+    mia_gradnorm: bool = knob(False, "--mia-gradnorm", "add the gradient-norm membership attack (mia_auc.gradnorm): "
+                              "costs a backward pass per chunk of forget and unseen at every evaluation (the "
+                              "baseline, each milestone, each --attacks copy)")
     # Downstream tasks through lm-eval (engine/downstream.py; pip install 'unlearn-lab[eval]').
     eval_tasks: str = knob("", "--eval-tasks", "lm-eval tasks evaluated at every milestone, comma-separated "
                            "(arc_easy,piqa); reported as downstream.TASK", parse=lambda v: ",".join(parse_eval_tasks(v)))
@@ -168,7 +171,8 @@ class RunSettings:
             raise UnlearnError("--params chooses weights to train, --lora trains an adapter instead: give one of them")
         if s.fsdp:
             clash = [flag for flag, on in (("--attacks", s.attacks), ("--params", s.params),
-                                           ("--optim " + s.optim, s.optim != "adamw")) if on]
+                                           ("--optim " + s.optim, s.optim != "adamw"),
+                                           ("--mia-gradnorm", s.mia_gradnorm)) if on]
             if clash:
                 raise UnlearnError(f"--fsdp does not run with {clash[0]} yet: it needs the whole model in one process")
         if s.bench_samples < 0 or s.eval_tasks_limit < 0:

@@ -2,7 +2,8 @@
 
 From one pass we keep, per predicted token, log p(token) and the mean/std of log p under the
 model's own next-token distribution; per-chunk MIA scores and set perplexities all derive from
-those, so adding an attack never adds a forward pass.
+those, so adding an attack never adds a forward pass. The one exception is opt-in: the gradient-norm
+attack (--mia-gradnorm) needs a backward per chunk, and runs in its own pass (gradient_norms).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from engine.metric_registry import (
     UTILITY_DRIFT,
     ppl,
 )
+from engine.metric_registry import GRADNORM_ATTACK as GRADNORM  # scored where asked for (a backward per chunk)
 from engine.metric_registry import MIA_ATTACKS as ATTACKS  # the attacks scored below, each an mia_auc.<attack>
 from engine.metric_registry import REFERENCE_ATTACK as REFERENCE  # scored where a reference model's losses are given
 from engine.verdict import auc_interval, bands, forget_noise, log_ppl_half_width
@@ -162,25 +164,33 @@ def roc_auc(positives: np.ndarray, negatives: np.ndarray) -> float | None:
 
 def mia_auc(members: SetScores, nonmembers: SetScores) -> dict[str, float | None]:
     """ROC AUC, raw orientation: 1.0 = U clearly remembered, 0.5 = U looks unseen, < 0.5 = over-unlearned.
-    Every attack both sets were scored by (the reference attack only where a reference was given)."""
+    Every attack both sets were scored by (the reference and gradient-norm attacks only where asked for)."""
     out = {}
-    for a in [a for a in (*ATTACKS, REFERENCE) if a in members.mia and a in nonmembers.mia]:
+    for a in [a for a in (*ATTACKS, REFERENCE, GRADNORM) if a in members.mia and a in nonmembers.mia]:
         s = np.concatenate([members.mia[a], nonmembers.mia[a]])
         out[a] = roc_auc(members.mia[a], nonmembers.mia[a]) if np.isfinite(s).all() else None
     return out
 
 
 def evaluate(model, sets: ForgetSetChunks, batch_size: int = 8, device=None, autocast=None, min_k: float = 0.2,
-             noise: bool = False, reference: dict[str, np.ndarray] | None = None) -> tuple[dict, int]:
+             noise: bool = False, reference: dict[str, np.ndarray] | None = None,
+             gradnorm: bool = False) -> tuple[dict, int]:
     """The metrics M of one model: ppl per set, the MIA AUCs and the loss AUC's bootstrap interval.
     With `noise` (θ0's baseline), also the noise the verdict's bands are made of (engine.verdict).
     With `reference` (reference_losses of a reference model: θ0, or a retrained one), the reference
-    attack too: mia_auc.reference. Returns (M, eval tokens)."""
+    attack too: mia_auc.reference. With `gradnorm`, the gradient-norm attack (gradient_norms, a
+    backward per chunk of forget and unseen): mia_auc.gradnorm. Returns (M, eval tokens)."""
     scores = {role: score_chunks(model, ch, batch_size, device, autocast, min_k, attacks=role in ("forget", "unseen"))
               for role, ch in sets.items()}
     if reference is not None:  # a chunk is more member-like the less its loss is above the reference model's
         for role in ("forget", "unseen"):  # the loss attack's score is already −(the model's mean NLL)
             scores[role].mia[REFERENCE] = reference[role] + scores[role].mia["loss"]
+    gradnorm_tokens = 0
+    if gradnorm:  # members sit where the loss is flat: the smaller the gradient, the more member-like
+        for role in ("forget", "unseen"):
+            scores[role].mia[GRADNORM] = -gradient_norms(model, getattr(sets, role), device, autocast)
+            # a forward and a backward cost 6·N per token: three forward passes' worth of eval tokens
+            gradnorm_tokens += 3 * getattr(sets, role).n_tokens
     metrics = {ppl(role): _finite(scores[role].ppl) if role in scores else None for role in ROLES}
     metrics[MIA_AUC] = mia_auc(scores["forget"], scores["unseen"])
     for path, part in ((EXACT_MEMORIZATION, "exact"), (EXTRACTION_STRENGTH, "extraction")):
@@ -194,8 +204,73 @@ def evaluate(model, sets: ForgetSetChunks, batch_size: int = 8, device=None, aut
                                            len(set(sets.forget.doc_index)))),
             "utility": _finite(log_ppl_half_width(r.nll_sum, r.n_tokens, sets.retain_eval.doc_index)) if r else None,
         }
-    eval_tokens = int(sum(ch.n_tokens for _, ch in sets.items()))
+    eval_tokens = int(sum(ch.n_tokens for _, ch in sets.items())) + gradnorm_tokens
     return metrics, eval_tokens
+
+
+def gradient_norms(model, chunks: Chunks, device=None, autocast=None) -> np.ndarray:
+    """Per chunk, ‖∇θ L‖₂: the L2 norm, over every weight of the model at once, of the gradient of
+    the chunk's mean NLL over its scored tokens (loss_mask: the loss attack's tokens, so L = −mia.loss).
+    The gradient-norm attack scores −‖∇θ L‖ (a model's loss is flatter around what it trained on).
+
+    Source: open-unlearning's GradNormAttack (src/evals/metrics/mia/gradnorm.py; Wang et al. 2024,
+    arXiv 2402.17012), whose score is +‖∇‖ with members labelled 0: the same AUC as −‖∇‖ with
+    members labelled 1, the orientation of every attack here. What differs, and why:
+    - the norm: one L2 norm of the whole gradient; open-unlearning averages the p-norms (p = 2) of
+      each parameter tensor, a figure that changes with how a model splits its weights into tensors
+      (fused or separate q/k/v) and weighs a norm layer's vector as much as the embedding matrix;
+    - the mode: eval (no dropout), as every other attack's forward pass; open-unlearning switches to
+      train mode, which makes the score random for a model with dropout;
+    - the weights: every one of the model's own weights, whichever the run trains (--params,
+      saliency, a frozen copy). With LoRA, the base weights and not the adapter's: the gradient of a
+      base weight W is that of the merged weight W + s·BA (the layer reads them only as that sum),
+      so the figure is the merged model's, comparable with θ0's baseline and with full fine-tuning;
+    - the model is left as it was: open-unlearning leaves the last sample's gradients in .grad.
+
+    The backward runs on detached aliases of the weights (torch.func.functional_call), not the
+    weights themselves: nothing of the model (.grad, requires_grad, its hooks, e.g. a saliency
+    mask's) takes part, and an optimizer holding the weights sees nothing. Each alias's gradient is
+    read and dropped as soon as it is accumulated, so at most one weight's gradient is held at a time
+    (a LoRA run on a large model has no room for a full gradient). One chunk per forward pass, on its
+    own tokens (no padding); under the run's autocast, norms summed in fp32 or better."""
+    from engine.lora import is_adapter_weight
+
+    device = device or next(model.parameters()).device
+    autocast = autocast or contextlib.nullcontext
+    aliases = {name: p.detach() if is_adapter_weight(model, name) else p.detach().requires_grad_(True)
+               for name, p in model.named_parameters()}
+    square_sum: list[torch.Tensor] = []
+
+    def read_and_drop(alias: torch.Tensor) -> None:
+        g = alias.grad
+        square_sum.append(torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)).square())
+        alias.grad = None
+
+    handles = [a.register_post_accumulate_grad_hook(read_and_drop) for a in aliases.values() if a.requires_grad]
+    was_training = model.training
+    model.eval()
+    norms = []
+    try:
+        with torch.enable_grad():
+            for b in range(len(chunks)):
+                n = int(chunks.attention_mask[b].sum())
+                ids = chunks.input_ids[b : b + 1, :n].to(device)
+                scored = chunks.loss_mask[b, 1:n].bool().to(device)
+                if not scored.any():
+                    norms.append(math.nan)
+                    continue
+                with autocast():
+                    logits = torch.func.functional_call(model, aliases, (), {"input_ids": ids, "use_cache": False}).logits
+                loss = torch.nn.functional.cross_entropy(logits[0, :-1][scored].float(), ids[0, 1:][scored])
+                del logits
+                square_sum.clear()
+                loss.backward()
+                norms.append(math.sqrt(float(sum(square_sum))))  # one host read per chunk
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return np.array(norms, dtype=np.float64)
 
 
 def reference_losses(model, sets: ForgetSetChunks, batch_size: int = 8, device=None, autocast=None) -> dict[str, np.ndarray]:

@@ -30,6 +30,12 @@ def apply_lora(model, rank: int, alpha: float | None, targets: str):
         raise UnlearnError(f"--lora-targets {targets or 'all-linear'}: {str(exc).splitlines()[0]}") from None
 
 
+def is_adapter_weight(model, name: str) -> bool:
+    """Whether the parameter `name` of `model` is a peft adapter's, not one of the model's own weights
+    (peft names them lora_A, lora_B, lora_embedding_A/B, lora_magnitude_vector)."""
+    return hasattr(model, "peft_config") and "lora_" in name
+
+
 class AdapterOff:
     """θ0 as a callable model: the LoRA model with its adapter disabled, under no_grad."""
 

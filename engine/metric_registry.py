@@ -38,6 +38,7 @@ DETAIL = 3  # only in the full tables: the trial screen, compare, the export's m
 
 MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")  # engine.evaluate scores each: mia_auc.<attack>
 REFERENCE_ATTACK = "reference"  # the loss against a reference model's (θ0, or --reference-model): mia_auc.reference
+GRADNORM_ATTACK = "gradnorm"  # −‖∇θ loss‖₂ per chunk, a backward each (--mia-gradnorm): mia_auc.gradnorm
 ROBUSTNESS_ATTACKS = ("relearn", "quant4", "quant8")  # --attacks; engine.recovery runs them: <attack>_recovery
 ROLES = ("forget", "retain", "retain_eval", "unseen", "general")  # the forget set's roles: ppl_<role>
 DOWNSTREAM_PREFIX = DOWNSTREAM + "."  # + an lm-eval task name (--eval-tasks): any task is a metric path
@@ -237,6 +238,9 @@ for _attack in MIA_ATTACKS:
 register(Metric(mia_auc(REFERENCE_ATTACK), "mia.reference", "AUC", CLOSER, MIA,
                 "ROC AUC of the reference attack (a chunk's loss against a reference model's: θ0, or "
                 "--reference-model), forget vs unseen", target=0.5))
+register(Metric(mia_auc(GRADNORM_ATTACK), "mia.gradnorm", "AUC", CLOSER, MIA,
+                "ROC AUC of the gradient-norm attack (−‖∇θ of a chunk's mean NLL‖₂: members sit where the loss "
+                "is flat), forget vs unseen", runs="--mia-gradnorm", target=0.5))
 register(Metric(MIA_AUC_LO, "mia lo", "AUC", CLOSER, MIA, "low end of the loss AUC's 95 % bootstrap interval "
                 "(the verdict needs the interval to hold 0.5)", target=0.5))
 register(Metric(MIA_AUC_HI, "mia hi", "AUC", CLOSER, MIA, "high end of the loss AUC's 95 % bootstrap interval",

@@ -174,10 +174,12 @@ def relearned_copy(model, sets: ForgetSetChunks, lr: float, batch_size: int, see
 def attack_milestone(model, sets: ForgetSetChunks, attacks: tuple[str, ...], metrics: dict, baseline: dict, *,
                      lr: float, batch_size: int, seed: int, eval_batch_size: int, min_k: float, tol_forget: float,
                      device=None, autocast=contextlib.nullcontext, reference=None, relearn_recipe: str = "quick",
-                     relearn_from: str = "forget", quant_backend_choice: str = "auto") -> tuple[dict, int]:
+                     relearn_from: str = "forget", quant_backend_choice: str = "auto",
+                     gradnorm: bool = False) -> tuple[dict, int]:
     """The cell's attack fields — {"attacks": {name: metrics + recovery + how}, "<name>_recovery": ...}
     — and the tokens they evaluated. `metrics` are the cell's own, `baseline` θ0's; `how` says which
-    recipe or quantizer ran, in words."""
+    recipe or quantizer ran, in words. Each attacked model is scored by the membership attacks the
+    cell was (`reference`, `gradnorm`: engine.evaluate)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     results, tokens = {}, 0
@@ -190,7 +192,8 @@ def attack_milestone(model, sets: ForgetSetChunks, attacks: tuple[str, ...], met
             else:
                 attacked, how = quantized_attack_copy(model, int(name.removeprefix("quant")),
                                                       quant_backend(quant_backend_choice, device))
-            m, n = evaluate(attacked, sets, eval_batch_size, device, autocast, min_k, reference=reference)
+            m, n = evaluate(attacked, sets, eval_batch_size, device, autocast, min_k, reference=reference,
+                            gradnorm=gradnorm)
             del attacked
             tokens += n
             m["recovery"] = recovery(metrics.get(PPL_FORGET), m.get(PPL_FORGET), baseline.get(PPL_FORGET),

@@ -370,7 +370,7 @@ class _Run:
         cfg = self.cfg
         model = self.reported()
         metrics, tokens = evaluate(model, self.sets, cfg.eval_batch_size, self.device,
-                                   self.autocast, cfg.min_k, reference=self.mia_reference)
+                                   self.autocast, cfg.min_k, reference=self.mia_reference, gradnorm=cfg.mia_gradnorm)
         bound = beyond_bound(metrics, baseline, cfg.divergence_factor)
         cell = {"step": step, **metrics, **compare(metrics, baseline, cfg.tol_forget, cfg.tol_retain, cfg.target_spread),
                 "diverged": bound is not None, "train_loss": loss}
@@ -386,7 +386,7 @@ class _Run:
                                                                      cfg.target_spread)["forget"]["band"]),
                                          autocast=self.autocast, reference=self.mia_reference,
                                          relearn_recipe=cfg.relearn_recipe, relearn_from=cfg.relearn_from,
-                                         quant_backend_choice=cfg.quant_backend)
+                                         quant_backend_choice=cfg.quant_backend, gradnorm=cfg.mia_gradnorm)
             cell.update(fields)
             tokens += n
         if self.extras is not None and bound is None:  # benchmark metrics, downstream tasks
@@ -477,16 +477,18 @@ def _read_cached(path: Path) -> dict | None:
 def baseline_metrics(model, model_name: str, sets: ForgetSetChunks, fs_hash: str, cfg: RunConfig,
                      cache_dir: Path | None, autocast=contextlib.nullcontext) -> tuple[dict, int]:
     """θ0's metrics, cached per (model, forget-set hash, seq_len, min_k; v6: with exact memorization and
-    extraction strength). Returns (M, eval tokens spent)."""
+    extraction strength; with --mia-gradnorm or without). Returns (M, eval tokens spent)."""
     dtype = next(model.parameters()).dtype
     key = (f"v6-{model_key(model_name)}-{fs_hash[:16]}-{cfg.seq_len}-{cfg.min_k}-{'g' if sets.general is not None else 'n'}"
-           + ("" if dtype == torch.float32 else f"-{str(dtype).removeprefix('torch.')}"))  # θ0 in bf16 is not θ0 in fp32
+           + ("" if dtype == torch.float32 else f"-{str(dtype).removeprefix('torch.')}")  # θ0 in bf16 is not θ0 in fp32
+           + ("-gradnorm" if cfg.mia_gradnorm else ""))  # a baseline has mia_auc.gradnorm exactly when the run does
     path = cache_dir / f"{key}.json" if cache_dir else None
     if path and path.is_file():
         cached = _read_cached(path)
         if cached is not None:
             return cached, 0
-    metrics, n = evaluate(model, sets, cfg.eval_batch_size, None, autocast, cfg.min_k, noise=True)
+    metrics, n = evaluate(model, sets, cfg.eval_batch_size, None, autocast, cfg.min_k, noise=True,
+                          gradnorm=cfg.mia_gradnorm)
     if path:
         write_json_atomic(path, metrics)  # two workers missing the same entry both write it whole
     return metrics, n

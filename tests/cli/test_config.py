@@ -32,12 +32,13 @@ NON_DEFAULT = {"batch_size": 3, "seq_len": 96, "seed": 5, "warmup_steps": 2, "re
                "bench_samples": 20, "tofu_retain_truth_ratios": str(FIXTURES / "presets" / "tofu" / "forget01.json"),
                "muse_retrained_auc": 0.48, "retrained_auc": 0.52, "privleak_attack": "zlib",
                "reference_model": "EleutherAI/pythia-14m", "eval_tasks": "arc_easy,piqa", "eval_tasks_dir": str(FIXTURES),
-               "eval_tasks_limit": 10, "fsdp": True}
+               "eval_tasks_limit": 10, "fsdp": True,
+               "mia_gradnorm": True}
 # Settings that exclude each other (--params chooses weights, --lora trains an adapter instead, and
-# --fsdp shards what those and the attacks and 8-bit states need whole): a study takes NON_DEFAULT
+# --fsdp shards what those, the attacks, 8-bit states and the gradient-norm attack need whole): a study takes NON_DEFAULT
 # without the ones each case leaves out.
 LORA = {"lora", "lora_alpha", "lora_targets"}
-LEFT_OUT = {"lora": {"params", "fsdp"}, "params": LORA | {"fsdp"}, "fsdp": LORA | {"params", "attacks", "optim"}}
+LEFT_OUT = {"lora": {"params", "fsdp"}, "params": LORA | {"fsdp"}, "fsdp": LORA | {"params", "attacks", "optim", "mia_gradnorm"}}
 
 
 def command(*path: str):
