@@ -156,7 +156,8 @@ def setting_groups(tmp_path) -> list[dict[str, str | bool]]:
          "--privleak-attack": "loss", "--reference-model": "EleutherAI/pythia-14m", "--eval-tasks": "arc_easy, piqa",
          "--eval-tasks-dir": str(tasks), "--eval-tasks-limit": "5",
          "--max-attempts": "3", "--eval-tasks-at": "every", "--trust-remote-code": True, "--target-spread": "0.05",
-         "--watch-every": "2", "--stop-at-target": True, "--mia-gradnorm": True},
+         "--watch-every": "2", "--stop-at-target": True, "--mia-gradnorm": True, "--relearn-recipe": "openunlearning",
+         "--relearn-from": "retain", "--quant-backend": "rtn"},
         {"--lora": "4", "--lora-alpha": "8", "--lora-targets": "q_proj,v_proj", "--fsdp": True, "--gpus-per-run": "2",
          "--attacks": "", "--seeds": "0,1"},
     ]
