@@ -74,7 +74,11 @@ def utility_set_parts(model, tokenizer, rows: Sequence[dict], base_key: str, opt
     answer's share among it and the perturbed ones (real authors, world facts) rather than p(a)."""
     from engine.benchmark_metrics.lm import greedy_continuation
     from engine.benchmark_metrics.rouge import rouge_l
-    from engine.benchmark_metrics.tofu import normalized_prob
+    from engine.benchmark_metrics.tofu import answer_logprob
+
+    def log_p(q: str, x: str) -> float:  # log p(x): mean log-prob of the answer's tokens
+        total, n = answer_logprob(model, tokenizer, q, x, template)
+        return total / n
 
     if not rows:
         raise UnlearnError("model utility: a set has no questions")
@@ -82,16 +86,18 @@ def utility_set_parts(model, tokenizer, rows: Sequence[dict], base_key: str, opt
     probs, rouges, ratios = [], [], []
     for row in rows:
         q, a = row["question"], row["answer"]
-        p_true = normalized_prob(model, tokenizer, q, a, template)
-        p_wrong = [normalized_prob(model, tokenizer, q, x, template) for x in _perturbed(row)]
-        probs.append(p_true / (p_true + math.fsum(p_wrong)) if options else p_true)
-        generated = greedy_continuation(model, tokenizer, prompt_of.format(question=q).rstrip(), max_new_tokens)
-        rouges.append(rouge_l(generated, a, "recall"))
         if not isinstance(row.get(base_key), str):
             raise UnlearnError(f"model utility: the question {q!r} has no {base_key}")
-        p_base = p_true if row[base_key] == a else normalized_prob(model, tokenizer, q, row[base_key], template)
+        # in logs: an unlearned model's p of a long answer can underflow a float
+        lp_true = log_p(q, a)
+        lp_wrong = [log_p(q, x) for x in _perturbed(row)]
+        # options: p(a) / (p(a) + Σ p(â_j)) = 1 / (1 + Σ exp(log p(â_j) − log p(a)))
+        probs.append(1 / (1 + math.fsum(math.exp(lp - lp_true) for lp in lp_wrong)) if options else math.exp(lp_true))
+        generated = greedy_continuation(model, tokenizer, prompt_of.format(question=q).rstrip(), max_new_tokens)
+        rouges.append(rouge_l(generated, a, "recall"))
+        lp_base = lp_true if row[base_key] == a else log_p(q, row[base_key])
         # geometric mean over the perturbed answers, as both references' mean of per-token losses
-        r = math.exp(math.fsum(math.log(p) for p in p_wrong) / len(p_wrong) - math.log(p_base))
+        r = math.exp(math.fsum(lp_wrong) / len(lp_wrong) - lp_base)
         ratios.append(max(0.0, 1.0 - r))
     n = len(rows)
     return {"prob": math.fsum(probs) / n, "rouge": math.fsum(rouges) / n, "truth_ratio": math.fsum(ratios) / n}
