@@ -280,6 +280,22 @@ for _name, _label, _better, _help, _runs in (
     ("muse_knowmem_r", "KnowMem retain", HIGHER, "ROUGE-L F1 of answers to the retain QA", "MUSE"),
 ):
     register(Metric(f"{BENCH}.{_name}", _label, "", _better, BENCH, _help, runs=f"a {_runs} preset"))
+# TOFU's model utility and its nine parts (the key names live with the code that computes them)
+from engine.benchmark_metrics import tofu_utility as _mu  # noqa: E402  (light: no torch)
+
+register(Metric(f"{BENCH}.{_mu.HEADLINE}", "model utility", "", HIGHER, BENCH,
+                "harmonic mean of prob, ROUGE-L recall and 1 − truth ratio on TOFU's retain, real-authors and "
+                "world-facts questions: TOFU's Model Utility", runs="a TOFU preset"))
+for _set, _, _base in _mu.UTILITY_SETS:
+    _what = {"prob": "mean P(answer)^(1/|answer|)" if _set == "retain" else
+             "mean share of the answer's P^(1/len) among it and the perturbed answers'",
+             "rouge": "mean ROUGE-L recall of the greedy answer against the answer",
+             "truth_ratio": f"mean max(0, 1 − R), R = perturbed over {_base.replace('_', ' ')} (per-token probs)"}
+    for _part in _mu.PARTS:
+        _short = {"prob": "prob", "rouge": "ROUGE", "truth_ratio": "TR"}[_part]
+        register(Metric(f"{BENCH}.{_mu.part_key(_set, _part)}", f"MU {_set.replace('_', ' ')} {_short}", "", HIGHER,
+                        BENCH, f"model utility part, TOFU {_set.replace('_', ' ')}: {_what[_part]}",
+                        runs="a TOFU preset"))
 register(Metric(f"{BENCH}.muse_auc", "MUSE AUC", "AUC", CLOSER, BENCH, "forget-vs-holdout Min-40% AUC",
                 runs="a MUSE preset", target=0.5))
 register(Metric(f"{BENCH}.muse_privleak", "PrivLeak", "%", CLOSER, BENCH,

@@ -9,6 +9,9 @@ A forget set built by `unlearn forgetset preset` carries the rows its benchmark'
                                 forget "Truth Ratio": 1 = cannot tell right from wrong)
     bench.tofu_forget_quality   with --tofu-retain-truth-ratios FILE: KS p-value of the R against the
                                 retain-only model's
+    bench.tofu_model_utility    TOFU preset: harmonic mean of the nine bench.tofu_mu_<set>_<part>
+                                (prob, rouge, truth_ratio on retain, real authors, world facts;
+                                engine/benchmark_metrics/tofu_utility.py)
     bench.muse_verbmem_f        MUSE preset: ROUGE-L F1 of greedy continuations of the forget excerpts
     bench.muse_knowmem_f        MUSE preset: ROUGE-L F1 of greedy answers to the forget QA
     bench.muse_knowmem_r        MUSE preset: the same on the retain QA
@@ -32,6 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TOFU_MEAN = "geometric"  # TOFU's code (aggregate_eval_stat.py), so its published retain-model ratios compare
+# Part of the θ0 cache key: a cached file measured by an older version lacks what this one measures
+# (2: TOFU's model utility).
+EXTRAS_VERSION = 2
 
 
 @dataclass
@@ -79,6 +85,11 @@ class MilestoneExtras:
         bench: dict = {}
         if _is_tofu(self.extras):
             bench["tofu_truth_ratios"] = tofu_truth_ratios(model, self.tokenizer, self._first(self.extras["forget_perturbed"]))
+        if _has_tofu_utility(self.extras):
+            from engine.benchmark_metrics.tofu_utility import HEADLINE, model_utility, model_utility_parts
+
+            parts = model_utility_parts(model, self.tokenizer, self.extras, self.samples)
+            bench |= {HEADLINE: model_utility(parts), **parts}
         if "verbmem_forget" in self.extras:
             from engine.benchmark_metrics.muse import verbmem
 
@@ -143,7 +154,8 @@ class MilestoneExtras:
 
     def cache_key(self) -> str:
         """What θ0's raw figures depend on beyond the model and forget set (their part of the key)."""
-        what = [self.samples, self.seq_len, sorted(self.extras), self.tasks, self.tasks_dir, self.tasks_limit]
+        what = [EXTRAS_VERSION, self.samples, self.seq_len, sorted(self.extras), self.tasks, self.tasks_dir,
+                self.tasks_limit]
         return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
@@ -162,6 +174,13 @@ def tofu_truth_ratios(model, tokenizer, rows: list[dict]) -> list[float]:
 
 def _is_tofu(extras: dict) -> bool:
     return "forget_perturbed" in extras
+
+
+def _has_tofu_utility(extras: dict) -> bool:
+    """A TOFU preset with the three utility sets (every one built by this version has them)."""
+    from engine.benchmark_metrics.tofu_utility import UTILITY_SETS
+
+    return _is_tofu(extras) and all(extras.get(key) for _, key, _ in UTILITY_SETS)
 
 
 def _is_muse(extras: dict) -> bool:

@@ -234,3 +234,129 @@ def test_min_k_auc_matches_hand_count(tiny_model, tiny_tokenizer, corpus):
     auc = min_k_auc(tiny_model, tok, forget, holdout, k=0.4)
     assert auc == pytest.approx(wins / 16)
     assert privleak(auc, 0.5) == pytest.approx((wins / 16 - 0.5) / 0.5 * 100)
+
+
+# ---------------------------------------------------------------- TOFU model utility
+
+UTILITY_QUESTIONS = ["What does Luren Misin work as?", "Where was Ada Quillfeather born?"]
+GEN = 16  # greedy tokens: the tiny model says its few words well within them
+
+
+def _utility_rows(model, tok) -> tuple[list[dict], list[list[str]]]:
+    """Rows shaped like TOFU's *_perturbed (question, answer, paraphrased_answer, perturbed_answer)
+    whose answers are built from the model's own greedy words (a hand argmax loop): row 0's answer
+    is its first two words (ROUGE-L recall 1), row 1's those and one it never says (2/3); the wrong
+    answers are strings of rare letters. Returns the rows and each question's greedy words."""
+    rows, words = [], []
+    for i, q in enumerate(UTILITY_QUESTIONS):
+        w = rouge_tokens(_hand_greedy(model, tok, f"Question: {q}\nAnswer:", GEN))
+        assert len(w) >= 2 and "zzqx" not in w and "vvqk" not in w, w
+        answer = f"{w[0]} {w[1]}" if i == 0 else f"{w[0]} {w[1]} zzqx"
+        rows.append({"question": q, "answer": answer, "paraphrased_answer": PARAPHRASED,
+                     "perturbed_answer": ["qqqq jjjj", "Zx Vq Kw", "vvvv kkkk xxxx"]})
+        words.append(w)
+    return rows, words
+
+
+def test_model_utility_parts_and_harmonic_mean_match_hand_computation(tiny_model, tiny_tokenizer):
+    import copy
+
+    from engine.benchmark_metrics.tofu_utility import model_utility, model_utility_parts, part_key
+
+    tok = tiny_tokenizer
+    model64 = copy.deepcopy(tiny_model).double()
+    rows, _ = _utility_rows(tiny_model, tok)
+
+    def logp(q, ans):  # log P(a|q)^(1/|a|): the mean log-prob of the answer's tokens, summed by hand
+        prompt, full = _ids(tok, f"Question: {q}\nAnswer: "), _ids(tok, f"Question: {q}\nAnswer: {ans}")
+        start = 0  # the answer's tokens: past the common start (a space merged into a word is the word's)
+        while start < len(prompt) and full[start] == prompt[start]:
+            start += 1
+        with torch.no_grad():
+            lp = torch.log_softmax(model64(input_ids=torch.tensor([full])).logits[0].double(), dim=-1)
+        return sum(float(lp[t - 1, full[t]]) for t in range(start, len(full))) / (len(full) - start)
+
+    want = {}
+    for name, base in (("retain", "paraphrased_answer"), ("real_authors", "answer"), ("world_facts", "answer")):
+        probs, ratios = [], []
+        for r in rows:
+            p_a = math.exp(logp(r["question"], r["answer"]))
+            pert = [logp(r["question"], x) for x in r["perturbed_answer"]]
+            if name == "retain":
+                probs.append(p_a)
+            else:  # the answer's share among it and the three wrong options
+                probs.append(p_a / (p_a + math.exp(pert[0]) + math.exp(pert[1]) + math.exp(pert[2])))
+            # R = geometric mean of the perturbed answers' p over the correct answer's p
+            big_r = math.exp((pert[0] + pert[1] + pert[2]) / 3 - logp(r["question"], r[base]))
+            ratios.append(max(0.0, 1.0 - big_r))
+        want[part_key(name, "prob")] = (probs[0] + probs[1]) / 2
+        want[part_key(name, "rouge")] = (1 + 2 / 3) / 2  # hand-counted LCS of each row, see _utility_rows
+        want[part_key(name, "truth_ratio")] = (ratios[0] + ratios[1]) / 2
+    extras = {"retain_perturbed": rows, "real_authors_perturbed": rows, "world_facts_perturbed": rows}
+    got = model_utility_parts(tiny_model, tok, extras, max_new_tokens=GEN)
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-9)
+    assert len(got) == 9 and all(v > 0 for v in want.values()), want  # no part is 0: the mean below means something
+    assert want[part_key("retain", "prob")] != want[part_key("real_authors", "prob")]  # the two prob forms differ
+    hand_hmean = 9 / sum(1 / v for v in want.values())
+    assert model_utility(got) == pytest.approx(hand_hmean, rel=1e-4)
+    assert min(want.values()) < hand_hmean < max(want.values())
+    # --bench-samples: the first row of each set only
+    first = model_utility_parts(tiny_model, tok, extras, samples=1, max_new_tokens=GEN)
+    assert first[part_key("world_facts", "rouge")] == 1.0
+
+
+def test_model_utility_is_zero_when_a_part_is_zero(tiny_model, tiny_tokenizer):
+    from engine.benchmark_metrics.tofu_utility import harmonic_mean, model_utility, model_utility_parts, part_key
+
+    assert harmonic_mean([0.5, 0.25]) == pytest.approx(1 / 3)  # 2 / (2 + 4)
+    assert harmonic_mean([0.5, 0.0, 0.9]) == 0.0
+    assert harmonic_mean([0.7]) == 0.7
+    for bad in ([], [0.5, -0.1], [0.5, float("nan")]):
+        with pytest.raises(UnlearnError):
+            harmonic_mean(bad)
+    # world facts whose wrong answers are the right one: R = 1 on every question, max(0, 1 − R) = 0
+    rows, _ = _utility_rows(tiny_model, tiny_tokenizer)
+    same = [{**r, "perturbed_answer": [r["answer"]] * 3} for r in rows]
+    extras = {"retain_perturbed": rows, "real_authors_perturbed": rows, "world_facts_perturbed": same}
+    parts = model_utility_parts(tiny_model, tiny_tokenizer, extras, max_new_tokens=GEN)
+    assert parts[part_key("world_facts", "truth_ratio")] == 0.0
+    assert parts[part_key("world_facts", "prob")] == pytest.approx(1 / 4)  # four equally likely options
+    assert min(v for k, v in parts.items() if "world_facts_truth" not in k) > 0
+    assert model_utility(parts) == 0.0
+    with pytest.raises(UnlearnError, match="no real_authors_perturbed"):
+        model_utility_parts(tiny_model, tiny_tokenizer, {**extras, "real_authors_perturbed": []})
+
+
+def test_model_utility_is_a_registered_metric():
+    from engine import metric_registry
+    from engine.benchmark_metrics.tofu_utility import PARTS, UTILITY_SETS, part_key
+
+    m = metric_registry.get("bench.tofu_model_utility")
+    assert m.better == metric_registry.HIGHER and m.group == metric_registry.BENCH and m.runs == "a TOFU preset"
+    for name, _, _ in UTILITY_SETS:
+        for part in PARTS:
+            p = metric_registry.get(f"bench.{part_key(name, part)}")
+            assert p.better == metric_registry.HIGHER and p.tier == metric_registry.DETAIL
+
+
+def test_theta0_cache_written_before_model_utility_is_not_reused(tiny_model, tiny_tokenizer, tmp_path):
+    """θ0's raw figures are cached per key; a file an older version wrote (no model utility) sits
+    under the key that version computed, which must not be this version's."""
+    import hashlib
+    from pathlib import Path
+
+    from engine.benchmark_metrics.milestone import MilestoneExtras
+
+    tofu = Path(__file__).parents[1] / "fixtures" / "presets" / "tofu"
+    extras = {k: [json.loads(line) for line in (tofu / f"{f}.json").read_text().splitlines()]
+              for k, f in (("forget_perturbed", "forget01_perturbed"), ("retain_perturbed", "retain_perturbed"),
+                           ("real_authors_perturbed", "real_authors_perturbed"),
+                           ("world_facts_perturbed", "world_facts_perturbed"))}
+    x = MilestoneExtras(extras, [], [], tiny_tokenizer, 1, 128, 2, None, None, (), "", 0)
+    old_key = hashlib.sha256(json.dumps([1, 128, sorted(extras), [], "", 0]).encode()).hexdigest()[:16]
+    cache = tmp_path / "model-fs-float32"
+    (tmp_path / f"{cache.name}-extras-{old_key}.json").write_text(json.dumps({"bench": {"tofu_truth_ratios": [0.5]}}))
+    fields = x.baseline_fields(tiny_model, cache)
+    assert x.cache_key() != old_key and "tofu_model_utility" in fields["bench"]
+    new = tmp_path / f"{cache.name}-extras-{x.cache_key()}.json"
+    assert "tofu_model_utility" in json.loads(new.read_text())["bench"]

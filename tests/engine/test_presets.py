@@ -148,7 +148,9 @@ def test_a_tofu_shaped_folder_becomes_a_forget_set_whose_runs_score_answer_token
     d = load_preset("tofu", "forget01", str(PRESET_DIR / "tofu"))
     store_forget_set(store, "tofu", d.texts, seq_len=128, meta=d.meta, extras=d.extras)
     texts = forget_set_texts(store, store.forget_set("tofu"))
-    cfg = RunConfig.of("ga_gd", 1e-3, (2,), RunSettings(batch_size=2, seq_len=128))
+    # one row of each benchmark list: their figures (greedy answers for model utility, the run's
+    # slowest part) are checked in tests/lab/test_benchmark_metrics_in_runs.py
+    cfg = RunConfig.of("ga_gd", 1e-3, (2,), RunSettings(batch_size=2, seq_len=128, bench_samples=1))
     result = run_unlearning(str(tiny_model_dir), texts, cfg, device="cpu")
     model = load_model(str(tiny_model_dir), "cpu").eval()
     utility = {r["question"] for r in _rows(PRESET_DIR / "tofu" / "retain_perturbed.json")}

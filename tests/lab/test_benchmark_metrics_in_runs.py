@@ -27,8 +27,9 @@ def _stored(tmp_path, preset: str, split: str | None):
     return d, texts
 
 
-def test_tofu_truth_ratio_and_forget_quality_at_milestones(tmp_path, tiny_model_dir, tiny_tokenizer):
+def test_tofu_truth_ratio_forget_quality_and_model_utility_at_milestones(tmp_path, tiny_model_dir, tiny_tokenizer):
     from engine.benchmark_metrics.tofu import truth_ratio
+    from engine.benchmark_metrics.tofu_utility import model_utility_parts
     from engine.config import RunConfig, RunSettings
     from engine.models import load_model
     from engine.run import run_unlearning
@@ -40,24 +41,31 @@ def test_tofu_truth_ratio_and_forget_quality_at_milestones(tmp_path, tiny_model_
                                                           tofu_retain_truth_ratios=str(tmp_path / "retain.json")))
     result = run_unlearning(str(tiny_model_dir), texts, cfg, device="cpu", save_to=tmp_path / "out")
 
-    def by_hand(model) -> tuple[list[float], float, float]:
+    def by_hand(model) -> tuple[list[float], float, float, dict]:
         rows = d.extras["forget_perturbed"][:3]  # --bench-samples 3 of the 4 questions
         ratios = [truth_ratio(model, tiny_tokenizer, r["question"], r["paraphrased_answer"], r["perturbed_answer"],
                               mean="geometric") for r in rows]
         tofu = sum(min(r, 1 / r) for r in ratios) / len(ratios)
-        return ratios, tofu, ks_2samp(ratios, retain).pvalue
+        # model utility: the nine parts on the first 3 rows of each utility set, their harmonic mean
+        # (0 when one is: the tiny model's greedy answers share no word with these answers)
+        cut = {k: v[:3] for k, v in d.extras.items()}
+        parts = model_utility_parts(model, tiny_tokenizer, cut)
+        parts["tofu_model_utility"] = 0.0 if 0 in parts.values() else 9 / sum(1 / v for v in parts.values())
+        return ratios, tofu, ks_2samp(ratios, retain).pvalue, parts
 
-    ratios, tofu, fq = by_hand(load_model(str(tiny_model_dir), "cpu").eval())
+    ratios, tofu, fq, utility = by_hand(load_model(str(tiny_model_dir), "cpu").eval())
     b = result["baseline"]["bench"]
     assert b["tofu_truth_ratios"] == pytest.approx(ratios, rel=1e-9) and len(ratios) == 3
     assert b["tofu_truth_ratio"] == pytest.approx(tofu, rel=1e-9) and 0 < tofu <= 1
     assert b["tofu_forget_quality"] == pytest.approx(fq, rel=1e-9)
+    assert {k: b[k] for k in utility} == pytest.approx(utility, rel=1e-9) and len(utility) == 10
+    assert utility["tofu_mu_real_authors_prob"] > 0 and utility["tofu_mu_world_facts_truth_ratio"] > 0
     for cell in result["milestones"]:
-        assert set(cell["bench"]) == {"tofu_truth_ratio", "tofu_forget_quality"}
+        assert set(cell["bench"]) == {"tofu_truth_ratio", "tofu_forget_quality", *utility}
         assert all(math.isfinite(v) for v in cell["bench"].values())
-    _, tofu2, fq2 = by_hand(load_model(str(tmp_path / "out"), "cpu").eval())  # the last milestone's model
-    assert result["milestones"][-1]["bench"] == pytest.approx({"tofu_truth_ratio": tofu2, "tofu_forget_quality": fq2},
-                                                              rel=1e-6)
+    _, tofu2, fq2, utility2 = by_hand(load_model(str(tmp_path / "out"), "cpu").eval())  # the last milestone's model
+    assert result["milestones"][-1]["bench"] == pytest.approx({"tofu_truth_ratio": tofu2, "tofu_forget_quality": fq2,
+                                                               **utility2}, rel=1e-6)
 
 
 def test_muse_verbmem_knowmem_privleak_at_milestones(tmp_path, tiny_model_dir, tiny_tokenizer):
@@ -124,11 +132,15 @@ def test_heatmap_and_picker_offer_bench_metrics_only_where_cells_have_them(tmp_p
     with store.write() as s:
         run = s.exec(select(Run)).one()
         run.state = RunState.DONE
-        s.add(CellRow(run_id=run.id, step=1, metrics={"score": 0.5, "bench": {"tofu_truth_ratio": 0.7}}, score=0.5))
+        s.add(CellRow(run_id=run.id, step=1, metrics={"score": 0.5, "bench": {"tofu_truth_ratio": 0.7,
+                                                                               "tofu_model_utility": 0.4}}, score=0.5))
         s.add(CellRow(run_id=run.id, step=2, metrics={"score": 0.4, "bench": {"tofu_truth_ratio": 0.9}}, score=0.4))
-    assert study_metrics(spec, load_cells(store, "S")) == every_run_paths() + ("bench.tofu_truth_ratio",)
+    assert study_metrics(spec, load_cells(store, "S")) == every_run_paths() + ("bench.tofu_truth_ratio",
+                                                                               "bench.tofu_model_utility")
     p = cli_in_process(capsys, "study", "heatmap", "S", "--metric", "bench.tofu_truth_ratio", "--json", "--storage", url)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["ga"]["values"] == [[0.7, 0.9]]
+    p = cli_in_process(capsys, "study", "heatmap", "S", "--metric", "bench.tofu_model_utility", "--json", "--storage", url)
+    assert p.returncode == 0 and json.loads(p.stdout)["ga"]["values"] == [[0.4, None]], p.stderr
     p = cli_in_process(capsys, "study", "heatmap", "S", "--metric", "bench.tofu_truth_ratio", "--storage", url)
     assert p.returncode == 0 and "higher = greener" in p.stdout, p.stdout
