@@ -1,7 +1,9 @@
 """The parts a method is made of: a forget term, an optional retain term, and a retain source.
 
 A method = forget term + weight × retain term (docs/concepts.md#methods). Terms are small objects, so a new
-method is a new composition in one file, never a branch in the training loop.
+method is a new composition in one file, never a branch in the training loop. How the two losses become
+a step is the method's update rule (`UpdateRule`): by default one backward of their weighted sum; GRU and
+PDU bring their own.
 
 Conventions shared by every term: `labels` are aligned with `input_ids` (HF style: labels[t]
 is the token predicted from positions < t), -100 where nothing is predicted (pad, position 0)
@@ -196,6 +198,8 @@ class UpdateRule(Tunable):
 
     id: ClassVar[str] = "sum"
     formula: ClassVar[str] = "∇(w_f·L_f + w_r·L_r)"
+    # Gradient-sized buffers the rule holds beside `.grad` at its peak, at worst (engine/plan.py counts them).
+    gradient_copies: ClassVar[int] = 0
 
     def start(self, ctx: UpdateContext) -> Any:
         """The rule's state for one run (None: it keeps none); fresh per run, so runs never share it."""

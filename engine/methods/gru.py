@@ -94,6 +94,7 @@ class RectifiedUpdate(UpdateRule):
     id = "gru"
     formula = "g − (⟨g,r⟩/‖r‖²)·r where ⟨g,r⟩ < 0, g = ∇(w_f·L_f + w_r·L_r), r ← γ·∇L_r + (1−γ)·r; γ=0.8"
     knobs = ("gamma",)
+    gradient_copies = 2  # r, kept across steps; with w_r > 0 the retain gradient, held while the forget one is made
 
     def __init__(self, gamma: float = GRU_GAMMA):
         if not 0 < gamma <= 1:

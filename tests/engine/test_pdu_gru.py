@@ -336,3 +336,17 @@ def test_methods_json_lists_both_with_their_knobs_and_their_update(capsys):
     assert "‖r‖²" in rows["gru"]["update"] and "λ ← max(0" in rows["pdu"]["update"]
     assert (rows["pdu"]["retain_term"], rows["pdu"]["retain_source"]) == ("CE(θ; R)", "retain")
     assert "update" not in rows["ga_gd"]  # the default rule: the step is the sum's gradient
+
+
+def test_the_memory_plan_counts_grus_gradient_buffers(tiny_model_dir):
+    """`unlearn plan`: GRU holds r and the retain gradient beside `.grad` (3 gradient-sized buffers at its
+    peak); PDU, like every default-rule method, holds none."""
+    from engine.plan import Options, figures
+    from engine.plan_shape import read_config, shape_of
+
+    shape = shape_of(read_config(str(tiny_model_dir)))
+    plan = {m: figures(shape, get_method(m), Options("fp32"), 4, 128) for m in ("ga_gd", "gru", "pdu")}
+    assert plan["gru"]["gradients"] == 3 * plan["ga_gd"]["gradients"] > 0
+    assert plan["pdu"]["gradients"] == plan["ga_gd"]["gradients"]
+    assert {k: v for k, v in plan["gru"].items() if k != "gradients"} == \
+        {k: v for k, v in plan["ga_gd"].items() if k != "gradients"}
