@@ -13,7 +13,9 @@ bf16 2):
                 (small learning rates move it, then it is rounded into the bf16 weights); fp32, LoRA,
                 the 8-bit optimizers (bitsandbytes updates bf16 weights in place) and FSDP (its fp32
                 shards are the master): none
-    gradients   T·w (bf16 gradients with bf16 weights); FSDP: fp32, T·4 / N; LoRA: A·4
+    gradients   T·w (bf16 gradients with bf16 weights); FSDP: fp32, T·4 / N; LoRA: A·4; × (1 + c) for a
+                method whose update rule holds c more gradient-sized buffers (gru: its running retain
+                gradient and the retain gradient beside the forget one, c = 2)
     optimizer   AdamW's two fp32 moments 8·T / N; 8-bit (bitsandbytes adamw8bit, paged_adamw8bit): 2·T / N
                 (its block statistics, < 0.5 %, left out; a paged state can spill to host memory under
                 pressure, the plan counts it resident); LoRA: 8·A or 2·A
@@ -160,11 +162,12 @@ def figures(shape: ModelShape, method, opts: Options, batch_size: int, seq_len: 
     f = dict.fromkeys(ROWS, 0)
     ws = 4 if N > 1 else w  # bytes a stored weight takes: FSDP keeps fp32 shards and computes in w
     f["weights"] = P * ws // N + (2 * shape.largest_unit * w if N > 1 else 0) + 4 * A
+    copies = 1 + method.update.gradient_copies
     if A:
-        f["gradients"], f["optimizer"] = 4 * A, OPTIMS[opts.optim] * A
+        f["gradients"], f["optimizer"] = 4 * A * copies, OPTIMS[opts.optim] * A
     else:  # an fp32 master copy for bf16 weights (engine/precision.py); FSDP's fp32 shards are their own
         f["master"] = 4 * T if opts.dtype == "bf16" and opts.optim == "adamw" and N == 1 else 0
-        f["gradients"], f["optimizer"] = T * ws // N, OPTIMS[opts.optim] * T // N
+        f["gradients"], f["optimizer"] = T * ws // N * copies, OPTIMS[opts.optim] * T // N
         if method.needs_reference_logits or method.id == "whp":
             f["reference"] = P * ws // N
         elif method.forget.edits_weights:

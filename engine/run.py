@@ -33,7 +33,7 @@ from engine.files import write_json_atomic
 from engine.finetune import batch_indices
 from engine.lora import AdapterOff, apply_lora
 from engine.methods import get_method
-from engine.methods.base import Method, PrepareContext
+from engine.methods.base import Method, PrepareContext, UpdateContext
 from engine.metric_registry import MEMORIZATION, MIA, MIA_AUC, PERPLEXITY, PRIVLEAK, QUANT_ATTACKS, CellMetrics, blank
 from engine.models import (
     count_parameters,
@@ -225,6 +225,13 @@ class _Run:
     theta0: dict | None = None  # θ0's weights (name -> tensor), for a method whose milestones report an edit
     extras: Any = None  # engine.benchmark_metrics.milestone.MilestoneExtras: bench.* and downstream.* of each cell
     mia_reference: Any = None  # a reference model's losses per chunk (the reference attack), or None
+    # The method's update rule (Method.update) reads the run through `update`; its state (PDU's dual
+    # variable λ, GRU's running retain gradient) is `update_state`: made per run in set_up, so a run to
+    # step j passes through exactly the state of the run to step k < j (prefix sharing). Runs are never
+    # checkpointed midway (a retried run starts again from θ0), so there is no saved state to extend.
+    update: UpdateContext | None = None
+    update_state: Any = None
+    step_losses: tuple | None = None  # (L_f, L_r or None) of the step whose loss step_loss returned
 
     @property
     def world(self) -> int:
@@ -296,9 +303,13 @@ class _Run:
         if not cfg.fsdp:  # data parallel (DDP) when there are several processes; FSDP is already in place
             model, optimizer = accelerator.prepare(model, optimizer)
         model.train()
-        return cls(cfg, sets, method, device, accelerator, autocast, reference, forget_extra, retain_chunks,
-                   retain_extra, constants, method.retain_weight if cfg.retain_weight is None else cfg.retain_weight,
-                   model, optimizer, schedule, theta0)
+        run = cls(cfg, sets, method, device, accelerator, autocast, reference, forget_extra, retain_chunks,
+                  retain_extra, constants, method.retain_weight if cfg.retain_weight is None else cfg.retain_weight,
+                  model, optimizer, schedule, theta0)
+        run.update = UpdateContext(accelerator, model, params, method.forget_weight, run.retain_weight, cfg.fsdp,
+                                   len(sets.forget), cfg.batch_size * accelerator.num_processes)
+        run.update_state = method.update.start(run.update)
+        return run
 
     def _batch(self, chunks: Chunks, extra: dict, constants: dict, seed: int, step: int) -> dict[str, torch.Tensor]:
         """This process's slice of the global batch of `step` (batch_size rows per process): the
@@ -314,22 +325,22 @@ class _Run:
         return {k: v.to(self.device) for k, v in out.items()}
 
     def step_loss(self, step: int) -> tuple[torch.Tensor, int]:
-        """forget weight × forget term + retain weight × retain term on the batches of `step`; and
-        the tokens it trained on."""
-        m = self.method
+        """The step's loss as the method's update rule reports it (by default forget weight × forget
+        term + retain weight × retain term) on the batches of `step`; and the tokens it trained on.
+        The two terms' own losses wait in `step_losses` for `optimizer_step`."""
+        m, rule = self.method, self.method.update
         fb = self._batch(self.sets.forget, self.forget_extra, self.constants["forget"], self.cfg.seed, step)
-        with self.autocast():
-            loss = self.balanced(m.forget.forward_loss(self.model, fb, self.reference), m.forget.mean_count(fb))
-        if m.forget_weight != 1.0:
-            loss = m.forget_weight * loss
+        with self.autocast(), rule.forward_context(self.update):
+            forget = self.balanced(m.forget.forward_loss(self.model, fb, self.reference), m.forget.mean_count(fb))
         tokens = int(fb["attention_mask"].sum())
+        retain = None
         if self.retain_chunks is not None:
             rb = self._batch(self.retain_chunks, self.retain_extra, self.constants["retain"], self.cfg.seed + 1, step)
-            with self.autocast():
+            with self.autocast(), rule.forward_context(self.update):
                 retain = self.balanced(m.retain.forward_loss(self.model, rb, self.reference), m.retain.mean_count(rb))
-            loss = loss + (retain if self.retain_weight == 1.0 else self.retain_weight * retain)  # × 1.0 is exact
             tokens += int(rb["attention_mask"].sum())
-        return loss, tokens
+        self.step_losses = (forget, retain)
+        return rule.loss(forget, retain, self.update, self.update_state), tokens
 
     def balanced(self, loss: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """A term's loss on this process's share of the batch, weighed so that the mean over
@@ -353,7 +364,9 @@ class _Run:
         if not loss.requires_grad:  # e.g. --params picked weights after the layer RMU reads
             raise UnlearnError(f"method {self.method.id}: the loss does not depend on any weight this run trains"
                                f"{f' (--params {self.cfg.params})' if self.cfg.params else ''}")
-        self.accelerator.backward(loss)
+        forget, retain = self.step_losses
+        self.step_losses = None  # the graphs go with the step
+        self.method.update.backward(loss, forget, retain, self.update, self.update_state)
         self.accelerator.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.schedule.step()

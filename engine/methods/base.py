@@ -1,7 +1,9 @@
 """The parts a method is made of: a forget term, an optional retain term, and a retain source.
 
 A method = forget term + weight × retain term (docs/concepts.md#methods). Terms are small objects, so a new
-method is a new composition in one file, never a branch in the training loop.
+method is a new composition in one file, never a branch in the training loop. How the two losses become
+a step is the method's update rule (`UpdateRule`): by default one backward of their weighted sum; GRU and
+PDU bring their own.
 
 Conventions shared by every term: `labels` are aligned with `input_ids` (HF style: labels[t]
 is the token predicted from positions < t), -100 where nothing is predicted (pad, position 0)
@@ -96,7 +98,21 @@ def chunk_batches(input_ids, attention_mask, ctx: PrepareContext, trim: bool = F
         yield sl, ids.to(ctx.device), mask.to(ctx.device)
 
 
-class Term:
+class Tunable:
+    """Something with knobs: hyperparameters a study may sweep (`--param NAME=V1,V2`), set by __init__
+    under the same keyword names. Shared, so never mutated: `with_knobs` makes a new one."""
+
+    knobs: ClassVar[tuple[str, ...]] = ()
+
+    def knob_values(self) -> dict[str, float]:
+        return {k: float(getattr(self, k)) for k in self.knobs}
+
+    def with_knobs(self, **values: float):
+        """A new one of the same kind with some knobs changed."""
+        return type(self)(**{**self.knob_values(), **values}) if values else self
+
+
+class Term(Tunable):
     """What forget and retain terms share: the data they prepare once and how they reach a loss.
 
     `prepare` runs once over all chunks of the term's set and returns per-chunk tensors (dim 0 is
@@ -111,11 +127,6 @@ class Term:
     # The training loop keeps a live frozen copy of θ0 for terms whose loss reads its logits at
     # every step (a copy of the whole model: it costs memory; `prepare` needs no copy).
     needs_reference_logits: ClassVar[bool] = False
-    # Hyperparameters of the term: attributes set by __init__ under the same keyword names.
-    knobs: ClassVar[tuple[str, ...]] = ()
-
-    def knob_values(self) -> dict[str, float]:
-        return {k: float(getattr(self, k)) for k in self.knobs}
 
     def mean_count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """How many items this batch's loss is a mean over (a 0-dim tensor): its predicted tokens by
@@ -123,10 +134,6 @@ class Term:
         over N processes weighs each process's loss by its share of the step's count (engine.run),
         so the step is the one a single process takes on the whole batch, whatever N."""
         return (batch["labels"][:, 1:] != IGNORE).sum()
-
-    def with_knobs(self, **values: float) -> "Term":
-        """A new term of the same kind with some knobs changed (terms are shared: never mutated)."""
-        return type(self)(**{**self.knob_values(), **values}) if values else self
 
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, ctx: PrepareContext,
                 loss_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -164,6 +171,67 @@ class ForgetTerm(Term):
 
 class RetainTerm(Term):
     """Loss on a retain-source batch."""
+
+
+@dataclass
+class UpdateContext:
+    """What an update rule may touch on a run, made once by the training loop (engine/run.py `_Run.set_up`)."""
+
+    accelerator: Any  # backward(loss); num_processes
+    model: Any  # as the accelerator prepared it (data parallel: wrapped; --fsdp: sharded in place)
+    params: list  # the parameters the optimizer steps (--fsdp: this process's shards of them)
+    forget_weight: float
+    retain_weight: float  # the run's: --retain-weight, else the method's
+    sharded: bool = False  # --fsdp: each process holds 1/N of every gradient
+    forget_chunks: int = 1  # len(U): with `global_batch`, how many steps make a pass over the forget set
+    global_batch: int = 1  # forget rows a step trains on, over every process
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+
+class UpdateRule(Tunable):
+    """How a step's forget loss L_f and retain loss L_r become the gradients the optimizer steps on:
+    the one place a method may change the update itself, not only its loss (GRU rectifies the
+    forget gradient, PDU moves a dual variable). The loop calls, per run, `start` (the rule's state:
+    it lives in the run, never in the shared Method), and per step `forward_context` around both
+    forward passes, `loss` (the step's reported loss, train_loss), then `backward`, which leaves
+    each trained parameter's gradient in `.grad`; the loop then clips to 1.0 and steps.
+
+    This default is every other method's step: one backward of forget_weight·L_f + retain_weight·L_r,
+    the arithmetic written as the loop always wrote it (a weight of 1.0 multiplies nothing), so the
+    figures stay the same bit for bit."""
+
+    id: ClassVar[str] = "sum"
+    formula: ClassVar[str] = "∇(w_f·L_f + w_r·L_r)"
+    # Gradient-sized buffers the rule holds beside `.grad` at its peak, at worst (engine/plan.py counts them).
+    gradient_copies: ClassVar[int] = 0
+
+    def start(self, ctx: UpdateContext) -> Any:
+        """The rule's state for one run (None: it keeps none); fresh per run, so runs never share it."""
+        return None
+
+    def forward_context(self, ctx: UpdateContext) -> contextlib.AbstractContextManager:
+        """Around each forward pass of a step (a rule that needs each gradient alone turns off data
+        parallel's one reduction per backward here)."""
+        return contextlib.nullcontext()
+
+    def loss(self, forget: torch.Tensor, retain: torch.Tensor | None, ctx: UpdateContext, state: Any) -> torch.Tensor:
+        """The step's loss as reported (and, by this default, differentiated): `forget` and `retain`
+        are the terms' own losses, unweighted; `retain` is None for a method without a retain term."""
+        loss = forget if ctx.forget_weight == 1.0 else ctx.forget_weight * forget
+        if retain is not None:
+            loss = loss + (retain if ctx.retain_weight == 1.0 else ctx.retain_weight * retain)  # × 1.0 is exact
+        return loss
+
+    def backward(self, loss: torch.Tensor, forget: torch.Tensor, retain: torch.Tensor | None, ctx: UpdateContext,
+                 state: Any) -> None:
+        """Leave the step's gradient in each trained parameter's `.grad` (they start empty)."""
+        ctx.accelerator.backward(loss)
+
+
+SUM = UpdateRule()
 
 
 def variant_id(base: str, values: dict[str, float]) -> str:
@@ -210,10 +278,12 @@ class Method:
     # The % of weights trained, chosen by saliency on U at θ0 (engine/selection.py); 0: no such
     # choice (all weights, or the method's own). A knob of every method, so a study can sweep it.
     saliency: float = 0.0
+    # How the two losses become a step (GRU, PDU change it); the default backprops their weighted sum.
+    update: UpdateRule = SUM
 
     def knob_values(self) -> dict[str, float]:
         """Every hyperparameter a study may sweep for this method, with its value here."""
-        out = {**self.forget.knob_values(), "forget_weight": float(self.forget_weight)}
+        out = {**self.forget.knob_values(), **self.update.knob_values(), "forget_weight": float(self.forget_weight)}
         if self.retain is not None:
             out.update(self.retain.knob_values(), retain_weight=float(self.retain_weight))
         return {**out, "saliency": float(self.saliency)}
@@ -238,8 +308,10 @@ class Method:
                 raise UnlearnError(f"knob saliency of {self.id} is a share in percent: 0 (off) to 100, not {v:g}")
         f = {k: v for k, v in values.items() if k in self.forget.knobs}
         r = {k: v for k, v in values.items() if self.retain is not None and k in self.retain.knobs}
+        u = {k: v for k, v in values.items() if k in self.update.knobs}
         return replace(self, id=variant_id(self.id, values), forget=self.forget.with_knobs(**f),
                        retain=self.retain.with_knobs(**r) if self.retain is not None else None,
+                       update=self.update.with_knobs(**u),
                        forget_weight=float(values.get("forget_weight", self.forget_weight)),
                        retain_weight=float(values.get("retain_weight", self.retain_weight)),
                        saliency=float(values.get("saliency", self.saliency)))
@@ -262,4 +334,6 @@ class Method:
                        else self.trains_text or "all parameters"),
             "knobs": self.knob_values(),
             "description": self.description,
+            # only where a method changes the update (the default's step is the sum's gradient)
+            **({"update": self.update.formula} if type(self.update) is not UpdateRule else {}),
         }

@@ -32,6 +32,8 @@ def methods_cmd(as_json: Json = False,
         loss = r["forget_term"] if r["forget_weight"] == 1 else f"{r['forget_weight']:g} × {r['forget_term']}"
         if r["retain_term"]:
             loss += f"  +  {r['retain_weight']:g} × {r['retain_term']}  [{r['retain_source']}]"
+        if r.get("update"):  # a method that changes the step itself, not only its loss
+            loss += f"\nstep: {r['update']}"
         about = r["description"] + ("" if r["trains"] == "all parameters" else f" Trains: {r['trains']}.")
         t.add_row(r["id"], Text(loss, style="bold") + Text("\n" + about, style="dim"))
     out.print(t)
