@@ -303,23 +303,9 @@ def test_two_steps_with_finite_metrics_and_the_prefix_property(method_id, tiny_m
         assert all(x < 0 for x in long.losses)
 
 
-# ------------------------------------------------------------------ two processes
-
-@pytest.mark.slow  # two torchrun launches of two processes each
-def test_a_sharded_gru_run_matches_the_data_parallel_one(tmp_path, tiny_model_dir, forget_set_files):
-    """Data parallel: each gradient averaged by the rule itself (DDP's reduction is off); --fsdp: the
-    shards' inner products summed over the processes. Either mistake would part the two runs."""
-    from tests.engine.test_fsdp import two_processes
-
-    args = ("--method", "gru[gamma=0.5]", "--lr", "3e-3", "--steps", "1,3")
-    sharded = two_processes(tmp_path, tiny_model_dir, forget_set_files, *args, "--fsdp")
-    replicated = two_processes(tmp_path, tiny_model_dir, forget_set_files, *args)
-    assert sharded["processes"] == replicated["processes"] == 2 and sharded["memory"]["fsdp"]
-    assert sharded["losses"] == pytest.approx(replicated["losses"], rel=1e-5)
-    for a, b in zip(sharded["milestones"], replicated["milestones"]):
-        for key in ("ppl_forget", "ppl_retain", "ppl_unseen", "score"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5), key
-    assert replicated["milestones"][-1]["ppl_forget"] != replicated["milestones"][0]["ppl_forget"]
+# Two processes: tests/engine/test_process_count.py holds gru and pdu run on one process and on two
+# (data parallel: each gradient averaged by the rule itself, DDP's reduction off; --fsdp: the shards'
+# inner products summed over the processes) to the same cells; either mistake would part them.
 
 
 # ------------------------------------------------------------------ the CLI
