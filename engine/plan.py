@@ -26,7 +26,8 @@ bf16 2):
                 in `prepare`: P·w / N more at that moment. task_vector keeps θ0's trained weights:
                 T·w / N. LoRA: 0 for all of them.
     activations B·S·p tokens (B = --batch-size rows per GPU, S = --seq-len, p = 2 when the method has a
-                retain term: its graph and the forget batch's are both alive at backward, else 1), per token:
+                retain term: its graph and the forget batch's are both alive at backward, else 1; a
+                term that reads two sequences a row, DPO's, counts twice), per token:
                   no checkpointing:  L·a + e
                   checkpointing:     L·x + e, + B·S·a once (the block recomputed during backward)
                 a = 16h + 4q + 4k + 8i + 8 + 4n bytes a block saves for backward (gated MLP; 4i when not
@@ -38,12 +39,13 @@ bf16 2):
                 Measured (exactly, on CPU, with torch.autograd saved-tensor hooks) on Llama blocks with
                 SDPA attention, which on CUDA saves what flash attention saves: q, k, v, output, log-sum-exp.
     autocast    fp32 weights only: bf16 autocast keeps a bf16 cast of every linear weight the graph used
-                until backward, 2·(L·Σ in·out + V·h)·p
+                until backward, 2·(L·Σ in·out + V·h) per forward (one per term: p, DPO's too)
     logits      B·S·V per term × (4 saved + 6 at the peak) bytes for a cross-entropy term (the fp32
                 log-softmax it keeps; the bf16 logits and their fp32 copy while it is computed); a KL or
                 self-distillation term: 12 saved (log p, p0 and log p0 − log p) + 20 at the peak (both
                 models' bf16 and fp32 logits); a hidden-state term (RMU): 0 saved + 2 at the peak (the
-                logits the model computes anyway). Total: Σ saved + the largest peak.
+                logits the model computes anyway); × 2 for a term that reads two sequences a row (DPO).
+                Total: Σ saved + the largest peak.
     overhead    1.5 GiB, a constant: the CUDA context, cuBLAS workspaces, NCCL buffers, allocator slack.
 
 Option sets, ordered from the least to the most cost to fidelity (the search takes the first that fits):
@@ -172,7 +174,7 @@ def figures(shape: ModelShape, method, opts: Options, batch_size: int, seq_len: 
             f["reference"] = P * ws // N
         elif method.forget.edits_weights:
             f["reference"] = T * ws // N
-    passes = len(_terms(method))
+    passes = sum(t.sequences for t in _terms(method))  # DPO's forget term reads two sequences a row
     tokens = batch_size * seq_len * passes
     fp32 = opts.dtype == "fp32"
     a = 16 * h + 4 * shape.q_dim + 4 * shape.kv_dim + (8 if shape.gated else 4) * shape.intermediate + 8 + 4 * shape.heads
@@ -182,12 +184,13 @@ def figures(shape: ModelShape, method, opts: Options, batch_size: int, seq_len: 
                                   or any(x[0].endswith(t) for t in opts.lora_targets)])
     e = (8 * h + 12 + 4 * shape.head_dim) if fp32 else (6 * h + 12 + 2 * shape.head_dim)
     if opts.gradient_checkpointing:
-        f["activations"] = tokens * (L * (4 if fp32 else 2) * h + e) + batch_size * seq_len * a
+        widest = max(t.sequences for t in _terms(method))  # rows of the largest forward (DPO: both sides)
+        f["activations"] = tokens * (L * (4 if fp32 else 2) * h + e) + widest * batch_size * seq_len * a
     else:
         f["activations"] = tokens * (L * a + e)
     if fp32:
-        f["autocast"] = 2 * (L * sum(x * y for _, x, y in shape.linears) + shape.vocab * h) * passes
-    kept, peak = zip(*(_logit_bytes(t) for t in _terms(method)))
+        f["autocast"] = 2 * (L * sum(x * y for _, x, y in shape.linears) + shape.vocab * h) * len(_terms(method))
+    kept, peak = zip(*((t.sequences * k, t.sequences * p) for t in _terms(method) for k, p in [_logit_bytes(t)]))
     f["logits"] = batch_size * seq_len * shape.vocab * (sum(kept) + max(peak))
     f["overhead"] = OVERHEAD
     return f

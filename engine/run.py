@@ -269,7 +269,7 @@ class _Run:
         model.eval()
         ctx = PrepareContext(model, tokenizer, torch.Generator().manual_seed(cfg.seed), device,
                              cfg.eval_batch_size, autocast, cache[0] if cache else None, cache[1] if cache else "",
-                             cfg.batch_size, cfg.seed)
+                             cfg.batch_size, cfg.seed, cfg.seq_len)
         forget_extra = method.forget.prepare(sets.forget.input_ids, sets.forget.attention_mask, ctx, sets.forget.loss_mask)
         constants = {"forget": method.forget.constants(ctx), "retain": {}}
         retain_chunks, retain_extra = None, {}
@@ -313,14 +313,22 @@ class _Run:
 
     def _batch(self, chunks: Chunks, extra: dict, constants: dict, seed: int, step: int) -> dict[str, torch.Tensor]:
         """This process's slice of the global batch of `step` (batch_size rows per process): the
-        chunks' rows, the term's prepared rows (token-aligned ones trimmed like the chunks) and its
+        chunks' rows, the term's prepared rows (token-aligned ones trimmed like the chunks, those of a
+        second sequence `<name>_...` by its own `<name>_attention_mask`: base.Term) and its
         run-level constants."""
         bs = self.cfg.batch_size
         idx = batch_indices(len(chunks), bs * self.world, seed, step)[self.rank * bs:(self.rank + 1) * bs]
         mask = chunks.attention_mask[idx]
         width = int(mask.sum(1).max())  # trim all-pad columns
         out = {"input_ids": chunks.input_ids[idx, :width], "attention_mask": mask[:, :width]}
-        out.update({k: v[idx, :width] if v.dim() >= 2 else v[idx] for k, v in extra.items()})
+        own = {k[:-len("_attention_mask")]: max(1, int(v[idx].sum(1).max())) for k, v in extra.items()
+               if k.endswith("_attention_mask") and len(k) > len("_attention_mask")}
+
+        def width_of(key: str) -> int:  # the longest name that prefixes the key, else the chunks' width
+            name = max((n for n in own if key.startswith(n + "_")), key=len, default=None)
+            return width if name is None else own[name]
+
+        out.update({k: v[idx, :width_of(k)] if v.dim() >= 2 else v[idx] for k, v in extra.items()})
         out.update(constants)
         return {k: v.to(self.device) for k, v in out.items()}
 
@@ -332,7 +340,7 @@ class _Run:
         fb = self._batch(self.sets.forget, self.forget_extra, self.constants["forget"], self.cfg.seed, step)
         with self.autocast(), rule.forward_context(self.update):
             forget = self.balanced(m.forget.forward_loss(self.model, fb, self.reference), m.forget.mean_count(fb))
-        tokens = int(fb["attention_mask"].sum())
+        tokens = int(m.forget.model_inputs(fb)["attention_mask"].sum())  # what the model read (DPO: both sides)
         retain = None
         if self.retain_chunks is not None:
             rb = self._batch(self.retain_chunks, self.retain_extra, self.constants["retain"], self.cfg.seed + 1, step)

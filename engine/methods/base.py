@@ -83,6 +83,7 @@ class PrepareContext:
     cache_key: str = ""
     train_batch_size: int = 4
     seed: int = 0
+    seq_len: int | None = None  # the run's --seq-len: the longest sequence a term may prepare (None: no limit)
 
 
 def chunk_batches(input_ids, attention_mask, ctx: PrepareContext, trim: bool = False):
@@ -117,16 +118,23 @@ class Term(Tunable):
 
     `prepare` runs once over all chunks of the term's set and returns per-chunk tensors (dim 0 is
     the chunk; a tensor of two or more dims is token-aligned, dim 1 the position, and is trimmed
-    with the batch's padding); a batch dict then carries those rows. `constants` are run-level
+    with the batch's padding); a batch dict then carries those rows. A term may prepare a second
+    sequence per chunk beside it (DPO's chosen answer): tensors named `<name>_...` where
+    `<name>_attention_mask` is prepared too are that sequence's, and are trimmed by the width of
+    `<name>_attention_mask` on the batch's rows instead of the chunks' own. `constants` are run-level
     tensors (not per chunk) put whole into every batch. `forward_loss` is what the training loop
-    calls; most terms only need the logits and define `loss`, a term that reads hidden states
-    (RMU) overrides `forward_loss` itself."""
+    calls; most terms only need the logits and define `loss`, which reads the logits of
+    `model_inputs(batch)` (the batch's own chunks, unless the term scores another sequence); a term
+    that reads hidden states (RMU) overrides `forward_loss` itself."""
 
     id: ClassVar[str]
     formula: ClassVar[str]
     # The training loop keeps a live frozen copy of θ0 for terms whose loss reads its logits at
     # every step (a copy of the whole model: it costs memory; `prepare` needs no copy).
     needs_reference_logits: ClassVar[bool] = False
+    # Sequences the model reads per batch row for this term (DPO: the forget chunk and a chosen
+    # answer, 2); `unlearn plan` counts activations and logits by it.
+    sequences: ClassVar[int] = 1
 
     def mean_count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """How many items this batch's loss is a mean over (a 0-dim tensor): its predicted tokens by
@@ -143,14 +151,21 @@ class Term(Tunable):
     def constants(self, ctx: PrepareContext) -> dict[str, torch.Tensor]:
         return {}
 
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the model reads for this term's loss (`input_ids`, `attention_mask`): the batch's own
+        chunks. A term that scores another sequence (a chosen answer) returns that one, with the
+        `labels` aligned with it."""
+        return batch
+
     def forward_loss(self, model, batch: dict[str, torch.Tensor], reference=None) -> torch.Tensor:
+        inputs = self.model_inputs(batch)
         reference_logits = None
         if self.needs_reference_logits:
             import torch
 
             with torch.no_grad():
-                reference_logits = model_logits(reference, batch)
-        return self.loss(model_logits(model, batch), batch, reference_logits)
+                reference_logits = model_logits(reference, inputs)
+        return self.loss(model_logits(model, inputs), batch, reference_logits)
 
     def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], reference_logits: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError

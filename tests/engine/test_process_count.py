@@ -27,9 +27,10 @@ from tests.engine.invariance_worker import main as run_methods
 WORKER = Path(__file__).with_name("invariance_worker.py")
 TOLERANCE = 1e-5  # |Δ ln ppl| and the relative difference of the step losses; 20 × the measured 5.3e-7
 # One method per family: token means (ascent, prepared labels, weighted tokens, CE-U, UNDIAL), a
-# retain term, θ0's live logits, per-chunk means (NPO, SimNPO), update rules (GRU, PDU), hidden states (RMU) and a weight
+# retain term, θ0's live logits, per-chunk means (NPO, SimNPO), preference pairs (the DPO family), update rules (GRU, PDU), hidden states (RMU) and a weight
 # edit (task vector); the last two read full weights, so they run data parallel only.
-FAMILIES = ["ga", "random_label", "wga", "satimp", "ce_u", "undial", "ga_gd", "ga_kl", "npo", "simnpo", "gru", "pdu"]
+FAMILIES = ["ga", "random_label", "wga", "satimp", "ce_u", "undial", "ga_gd", "ga_kl", "npo", "simnpo", "gru", "pdu", "dpo", "idk_dpo",
+            "idk_nll"]
 WHOLE_WEIGHTS = ["rmu", "task_vector"]
 METRICS = ("ppl_forget", "ppl_retain", "ppl_retain_eval", "ppl_unseen")
 

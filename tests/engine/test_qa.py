@@ -202,7 +202,7 @@ def _prompt_noise(logits, loss_mask, scale=50.0):
 
 
 def _term_is_blind_to_the_prompt(term, batch, model, reference, loss_mask) -> None:
-    from engine.methods.base import model_logits
+    from engine.methods.base import IGNORE, model_logits
     from engine.methods.rmu import layer_output, masked_mse, scored
 
     with torch.no_grad():
@@ -216,8 +216,11 @@ def _term_is_blind_to_the_prompt(term, batch, model, reference, loss_mask) -> No
                 moved = masked_mse(h + noise * where.unsqueeze(-1), target, scored(batch))
                 assert torch.equal(moved, base) == same, (term.id, same)
             return
-        logits = model_logits(model, batch)
-        ref = model_logits(reference, batch) if term.needs_reference_logits else None
+        inputs = term.model_inputs(batch)
+        if inputs is not batch:  # it reads another sequence (DPO's chosen answer beside the chunk): its labels
+            loss_mask = (inputs["labels"] != IGNORE).long()  # say what it scores (checked against the prompt below)
+        logits = model_logits(model, inputs)
+        ref = model_logits(reference, inputs) if term.needs_reference_logits else None
         base = term.loss(logits, batch, ref)
         prompt_moved, answer_moved = _prompt_noise(logits, loss_mask)
         assert torch.equal(term.loss(prompt_moved, batch, ref), base), term.id
@@ -243,6 +246,12 @@ def test_every_method_scores_answer_tokens_only(qa_sets, tiny_model_dir, tiny_to
         cfg = RunConfig.of(mid, 1e-3, (1,), RunSettings(batch_size=4, seq_len=128)).validate()
         run = _Run.set_up(model, tiny_tokenizer, qa_sets, cfg)
         assert (run.forget_extra["labels"][qa_sets.forget.loss_mask == 0] == IGNORE).all(), mid
+        if "chosen_labels" in run.forget_extra:  # a second sequence (DPO's chosen answer): the same prompt, unscored
+            ch, prompt = run.forget_extra, qa_sets.forget.loss_mask == 0
+            for r in range(len(qa_sets.forget)):
+                n = int((prompt[r] & (qa_sets.forget.attention_mask[r] == 1)).sum())
+                assert torch.equal(ch["chosen_input_ids"][r, :n], qa_sets.forget.input_ids[r, :n]), mid
+                assert (ch["chosen_labels"][r, :n] == IGNORE).all() and (ch["chosen_labels"][r, n] != IGNORE), mid
         fb = run._batch(qa_sets.forget, run.forget_extra, run.constants["forget"], cfg.seed, 1)
         width = fb["input_ids"].shape[1]
         order = batch_indices(len(qa_sets.forget), 4, cfg.seed, 1).tolist()
