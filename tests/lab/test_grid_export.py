@@ -339,11 +339,12 @@ def test_export_best_entries_and_command(lab):
     assert e["hyperparameters"] == {"batch_size": 2, "seq_len": 128, "seed": 7, "warmup_steps": 1, "retain_weight": None,
                                     "eval_batch_size": 3, "min_k": 0.25, "tol_forget": 0.10, "tol_retain": None,
                                     "target_spread": 0.0, "watch_every": 1, "stop_at_target": False,
-                                    "divergence_factor": 1e4, "attacks": "", "params": "", "dtype": "auto",
+                                    "divergence_factor": 1e4, "attacks": "", "relearn_recipe": "quick",
+                                    "relearn_from": "forget", "quant_backend": "auto", "params": "", "dtype": "auto",
                                     "gradient_checkpointing": False, "optim": "adamw", "lora": 0, "lora_alpha": None,
                                     "lora_targets": "", "bench_samples": 100, "tofu_retain_truth_ratios": "",
                                     "muse_retrained_auc": None, "retrained_auc": None, "privleak_attack": "min_k",
-                                    "reference_model": "", "eval_tasks": "", "eval_tasks_dir": "",
+                                    "reference_model": "", "mia_gradnorm": False, "eval_tasks": "", "eval_tasks_dir": "",
                                     "eval_tasks_limit": 0, "fsdp": False}
     prefix, v, bare = flags(e["command"])
     d = lab["data"]
