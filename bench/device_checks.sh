@@ -9,6 +9,8 @@
 #    must be within 15 % of the plan. The recommendation for an 80-141 GiB GPU needs bitsandbytes
 #    (8-bit AdamW); without it the script says so and measures the next option sets instead (LoRA).
 # 2. bench/gpu.py: a ~1B model in bf16, the engine against the Trainer: tokens/s, MFU, peak memory.
+# 3. bench/quant_attack_device.py: the quantization attack through bitsandbytes on CUDA (NF4 and
+#    LLM.int8 against float64 references of the formats; the attack reports which ran). Needs bitsandbytes.
 #
 # bitsandbytes (and any other missing package) can travel as wheels in .whl/ (see the device
 # tool's README: pip download ... -d .whl bitsandbytes==VERSION); they are installed into
@@ -42,3 +44,8 @@ else
   step plan_peak_lora_ckpt 180 $PY bench/plan_peak.py --options "--dtype bf16 --gradient-checkpointing --lora 16" --json
 fi
 step gpu 240 $PY bench/gpu.py --json
+if $PY -c "import bitsandbytes" 2>/dev/null; then
+  step quant_attack 120 $PY bench/quant_attack_device.py --json
+else
+  echo "bitsandbytes is not installed here: the quantization attack's bitsandbytes path is not checked"
+fi
