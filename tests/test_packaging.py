@@ -4,8 +4,9 @@ nothing else; the app's stylesheet was missing from the wheel until this test)."
 from __future__ import annotations
 
 import fnmatch
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,15 +9,13 @@ import math
 import pytest
 import torch
 
-from engine.config import RunConfig
 from engine.errors import UnlearnError
 from engine.methods import get_method
 from engine.methods.base import IGNORE
 from engine.methods.ce_u import CrossEntropyUnlearning, skip_first_predicted
 from engine.methods.satimp import SaturationImportanceAscent
 from engine.models import load_model
-from engine.run import train_to_milestones
-from tests.engine.test_methods import ctx_for, hand_batch, predicted_positions
+from tests.engine.test_methods import ctx_for, hand_batch, predicted_positions, two_steps_sharing_the_first
 
 # Losses are read as numbers with float() while they still carry their graph (some tests then
 # take the gradient): torch's warning about that is expected here.
@@ -217,20 +215,8 @@ def test_ce_u_prepares_answer_labels_without_the_first_answer_token(tiny_model_d
 @pytest.mark.parametrize("method_id", METHODS)
 def test_two_steps_with_finite_metrics_and_the_prefix_property(method_id, tiny_model_dir, tiny_tokenizer, tiny_sets,
                                                                baseline):
-    """The run to (1, 2) passes through exactly the model of the run to (1,) (CPU: bitwise)."""
-    outs = []
-    for milestones in ((1, 2), (1,)):
-        cfg = RunConfig(method=method_id, lr=3e-3, milestones=milestones, batch_size=4, seq_len=128)
-        outs.append(train_to_milestones(load_model(str(tiny_model_dir)), tiny_tokenizer, tiny_sets, cfg, baseline))
-    long, short = outs
-    assert not long.diverged and len(long.losses) == 2
-    assert long.milestones[0] == short.milestones[0]  # == on floats: bitwise
-    assert long.losses[:1] == short.losses
-    assert all(math.isfinite(x) for x in long.losses)
-    for cell in long.milestones:
-        for k in ("ppl_forget", "ppl_retain", "ppl_unseen", "score"):
-            assert cell[k] is not None and math.isfinite(cell[k]), (k, cell)
-    assert long.milestones[1]["ppl_forget"] != long.milestones[0]["ppl_forget"]  # it trains
+    """The prefix property, finite figures, a model that trains (test_methods.two_steps_sharing_the_first)."""
+    two_steps_sharing_the_first(method_id, tiny_model_dir, tiny_tokenizer, tiny_sets, baseline)
 
 
 # ------------------------------------------------------------------ the CLI

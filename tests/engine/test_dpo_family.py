@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.config import RunConfig
 from engine.data import Chunks, chunk_texts
 from engine.errors import UnlearnError
 from engine.methods import get_method
@@ -22,9 +21,9 @@ from engine.methods.base import IGNORE
 from engine.methods.dpo import DPOForget, IdkDPOForget, prompt_lengths, refusal_token_ids, refusals
 from engine.methods.idk_nll import IdkDescent
 from engine.models import load_model
-from engine.run import _Run, train_to_milestones
+from engine.run import _Run
 from tests.engine.test_ce_u_satimp import qa_labels, step
-from tests.engine.test_methods import ctx_for, hand_batch, predicted_positions
+from tests.engine.test_methods import ctx_for, hand_batch, predicted_positions, two_steps_sharing_the_first
 
 # Losses are read as numbers with float() while they still carry their graph (some tests then
 # take the gradient): torch's warning about that is expected here.
@@ -439,20 +438,8 @@ def test_the_loss_at_theta0_through_the_model_is_2_over_beta_log_2(tiny_tokenize
 @pytest.mark.parametrize("method_id", METHODS)
 def test_two_steps_with_finite_metrics_and_the_prefix_property(method_id, tiny_model_dir, tiny_tokenizer, tiny_sets,
                                                                baseline):
-    """The run to (1, 2) passes through exactly the model of the run to (1,) (CPU: bitwise)."""
-    outs = []
-    for milestones in ((1, 2), (1,)):
-        cfg = RunConfig(method=method_id, lr=3e-3, milestones=milestones, batch_size=4, seq_len=128)
-        outs.append(train_to_milestones(load_model(str(tiny_model_dir)), tiny_tokenizer, tiny_sets, cfg, baseline))
-    long, short = outs
-    assert not long.diverged and len(long.losses) == 2
-    assert long.milestones[0] == short.milestones[0]  # == on floats: bitwise
-    assert long.losses[:1] == short.losses
-    assert all(math.isfinite(x) for x in long.losses)
-    for cell in long.milestones:
-        for k in ("ppl_forget", "ppl_retain", "ppl_unseen", "score"):
-            assert cell[k] is not None and math.isfinite(cell[k]), (k, cell)
-    assert long.milestones[1]["ppl_forget"] != long.milestones[0]["ppl_forget"]  # it trains
+    """The prefix property, finite figures, a model that trains (test_methods.two_steps_sharing_the_first)."""
+    long = two_steps_sharing_the_first(method_id, tiny_model_dir, tiny_tokenizer, tiny_sets, baseline)
     if method_id != "idk_nll":  # step 1 is at θ0: (2/β)·log 2 + the retain batch's CE (> 0)
         assert long.losses[0] > 2.0 / 0.1 * math.log(2.0) - 1e-3
 

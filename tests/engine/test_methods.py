@@ -113,6 +113,28 @@ def ctx_for(tokenizer, reference=None, seed=0, batch_size=8):
 
 # ------------------------------------------------------------------ the base helpers
 
+def two_steps_sharing_the_first(method_id, tiny_model_dir, tiny_tokenizer, tiny_sets, baseline):
+    """Runs `method_id` to milestones (1, 2) and to (1,) on the tiny model and checks what every method
+    must show: the run to (1, 2) passes through exactly the model of the run to (1,) (CPU: bitwise, the
+    prefix property), finite losses and metrics, and a model that trains. Returns the longer run."""
+    import math
+
+    outs = []
+    for milestones in ((1, 2), (1,)):
+        cfg = RunConfig(method=method_id, lr=3e-3, milestones=milestones, batch_size=4, seq_len=128)
+        outs.append(train_to_milestones(load_model(str(tiny_model_dir)), tiny_tokenizer, tiny_sets, cfg, baseline))
+    long, short = outs
+    assert not long.diverged and len(long.losses) == 2
+    assert long.milestones[0] == short.milestones[0]  # == on floats: bitwise
+    assert long.losses[:1] == short.losses
+    assert all(math.isfinite(x) for x in long.losses)
+    for cell in long.milestones:
+        for k in ("ppl_forget", "ppl_retain", "ppl_unseen", "score"):
+            assert cell[k] is not None and math.isfinite(cell[k]), (k, cell)
+    assert long.milestones[1]["ppl_forget"] != long.milestones[0]["ppl_forget"]  # it trains
+    return long
+
+
 def test_reference_helpers_disagree_with_off_by_one():
     """Guard for the references themselves: reading the label at t from the logits at t
     (no shift) gives another number, so the comparisons below can fail."""

@@ -6,7 +6,6 @@ GRU run sharded and data parallel; `unlearn methods --json`."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -19,8 +18,8 @@ from engine.methods.base import SUM, UpdateContext
 from engine.methods.gru import RectifiedUpdate
 from engine.methods.pdu import LogitMarginFlattening, PrimalDualUpdate
 from engine.models import load_model
-from engine.run import _deterministic, _Run, train_to_milestones
-from tests.engine.test_methods import hand_batch, predicted_positions
+from engine.run import _deterministic, _Run
+from tests.engine.test_methods import hand_batch, predicted_positions, two_steps_sharing_the_first
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad:UserWarning")
 
@@ -285,20 +284,8 @@ def test_pdu_lambda_on_the_real_model_over_two_steps(tiny_model_dir, tiny_tokeni
 @pytest.mark.parametrize("method_id", ["gru", "gru[retain_weight=1.0]", "pdu[warmup_epochs=0.0]"])
 def test_two_steps_with_finite_metrics_and_the_prefix_property(method_id, tiny_model_dir, tiny_tokenizer, tiny_sets,
                                                                baseline):
-    """The run to (1, 2) passes through exactly the model of the run to (1,) (CPU: bitwise)."""
-    outs = []
-    for milestones in ((1, 2), (1,)):
-        cfg = RunConfig(method=method_id, lr=3e-3, milestones=milestones, batch_size=4, seq_len=128)
-        outs.append(train_to_milestones(load_model(str(tiny_model_dir)), tiny_tokenizer, tiny_sets, cfg, baseline))
-    long, short = outs
-    assert not long.diverged and len(long.losses) == 2
-    assert long.milestones[0] == short.milestones[0]  # == on floats: bitwise
-    assert long.losses[:1] == short.losses
-    assert all(math.isfinite(x) for x in long.losses)
-    for cell in long.milestones:
-        for k in ("ppl_forget", "ppl_retain", "ppl_unseen", "score"):
-            assert cell[k] is not None and math.isfinite(cell[k]), (k, cell)
-    assert long.milestones[1]["ppl_forget"] != long.milestones[0]["ppl_forget"]  # it trains
+    """The prefix property, finite figures, a model that trains (test_methods.two_steps_sharing_the_first)."""
+    long = two_steps_sharing_the_first(method_id, tiny_model_dir, tiny_tokenizer, tiny_sets, baseline)
     if method_id == "gru":  # the reported loss is the forget loss (w_r = 0): ascent, below zero
         assert all(x < 0 for x in long.losses)
 
