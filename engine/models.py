@@ -9,6 +9,7 @@ torch and transformers are imported where a model is loaded, so that checking a 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -60,6 +61,25 @@ def hub_kwargs(name_or_path: str) -> dict:
     return {"local_files_only": True} if hub_offline_reason() is not None else {}
 
 
+@contextlib.contextmanager
+def hub_source(name_or_path: str):
+    """`hub_kwargs(name_or_path)`, with huggingface_hub's offline switch on while they are used when
+    the hub cannot be reached: transformers 5.25 still asks the hub for a model's adapter_config.json
+    under local_files_only=True, and on a box without network that was 25 s of retries per load."""
+    kwargs = hub_kwargs(name_or_path)
+    if not kwargs.get("local_files_only"):
+        yield kwargs
+        return
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield kwargs
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
 def describe_load_error(what: str, name: str, exc: BaseException) -> str:
     """One line for a model or tokenizer that did not load, saying what to do. A hub id goes
     through the Hugging Face cache (HF_HOME); a token comes from HF_TOKEN in the environment only,
@@ -90,8 +110,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     quiet_transformers()
     check_local_model(name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path), trust_remote_code=trust_remote_code,
-                                            **hub_kwargs(name_or_path))
+        with hub_source(name_or_path) as source:
+            tok = AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path), trust_remote_code=trust_remote_code,
+                                                **source)
     except (OSError, ValueError) as exc:
         raise UnlearnError(describe_load_error("tokenizer", name_or_path, exc)) from None
     if tok.pad_token_id is None:
@@ -110,9 +131,10 @@ def load_model(name_or_path: str, device: torch.device | str = "cpu", trust_remo
     quiet_transformers()
     check_local_model(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            os.path.expanduser(name_or_path), dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
-            **hub_kwargs(name_or_path))
+        with hub_source(name_or_path) as source:
+            model = AutoModelForCausalLM.from_pretrained(
+                os.path.expanduser(name_or_path), dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
+                **source)
     except (OSError, ValueError) as exc:
         raise UnlearnError(describe_load_error("model", name_or_path, exc)) from None
     return model.to(device)

@@ -63,12 +63,14 @@ def read_config(name_or_path: str, trust_remote_code: bool = False):
     """The model's config (config.json only: no weights are read); a bad name is one UnlearnError line."""
     from transformers import AutoConfig
 
-    from engine.models import check_local_model, quiet_transformers
+    from engine.models import check_local_model, hub_source, quiet_transformers
 
     quiet_transformers()
     check_local_model(name_or_path)
     try:
-        return AutoConfig.from_pretrained(os.path.expanduser(name_or_path), trust_remote_code=trust_remote_code)
+        with hub_source(name_or_path) as source:
+            return AutoConfig.from_pretrained(os.path.expanduser(name_or_path), trust_remote_code=trust_remote_code,
+                                              **source)
     except (OSError, ValueError, KeyError) as exc:
         raise UnlearnError(f"cannot read the config of model {name_or_path!r}: {str(exc).splitlines()[0]}") from None
 

@@ -38,6 +38,8 @@ def test_a_hub_id_in_the_cache_runs_offline(tmp_path, tiny_model_dir, forget_set
                            cwd=tmp_path, timeout=300)
         assert p.returncode == 0, p.stderr[-2000:]
         assert json.loads(p.stdout)["model"] == "unlearn-test/tiny-llama"
+        # found offline, nothing asks the hub (transformers asked for adapter_config.json: 25 s of retries)
+        assert "thrown while requesting" not in p.stderr, p.stderr[-2000:]
 
 
 def test_a_model_missing_from_the_cache_offline_is_one_line(tmp_path, forget_set_files):
