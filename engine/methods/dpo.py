@@ -43,8 +43,8 @@ What differs, and why:
     prompt is the memorized answer itself, and with identical sides the margin is 0 at every θ — no
     gradient at all — so the first answer token is banned: the chosen side is then never the rejected one;
   - the plain-text halves (open-unlearning's DPO is for question–answer data only);
-  - `dpo`'s chosen answers are generated without a key-value cache (`greedy_answers`): simple and exact
-    for any causal LM, at about seq_len/2 passes over a plain-text forget set before the first step;
+  - `dpo`'s chosen answers are generated once, before the first step, with transformers' greedy
+    `generate` and its key-value cache (`greedy_answers`), left-padded batches of the eval batch size;
   - the two sides are one forward pass of 2B rows (both right-padded to the wider side), their two
     forwards in open-unlearning; logits are read in float32.
 """
@@ -111,40 +111,46 @@ def chosen_tensors(prompts: list[list[int]], answers: list[list[int]], pad: int,
 
 def greedy_answers(ctx, prompts: list[list[int]], lengths: list[int], banned: list[int]) -> list[list[int]]:
     """θ0's greedy continuation of each prompt: `lengths[i]` tokens at most, ending after an
-    end-of-sequence token, `banned[i]` never the first. Batches of ctx.batch_size prompts, right-padded,
-    one full forward a token (no key-value cache: any causal LM, read exactly as training reads it). The
-    cost, once per run: about as many passes over the forget set as its longest answer has tokens — a
-    few dozen for question–answer sets, seq_len/2 for plain text."""
+    end-of-sequence token, `banned[i]` never the first. transformers' greedy `generate` with its
+    key-value cache, on batches of ctx.batch_size prompts padded on the left (so every row's next token
+    is read at the same column); the ban is a logits processor on the first generated position only."""
     import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
 
     model, tok = ctx.reference, ctx.tokenizer
     eos = {tok.eos_token_id} - {None}
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos |= set(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]) - {None}
-    out: list[list[int]] = [[] for _ in prompts]
+
+    class BanFirst(LogitsProcessor):
+        def __init__(self, width: int, ban: list[int]):
+            self.width, self.ban = width, torch.tensor(ban)
+
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] == self.width:  # the first generated token
+                scores[torch.arange(len(self.ban), device=scores.device), self.ban.to(scores.device)] = float("-inf")
+            return scores
+
+    out: list[list[int]] = []
     for start in range(0, len(prompts), ctx.batch_size):
-        active = list(range(start, min(start + ctx.batch_size, len(prompts))))
-        while active:
-            seqs = [prompts[r] + out[r] for r in active]
-            ids = torch.full((len(active), max(map(len, seqs))), pad_id(tok), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, s in enumerate(seqs):
-                ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-                mask[i, :len(s)] = 1
-            with torch.no_grad(), ctx.autocast():
-                logits = model(input_ids=ids.to(ctx.device), attention_mask=mask.to(ctx.device)).logits
-            last = torch.tensor([len(s) - 1 for s in seqs], device=logits.device)
-            scores = logits[torch.arange(len(active), device=logits.device), last].float()
-            for i, r in enumerate(active):
-                if not out[r]:
-                    scores[i, banned[r]] = float("-inf")
-            picked = scores.argmax(-1).tolist()
-            still = []
-            for r, t in zip(active, picked):
-                out[r].append(int(t))
-                if len(out[r]) < lengths[r] and t not in eos:
-                    still.append(r)
-            active = still
+        batch = prompts[start:start + ctx.batch_size]
+        want = lengths[start:start + ctx.batch_size]
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), pad_id(tok), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, prompt in enumerate(batch):
+            ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[i, width - len(prompt):] = 1
+        with torch.no_grad(), ctx.autocast():
+            generated = model.generate(
+                input_ids=ids.to(ctx.device), attention_mask=mask.to(ctx.device), max_new_tokens=max(1, max(want)),
+                do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad_id(tok),
+                eos_token_id=sorted(eos) or None,
+                logits_processor=LogitsProcessorList([BanFirst(width, banned[start:start + ctx.batch_size])]))
+        for row, n in zip(generated[:, width:].tolist(), want):
+            row = row[:n]
+            ends = [k for k, t in enumerate(row) if t in eos]
+            out.append(row[:ends[0] + 1] if ends else row)
     return out
 
 
