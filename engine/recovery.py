@@ -163,6 +163,10 @@ def relearned_copy(model, sets: ForgetSetChunks, lr: float, batch_size: int, see
                    recipe: RelearnRecipe = RELEARN_RECIPES["quick"], source: str = "forget"):
     """A copy of `model` fine-tuned as `recipe` says on chunks of `source` (see the module's docstring)."""
     part, steps, lr, _ = relearn_plan(sets, recipe, source, lr, batch_size, seed)
+    return _relearn(model, part, steps, lr, batch_size, seed, device, autocast)
+
+
+def _relearn(model, part, steps: int, lr: float, batch_size: int, seed: int, device, autocast):
     attacked = copy.deepcopy(model).eval().requires_grad_(True)  # eval: no dropout, so no global RNG drawn
     fine_tune(attacked, part.input_ids, part.attention_mask, steps, lr, batch_size, seed + RELEARN_SEED_OFFSET,
               device, autocast, loss_mask=part.loss_mask)
@@ -186,9 +190,9 @@ def attack_milestone(model, sets: ForgetSetChunks, attacks: tuple[str, ...], met
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for name in attacks:
             if name == "relearn":
-                recipe = RELEARN_RECIPES[relearn_recipe]
-                how = relearn_plan(sets, recipe, relearn_from, lr, batch_size, seed)[3]
-                attacked = relearned_copy(model, sets, lr, batch_size, seed, device, autocast, recipe, relearn_from)
+                part, steps, relearn_lr, how = relearn_plan(sets, RELEARN_RECIPES[relearn_recipe], relearn_from, lr,
+                                                            batch_size, seed)
+                attacked = _relearn(model, part, steps, relearn_lr, batch_size, seed, device, autocast)
             else:
                 attacked, how = quantized_attack_copy(model, int(name.removeprefix("quant")),
                                                       quant_backend(quant_backend_choice, device))
