@@ -526,6 +526,11 @@ def _qa_window(full: list[int], prompt: list[int], seq_len: int, bos_id, where: 
     return full[:head] + full[start - room:start] + full[start:], head + room
 
 
+def pad_id(tokenizer) -> int:
+    """The id chunks are padded with: the tokenizer's pad, else its eos, else 0 (pads never count)."""
+    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+
+
 def chunk_texts(texts: list[str], tokenizer, seq_len: int, role: str = "set",
                 prompts: list[str | None] | None = None) -> Chunks:
     """Each document on its own (BOS where the tokenizer adds one), cut into non-overlapping
@@ -568,9 +573,9 @@ def chunk_texts(texts: list[str], tokenizer, seq_len: int, role: str = "set",
     if not windows:
         raise DataError(f"the {role} set is empty after chunking (every window is under "
                         f"{MIN_CHUNK_TOKENS} tokens at seq_len={seq_len})")
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    pad = pad_id(tokenizer)
     length = max(map(len, windows))
-    input_ids = torch.full((len(windows), length), pad_id, dtype=torch.long)
+    input_ids = torch.full((len(windows), length), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(windows), length), dtype=torch.long)
     for r, window in enumerate(windows):
         input_ids[r, :len(window)] = torch.tensor(window, dtype=torch.long)

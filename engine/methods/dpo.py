@@ -50,6 +50,7 @@ What differs, and why:
 """
 from __future__ import annotations
 
+from engine.data import pad_id
 from engine.errors import UnlearnError
 from engine.methods import register
 from engine.methods.base import IGNORE, ForgetTerm, Method, causal_labels, sequence_logprob
@@ -85,11 +86,6 @@ def rejected_labels(input_ids, attention_mask, loss_mask=None):
     labels = causal_labels(input_ids, attention_mask, loss_mask)
     before = torch.arange(labels.size(1)).unsqueeze(0) < p.unsqueeze(1)
     return labels.masked_fill(before, IGNORE)
-
-
-def pad_id(tokenizer) -> int:
-    """The pad id chunks are made with (engine.data.chunk_texts): pad, else eos, else 0."""
-    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
 
 
 def chosen_tensors(prompts: list[list[int]], answers: list[list[int]], pad: int, seq_len: int | None = None):
@@ -229,6 +225,7 @@ class DPOForget(ForgetTerm):
                "(first token ≠ y's), β=0.1")
     knobs = ("beta",)  # hyperparameters a study may sweep (`--param NAME=V1,V2`)
     prepare_reads_reference = True
+    mean_over_chunks = True  # a mean over pairs
     sequences = 2  # the forget chunk and its chosen answer, one forward of 2B rows
 
     def __init__(self, beta: float = DPO_BETA):
@@ -248,9 +245,6 @@ class DPOForget(ForgetTerm):
 
     def model_inputs(self, batch):
         return stacked(batch)
-
-    def mean_count(self, batch):
-        return batch["labels"].new_tensor(batch["labels"].shape[0])  # a mean over pairs
 
     def loss(self, logits, batch, reference_logits=None):
         """`logits` of `model_inputs(batch)`: the B rejected rows, then the B chosen ones."""
