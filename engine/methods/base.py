@@ -136,12 +136,16 @@ class Term(Tunable):
     # answer, 2); `unlearn plan` counts activations and logits by it.
     sequences: ClassVar[int] = 1
 
+    # A loss that is a mean of per-chunk figures (NPO, SimNPO, a DPO pair) rather than of tokens.
+    mean_over_chunks: ClassVar[bool] = False
+
     def mean_count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """How many items this batch's loss is a mean over (a 0-dim tensor): its predicted tokens by
-        default; a term whose loss is a mean of per-chunk figures (NPO) counts its rows. A run split
-        over N processes weighs each process's loss by its share of the step's count (engine.run),
-        so the step is the one a single process takes on the whole batch, whatever N."""
-        return (batch["labels"][:, 1:] != IGNORE).sum()
+        """How many items this batch's loss is a mean over (a 0-dim tensor): its predicted tokens, or its
+        rows where `mean_over_chunks`. A run split over N processes weighs each process's loss by its
+        share of the step's count (engine.run), so the step is the one a single process takes on the
+        whole batch, whatever N."""
+        labels = batch["labels"]
+        return labels.new_tensor(labels.shape[0]) if self.mean_over_chunks else (labels[:, 1:] != IGNORE).sum()
 
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, ctx: PrepareContext,
                 loss_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

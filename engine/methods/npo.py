@@ -51,6 +51,7 @@ class NPOForget(ForgetTerm):
     formula = "−(2/β)·mean log σ(−β·(log π_θ(y) − log π_θ0(y))); U, β=0.1"
     knobs = ("beta",)  # hyperparameters a study may sweep (`--param NAME=V1,V2`)
     prepare_reads_reference = True
+    mean_over_chunks = True  # a mean of per-chunk σ terms
 
     def __init__(self, beta: float = NPO_BETA):
         if not beta > 0:
@@ -60,9 +61,6 @@ class NPOForget(ForgetTerm):
     def prepare(self, input_ids, attention_mask, ctx, loss_mask=None):
         labels = causal_labels(input_ids, attention_mask, loss_mask)
         return {"labels": labels, "ref_logprob": reference_logprobs(input_ids, attention_mask, ctx, labels)}
-
-    def mean_count(self, batch):
-        return batch["labels"].new_tensor(batch["labels"].shape[0])  # a mean over chunks
 
     def loss(self, logits, batch, reference_logits=None):
         import torch.nn.functional as F

@@ -34,14 +34,12 @@ class SimNPOForget(ForgetTerm):
     id = "simnpo"
     formula = "−(2/β)·mean log σ(−β·mean_t log π_θ(y_t) − β·δ); U, β=4.5, δ=0"
     knobs = ("beta", "delta")  # hyperparameters a study may sweep (`--param NAME=V1,V2`)
+    mean_over_chunks = True  # a mean of per-chunk σ terms
 
     def __init__(self, beta: float = SIMNPO_BETA, delta: float = SIMNPO_DELTA):
         if not beta > 0:
             raise UnlearnError(f"simnpo: beta must be above 0, not {beta:g}")
         self.beta, self.delta = beta, delta
-
-    def mean_count(self, batch):
-        return batch["labels"].new_tensor(batch["labels"].shape[0])  # a mean over chunks
 
     def loss(self, logits, batch, reference_logits=None):
         import torch.nn.functional as F
